@@ -1,0 +1,220 @@
+//! Documents, collections, identifiers and limits.
+//!
+//! A database holds JSON documents. Each document belongs to one **collection**, and its id
+//! says which: the collection is the part of the id before the first `:` (`todos:42` is
+//! document `42` of collection `todos`); an id without `:` belongs to the default collection,
+//! whose name is empty. Because the collection is part of the id, CouchDB clients such as
+//! PouchDB see Ferry collections as plain id prefixes, and the server knows a document's
+//! collection (and so its conflict policy) from any request that names the document.
+
+use serde_json::{Map, Value};
+
+use crate::hlc::Timestamp;
+use crate::rev::Rev;
+
+/// A JSON object: the body of a document.
+pub type Body = Map<String, Value>;
+
+/// The separator between a collection name and a document's own id.
+pub const COLLECTION_SEPARATOR: char = ':';
+
+/// Prefix of local (never replicated) documents, as in CouchDB.
+pub const LOCAL_PREFIX: &str = "_local/";
+
+/// Prefix of design documents, stored and replicated like any document.
+pub const DESIGN_PREFIX: &str = "_design/";
+
+/// The collection of a document id: the text before the first `:`, or `""`.
+///
+/// ```
+/// use ferry_core::model::collection_of;
+/// assert_eq!(collection_of("todos:42"), "todos");
+/// assert_eq!(collection_of("todos:a:b"), "todos");
+/// assert_eq!(collection_of("plain"), "");
+/// ```
+pub fn collection_of(doc_id: &str) -> &str {
+    doc_id
+        .split_once(COLLECTION_SEPARATOR)
+        .map_or("", |(collection, _)| collection)
+}
+
+/// The document id of `id` in `collection`.
+///
+/// ```
+/// use ferry_core::model::doc_id_in;
+/// assert_eq!(doc_id_in("todos", "42"), "todos:42");
+/// assert_eq!(doc_id_in("", "42"), "42");
+/// ```
+pub fn doc_id_in(collection: &str, id: &str) -> String {
+    if collection.is_empty() {
+        id.to_owned()
+    } else {
+        format!("{collection}{COLLECTION_SEPARATOR}{id}")
+    }
+}
+
+/// Bounds on what a replica accepts. Every one is explicit and configurable, and each is
+/// enforced where input enters (the server's HTTP layer, the SDK's API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest document body, in bytes of its canonical JSON encoding.
+    pub max_document_bytes: usize,
+    /// The largest HTTP request body, in bytes.
+    pub max_request_bytes: usize,
+    /// The deepest nesting of arrays and objects in a document.
+    pub max_json_depth: usize,
+    /// The longest document id, in bytes.
+    pub max_doc_id_bytes: usize,
+    /// The most documents in one `_bulk_docs`, `_bulk_get`, `_revs_diff` or `_all_docs` request.
+    pub max_batch_docs: usize,
+    /// The most rows one `_changes` or query response returns.
+    pub max_page_rows: usize,
+    /// How many revisions of history each document keeps (CouchDB's revs limit).
+    pub revs_limit: usize,
+    /// How many ancestor levels above each leaf keep their bodies (for three-way merges).
+    pub ancestor_bodies: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_document_bytes: 1024 * 1024,
+            max_request_bytes: 32 * 1024 * 1024,
+            max_json_depth: 64,
+            max_doc_id_bytes: 512,
+            max_batch_docs: 10_000,
+            max_page_rows: 10_000,
+            revs_limit: 1000,
+            ancestor_bodies: 8,
+        }
+    }
+}
+
+/// Why a document id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocIdError {
+    /// The id is empty.
+    #[error("document id must not be empty")]
+    Empty,
+    /// The id is longer than the limit.
+    #[error("document id is {len} bytes, more than the {max} allowed")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Ids starting with `_` are reserved, except design documents.
+    #[error("document id {0:?} starts with '_', which is reserved")]
+    Reserved(String),
+    /// Control characters are not allowed in ids.
+    #[error("document id contains a control character")]
+    ControlCharacter,
+}
+
+/// Checks a replicated document id (not a `_local/` id).
+pub fn validate_doc_id(doc_id: &str, limits: &Limits) -> Result<(), DocIdError> {
+    if doc_id.is_empty() {
+        return Err(DocIdError::Empty);
+    }
+    if doc_id.len() > limits.max_doc_id_bytes {
+        return Err(DocIdError::TooLong {
+            len: doc_id.len(),
+            max: limits.max_doc_id_bytes,
+        });
+    }
+    if doc_id.starts_with('_') && !is_design_doc(doc_id) {
+        return Err(DocIdError::Reserved(doc_id.chars().take(80).collect()));
+    }
+    if doc_id.chars().any(char::is_control) {
+        return Err(DocIdError::ControlCharacter);
+    }
+    Ok(())
+}
+
+/// Whether `doc_id` names a design document.
+pub fn is_design_doc(doc_id: &str) -> bool {
+    doc_id.len() > DESIGN_PREFIX.len() && doc_id.starts_with(DESIGN_PREFIX)
+}
+
+/// One revision of one document, as replication carries it: the revision, its ancestry and,
+/// when available, its body and clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Revision {
+    /// The document id.
+    pub doc_id: String,
+    /// The revision's path, newest first: `path[0]` is this revision, then its parent, and so
+    /// on, as far back as the sender knows (bounded by its revs limit).
+    pub path: Vec<Rev>,
+    /// Whether this revision is a deletion.
+    pub deleted: bool,
+    /// The body (an empty object for most tombstones).
+    pub body: Body,
+    /// The hybrid logical clock timestamp the revision was made with, when the sender knows it
+    /// (CouchDB peers do not send one; the receiving replica then assigns its own).
+    pub hlc: Option<Timestamp>,
+}
+
+impl Revision {
+    /// The revision id (the first element of the path).
+    pub fn rev(&self) -> &Rev {
+        &self.path[0]
+    }
+}
+
+/// The state of a document as stored: its winner and everything needed to describe it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    /// The document id.
+    pub doc_id: String,
+    /// The winning revision.
+    pub rev: Rev,
+    /// Whether the winner is a tombstone.
+    pub deleted: bool,
+    /// The winner's body.
+    pub body: Body,
+    /// The winner's clock.
+    pub hlc: Timestamp,
+    /// The sequence of the last change to this document on this replica.
+    pub seq: u64,
+    /// The other live leaves, highest first.
+    pub conflicts: Vec<Rev>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doc_ids_are_checked_at_the_limit_and_one_past() {
+        let limits = Limits {
+            max_doc_id_bytes: 8,
+            ..Limits::default()
+        };
+        assert_eq!(validate_doc_id("abcdefgh", &limits), Ok(()));
+        assert_eq!(
+            validate_doc_id("abcdefghi", &limits),
+            Err(DocIdError::TooLong { len: 9, max: 8 })
+        );
+        assert_eq!(validate_doc_id("", &limits), Err(DocIdError::Empty));
+        assert!(matches!(
+            validate_doc_id("_secret", &limits),
+            Err(DocIdError::Reserved(_))
+        ));
+        assert_eq!(validate_doc_id("_design/", &Limits::default()).is_err(), true);
+        assert_eq!(validate_doc_id("_design/a", &Limits::default()), Ok(()));
+        assert_eq!(
+            validate_doc_id("a\nb", &limits),
+            Err(DocIdError::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn collection_round_trips_through_the_id() {
+        for (collection, id) in [("todos", "1"), ("", "x"), ("a", "b:c")] {
+            let doc_id = doc_id_in(collection, id);
+            assert_eq!(collection_of(&doc_id), collection);
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! One-way replication as a state machine with no I/O.
+//!
+//! This is the LoopBack replication algorithm in the CouchDB replication protocol's terms.
+//! One iteration:
+//!
+//! 1. read the checkpoints stored on both sides and agree where to start;
+//! 2. read a batch of changes from the source since that point;
+//! 3. ask the target which of those revisions it lacks (revs-diff);
+//! 4. fetch the missing revisions from the source, with their ancestry;
+//! 5. write them to the target, which merges them into its trees and never overwrites;
+//! 6. record the new checkpoint on both sides, then go on with the next batch.
+//!
+//! The caller owns the transport: it asks [`Replication::next_action`] what to do, does it
+//! against the two peers, and hands the result to [`Replication::handle`]. Only one batch is in
+//! flight at a time, so memory is bounded by the batch size however many changes are pending
+//! (invariant 6). Every step is idempotent on the target, and a checkpoint is only written after
+//! the batch it covers was committed, so a replication cut at any point and restarted converges
+//! to the same result (invariant 3).
+//!
+//! ```
+//! use ferry_core::replicate::{Action, Replication, ReplicationConfig, Response};
+//! let mut replication = Replication::new(ReplicationConfig::new("rep-1", "session-1"));
+//! assert!(matches!(replication.next_action(), Action::ReadCheckpoints));
+//! replication.handle(Response::Checkpoints { source: None, target: None }).unwrap();
+//! let Action::ReadChanges { since, .. } = replication.next_action() else { panic!() };
+//! assert_eq!(since, serde_json::json!(0));
+//! replication.handle(Response::Changes { rows: vec![], last_seq: since, pending: Some(0) }).unwrap();
+//! assert!(matches!(replication.next_action(), Action::Finished(_)));
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::Revision;
+use crate::rev::Rev;
+
+/// How many past sessions a checkpoint remembers, as PouchDB does.
+const CHECKPOINT_HISTORY: usize = 5;
+
+/// Settings of one replication.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    /// Names the checkpoint document (`_local/{replication_id}`) on both sides. The same
+    /// source, target and filter must give the same id, so a restarted replication resumes.
+    pub replication_id: String,
+    /// A new id for every run, recorded in the checkpoint (see [`Checkpoint`]).
+    pub session_id: String,
+    /// How many changes one batch reads.
+    pub batch_size: usize,
+    /// Whether to keep following the source once caught up.
+    pub continuous: bool,
+}
+
+impl ReplicationConfig {
+    /// A one-shot replication with batches of 100.
+    pub fn new(replication_id: impl Into<String>, session_id: impl Into<String>) -> Self {
+        ReplicationConfig {
+            replication_id: replication_id.into(),
+            session_id: session_id.into(),
+            batch_size: 100,
+            continuous: false,
+        }
+    }
+}
+
+/// A replication checkpoint, stored as a local document on both sides.
+///
+/// The `last_seq` of a checkpoint is trusted only if the source and the target hold the same
+/// session's checkpoint; otherwise (one side was restored from a backup, or a write of the
+/// checkpoint failed on one side) the newest session both histories share is used, and failing
+/// that the replication starts over, which is safe because every step is idempotent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The session that wrote this checkpoint.
+    pub session_id: String,
+    /// The last source sequence whose changes are all on the target.
+    pub last_seq: Value,
+    /// Earlier sessions, newest first.
+    #[serde(default)]
+    pub history: Vec<CheckpointEntry>,
+}
+
+/// A past session in a checkpoint's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointEntry {
+    /// The session.
+    pub session_id: String,
+    /// Its last sequence.
+    pub last_seq: Value,
+}
+
+/// One row of a source's changes feed: a document and its current leaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangeRow {
+    /// The document id.
+    pub doc_id: String,
+    /// The sequence of the document's latest change.
+    pub seq: Value,
+    /// The document's leaf revisions.
+    pub revs: Vec<Rev>,
+    /// Whether the winner is deleted.
+    pub deleted: bool,
+}
+
+/// What the caller must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Read the checkpoint document `_local/{replication_id}` from both sides; answer with
+    /// [`Response::Checkpoints`].
+    ReadCheckpoints,
+    /// Read at most `limit` changes from the source after `since`; answer with
+    /// [`Response::Changes`].
+    ReadChanges {
+        /// The sequence to read after.
+        since: Value,
+        /// The most rows to return.
+        limit: usize,
+    },
+    /// Ask the target which of these revisions it lacks; answer with [`Response::Missing`].
+    RevsDiff {
+        /// Document ids with the revisions to ask about.
+        revs: Vec<(String, Vec<Rev>)>,
+    },
+    /// Read these revisions from the source with their bodies and ancestry; answer with
+    /// [`Response::Revisions`].
+    FetchRevisions {
+        /// Document ids with the revisions wanted.
+        wanted: Vec<(String, Vec<Rev>)>,
+    },
+    /// Write these revisions to the target as they are (`new_edits=false`), atomically or at
+    /// least each revision idempotently; answer with [`Response::Written`].
+    WriteRevisions {
+        /// The revisions, with their ancestry.
+        revisions: Vec<Revision>,
+    },
+    /// Store this checkpoint on the target and then on the source; answer with
+    /// [`Response::CheckpointWritten`].
+    WriteCheckpoint {
+        /// The checkpoint.
+        checkpoint: Checkpoint,
+    },
+    /// Caught up: wait until the source has changes after `since`; answer with
+    /// [`Response::ChangesAvailable`]. Only in continuous mode.
+    WaitForChanges {
+        /// The sequence the target has everything up to.
+        since: Value,
+    },
+    /// Done (one-shot mode, caught up).
+    Finished(Stats),
+}
+
+/// The result of an [`Action`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Response {
+    /// Answers [`Action::ReadCheckpoints`].
+    Checkpoints {
+        /// The source's checkpoint, if it has one.
+        source: Option<Checkpoint>,
+        /// The target's checkpoint, if it has one.
+        target: Option<Checkpoint>,
+    },
+    /// Answers [`Action::ReadChanges`].
+    Changes {
+        /// The rows, in sequence order.
+        rows: Vec<ChangeRow>,
+        /// The sequence to continue after (may be past the last row when rows were filtered).
+        last_seq: Value,
+        /// How many changes remain after this batch, when the source says.
+        pending: Option<u64>,
+    },
+    /// Answers [`Action::RevsDiff`]: the revisions the target lacks.
+    Missing(Vec<(String, Vec<Rev>)>),
+    /// Answers [`Action::FetchRevisions`].
+    Revisions(Vec<Revision>),
+    /// Answers [`Action::WriteRevisions`].
+    Written,
+    /// Answers [`Action::WriteCheckpoint`].
+    CheckpointWritten,
+    /// Answers [`Action::WaitForChanges`].
+    ChangesAvailable,
+}
+
+/// Counters of a replication so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Change rows read from the source.
+    pub docs_read: u64,
+    /// Revisions the target lacked.
+    pub missing_revs: u64,
+    /// Revisions written to the target.
+    pub docs_written: u64,
+    /// Batches committed (each followed by a checkpoint).
+    pub batches: u64,
+    /// Changes the source reported still pending after the last batch, if it said.
+    pub pending: Option<u64>,
+}
+
+/// A response that does not fit the action that was asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicationError {
+    /// The response answers a different action.
+    #[error("unexpected response while {0}")]
+    UnexpectedResponse(&'static str),
+    /// The source returned a revision that was not asked for.
+    #[error("the source returned {doc_id} {rev}, which was not requested")]
+    UnrequestedRevision {
+        /// The document.
+        doc_id: String,
+        /// The revision.
+        rev: String,
+    },
+    /// The source returned a revision without a path.
+    #[error("the source returned a revision of {0} without a revision id")]
+    EmptyPath(String),
+}
+
+#[derive(Clone, Debug)]
+enum State {
+    Start,
+    AwaitCheckpoints,
+    ReadChanges,
+    AwaitChanges,
+    RevsDiff,
+    AwaitMissing,
+    Fetch,
+    AwaitRevisions,
+    Write(Vec<Revision>),
+    /// How many revisions are being written.
+    AwaitWritten(u64),
+    Checkpoint,
+    AwaitCheckpointWritten,
+    Wait,
+    AwaitChangesAvailable,
+    Finished,
+}
+
+/// The replication state machine (see the module documentation).
+#[derive(Debug)]
+pub struct Replication {
+    config: ReplicationConfig,
+    state: State,
+    /// The sequence everything before which is on the target.
+    since: Value,
+    /// Earlier sessions, for the checkpoint history.
+    history: Vec<CheckpointEntry>,
+    /// The batch in flight.
+    batch: Vec<ChangeRow>,
+    batch_last_seq: Value,
+    batch_was_full: bool,
+    missing: Vec<(String, Vec<Rev>)>,
+    stats: Stats,
+}
+
+impl Replication {
+    /// A replication that has not started.
+    pub fn new(config: ReplicationConfig) -> Replication {
+        Replication {
+            config,
+            state: State::Start,
+            since: Value::from(0),
+            history: Vec::new(),
+            batch: Vec::new(),
+            batch_last_seq: Value::from(0),
+            batch_was_full: false,
+            missing: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.config
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The source sequence the target holds everything up to.
+    pub fn checkpointed_seq(&self) -> &Value {
+        &self.since
+    }
+
+    /// What to do next. Each action is handed out once; when carrying it out fails, the caller
+    /// drops this replication and starts a new one, which resumes from the last checkpoint.
+    pub fn next_action(&mut self) -> Action {
+        match &self.state {
+            State::Start | State::AwaitCheckpoints => {
+                self.state = State::AwaitCheckpoints;
+                Action::ReadCheckpoints
+            }
+            State::ReadChanges | State::AwaitChanges => {
+                self.state = State::AwaitChanges;
+                Action::ReadChanges {
+                    since: self.since.clone(),
+                    limit: self.config.batch_size.max(1),
+                }
+            }
+            State::RevsDiff | State::AwaitMissing => {
+                self.state = State::AwaitMissing;
+                Action::RevsDiff {
+                    revs: self
+                        .batch
+                        .iter()
+                        .map(|row| (row.doc_id.clone(), row.revs.clone()))
+                        .collect(),
+                }
+            }
+            State::Fetch | State::AwaitRevisions => {
+                self.state = State::AwaitRevisions;
+                Action::FetchRevisions {
+                    wanted: self.missing.clone(),
+                }
+            }
+            State::Write(_) => {
+                let State::Write(revisions) = std::mem::replace(
+                    &mut self.state,
+                    State::AwaitWritten(0),
+                ) else {
+                    unreachable!("matched above")
+                };
+                self.state = State::AwaitWritten(revisions.len() as u64);
+                Action::WriteRevisions { revisions }
+            }
+            // The revisions moved to the caller with the first request; nothing is left to
+            // hand out until the write is answered.
+            State::AwaitWritten(_) => Action::WriteRevisions {
+                revisions: Vec::new(),
+            },
+            State::Checkpoint | State::AwaitCheckpointWritten => {
+                self.state = State::AwaitCheckpointWritten;
+                Action::WriteCheckpoint {
+                    checkpoint: self.checkpoint_for(self.batch_last_seq.clone()),
+                }
+            }
+            State::Wait | State::AwaitChangesAvailable => {
+                self.state = State::AwaitChangesAvailable;
+                Action::WaitForChanges {
+                    since: self.since.clone(),
+                }
+            }
+            State::Finished => Action::Finished(self.stats.clone()),
+        }
+    }
+
+    /// Hands the result of the last action to the state machine.
+    pub fn handle(&mut self, response: Response) -> Result<(), ReplicationError> {
+        match (&self.state, response) {
+            (State::AwaitCheckpoints, Response::Checkpoints { source, target }) => {
+                let (since, history) = agree_on_start(source.as_ref(), target.as_ref());
+                self.since = since;
+                self.history = history;
+                self.state = State::ReadChanges;
+            }
+            (
+                State::AwaitChanges,
+                Response::Changes {
+                    rows,
+                    last_seq,
+                    pending,
+                },
+            ) => {
+                self.stats.docs_read += rows.len() as u64;
+                self.stats.pending = pending;
+                self.batch_was_full = rows.len() >= self.config.batch_size.max(1);
+                self.batch_last_seq = last_seq;
+                self.batch = rows;
+                self.state = if !self.batch.is_empty() {
+                    State::RevsDiff
+                } else if self.batch_last_seq != self.since {
+                    // Every row was filtered out, but the source moved on: remember that.
+                    State::Checkpoint
+                } else {
+                    self.caught_up()
+                };
+            }
+            (State::AwaitMissing, Response::Missing(missing)) => {
+                let missing: Vec<(String, Vec<Rev>)> = missing
+                    .into_iter()
+                    .filter(|(_, revs)| !revs.is_empty())
+                    .collect();
+                self.stats.missing_revs += missing.iter().map(|(_, revs)| revs.len() as u64).sum::<u64>();
+                self.missing = missing;
+                self.state = if self.missing.is_empty() {
+                    State::Checkpoint
+                } else {
+                    State::Fetch
+                };
+            }
+            (State::AwaitRevisions, Response::Revisions(revisions)) => {
+                self.check_requested(&revisions)?;
+                self.state = if revisions.is_empty() {
+                    State::Checkpoint
+                } else {
+                    State::Write(revisions)
+                };
+            }
+            (State::AwaitWritten(count), Response::Written) => {
+                self.stats.docs_written += count;
+                self.state = State::Checkpoint;
+            }
+            (State::AwaitCheckpointWritten, Response::CheckpointWritten) => {
+                self.stats.batches += 1;
+                self.since = self.batch_last_seq.clone();
+                self.batch.clear();
+                self.missing.clear();
+                self.state = if self.batch_was_full {
+                    State::ReadChanges
+                } else {
+                    self.caught_up()
+                };
+            }
+            (State::AwaitChangesAvailable, Response::ChangesAvailable) => {
+                self.state = State::ReadChanges;
+            }
+            (state, _) => return Err(ReplicationError::UnexpectedResponse(describe(state))),
+        }
+        Ok(())
+    }
+
+    fn caught_up(&self) -> State {
+        if self.config.continuous {
+            State::Wait
+        } else {
+            State::Finished
+        }
+    }
+
+    fn check_requested(&self, revisions: &[Revision]) -> Result<(), ReplicationError> {
+        let requested: BTreeMap<&str, BTreeSet<&Rev>> = self
+            .missing
+            .iter()
+            .map(|(doc_id, revs)| (doc_id.as_str(), revs.iter().collect()))
+            .collect();
+        for revision in revisions {
+            let Some(rev) = revision.path.first() else {
+                return Err(ReplicationError::EmptyPath(revision.doc_id.clone()));
+            };
+            let asked = requested
+                .get(revision.doc_id.as_str())
+                .is_some_and(|revs| revs.contains(rev));
+            if !asked {
+                return Err(ReplicationError::UnrequestedRevision {
+                    doc_id: revision.doc_id.clone(),
+                    rev: rev.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint_for(&self, last_seq: Value) -> Checkpoint {
+        let mut history = vec![CheckpointEntry {
+            session_id: self.config.session_id.clone(),
+            last_seq: last_seq.clone(),
+        }];
+        history.extend(
+            self.history
+                .iter()
+                .filter(|entry| entry.session_id != self.config.session_id)
+                .take(CHECKPOINT_HISTORY - 1)
+                .cloned(),
+        );
+        Checkpoint {
+            session_id: self.config.session_id.clone(),
+            last_seq,
+            history,
+        }
+    }
+}
+
+fn describe(state: &State) -> &'static str {
+    match state {
+        State::Start | State::AwaitCheckpoints => "reading checkpoints",
+        State::ReadChanges | State::AwaitChanges => "reading changes",
+        State::RevsDiff | State::AwaitMissing => "asking for missing revisions",
+        State::Fetch | State::AwaitRevisions => "fetching revisions",
+        State::Write(_) | State::AwaitWritten(_) => "writing revisions",
+        State::Checkpoint | State::AwaitCheckpointWritten => "writing the checkpoint",
+        State::Wait | State::AwaitChangesAvailable => "waiting for changes",
+        State::Finished => "finished",
+    }
+}
+
+/// Where a replication starts, given the checkpoints of both sides, and the history to carry on.
+fn agree_on_start(
+    source: Option<&Checkpoint>,
+    target: Option<&Checkpoint>,
+) -> (Value, Vec<CheckpointEntry>) {
+    let (Some(source), Some(target)) = (source, target) else {
+        return (Value::from(0), Vec::new());
+    };
+    if source.session_id == target.session_id && source.last_seq == target.last_seq {
+        return (source.last_seq.clone(), source.history.clone());
+    }
+    // The newest session both sides remember, at the lower of the two sequences recorded.
+    for entry in &source.history {
+        if let Some(other) = target
+            .history
+            .iter()
+            .find(|other| other.session_id == entry.session_id)
+        {
+            let seq = if other.last_seq == entry.last_seq {
+                entry.last_seq.clone()
+            } else {
+                // Sequences are opaque in general; when they differ, trust neither.
+                continue;
+            };
+            return (seq, source.history.clone());
+        }
+    }
+    (Value::from(0), Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rev(text: &str) -> Rev {
+        text.parse().unwrap()
+    }
+
+    fn row(doc_id: &str, seq: u64, revs: &[&str]) -> ChangeRow {
+        ChangeRow {
+            doc_id: doc_id.into(),
+            seq: json!(seq),
+            revs: revs.iter().map(|text| rev(text)).collect(),
+            deleted: false,
+        }
+    }
+
+    fn revision(doc_id: &str, rev_text: &str) -> Revision {
+        Revision {
+            doc_id: doc_id.into(),
+            path: vec![rev(rev_text)],
+            deleted: false,
+            body: serde_json::Map::new(),
+            hlc: None,
+        }
+    }
+
+    fn config(batch_size: usize, continuous: bool) -> ReplicationConfig {
+        ReplicationConfig {
+            batch_size,
+            continuous,
+            ..ReplicationConfig::new("rep", "s2")
+        }
+    }
+
+    #[test]
+    fn a_batch_goes_through_diff_fetch_write_and_checkpoint() {
+        let mut replication = Replication::new(config(2, false));
+        assert_eq!(replication.next_action(), Action::ReadCheckpoints);
+        replication
+            .handle(Response::Checkpoints {
+                source: None,
+                target: None,
+            })
+            .unwrap();
+        assert_eq!(
+            replication.next_action(),
+            Action::ReadChanges {
+                since: json!(0),
+                limit: 2
+            }
+        );
+        replication
+            .handle(Response::Changes {
+                rows: vec![row("a", 1, &["1-a"]), row("b", 2, &["1-b"])],
+                last_seq: json!(2),
+                pending: Some(0),
+            })
+            .unwrap();
+        assert!(matches!(replication.next_action(), Action::RevsDiff { revs } if revs.len() == 2));
+        replication
+            .handle(Response::Missing(vec![
+                ("a".into(), vec![rev("1-a")]),
+                ("b".into(), vec![]),
+            ]))
+            .unwrap();
+        assert_eq!(
+            replication.next_action(),
+            Action::FetchRevisions {
+                wanted: vec![("a".into(), vec![rev("1-a")])]
+            }
+        );
+        let unrequested = replication.handle(Response::Revisions(vec![revision("b", "1-b")]));
+        assert!(matches!(
+            unrequested,
+            Err(ReplicationError::UnrequestedRevision { .. })
+        ));
+        replication
+            .handle(Response::Revisions(vec![revision("a", "1-a")]))
+            .unwrap();
+        assert!(matches!(
+            replication.next_action(),
+            Action::WriteRevisions { revisions } if revisions.len() == 1
+        ));
+        replication.handle(Response::Written).unwrap();
+        let Action::WriteCheckpoint { checkpoint } = replication.next_action() else {
+            panic!("expected a checkpoint");
+        };
+        assert_eq!(checkpoint.last_seq, json!(2));
+        assert_eq!(checkpoint.session_id, "s2");
+        replication.handle(Response::CheckpointWritten).unwrap();
+        // The batch was full, so another read follows.
+        assert_eq!(
+            replication.next_action(),
+            Action::ReadChanges {
+                since: json!(2),
+                limit: 2
+            }
+        );
+        replication
+            .handle(Response::Changes {
+                rows: vec![],
+                last_seq: json!(2),
+                pending: Some(0),
+            })
+            .unwrap();
+        let Action::Finished(stats) = replication.next_action() else {
+            panic!("expected the end");
+        };
+        assert_eq!(stats.docs_read, 2);
+        assert_eq!(stats.missing_revs, 1);
+        assert_eq!(stats.docs_written, 1);
+        assert_eq!(stats.batches, 1);
+    }
+
+    #[test]
+    fn a_matching_checkpoint_resumes_and_a_mismatched_one_restarts() {
+        let checkpoint = |session: &str, seq: u64| Checkpoint {
+            session_id: session.into(),
+            last_seq: json!(seq),
+            history: vec![CheckpointEntry {
+                session_id: session.into(),
+                last_seq: json!(seq),
+            }],
+        };
+        let start = |source: Option<Checkpoint>, target: Option<Checkpoint>| {
+            let mut replication = Replication::new(config(10, false));
+            replication.next_action();
+            replication
+                .handle(Response::Checkpoints { source, target })
+                .unwrap();
+            replication.next_action()
+        };
+        let resumed = start(Some(checkpoint("s1", 7)), Some(checkpoint("s1", 7)));
+        assert_eq!(resumed, Action::ReadChanges { since: json!(7), limit: 10 });
+        let restarted = start(Some(checkpoint("s1", 7)), Some(checkpoint("s0", 3)));
+        assert_eq!(restarted, Action::ReadChanges { since: json!(0), limit: 10 });
+        let one_sided = start(Some(checkpoint("s1", 7)), None);
+        assert_eq!(one_sided, Action::ReadChanges { since: json!(0), limit: 10 });
+        // The target missed the last checkpoint write: fall back to the shared history.
+        let mut newer = checkpoint("s2", 9);
+        newer.history.push(CheckpointEntry {
+            session_id: "s1".into(),
+            last_seq: json!(7),
+        });
+        let fallback = start(Some(newer), Some(checkpoint("s1", 7)));
+        assert_eq!(fallback, Action::ReadChanges { since: json!(7), limit: 10 });
+    }
+
+    #[test]
+    fn filtered_batches_still_advance_the_checkpoint_and_continuous_mode_waits() {
+        let mut replication = Replication::new(config(10, true));
+        replication.next_action();
+        replication
+            .handle(Response::Checkpoints {
+                source: None,
+                target: None,
+            })
+            .unwrap();
+        replication.next_action();
+        replication
+            .handle(Response::Changes {
+                rows: vec![],
+                last_seq: json!(40),
+                pending: None,
+            })
+            .unwrap();
+        assert!(matches!(
+            replication.next_action(),
+            Action::WriteCheckpoint { checkpoint } if checkpoint.last_seq == json!(40)
+        ));
+        replication.handle(Response::CheckpointWritten).unwrap();
+        assert_eq!(
+            replication.next_action(),
+            Action::WaitForChanges { since: json!(40) }
+        );
+        assert!(replication.handle(Response::Written).is_err());
+        replication.handle(Response::ChangesAvailable).unwrap();
+        assert_eq!(
+            replication.next_action(),
+            Action::ReadChanges {
+                since: json!(40),
+                limit: 10
+            }
+        );
+    }
+}
