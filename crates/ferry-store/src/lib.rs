@@ -1,1 +1,360 @@
-//! placeholder
+//! Storage for Ferry replicas: one trait, its SQLite implementation, and the conformance suite
+//! every implementation must pass.
+//!
+//! A [`Backend`] holds named databases (a server hosts many; a client's local replica is one).
+//! A [`Database`] stores documents with their revision trees, the bodies of their leaves and of
+//! recent ancestors, a changes feed ordered by sequence, and local (never replicated) documents
+//! such as replication checkpoints.
+//!
+//! The trait is synchronous: SQLite is called directly, the server calls it from
+//! `spawn_blocking`, and a PostgreSQL implementation can use a blocking client on the same
+//! threads. The revision-tree logic lives in `ferry_core::tree`; a store only loads a tree,
+//! lets the core change it, and writes the result back inside one transaction.
+//!
+//! ```
+//! use ferry_store::{Backend, Edit, sqlite::SqliteBackend, StoreConfig};
+//! let dir = tempfile::tempdir().unwrap();
+//! let backend = SqliteBackend::open(dir.path(), StoreConfig::default()).unwrap();
+//! let db = backend.create_database("notes").unwrap();
+//! let body = serde_json::json!({"title": "milk"}).as_object().unwrap().clone();
+//! let results = db.write_edits(vec![Edit::put("todos:1", None, body)]).unwrap();
+//! let rev = results[0].as_ref().unwrap();
+//! assert_eq!(db.get_document("todos:1").unwrap().unwrap().rev, *rev);
+//! ```
+
+use std::sync::Arc;
+
+use ferry_core::hlc::Timestamp;
+use ferry_core::model::{Body, Document, Limits, Revision};
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
+
+pub mod conformance;
+pub mod sqlite;
+
+/// Settings shared by every store implementation.
+#[derive(Clone, Debug, Default)]
+pub struct StoreConfig {
+    /// Limits the store itself enforces (revs limit, ancestor bodies kept).
+    pub limits: Limits,
+    /// When a committed write is on disk.
+    pub durability: Durability,
+}
+
+/// When a committed transaction is durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is flushed to disk before it returns (SQLite `synchronous=FULL`). An
+    /// acknowledged write survives a power loss. The default, on the server and on clients.
+    #[default]
+    Full,
+    /// Commits survive a process crash but may be lost on power loss (SQLite
+    /// `synchronous=NORMAL` in WAL mode). For tests and caches only.
+    Normal,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database does not exist.
+    #[error("database {0:?} does not exist")]
+    NoSuchDatabase(String),
+    /// A database with that name exists already.
+    #[error("database {0:?} already exists")]
+    DatabaseExists(String),
+    /// The database name is not allowed.
+    #[error("invalid database name {0:?}: use lowercase letters, digits and _$()+- , starting with a letter, at most 128 characters")]
+    InvalidDatabaseName(String),
+    /// A local document's revision did not match.
+    #[error("local document update conflict")]
+    LocalConflict,
+    /// A replicated revision was refused (its path is malformed).
+    #[error("invalid revision for {doc_id}: {reason}")]
+    InvalidRevision {
+        /// The document.
+        doc_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A query was refused.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// Stored data could not be decoded: the file is corrupt or from a newer version.
+    #[error("corrupt data in {what}: {detail}")]
+    Corrupt {
+        /// Where.
+        what: &'static str,
+        /// What.
+        detail: String,
+    },
+    /// The database file was written by a newer Ferry.
+    #[error("database schema version {found} is newer than this Ferry supports ({supported})")]
+    FutureSchema {
+        /// The version found.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// The underlying SQLite call failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A collection of named databases.
+pub trait Backend: Send + Sync {
+    /// Creates a database; fails with [`StoreError::DatabaseExists`] if it exists.
+    fn create_database(&self, name: &str) -> Result<Arc<dyn Database>, StoreError>;
+    /// Opens an existing database; fails with [`StoreError::NoSuchDatabase`] otherwise.
+    fn open_database(&self, name: &str) -> Result<Arc<dyn Database>, StoreError>;
+    /// Deletes a database and everything in it.
+    fn delete_database(&self, name: &str) -> Result<(), StoreError>;
+    /// The names of all databases, sorted.
+    fn database_names(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Whether `name` is an acceptable database name (CouchDB's rule, without `/`).
+pub fn valid_database_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 128
+        && chars.next().is_some_and(|first| first.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_$()+-".contains(c))
+}
+
+/// Counters describing a database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseInfo {
+    /// The database name.
+    pub name: String,
+    /// This replica's id, fixed when the database was created.
+    pub replica_id: String,
+    /// Documents whose winner is not deleted.
+    pub doc_count: u64,
+    /// Documents whose winner is deleted.
+    pub deleted_count: u64,
+    /// The sequence of the latest change.
+    pub update_seq: u64,
+}
+
+/// A local edit: a new revision on top of `base`, as the application or a CouchDB client with
+/// `new_edits=true` makes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Edit {
+    /// The document id.
+    pub doc_id: String,
+    /// The revision the edit is based on; `None` to create (or recreate after deletion).
+    pub base: Option<Rev>,
+    /// Whether the edit deletes the document.
+    pub deleted: bool,
+    /// The new body (usually empty for a deletion).
+    pub body: Body,
+    /// The edit's clock, assigned by the caller from its replica's [`ferry_core::hlc::HlcClock`].
+    pub hlc: Timestamp,
+}
+
+impl Edit {
+    /// An edit that writes `body`.
+    pub fn put(doc_id: impl Into<String>, base: Option<Rev>, body: Body) -> Edit {
+        Edit {
+            doc_id: doc_id.into(),
+            base,
+            deleted: false,
+            body,
+            hlc: Timestamp::ZERO,
+        }
+    }
+
+    /// An edit that deletes the document.
+    pub fn delete(doc_id: impl Into<String>, base: Rev) -> Edit {
+        Edit {
+            doc_id: doc_id.into(),
+            base: Some(base),
+            deleted: true,
+            body: Body::new(),
+            hlc: Timestamp::ZERO,
+        }
+    }
+
+    /// The same edit with a clock.
+    pub fn with_hlc(mut self, hlc: Timestamp) -> Edit {
+        self.hlc = hlc;
+        self
+    }
+}
+
+/// What writing replicated revisions did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Revisions that were new.
+    pub added: u64,
+    /// Revisions that were already present (a repeated batch changes nothing).
+    pub already_present: u64,
+}
+
+/// One stored revision, as `GET /db/doc?rev=` and `_bulk_get` return it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRevision {
+    /// The document id.
+    pub doc_id: String,
+    /// The revision's path, newest first, up to the requested length.
+    pub path: Vec<Rev>,
+    /// Whether it is a deletion.
+    pub deleted: bool,
+    /// The body, or `None` if this revision's body is no longer kept (an old ancestor).
+    pub body: Option<Body>,
+    /// The revision's clock.
+    pub hlc: Timestamp,
+}
+
+impl StoredRevision {
+    /// As a [`Revision`] for replication; `None` if the body is not kept.
+    pub fn into_revision(self) -> Option<Revision> {
+        Some(Revision {
+            doc_id: self.doc_id,
+            path: self.path,
+            deleted: self.deleted,
+            body: self.body?,
+            hlc: Some(self.hlc),
+        })
+    }
+}
+
+/// One row of the changes feed: a document at its latest sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The sequence of the document's latest change.
+    pub seq: u64,
+    /// The document id.
+    pub doc_id: String,
+    /// The winning revision.
+    pub rev: Rev,
+    /// Whether the winner is deleted.
+    pub deleted: bool,
+    /// All leaves (for `style=all_docs`).
+    pub leaves: Vec<Leaf>,
+    /// The winner's body, when asked for.
+    pub body: Option<Body>,
+}
+
+/// A local (never replicated) document.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalDoc {
+    /// Its id, without the `_local/` prefix.
+    pub id: String,
+    /// Its revision number (CouchDB shows it as `0-N`).
+    pub rev: u64,
+    /// Its body.
+    pub body: Body,
+}
+
+/// Which documents `_all_docs` returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AllDocsQuery {
+    /// Only ids at or after this one.
+    pub start_key: Option<String>,
+    /// Only ids at or before this one (before, if `inclusive_end` is false).
+    pub end_key: Option<String>,
+    /// Whether `end_key` itself is included.
+    pub inclusive_end: bool,
+    /// Descending id order.
+    pub descending: bool,
+    /// Rows to skip.
+    pub skip: usize,
+    /// The most rows.
+    pub limit: usize,
+    /// Whether to read bodies.
+    pub include_bodies: bool,
+}
+
+/// A query over one collection's live documents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    /// The collection.
+    pub collection: String,
+    /// Which documents match.
+    pub selector: Selector,
+    /// Sort fields (dotted paths) with descending flags; ties and the default order by id.
+    pub sort: Vec<(String, bool)>,
+    /// Rows to skip.
+    pub skip: usize,
+    /// The most rows.
+    pub limit: usize,
+}
+
+/// One database of documents.
+///
+/// Architecture Invariant: every method that writes commits one transaction before it returns,
+/// with the durability of [`StoreConfig::durability`]; nothing written is visible before then.
+pub trait Database: Send + Sync {
+    /// Counters and identity.
+    fn info(&self) -> Result<DatabaseInfo, StoreError>;
+
+    /// Applies local edits in one transaction. Each edit gets its own result: the new revision,
+    /// or why it was refused (the refused ones change nothing). An edit identical to one
+    /// already present (same parent, deleted flag and body) returns the existing revision.
+    fn write_edits(&self, edits: Vec<Edit>) -> Result<Vec<Result<Rev, EditError>>, StoreError>;
+
+    /// Merges replicated revisions into their trees (`new_edits=false`) in one transaction.
+    /// Revisions without a clock get `default_hlc`. Never overwrites: a concurrent branch
+    /// becomes a conflict. Applying the same revisions again changes nothing.
+    fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+        default_hlc: Timestamp,
+    ) -> Result<WriteReport, StoreError>;
+
+    /// The winner of a document (deleted winners included), with its conflicts.
+    fn get_document(&self, doc_id: &str) -> Result<Option<Document>, StoreError>;
+
+    /// A document's revision tree.
+    fn get_tree(&self, doc_id: &str) -> Result<Option<RevTree>, StoreError>;
+
+    /// A specific revision with up to `max_path` entries of its path; `None` if the revision is
+    /// not in the tree.
+    fn get_revision(
+        &self,
+        doc_id: &str,
+        rev: &Rev,
+        max_path: usize,
+    ) -> Result<Option<StoredRevision>, StoreError>;
+
+    /// Changes after `since`, at most `limit` rows, in sequence order.
+    fn changes(
+        &self,
+        since: u64,
+        limit: usize,
+        include_bodies: bool,
+    ) -> Result<Vec<Change>, StoreError>;
+
+    /// Which of the given revisions this database lacks.
+    fn revs_diff(
+        &self,
+        revs: &[(String, Vec<Rev>)],
+    ) -> Result<Vec<(String, RevsDiff)>, StoreError>;
+
+    /// A local document.
+    fn get_local(&self, id: &str) -> Result<Option<LocalDoc>, StoreError>;
+
+    /// Writes a local document if its current revision is `expected_rev` (`None`: it must not
+    /// exist); returns the new revision number. `body: None` deletes it.
+    fn put_local(
+        &self,
+        id: &str,
+        expected_rev: Option<u64>,
+        body: Option<Body>,
+    ) -> Result<u64, StoreError>;
+
+    /// Live (non-deleted) documents in id order.
+    fn all_docs(&self, query: &AllDocsQuery) -> Result<Vec<Document>, StoreError>;
+
+    /// Live documents of one collection matching a selector.
+    fn query(&self, query: &Query) -> Result<Vec<Document>, StoreError>;
+
+    /// Creates (if missing) an index on a field of a collection's documents, so equality and
+    /// range conditions and sorts on it use the index.
+    fn ensure_index(&self, collection: &str, field: &str) -> Result<(), StoreError>;
+}

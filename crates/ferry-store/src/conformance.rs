@@ -1,0 +1,470 @@
+//! The conformance suite: behaviour every [`Backend`] must have, written once.
+//!
+//! Each check takes a fresh, empty backend and panics (with a message saying what broke) when
+//! the backend misbehaves. An implementation runs them all with [`conformance_tests!`], which
+//! makes one `#[test]` per check:
+//!
+//! ```ignore
+//! ferry_store::conformance_tests!(|| my_fresh_backend());
+//! ```
+//!
+//! The checks are not behind `cfg(test)` so that store implementations in other crates (the
+//! PostgreSQL one) run exactly the same code.
+
+use ferry_core::hlc::Timestamp;
+use ferry_core::model::{Body, Revision};
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use ferry_core::tree::EditError;
+use serde_json::json;
+
+use crate::{AllDocsQuery, Backend, Database, Edit, Query, StoreError};
+
+/// Generates one `#[test]` per conformance check, each on a backend made by `$make`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            databases_are_created_listed_and_deleted,
+            edits_create_update_delete_and_recreate,
+            stale_edits_are_refused_and_change_nothing,
+            identical_edits_return_the_existing_revision,
+            concurrent_replicated_revisions_become_conflicts,
+            writing_revisions_twice_changes_nothing,
+            an_invalid_revision_rejects_the_whole_batch,
+            changes_list_each_document_once_at_its_latest_sequence,
+            local_documents_check_their_revision,
+            all_docs_ranges_and_pages,
+            queries_filter_sort_and_limit,
+            history_is_stemmed_and_old_bodies_dropped,
+            revisions_are_read_with_their_ancestry,
+        );
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let backend = ($make)();
+                $crate::conformance::$check(&*backend);
+            }
+        )*
+    };
+}
+
+fn body(value: serde_json::Value) -> Body {
+    value.as_object().expect("test bodies are objects").clone()
+}
+
+fn rev(text: &str) -> Rev {
+    text.parse().expect("test revisions are valid")
+}
+
+fn put(db: &dyn Database, doc_id: &str, base: Option<&Rev>, value: serde_json::Value) -> Rev {
+    let results = db
+        .write_edits(vec![Edit::put(doc_id, base.cloned(), body(value))])
+        .expect("write_edits");
+    results.into_iter().next().expect("one result").expect("edit accepted")
+}
+
+fn replicated(doc_id: &str, path: &[&str], deleted: bool, value: serde_json::Value) -> Revision {
+    Revision {
+        doc_id: doc_id.to_owned(),
+        path: path.iter().map(|text| rev(text)).collect(),
+        deleted,
+        body: body(value),
+        hlc: Some(Timestamp::new(1_000, 0)),
+    }
+}
+
+/// Databases can be created once, listed, opened, deleted; bad names are refused.
+pub fn databases_are_created_listed_and_deleted(backend: &dyn Backend) {
+    backend.create_database("b-db").expect("create b-db");
+    backend.create_database("a_db").expect("create a_db");
+    assert!(matches!(
+        backend.create_database("a_db"),
+        Err(StoreError::DatabaseExists(_))
+    ));
+    for bad in ["", "Upper", "1abc", "a/b", "a b", &"a".repeat(129)] {
+        assert!(
+            matches!(
+                backend.create_database(bad),
+                Err(StoreError::InvalidDatabaseName(_))
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    backend
+        .create_database(&"a".repeat(128))
+        .expect("a 128-character name is allowed");
+    let names = backend.database_names().expect("names");
+    assert_eq!(names, vec!["a_db".into(), "a".repeat(128), "b-db".into()]);
+    let db = backend.open_database("a_db").expect("open");
+    put(&*db, "x", None, json!({"v": 1}));
+    backend.delete_database("a_db").expect("delete");
+    assert!(matches!(
+        backend.open_database("a_db"),
+        Err(StoreError::NoSuchDatabase(_))
+    ));
+    assert!(matches!(
+        backend.delete_database("a_db"),
+        Err(StoreError::NoSuchDatabase(_))
+    ));
+    let again = backend.create_database("a_db").expect("recreate");
+    assert_eq!(again.info().expect("info").doc_count, 0, "recreated database is empty");
+}
+
+/// The life of one document through local edits, including deletion and recreation.
+pub fn edits_create_update_delete_and_recreate(backend: &dyn Backend) {
+    let db = backend.create_database("life").expect("create");
+    let first = put(&*db, "todos:1", None, json!({"title": "milk"}));
+    assert_eq!(first.generation(), 1);
+    let second = put(&*db, "todos:1", Some(&first), json!({"title": "oat milk"}));
+    let document = db.get_document("todos:1").expect("get").expect("exists");
+    assert_eq!(document.rev, second);
+    assert_eq!(document.body, body(json!({"title": "oat milk"})));
+    assert!(!document.deleted);
+
+    let deletion = db
+        .write_edits(vec![Edit::delete("todos:1", second.clone())])
+        .expect("delete")
+        .remove(0)
+        .expect("delete accepted");
+    let tombstone = db.get_document("todos:1").expect("get").expect("tombstone");
+    assert!(tombstone.deleted);
+    assert_eq!(tombstone.rev, deletion);
+    let info = db.info().expect("info");
+    assert_eq!((info.doc_count, info.deleted_count), (0, 1));
+
+    let recreated = put(&*db, "todos:1", None, json!({"title": "bread"}));
+    assert_eq!(recreated.generation(), 4, "recreation continues the tombstone branch");
+    let tree = db.get_tree("todos:1").expect("tree").expect("exists");
+    assert!(tree.is_deleted(&deletion), "the old deletion stays in the history");
+    assert!(tree.is_ancestor_or_self(&first, &recreated));
+    let info = db.info().expect("info");
+    assert_eq!((info.doc_count, info.deleted_count), (1, 0));
+    assert_eq!(info.update_seq, 4);
+}
+
+/// An edit on a stale or missing base is refused, alone, and changes nothing.
+pub fn stale_edits_are_refused_and_change_nothing(backend: &dyn Backend) {
+    let db = backend.create_database("stale").expect("create");
+    let first = put(&*db, "a", None, json!({"v": 1}));
+    put(&*db, "a", Some(&first), json!({"v": 2}));
+    let before = db.info().expect("info");
+    let results = db
+        .write_edits(vec![
+            Edit::put("a", Some(first.clone()), body(json!({"v": 3}))),
+            Edit::put("a", None, body(json!({"v": 4}))),
+            Edit::put("b", Some(rev("1-abc")), body(json!({"v": 5}))),
+            Edit::put("c", None, body(json!({"v": 6}))),
+        ])
+        .expect("write_edits");
+    assert_eq!(results[0], Err(EditError::StaleBase(first)));
+    assert_eq!(results[1], Err(EditError::MissingBase));
+    assert_eq!(results[2], Err(EditError::NoSuchDocument));
+    assert!(results[3].is_ok(), "the valid edit of the batch is applied");
+    let after = db.info().expect("info");
+    assert_eq!(after.update_seq, before.update_seq + 1);
+    assert_eq!(
+        db.get_document("a").expect("get").expect("a").body,
+        body(json!({"v": 2}))
+    );
+    assert!(db.get_document("b").expect("get").is_none());
+}
+
+/// Repeating an edit that is already stored returns its revision without a new change.
+pub fn identical_edits_return_the_existing_revision(backend: &dyn Backend) {
+    let db = backend.create_database("same").expect("create");
+    let first = put(&*db, "a", None, json!({"v": 1}));
+    let seq = db.info().expect("info").update_seq;
+    // A deleted-then-recreated document with the same body gets a different revision, because
+    // its parent differs; an edit identical in parent and body is the same revision.
+    let twin = db
+        .write_edits(vec![Edit::put("b", None, body(json!({"v": 1})))])
+        .expect("write")
+        .remove(0)
+        .expect("accepted");
+    assert_eq!(twin, first, "the same edit gives the same revision id on any document");
+    assert_eq!(db.info().expect("info").update_seq, seq + 1);
+}
+
+/// Revisions replicated from two branches are both kept; the winner is CouchDB's.
+pub fn concurrent_replicated_revisions_become_conflicts(backend: &dyn Backend) {
+    let db = backend.create_database("conflicts").expect("create");
+    let report = db
+        .write_revisions(
+            vec![
+                replicated("d", &["1-a"], false, json!({"v": 0})),
+                replicated("d", &["2-b", "1-a"], false, json!({"v": "b"})),
+                replicated("d", &["2-c", "1-a"], false, json!({"v": "c"})),
+            ],
+            Timestamp::ZERO,
+        )
+        .expect("write_revisions");
+    assert_eq!(report.added, 3);
+    let document = db.get_document("d").expect("get").expect("d");
+    assert_eq!(document.rev, rev("2-c"));
+    assert_eq!(document.body, body(json!({"v": "c"})));
+    assert_eq!(document.conflicts, vec![rev("2-b")]);
+    // A tombstone on the winning branch hands the win to the other branch.
+    db.write_revisions(
+        vec![replicated("d", &["3-d", "2-c", "1-a"], true, json!({}))],
+        Timestamp::ZERO,
+    )
+    .expect("write tombstone");
+    let document = db.get_document("d").expect("get").expect("d");
+    assert_eq!(document.rev, rev("2-b"));
+    assert_eq!(document.body, body(json!({"v": "b"})));
+    assert!(document.conflicts.is_empty());
+    let change = db.changes(0, 10, false).expect("changes").remove(0);
+    assert_eq!(change.leaves.len(), 2, "style=all_docs sees both leaves");
+    // A local edit may extend the losing branch (how an application resolves a conflict).
+    let resolved = put(&*db, "d", Some(&rev("2-b")), json!({"v": "merged"}));
+    assert_eq!(resolved.generation(), 3);
+}
+
+/// Invariant 3: the same batch applied twice changes nothing the second time.
+pub fn writing_revisions_twice_changes_nothing(backend: &dyn Backend) {
+    let db = backend.create_database("twice").expect("create");
+    let batch = vec![
+        replicated("a", &["2-b", "1-a"], false, json!({"v": 2})),
+        replicated("b", &["1-x"], false, json!({"v": 1})),
+    ];
+    db.write_revisions(batch.clone(), Timestamp::ZERO)
+        .expect("first write");
+    let info = db.info().expect("info");
+    let changes = db.changes(0, 100, true).expect("changes");
+    let report = db
+        .write_revisions(batch, Timestamp::ZERO)
+        .expect("second write");
+    assert_eq!((report.added, report.already_present), (0, 2));
+    assert_eq!(db.info().expect("info"), info);
+    assert_eq!(db.changes(0, 100, true).expect("changes"), changes);
+}
+
+/// A batch of revisions is atomic: one malformed revision and none is stored.
+pub fn an_invalid_revision_rejects_the_whole_batch(backend: &dyn Backend) {
+    let db = backend.create_database("atomic").expect("create");
+    let result = db.write_revisions(
+        vec![
+            replicated("a", &["1-a"], false, json!({"v": 1})),
+            replicated("b", &["3-c", "1-a"], false, json!({"v": 2})),
+        ],
+        Timestamp::ZERO,
+    );
+    assert!(matches!(result, Err(StoreError::InvalidRevision { .. })));
+    assert!(db.get_document("a").expect("get").is_none());
+    assert_eq!(db.info().expect("info").update_seq, 0);
+}
+
+/// The changes feed has one row per document, at its latest sequence, in order, and pages.
+pub fn changes_list_each_document_once_at_its_latest_sequence(backend: &dyn Backend) {
+    let db = backend.create_database("feed").expect("create");
+    let a1 = put(&*db, "a", None, json!({"v": 1}));
+    put(&*db, "b", None, json!({"v": 1}));
+    put(&*db, "a", Some(&a1), json!({"v": 2}));
+    put(&*db, "c", None, json!({"v": 1}));
+    let changes = db.changes(0, 100, true).expect("changes");
+    let summary: Vec<(u64, &str)> = changes
+        .iter()
+        .map(|change| (change.seq, change.doc_id.as_str()))
+        .collect();
+    assert_eq!(summary, vec![(2, "b"), (3, "a"), (4, "c")]);
+    assert_eq!(changes[1].body, Some(body(json!({"v": 2}))));
+    let page = db.changes(2, 1, false).expect("page");
+    assert_eq!(page.len(), 1);
+    assert_eq!((page[0].seq, page[0].body.is_none()), (3, true));
+    assert!(db.changes(4, 10, false).expect("end").is_empty());
+}
+
+/// Local documents are versioned `0-N`, checked on write, and not in the changes feed.
+pub fn local_documents_check_their_revision(backend: &dyn Backend) {
+    let db = backend.create_database("local").expect("create");
+    assert!(db.get_local("cp").expect("get").is_none());
+    assert_eq!(
+        db.put_local("cp", None, Some(body(json!({"seq": 1}))))
+            .expect("create"),
+        1
+    );
+    assert!(matches!(
+        db.put_local("cp", None, Some(body(json!({"seq": 2})))),
+        Err(StoreError::LocalConflict)
+    ));
+    assert_eq!(
+        db.put_local("_local/cp", Some(1), Some(body(json!({"seq": 2}))))
+            .expect("update"),
+        2
+    );
+    let stored = db.get_local("cp").expect("get").expect("exists");
+    assert_eq!((stored.rev, stored.body), (2, body(json!({"seq": 2}))));
+    assert!(db.changes(0, 10, false).expect("changes").is_empty());
+    db.put_local("cp", Some(2), None).expect("delete");
+    assert!(db.get_local("cp").expect("get").is_none());
+}
+
+/// `_all_docs` returns live documents by id, with ranges, direction, skip and limit.
+pub fn all_docs_ranges_and_pages(backend: &dyn Backend) {
+    let db = backend.create_database("all").expect("create");
+    for id in ["a", "b", "c", "d"] {
+        put(&*db, id, None, json!({ "id": id }));
+    }
+    let deleted = put(&*db, "bb", None, json!({}));
+    db.write_edits(vec![Edit::delete("bb", deleted)])
+        .expect("delete");
+    let ids = |query: AllDocsQuery| -> Vec<String> {
+        db.all_docs(&query)
+            .expect("all_docs")
+            .into_iter()
+            .map(|document| document.doc_id)
+            .collect()
+    };
+    let everything = AllDocsQuery {
+        limit: 100,
+        inclusive_end: true,
+        ..AllDocsQuery::default()
+    };
+    assert_eq!(ids(everything.clone()), ["a", "b", "c", "d"]);
+    let range = AllDocsQuery {
+        start_key: Some("b".into()),
+        end_key: Some("c".into()),
+        ..everything.clone()
+    };
+    assert_eq!(ids(range.clone()), ["b", "c"]);
+    assert_eq!(
+        ids(AllDocsQuery {
+            inclusive_end: false,
+            ..range
+        }),
+        ["b"]
+    );
+    assert_eq!(
+        ids(AllDocsQuery {
+            descending: true,
+            start_key: Some("c".into()),
+            skip: 1,
+            limit: 1,
+            ..everything.clone()
+        }),
+        ["b"]
+    );
+    let with_bodies = db
+        .all_docs(&AllDocsQuery {
+            include_bodies: true,
+            limit: 1,
+            ..everything
+        })
+        .expect("bodies");
+    assert_eq!(with_bodies[0].body, body(json!({"id": "a"})));
+}
+
+/// Queries over a collection filter, sort and limit, with and without an index.
+pub fn queries_filter_sort_and_limit(backend: &dyn Backend) {
+    let db = backend.create_database("query").expect("create");
+    let mut edits = Vec::new();
+    for n in 0..30 {
+        edits.push(Edit::put(
+            format!("todos:{n:02}"),
+            None,
+            body(json!({"n": n, "done": n % 3 == 0, "tag": format!("t{}", n % 4)})),
+        ));
+    }
+    edits.push(Edit::put("notes:1", None, body(json!({"n": 5}))));
+    edits.push(Edit::put("todos:odd", None, body(json!({"n": "seven"}))));
+    db.write_edits(edits).expect("write");
+    let run = |selector: serde_json::Value, sort: Vec<(&str, bool)>, limit: usize| -> Vec<String> {
+        db.query(&Query {
+            collection: "todos".into(),
+            selector: Selector::parse(&selector).expect("selector"),
+            sort: sort
+                .into_iter()
+                .map(|(field, descending)| (field.to_owned(), descending))
+                .collect(),
+            skip: 0,
+            limit,
+        })
+        .expect("query")
+        .into_iter()
+        .map(|document| document.doc_id)
+        .collect()
+    };
+    let check = |run: &dyn Fn(serde_json::Value, Vec<(&str, bool)>, usize) -> Vec<String>| {
+        assert_eq!(
+            run(json!({"n": {"$gte": 25}}), vec![("n", true)], 3),
+            ["todos:29", "todos:28", "todos:27"]
+        );
+        assert_eq!(run(json!({"n": 5}), vec![], 10), ["todos:05"]);
+        assert_eq!(
+            run(json!({"n": {"$lt": 9}, "done": true}), vec![("n", false)], 10),
+            ["todos:00", "todos:03", "todos:06"]
+        );
+        assert_eq!(run(json!({"n": {"$type": "string"}}), vec![], 10), ["todos:odd"]);
+        assert_eq!(
+            run(json!({"tag": "t1", "n": {"$gt": 20}}), vec![], 10),
+            ["todos:21", "todos:25", "todos:29"]
+        );
+    };
+    check(&run);
+    db.ensure_index("todos", "n").expect("index n");
+    db.ensure_index("todos", "tag").expect("index tag");
+    db.ensure_index("todos", "n").expect("ensure_index is idempotent");
+    check(&run);
+    assert!(matches!(
+        db.ensure_index("todos", "n'); DROP TABLE docs; --"),
+        Err(StoreError::InvalidQuery(_))
+    ));
+}
+
+/// The revs limit bounds history without dropping leaves; old ancestors lose their bodies.
+pub fn history_is_stemmed_and_old_bodies_dropped(backend: &dyn Backend) {
+    let db = backend.create_database("stem").expect("create");
+    let mut current = put(&*db, "a", None, json!({"v": 0}));
+    let first = current.clone();
+    for v in 1..1_010 {
+        current = put(&*db, "a", Some(&current), json!({ "v": v }));
+    }
+    let tree = db.get_tree("a").expect("tree").expect("a");
+    let limits = ferry_core::model::Limits::default();
+    assert_eq!(tree.len(), limits.revs_limit);
+    assert!(!tree.contains(&first));
+    let parent = tree.parent(&current).expect("parent").clone();
+    let kept = db
+        .get_revision("a", &parent, 10)
+        .expect("get")
+        .expect("parent known");
+    assert_eq!(kept.body, Some(body(json!({"v": 1_008}))), "recent ancestors keep bodies");
+    let old = tree.ancestry(&current, limits.ancestor_bodies + 2).pop().expect("old");
+    let old = db.get_revision("a", &old, 1).expect("get").expect("old known");
+    assert_eq!(old.body, None, "ancestors beyond the window lose their bodies");
+}
+
+/// A revision reads back with its body, deleted flag, clock and ancestry.
+pub fn revisions_are_read_with_their_ancestry(backend: &dyn Backend) {
+    let db = backend.create_database("read").expect("create");
+    db.write_revisions(
+        vec![replicated("a", &["3-c", "2-b", "1-a"], false, json!({"v": 3}))],
+        Timestamp::ZERO,
+    )
+    .expect("write");
+    let stored = db
+        .get_revision("a", &rev("3-c"), 2)
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.path, vec![rev("3-c"), rev("2-b")]);
+    assert_eq!(stored.body, Some(body(json!({"v": 3}))));
+    assert_eq!(stored.hlc, Timestamp::new(1_000, 0));
+    let ancestor = db
+        .get_revision("a", &rev("1-a"), 5)
+        .expect("get")
+        .expect("ancestor is in the tree");
+    assert_eq!(ancestor.body, None, "ancestors received by id have no body");
+    assert!(db.get_revision("a", &rev("9-z"), 5).expect("get").is_none());
+    let diff = db
+        .revs_diff(&[
+            ("a".into(), vec![rev("2-b"), rev("4-d")]),
+            ("zz".into(), vec![rev("1-q")]),
+        ])
+        .expect("revs_diff");
+    assert_eq!(diff[0].1.missing, vec![rev("4-d")]);
+    assert_eq!(diff[0].1.possible_ancestors, vec![rev("3-c")]);
+    assert_eq!(diff[1].1.missing, vec![rev("1-q")]);
+}

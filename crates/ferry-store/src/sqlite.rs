@@ -1,0 +1,964 @@
+//! The SQLite implementation of the store: one file per database, WAL mode.
+//!
+//! Schema (version 1, recorded in `PRAGMA user_version`; `MIGRATIONS` upgrades older files):
+//!
+//! - `docs`: one row per document: its collection, the sequence of its latest change, the
+//!   winner (revision, deleted flag, clock, body), its leaves and the encoded revision tree.
+//!   The winner's body is kept here so reads, `_all_docs` and queries never parse trees.
+//! - `revs`: bodies of leaves and of recent ancestors (`Limits::ancestor_bodies` levels above
+//!   each leaf), with their deleted flag and clock.
+//! - `local_docs`: checkpoints and other local documents, never replicated.
+//! - `meta`: the replica id, the last sequence and document counters.
+//!
+//! Durability: with [`Durability::Full`] every commit runs `fsync` on the WAL before it
+//! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
+//! SIGKILL at any moment leaves the last committed transaction intact (SQLite's WAL recovery).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ferry_core::hlc::Timestamp;
+use ferry_core::json::canonical_object;
+use ferry_core::model::{Body, Document, LOCAL_PREFIX, Revision, collection_of};
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::{
+    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query,
+    StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
+};
+
+const SCHEMA_VERSION: i64 = 1;
+
+/// Each entry upgrades the schema from its index to the next version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE docs (
+    doc_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    rev TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    leaves TEXT NOT NULL,
+    tree TEXT NOT NULL
+);
+CREATE UNIQUE INDEX docs_by_seq ON docs(seq);
+CREATE INDEX docs_by_collection ON docs(collection, deleted, doc_id);
+CREATE TABLE revs (
+    doc_id TEXT NOT NULL,
+    rev TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (doc_id, rev)
+) WITHOUT ROWID;
+CREATE TABLE local_docs (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+"#];
+
+/// How many read connections a database keeps open (WAL lets them read while one writes).
+const READERS: usize = 4;
+
+/// Databases stored as SQLite files in one directory: `{dir}/{name}.sqlite`.
+pub struct SqliteBackend {
+    dir: PathBuf,
+    config: StoreConfig,
+    open: Mutex<HashMap<String, Arc<SqliteDatabase>>>,
+}
+
+impl SqliteBackend {
+    /// Uses (and creates if needed) `dir` for database files.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<SqliteBackend, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        Ok(SqliteBackend {
+            dir: dir.to_owned(),
+            config,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sqlite"))
+    }
+
+    fn check_name(name: &str) -> Result<(), StoreError> {
+        if valid_database_name(name) {
+            Ok(())
+        } else {
+            Err(StoreError::InvalidDatabaseName(name.chars().take(140).collect()))
+        }
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn create_database(&self, name: &str) -> Result<Arc<dyn Database>, StoreError> {
+        Self::check_name(name)?;
+        let mut open = lock(&self.open);
+        let path = self.path_of(name);
+        if open.contains_key(name) || path.exists() {
+            return Err(StoreError::DatabaseExists(name.to_owned()));
+        }
+        let database = Arc::new(SqliteDatabase::open(&path, name, self.config.clone())?);
+        open.insert(name.to_owned(), database.clone());
+        Ok(database)
+    }
+
+    fn open_database(&self, name: &str) -> Result<Arc<dyn Database>, StoreError> {
+        Self::check_name(name).map_err(|_| StoreError::NoSuchDatabase(name.to_owned()))?;
+        let mut open = lock(&self.open);
+        if let Some(database) = open.get(name) {
+            return Ok(database.clone());
+        }
+        let path = self.path_of(name);
+        if !path.exists() {
+            return Err(StoreError::NoSuchDatabase(name.to_owned()));
+        }
+        let database = Arc::new(SqliteDatabase::open(&path, name, self.config.clone())?);
+        open.insert(name.to_owned(), database.clone());
+        Ok(database)
+    }
+
+    fn delete_database(&self, name: &str) -> Result<(), StoreError> {
+        Self::check_name(name).map_err(|_| StoreError::NoSuchDatabase(name.to_owned()))?;
+        let mut open = lock(&self.open);
+        let path = self.path_of(name);
+        if !path.exists() {
+            return Err(StoreError::NoSuchDatabase(name.to_owned()));
+        }
+        open.remove(name);
+        std::fs::remove_file(&path)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut extra = path.clone().into_os_string();
+            extra.push(suffix);
+            match std::fs::remove_file(PathBuf::from(extra)) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn database_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let file_name = entry?.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".sqlite")) else {
+                continue;
+            };
+            if valid_database_name(name) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// One database in one SQLite file.
+pub struct SqliteDatabase {
+    name: String,
+    config: StoreConfig,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    replica_id: String,
+}
+
+impl SqliteDatabase {
+    /// Opens (creating and migrating if needed) the database file at `path`.
+    pub fn open(path: &Path, name: &str, config: StoreConfig) -> Result<SqliteDatabase, StoreError> {
+        let mut writer = connect(path, &config, false)?;
+        migrate(&mut writer)?;
+        let replica_id = writer
+            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |row| {
+                row.get::<_, String>(0)
+            })?;
+        Ok(SqliteDatabase {
+            name: name.to_owned(),
+            config,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            path: path.to_owned(),
+            replica_id,
+        })
+    }
+
+    /// SQLite's `synchronous` setting of the write connection (2 = FULL, 1 = NORMAL).
+    pub fn synchronous(&self) -> Result<i64, StoreError> {
+        Ok(lock(&self.writer).query_row("PRAGMA synchronous", [], |row| row.get(0))?)
+    }
+
+    /// The file this database lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_reader<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let reader = lock(&self.readers).pop();
+        let reader = match reader {
+            Some(reader) => reader,
+            None => connect(&self.path, &self.config, true)?,
+        };
+        let result = read(&reader);
+        let mut readers = lock(&self.readers);
+        if readers.len() < READERS {
+            readers.push(reader);
+        }
+        result
+    }
+
+    fn with_write_transaction<T>(
+        &self,
+        write: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut writer = lock(&self.writer);
+        // IMMEDIATE takes the write lock up front, so a second process writing the same file
+        // waits (busy_timeout) instead of failing halfway through a read-then-write.
+        let transaction = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let result = write(&transaction)?;
+        transaction.commit()?;
+        Ok(result)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the connection usable: SQLite rolls back the
+    // transaction that was open when the guard's owner unwound.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn connect(path: &Path, config: &StoreConfig, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let connection = Connection::open_with_flags(path, flags)?;
+    connection.busy_timeout(Duration::from_secs(10))?;
+    if !read_only {
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    let synchronous = match config.durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    connection.pragma_update(None, "synchronous", synchronous)?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::FutureSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let start = usize::try_from(version).map_err(|_| StoreError::Corrupt {
+        what: "schema version",
+        detail: version.to_string(),
+    })?;
+    for migration in &MIGRATIONS[start..] {
+        transaction.execute_batch(migration)?;
+    }
+    if version == 0 {
+        let replica_id = uuid::Uuid::new_v4().simple().to_string();
+        transaction.execute(
+            "INSERT INTO meta (key, value) VALUES ('replica_id', ?1), ('update_seq', '0'), \
+             ('doc_count', '0'), ('deleted_count', '0')",
+            params![replica_id],
+        )?;
+    }
+    transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    transaction.commit()?;
+    Ok(())
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn read_meta(connection: &Connection, key: &str) -> Result<u64, StoreError> {
+    let text: String =
+        connection.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |row| {
+            row.get(0)
+        })?;
+    text.parse().map_err(|_| StoreError::Corrupt {
+        what: "meta",
+        detail: format!("{key} = {text:?}"),
+    })
+}
+
+fn write_meta(connection: &Connection, key: &str, value: u64) -> Result<(), StoreError> {
+    connection
+        .prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?
+        .execute(params![key, value.to_string()])?;
+    Ok(())
+}
+
+fn parse_body(text: &str) -> Result<Body, StoreError> {
+    serde_json::from_str(text).map_err(|err| StoreError::Corrupt {
+        what: "document body",
+        detail: err.to_string(),
+    })
+}
+
+fn body_text(body: &Body) -> String {
+    // Canonical form: stored bodies are byte-identical across replicas for the same revision.
+    String::from_utf8(canonical_object(body)).expect("JSON is UTF-8")
+}
+
+fn parse_rev(text: &str) -> Result<Rev, StoreError> {
+    text.parse().map_err(|err: ferry_core::rev::RevParseError| StoreError::Corrupt {
+        what: "revision id",
+        detail: err.to_string(),
+    })
+}
+
+fn encode_leaves(leaves: &[Leaf]) -> String {
+    let encoded: Vec<(String, bool)> = leaves
+        .iter()
+        .map(|leaf| (leaf.rev.to_string(), leaf.deleted))
+        .collect();
+    serde_json::to_string(&encoded).expect("leaves serialization")
+}
+
+fn decode_leaves(text: &str) -> Result<Vec<Leaf>, StoreError> {
+    let encoded: Vec<(String, bool)> =
+        serde_json::from_str(text).map_err(|err| StoreError::Corrupt {
+            what: "leaves",
+            detail: err.to_string(),
+        })?;
+    encoded
+        .into_iter()
+        .map(|(rev, deleted)| {
+            Ok(Leaf {
+                rev: parse_rev(&rev)?,
+                deleted,
+            })
+        })
+        .collect()
+}
+
+fn load_tree(connection: &Connection, doc_id: &str) -> Result<Option<RevTree>, StoreError> {
+    let text: Option<String> = connection
+        .prepare_cached("SELECT tree FROM docs WHERE doc_id = ?1")?
+        .query_row(params![doc_id], |row| row.get(0))
+        .optional()?;
+    text.map(|text| {
+        RevTree::decode(&text).map_err(|err| StoreError::Corrupt {
+            what: "revision tree",
+            detail: err.to_string(),
+        })
+    })
+    .transpose()
+}
+
+/// The new revision an update brings, with what must be stored for it.
+struct NewRevision<'a> {
+    rev: &'a Rev,
+    deleted: bool,
+    body: &'a Body,
+    hlc: Timestamp,
+}
+
+impl SqliteDatabase {
+    /// Stores the result of changing one document's tree inside an open write transaction:
+    /// the new revision's body, the stemmed tree, the bodies that fell out of the window, the
+    /// winner, a new sequence and the counters.
+    fn store_update(
+        &self,
+        transaction: &Transaction<'_>,
+        doc_id: &str,
+        before: Option<&RevTree>,
+        mut tree: RevTree,
+        new: NewRevision<'_>,
+    ) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
+        transaction
+            .prepare_cached(
+                "INSERT OR IGNORE INTO revs (doc_id, rev, deleted, hlc, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                doc_id,
+                new.rev.to_string(),
+                new.deleted,
+                to_i64(new.hlc.as_u64()),
+                body_text(new.body)
+            ])?;
+        let dropped = tree.stem(limits.revs_limit);
+        let window = tree.body_window(limits.ancestor_bodies);
+        let mut unkept: BTreeSet<Rev> = dropped.into_iter().collect();
+        if let Some(before) = before {
+            unkept.extend(
+                before
+                    .body_window(limits.ancestor_bodies)
+                    .into_iter()
+                    .filter(|rev| !window.contains(rev)),
+            );
+        }
+        if !window.contains(new.rev) {
+            unkept.insert(new.rev.clone());
+        }
+        let mut delete = transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
+        for rev in &unkept {
+            delete.execute(params![doc_id, rev.to_string()])?;
+        }
+
+        let leaves = tree.leaves();
+        let winner = tree.winner().expect("a tree with a new revision has a winner");
+        let (body, hlc) = if &winner.rev == new.rev {
+            (body_text(new.body), new.hlc)
+        } else {
+            transaction
+                .prepare_cached("SELECT body, hlc FROM revs WHERE doc_id = ?1 AND rev = ?2")?
+                .query_row(params![doc_id, winner.rev.to_string()], |row| {
+                    Ok((row.get::<_, String>(0)?, Timestamp::from_u64(to_u64(row.get(1)?))))
+                })
+                .optional()?
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "revs",
+                    detail: format!("no body for winning leaf {doc_id} {}", winner.rev),
+                })?
+        };
+
+        let was_deleted = match before {
+            Some(before) => Some(before.winner().is_some_and(|leaf| leaf.deleted)),
+            None => None,
+        };
+        let leaves_changed = before.is_none_or(|before| before.leaves() != leaves);
+        let mut seq = None;
+        if leaves_changed {
+            let next = read_meta(transaction, "update_seq")? + 1;
+            write_meta(transaction, "update_seq", next)?;
+            seq = Some(next);
+        }
+        let tree_text = tree.encode();
+        if before.is_none() {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    doc_id,
+                    collection_of(doc_id),
+                    to_i64(seq.expect("a new document is a change")),
+                    winner.rev.to_string(),
+                    winner.deleted,
+                    to_i64(hlc.as_u64()),
+                    body,
+                    encode_leaves(&leaves),
+                    tree_text
+                ])?;
+        } else {
+            transaction
+                .prepare_cached(
+                    "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
+                     body = ?6, leaves = ?7, tree = ?8 WHERE doc_id = ?1",
+                )?
+                .execute(params![
+                    doc_id,
+                    seq.map(to_i64),
+                    winner.rev.to_string(),
+                    winner.deleted,
+                    to_i64(hlc.as_u64()),
+                    body,
+                    encode_leaves(&leaves),
+                    tree_text
+                ])?;
+        }
+        if was_deleted != Some(winner.deleted) {
+            let (live_delta, deleted_delta): (i64, i64) = match (was_deleted, winner.deleted) {
+                (None, false) => (1, 0),
+                (None, true) => (0, 1),
+                (Some(true), false) => (1, -1),
+                (Some(false), true) => (-1, 1),
+                _ => (0, 0),
+            };
+            for (key, delta) in [("doc_count", live_delta), ("deleted_count", deleted_delta)] {
+                if delta != 0 {
+                    let current = read_meta(transaction, key)?;
+                    write_meta(transaction, key, current.saturating_add_signed(delta))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Database for SqliteDatabase {
+    fn info(&self) -> Result<DatabaseInfo, StoreError> {
+        self.with_reader(|connection| {
+            Ok(DatabaseInfo {
+                name: self.name.clone(),
+                replica_id: self.replica_id.clone(),
+                doc_count: read_meta(connection, "doc_count")?,
+                deleted_count: read_meta(connection, "deleted_count")?,
+                update_seq: read_meta(connection, "update_seq")?,
+            })
+        })
+    }
+
+    fn write_edits(&self, edits: Vec<Edit>) -> Result<Vec<Result<Rev, EditError>>, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let mut results = Vec::with_capacity(edits.len());
+            for edit in edits {
+                let before = load_tree(transaction, &edit.doc_id)?;
+                let mut tree = before.clone().unwrap_or_default();
+                let parent = match tree.edit_parent(edit.base.as_ref()) {
+                    Ok(parent) => parent,
+                    Err(err) => {
+                        results.push(Err(err));
+                        continue;
+                    }
+                };
+                let rev = Rev::compute(parent.as_ref(), edit.deleted, &canonical_object(&edit.body));
+                if tree.add_child(parent.as_ref(), rev.clone(), edit.deleted) == Applied::Added {
+                    self.store_update(
+                        transaction,
+                        &edit.doc_id,
+                        before.as_ref(),
+                        tree,
+                        NewRevision {
+                            rev: &rev,
+                            deleted: edit.deleted,
+                            body: &edit.body,
+                            hlc: edit.hlc,
+                        },
+                    )?;
+                }
+                results.push(Ok(rev));
+            }
+            Ok(results)
+        })
+    }
+
+    fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+        default_hlc: Timestamp,
+    ) -> Result<WriteReport, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let mut report = WriteReport::default();
+            for revision in revisions {
+                let before = load_tree(transaction, &revision.doc_id)?;
+                let mut tree = before.clone().unwrap_or_default();
+                let applied = tree
+                    .merge_path(&revision.path, revision.deleted)
+                    .map_err(|err| StoreError::InvalidRevision {
+                        doc_id: revision.doc_id.clone(),
+                        reason: err.to_string(),
+                    })?;
+                if before.as_ref() == Some(&tree) {
+                    report.already_present += 1;
+                    continue;
+                }
+                match applied {
+                    Applied::Added => report.added += 1,
+                    Applied::AlreadyPresent => report.already_present += 1,
+                }
+                self.store_update(
+                    transaction,
+                    &revision.doc_id,
+                    before.as_ref(),
+                    tree,
+                    NewRevision {
+                        rev: &revision.path[0],
+                        deleted: revision.deleted,
+                        body: &revision.body,
+                        hlc: revision.hlc.unwrap_or(default_hlc),
+                    },
+                )?;
+            }
+            Ok(report)
+        })
+    }
+
+    fn get_document(&self, doc_id: &str) -> Result<Option<Document>, StoreError> {
+        self.with_reader(|connection| {
+            let row = connection
+                .prepare_cached(
+                    "SELECT rev, deleted, body, hlc, seq, leaves FROM docs WHERE doc_id = ?1",
+                )?
+                .query_row(params![doc_id], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, bool>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, String>(5)?,
+                    ))
+                })
+                .optional()?;
+            row.map(|(rev, deleted, body, hlc, seq, leaves)| {
+                document_from_row(doc_id.to_owned(), &rev, deleted, &body, hlc, seq, &leaves)
+            })
+            .transpose()
+        })
+    }
+
+    fn get_tree(&self, doc_id: &str) -> Result<Option<RevTree>, StoreError> {
+        self.with_reader(|connection| load_tree(connection, doc_id))
+    }
+
+    fn get_revision(
+        &self,
+        doc_id: &str,
+        rev: &Rev,
+        max_path: usize,
+    ) -> Result<Option<StoredRevision>, StoreError> {
+        self.with_reader(|connection| {
+            let Some(tree) = load_tree(connection, doc_id)? else {
+                return Ok(None);
+            };
+            if !tree.contains(rev) {
+                return Ok(None);
+            }
+            let stored = connection
+                .prepare_cached("SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2")?
+                .query_row(params![doc_id, rev.to_string()], |row| {
+                    Ok((row.get::<_, bool>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+                })
+                .optional()?;
+            let (deleted, hlc, body) = match stored {
+                Some((deleted, hlc, body)) => (deleted, Timestamp::from_u64(to_u64(hlc)), Some(parse_body(&body)?)),
+                None => (tree.is_deleted(rev), Timestamp::ZERO, None),
+            };
+            Ok(Some(StoredRevision {
+                doc_id: doc_id.to_owned(),
+                path: tree.ancestry(rev, max_path.max(1)),
+                deleted,
+                body,
+                hlc,
+            }))
+        })
+    }
+
+    fn changes(
+        &self,
+        since: u64,
+        limit: usize,
+        include_bodies: bool,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT seq, doc_id, rev, deleted, leaves, CASE WHEN ?3 THEN body END \
+                 FROM docs WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut rows = statement.query(params![
+                to_i64(since),
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                include_bodies
+            ])?;
+            let mut changes = Vec::new();
+            while let Some(row) = rows.next()? {
+                let body: Option<String> = row.get(5)?;
+                changes.push(Change {
+                    seq: to_u64(row.get(0)?),
+                    doc_id: row.get(1)?,
+                    rev: parse_rev(&row.get::<_, String>(2)?)?,
+                    deleted: row.get(3)?,
+                    leaves: decode_leaves(&row.get::<_, String>(4)?)?,
+                    body: body.as_deref().map(parse_body).transpose()?,
+                });
+            }
+            Ok(changes)
+        })
+    }
+
+    fn revs_diff(
+        &self,
+        revs: &[(String, Vec<Rev>)],
+    ) -> Result<Vec<(String, RevsDiff)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut answers = Vec::with_capacity(revs.len());
+            for (doc_id, asked) in revs {
+                let diff = match load_tree(connection, doc_id)? {
+                    Some(tree) => tree.revs_diff(asked),
+                    None => RevTree::new().revs_diff(asked),
+                };
+                answers.push((doc_id.clone(), diff));
+            }
+            Ok(answers)
+        })
+    }
+
+    fn get_local(&self, id: &str) -> Result<Option<LocalDoc>, StoreError> {
+        let id = id.strip_prefix(LOCAL_PREFIX).unwrap_or(id);
+        self.with_reader(|connection| {
+            let row = connection
+                .prepare_cached("SELECT rev, body FROM local_docs WHERE id = ?1")?
+                .query_row(params![id], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
+                .optional()?;
+            row.map(|(rev, body)| {
+                Ok(LocalDoc {
+                    id: id.to_owned(),
+                    rev: to_u64(rev),
+                    body: parse_body(&body)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn put_local(
+        &self,
+        id: &str,
+        expected_rev: Option<u64>,
+        body: Option<Body>,
+    ) -> Result<u64, StoreError> {
+        let id = id.strip_prefix(LOCAL_PREFIX).unwrap_or(id);
+        self.with_write_transaction(|transaction| {
+            let current: Option<i64> = transaction
+                .prepare_cached("SELECT rev FROM local_docs WHERE id = ?1")?
+                .query_row(params![id], |row| row.get(0))
+                .optional()?;
+            if current.map(to_u64) != expected_rev {
+                return Err(StoreError::LocalConflict);
+            }
+            let next = expected_rev.unwrap_or(0) + 1;
+            match body {
+                Some(body) => {
+                    transaction
+                        .prepare_cached(
+                            "INSERT INTO local_docs (id, rev, body) VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, body = excluded.body",
+                        )?
+                        .execute(params![id, to_i64(next), body_text(&body)])?;
+                }
+                None => {
+                    transaction
+                        .prepare_cached("DELETE FROM local_docs WHERE id = ?1")?
+                        .execute(params![id])?;
+                }
+            }
+            Ok(next)
+        })
+    }
+
+    fn all_docs(&self, query: &AllDocsQuery) -> Result<Vec<Document>, StoreError> {
+        let (low, high) = if query.descending {
+            (&query.end_key, &query.start_key)
+        } else {
+            (&query.start_key, &query.end_key)
+        };
+        // Which bound the inclusive_end flag applies to depends on the direction.
+        let (low_op, high_op) = match (query.descending, query.inclusive_end) {
+            (false, true) | (true, true) => (">=", "<="),
+            (false, false) => (">=", "<"),
+            (true, false) => (">", "<="),
+        };
+        let sql = format!(
+            "SELECT doc_id, rev, deleted, {body}, hlc, seq, leaves FROM docs \
+             WHERE deleted = 0 AND (?1 IS NULL OR doc_id {low_op} ?1) AND (?2 IS NULL OR doc_id {high_op} ?2) \
+             ORDER BY doc_id {order} LIMIT ?3 OFFSET ?4",
+            body = if query.include_bodies { "body" } else { "'{}'" },
+            order = if query.descending { "DESC" } else { "ASC" },
+        );
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&sql)?;
+            let rows = statement.query(params![
+                low,
+                high,
+                i64::try_from(query.limit).unwrap_or(i64::MAX),
+                i64::try_from(query.skip).unwrap_or(i64::MAX)
+            ])?;
+            documents_from_rows(rows)
+        })
+    }
+
+    fn query(&self, query: &Query) -> Result<Vec<Document>, StoreError> {
+        let mut order = String::new();
+        for (field, descending) in &query.sort {
+            let path = json_path(field).ok_or_else(|| {
+                StoreError::InvalidQuery(format!("cannot sort on field {field:?}"))
+            })?;
+            order.push_str(&format!(
+                "json_extract(body, '{path}') {}, ",
+                if *descending { "DESC" } else { "ASC" }
+            ));
+        }
+        order.push_str("doc_id ASC");
+        let (prefilter, mut values) = sql_prefilter(&query.selector);
+        values.insert(0, rusqlite::types::Value::Text(query.collection.clone()));
+        let sql = format!(
+            "SELECT doc_id, rev, deleted, body, hlc, seq, leaves FROM docs \
+             WHERE collection = ?1 AND deleted = 0{prefilter} ORDER BY {order}"
+        );
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&sql)?;
+            let mut rows = statement.query(rusqlite::params_from_iter(values))?;
+            // Rows are filtered here rather than in SQL so that every selector operator has
+            // exactly the semantics of `ferry_core::selector`; the scan stops at the limit, so
+            // memory stays bounded by the page size.
+            let mut matched = Vec::new();
+            let mut skipped = 0;
+            while let Some(row) = rows.next()? {
+                let document = document_from_sql_row(row)?;
+                if !query.selector.matches(&serde_json::Value::Object(document.body.clone())) {
+                    continue;
+                }
+                if skipped < query.skip {
+                    skipped += 1;
+                    continue;
+                }
+                matched.push(document);
+                if matched.len() >= query.limit {
+                    break;
+                }
+            }
+            Ok(matched)
+        })
+    }
+
+    fn ensure_index(&self, collection: &str, field: &str) -> Result<(), StoreError> {
+        let path = json_path(field)
+            .ok_or_else(|| StoreError::InvalidQuery(format!("cannot index field {field:?}")))?;
+        let digest = ferry_core::rev::Rev::compute(
+            None,
+            false,
+            format!("{collection}\u{0}{field}").as_bytes(),
+        );
+        let name = format!("ix_{}", digest.hash());
+        self.with_write_transaction(|transaction| {
+            transaction.execute_batch(&format!(
+                "CREATE INDEX IF NOT EXISTS {name} ON docs(collection, json_extract(body, '{path}')) \
+                 WHERE deleted = 0"
+            ))?;
+            Ok(())
+        })
+    }
+}
+
+/// SQL conditions that select a superset of what `selector` matches, so that an index on
+/// `json_extract(body, path)` narrows the scan. Only top-level conditions comparing a field
+/// with a number or a string are translated: SQLite orders integers and reals numerically and
+/// text by bytes (code points), as the selector does, and values of other types that slip
+/// through are removed by the exact check that follows.
+fn sql_prefilter(selector: &Selector) -> (String, Vec<rusqlite::types::Value>) {
+    use ferry_core::selector::Condition;
+    use rusqlite::types::Value as Sql;
+    let parts: Vec<&Selector> = match selector {
+        Selector::And(parts) => parts.iter().collect(),
+        other => vec![other],
+    };
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    let mut add = |path: &str, operator: &str, operand: &serde_json::Value| {
+        let value = match operand {
+            serde_json::Value::Number(number) => match (number.as_i64(), number.as_f64()) {
+                (Some(integer), _) => Sql::Integer(integer),
+                (None, Some(real)) => Sql::Real(real),
+                _ => return,
+            },
+            serde_json::Value::String(text) => Sql::Text(text.clone()),
+            _ => return,
+        };
+        values.push(value);
+        conditions.push(format!(
+            " AND json_extract(body, '{path}') {operator} ?{}",
+            values.len() + 1
+        ));
+    };
+    for part in parts {
+        let Selector::Field { path, condition } = part else {
+            continue;
+        };
+        let Some(path) = json_path(&path.join(".")) else {
+            continue;
+        };
+        let simple: Vec<&Condition> = match condition {
+            Condition::AllOf(all) => all.iter().collect(),
+            other => vec![other],
+        };
+        for condition in simple {
+            match condition {
+                Condition::Eq(operand) => add(&path, "=", operand),
+                Condition::Gt(operand) => add(&path, ">", operand),
+                Condition::Gte(operand) => add(&path, ">=", operand),
+                Condition::Lt(operand) => add(&path, "<", operand),
+                Condition::Lte(operand) => add(&path, "<=", operand),
+                _ => {}
+            }
+        }
+    }
+    (conditions.concat(), values)
+}
+
+/// `a.b_c` → `$.a.b_c`; `None` for field names that cannot be embedded in SQL safely.
+fn json_path(field: &str) -> Option<String> {
+    let valid = !field.is_empty()
+        && field.split('.').all(|part| {
+            !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        });
+    valid.then(|| format!("$.{field}"))
+}
+
+fn document_from_row(
+    doc_id: String,
+    rev: &str,
+    deleted: bool,
+    body: &str,
+    hlc: i64,
+    seq: i64,
+    leaves: &str,
+) -> Result<Document, StoreError> {
+    let rev = parse_rev(rev)?;
+    let mut conflicts: Vec<Rev> = decode_leaves(leaves)?
+        .into_iter()
+        .filter(|leaf| !leaf.deleted && leaf.rev != rev)
+        .map(|leaf| leaf.rev)
+        .collect();
+    if deleted {
+        conflicts.clear();
+    }
+    conflicts.sort_by(|a, b| b.cmp(a));
+    Ok(Document {
+        doc_id,
+        rev,
+        deleted,
+        body: parse_body(body)?,
+        hlc: Timestamp::from_u64(to_u64(hlc)),
+        seq: to_u64(seq),
+        conflicts,
+    })
+}
+
+fn document_from_sql_row(row: &rusqlite::Row<'_>) -> Result<Document, StoreError> {
+    document_from_row(
+        row.get(0)?,
+        &row.get::<_, String>(1)?,
+        row.get(2)?,
+        &row.get::<_, String>(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        &row.get::<_, String>(6)?,
+    )
+}
+
+fn documents_from_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Document>, StoreError> {
+    let mut documents = Vec::new();
+    while let Some(row) = rows.next()? {
+        documents.push(document_from_sql_row(row)?);
+    }
+    Ok(documents)
+}
