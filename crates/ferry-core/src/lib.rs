@@ -12,6 +12,7 @@
 //! - [`hlc`]: hybrid logical clock timestamps for last-write-wins decisions.
 //! - [`model`]: documents, collections, ids and the limits every replica enforces.
 //! - [`selector`]: Mango selectors for filtered changes and queries.
+//! - [`couch`]: the CouchDB document format on the wire, converted explicitly.
 //! - [`replicate`]: one-way replication (checkpoints, changes, revs-diff, fetch, write) as a
 //!   state machine.
 //!
@@ -25,6 +26,7 @@
 //! assert_eq!(tree.winner().unwrap().rev, rev);
 //! ```
 
+pub mod couch;
 pub mod hlc;
 pub mod json;
 pub mod model;

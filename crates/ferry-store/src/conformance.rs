@@ -4,7 +4,7 @@
 //! the backend misbehaves. An implementation runs them all with [`conformance_tests!`], which
 //! makes one `#[test]` per check:
 //!
-//! ```ignore
+//! ```text
 //! ferry_store::conformance_tests!(|| my_fresh_backend());
 //! ```
 //!
