@@ -1,0 +1,99 @@
+//! Errors as HTTP responses, in CouchDB's shape: a status and `{"error": ..., "reason": ...}`.
+//!
+//! Client errors (4xx) carry their reason to the client and are not logged as failures.
+//! Internal errors become a generic 500 whose body does not leak internals; the full error is
+//! logged.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ferry_store::StoreError;
+use serde_json::json;
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// CouchDB's short error code (`not_found`, `conflict`, `bad_request`, ...).
+    pub error: &'static str,
+    /// A sentence for humans.
+    pub reason: String,
+}
+
+impl ApiError {
+    /// An error with the given status, code and reason.
+    pub fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error,
+            reason: reason.into(),
+        }
+    }
+
+    /// 400 `bad_request`.
+    pub fn bad_request(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", reason)
+    }
+
+    /// 409 `conflict`.
+    pub fn conflict() -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", "Document update conflict.")
+    }
+
+    /// 413 `too_large`.
+    pub fn too_large(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
+    }
+
+    /// 500, logged in full, answered without details.
+    pub fn internal(error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%error, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            "The server failed to handle the request; the details are in its log.",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::NoSuchDatabase(_) => ApiError::not_found("Database does not exist."),
+            StoreError::DatabaseExists(_) => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "file_exists",
+                "The database could not be created, the file already exists.",
+            ),
+            StoreError::InvalidDatabaseName(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "illegal_database_name",
+                error.to_string(),
+            ),
+            StoreError::LocalConflict => ApiError::conflict(),
+            StoreError::InvalidRevision { .. } | StoreError::InvalidQuery(_) => {
+                ApiError::bad_request(error.to_string())
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.error, "reason": self.reason })),
+        )
+            .into_response()
+    }
+}
+
+/// The result type of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

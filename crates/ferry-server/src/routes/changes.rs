@@ -1,0 +1,445 @@
+//! `_changes`: the feed replication reads, in its three forms.
+//!
+//! - `feed=normal`: the changes after `since`, up to `limit`, then `last_seq`.
+//! - `feed=longpoll`: the same, but when there are none yet, waits until a change arrives or
+//!   the timeout passes.
+//! - `feed=continuous`: one JSON line per change as they happen, until `limit` rows or the
+//!   timeout.
+//!
+//! Waiting feeds send a newline every `heartbeat` milliseconds so that clients and proxies with
+//! idle timeouts keep the connection (PouchDB sends `heartbeat=10000`). Filters (`_doc_ids`,
+//! `_selector`) are applied while scanning, so a response holds at most `limit` rows however
+//! many changes are scanned: memory is bounded by the page, not by the database.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body as HttpBody, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use ferry_core::couch::{DocExtras, document_json};
+use ferry_core::selector::Selector;
+use ferry_store::{Change, Database, StoreError};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::params::{ENVELOPE_DEPTH, Params};
+
+type QueryMap = Query<HashMap<String, String>>;
+
+/// How many store rows one scan step reads while filtering.
+const SCAN_CHUNK: usize = 500;
+/// The shortest heartbeat interval accepted, so a client cannot make the server spin.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Debug)]
+enum Filter {
+    None,
+    DocIds(BTreeSet<String>),
+    Selector(Selector),
+}
+
+impl Filter {
+    fn needs_bodies(&self) -> bool {
+        matches!(self, Filter::Selector(_))
+    }
+
+    fn matches(&self, change: &Change) -> bool {
+        match self {
+            Filter::None => true,
+            Filter::DocIds(ids) => ids.contains(&change.doc_id),
+            // CouchDB's _selector feed matches the winning revision; deleted documents only
+            // match selectors that accept their (usually empty) tombstone body.
+            Filter::Selector(selector) => change
+                .body
+                .as_ref()
+                .is_some_and(|body| selector.matches(&Value::Object(body.clone()))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feed {
+    Normal,
+    Longpoll,
+    Continuous,
+}
+
+#[derive(Clone, Debug)]
+struct ChangesRequest {
+    since: u64,
+    limit: usize,
+    all_leaves: bool,
+    include_docs: bool,
+    conflicts: bool,
+    feed: Feed,
+    timeout: Duration,
+    heartbeat: Option<Duration>,
+    filter: Filter,
+}
+
+/// `GET /{db}/_changes`.
+pub(crate) async fn get_changes(
+    State(state): State<AppState>,
+    Path(db): Path<String>,
+    query: QueryMap,
+) -> ApiResult<Response> {
+    let params = Params::from_query(query);
+    let request = parse_request(&state, &db, &params, None).await?;
+    respond(state, db, request).await
+}
+
+/// `POST /{db}/_changes`: filters in the body (`{"doc_ids": [...]}` or `{"selector": {...}}`).
+pub(crate) async fn post_changes(
+    State(state): State<AppState>,
+    Path(db): Path<String>,
+    query: QueryMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let params = Params::from_query(query);
+    // An empty body is allowed (the filter may be in the query string).
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(
+            ferry_core::json::parse_strict(&body, state.limits.max_json_depth + ENVELOPE_DEPTH)
+                .map_err(|error| ApiError::bad_request(error.to_string()))?,
+        )
+    };
+    let request = parse_request(&state, &db, &params, body.as_ref()).await?;
+    respond(state, db, request).await
+}
+
+async fn parse_request(
+    state: &AppState,
+    db: &str,
+    params: &Params,
+    body: Option<&Value>,
+) -> ApiResult<ChangesRequest> {
+    if params.flag("descending", false)? {
+        return Err(ApiError::bad_request("descending changes feeds are not supported"));
+    }
+    let feed = match params.text("feed").unwrap_or("normal") {
+        "normal" => Feed::Normal,
+        "longpoll" => Feed::Longpoll,
+        "continuous" => Feed::Continuous,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Unsupported feed {other:?}: use normal, longpoll or continuous"
+            )));
+        }
+    };
+    let since = match params.json(&["since"])? {
+        None => 0,
+        Some(Value::String(now)) if now == "now" => {
+            state.with_db(db, |db| db.info()).await?.update_seq
+        }
+        Some(Value::Number(number)) => number
+            .as_u64()
+            .ok_or_else(|| ApiError::bad_request("since must be a non-negative integer"))?,
+        Some(Value::String(text)) => text
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("Invalid since value {text:?}")))?,
+        Some(_) => return Err(ApiError::bad_request("Invalid since value")),
+    };
+    let max_rows = state.limits.max_page_rows;
+    let limit = params.number("limit")?.map_or(max_rows, |limit| {
+        usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max_rows)
+    });
+    let all_leaves = match params.text("style").unwrap_or("main_only") {
+        "main_only" => false,
+        "all_docs" => true,
+        other => return Err(ApiError::bad_request(format!("Unsupported style {other:?}"))),
+    };
+    let timeout = params
+        .number("timeout")?
+        .map_or(state.default_feed_timeout(), Duration::from_millis);
+    let heartbeat = match params.text("heartbeat") {
+        None | Some("false") => None,
+        Some("true") => Some(Duration::from_secs(60)),
+        Some(_) => params
+            .number("heartbeat")?
+            .map(|ms| Duration::from_millis(ms).max(MIN_HEARTBEAT)),
+    };
+    let filter = match params.text("filter") {
+        None => Filter::None,
+        Some("_doc_ids") => {
+            let ids = match body.and_then(|body| body.get("doc_ids")) {
+                Some(ids) => ids.clone(),
+                None => params
+                    .json(&["doc_ids"])?
+                    .ok_or_else(|| ApiError::bad_request("filter=_doc_ids needs doc_ids"))?,
+            };
+            let ids = ids
+                .as_array()
+                .ok_or_else(|| ApiError::bad_request("doc_ids must be an array"))?
+                .iter()
+                .map(|id| {
+                    id.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| ApiError::bad_request("doc_ids must be strings"))
+                })
+                .collect::<ApiResult<BTreeSet<String>>>()?;
+            if ids.len() > state.limits.max_batch_docs {
+                return Err(ApiError::too_large(format!(
+                    "{} doc_ids, at most {} allowed",
+                    ids.len(),
+                    state.limits.max_batch_docs
+                )));
+            }
+            Filter::DocIds(ids)
+        }
+        Some("_selector") => {
+            let selector = body
+                .and_then(|body| body.get("selector"))
+                .ok_or_else(|| ApiError::bad_request("filter=_selector needs a selector in the body"))?;
+            Filter::Selector(
+                Selector::parse(selector).map_err(|error| ApiError::bad_request(error.to_string()))?,
+            )
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "filter {other:?} is not supported: use _doc_ids or _selector"
+            )));
+        }
+    };
+    Ok(ChangesRequest {
+        since,
+        limit,
+        all_leaves,
+        include_docs: params.flag("include_docs", false)?,
+        conflicts: params.flag("conflicts", false)?,
+        feed,
+        timeout,
+        heartbeat,
+        filter,
+    })
+}
+
+struct Page {
+    rows: Vec<Value>,
+    last_seq: u64,
+    update_seq: u64,
+}
+
+fn change_row(change: &Change, request: &ChangesRequest) -> Value {
+    let revs: Vec<Value> = if request.all_leaves {
+        // The winner first, then the other leaves, as CouchDB lists them.
+        std::iter::once(&change.rev)
+            .chain(
+                change
+                    .leaves
+                    .iter()
+                    .map(|leaf| &leaf.rev)
+                    .filter(|rev| *rev != &change.rev),
+            )
+            .map(|rev| json!({"rev": rev.to_string()}))
+            .collect()
+    } else {
+        vec![json!({"rev": change.rev.to_string()})]
+    };
+    let mut row = json!({"seq": change.seq, "id": change.doc_id, "changes": revs});
+    if change.deleted {
+        row["deleted"] = Value::Bool(true);
+    }
+    if request.include_docs {
+        let conflicts: Vec<_> = change
+            .leaves
+            .iter()
+            .filter(|leaf| !leaf.deleted && leaf.rev != change.rev)
+            .map(|leaf| leaf.rev.clone())
+            .collect();
+        let empty = ferry_core::model::Body::new();
+        row["doc"] = document_json(
+            &change.doc_id,
+            &change.rev,
+            change.deleted,
+            change.body.as_ref().unwrap_or(&empty),
+            &DocExtras {
+                conflicts: (request.conflicts && !change.deleted).then_some(conflicts.as_slice()),
+                ..DocExtras::default()
+            },
+        );
+    }
+    row
+}
+
+/// Reads up to `limit` matching changes after `since`.
+fn read_page(db: &dyn Database, request: &ChangesRequest, since: u64, limit: usize) -> Result<Page, StoreError> {
+    let bodies = request.include_docs || request.filter.needs_bodies();
+    let chunk = if matches!(request.filter, Filter::None) {
+        limit
+    } else {
+        SCAN_CHUNK
+    };
+    let mut rows = Vec::new();
+    let mut cursor = since;
+    'scan: loop {
+        let changes = db.changes(cursor, chunk, bodies)?;
+        let exhausted = changes.len() < chunk;
+        for change in &changes {
+            cursor = change.seq;
+            if request.filter.matches(change) {
+                rows.push(change_row(change, request));
+                if rows.len() >= limit {
+                    break 'scan;
+                }
+            }
+        }
+        if exhausted {
+            break;
+        }
+    }
+    Ok(Page {
+        rows,
+        last_seq: cursor,
+        update_seq: db.info()?.update_seq,
+    })
+}
+
+async fn page(state: &AppState, db: &str, request: &ChangesRequest, since: u64, limit: usize) -> ApiResult<Page> {
+    let request = request.clone();
+    state
+        .with_db(db, move |db| read_page(&*db, &request, since, limit))
+        .await
+}
+
+fn page_json(page: Page) -> Value {
+    json!({
+        "results": page.rows,
+        "last_seq": page.last_seq,
+        "pending": page.update_seq.saturating_sub(page.last_seq),
+    })
+}
+
+async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiResult<Response> {
+    if request.feed == Feed::Normal {
+        let page = page(&state, &db, &request, request.since, request.limit).await?;
+        return Ok(Json(page_json(page)).into_response());
+    }
+    // Fail fast on a missing database, before a streaming response has started.
+    let current = state.with_db(&db, |db| db.info()).await?.update_seq;
+    let mut notifications = state.subscribe(&db, current);
+    let (sender, receiver) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let result = match request.feed {
+            Feed::Longpoll => longpoll(&state, &db, &request, &mut notifications, &sender).await,
+            _ => continuous(&state, &db, &request, &mut notifications, &sender).await,
+        };
+        if let Err(error) = result {
+            // The status line is already sent; end the body with the error as a last line.
+            let line = json!({"error": error.error, "reason": error.reason}).to_string() + "\n";
+            let _ = sender.send(Bytes::from(line)).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        HttpBody::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// What ended a wait for changes.
+enum Woken {
+    Changed,
+    Heartbeat,
+    TimedOut,
+    Gone,
+}
+
+async fn wait(
+    notifications: &mut tokio::sync::watch::Receiver<u64>,
+    heartbeat: Option<Duration>,
+    deadline: Instant,
+) -> Woken {
+    let heartbeat_at = heartbeat.map(|every| Instant::now() + every);
+    tokio::select! {
+        changed = notifications.changed() => if changed.is_ok() { Woken::Changed } else { Woken::Gone },
+        () = tokio::time::sleep_until(heartbeat_at.unwrap_or(deadline)), if heartbeat_at.is_some_and(|at| at < deadline) => Woken::Heartbeat,
+        () = tokio::time::sleep_until(deadline) => Woken::TimedOut,
+    }
+}
+
+async fn longpoll(
+    state: &AppState,
+    db: &str,
+    request: &ChangesRequest,
+    notifications: &mut tokio::sync::watch::Receiver<u64>,
+    sender: &mpsc::Sender<Bytes>,
+) -> ApiResult<()> {
+    let deadline = Instant::now() + request.timeout;
+    loop {
+        notifications.borrow_and_update();
+        let page = page(state, db, request, request.since, request.limit).await?;
+        let filtered_progress = page.last_seq > request.since;
+        if !page.rows.is_empty() || filtered_progress || Instant::now() >= deadline {
+            let _ = sender.send(Bytes::from(page_json(page).to_string())).await;
+            return Ok(());
+        }
+        loop {
+            match wait(notifications, request.heartbeat, deadline).await {
+                Woken::Changed | Woken::TimedOut => break,
+                Woken::Heartbeat => {
+                    if sender.send(Bytes::from_static(b"\n")).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Woken::Gone => return Ok(()),
+            }
+        }
+    }
+}
+
+async fn continuous(
+    state: &AppState,
+    db: &str,
+    request: &ChangesRequest,
+    notifications: &mut tokio::sync::watch::Receiver<u64>,
+    sender: &mpsc::Sender<Bytes>,
+) -> ApiResult<()> {
+    let deadline = Instant::now() + request.timeout;
+    let mut since = request.since;
+    let mut sent = 0usize;
+    loop {
+        notifications.borrow_and_update();
+        let page = page(state, db, request, since, request.limit - sent).await?;
+        since = page.last_seq;
+        let found = page.rows.len();
+        for row in page.rows {
+            if sender.send(Bytes::from(row.to_string() + "\n")).await.is_err() {
+                return Ok(());
+            }
+        }
+        sent += found;
+        if sent >= request.limit || Instant::now() >= deadline {
+            let end = json!({"last_seq": since, "pending": page.update_seq.saturating_sub(since)});
+            let _ = sender.send(Bytes::from(end.to_string() + "\n")).await;
+            return Ok(());
+        }
+        if found > 0 {
+            continue;
+        }
+        loop {
+            match wait(notifications, request.heartbeat, deadline).await {
+                Woken::Changed | Woken::TimedOut => break,
+                Woken::Heartbeat => {
+                    if sender.send(Bytes::from_static(b"\n")).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Woken::Gone => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! Document routes: one document by id (all its query options), `_all_docs`, `_local` docs.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ferry_core::couch::{CouchDoc, DocExtras, document_json};
+use ferry_core::model::{Body, Document};
+use ferry_core::rev::Rev;
+use ferry_core::tree::{EditError, RevTree};
+use ferry_store::{AllDocsQuery, Database, Edit, StoreError, StoredRevision};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::params::{JsonBody, Params, parse_rev, parse_rev_list};
+
+type QueryMap = Query<HashMap<String, String>>;
+
+/// The revision named by an `If-Match` header, CouchDB's alternative to `?rev=`.
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<Rev>> {
+    headers
+        .get(axum::http::header::IF_MATCH)
+        .map(|value| {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("Invalid If-Match header"))?;
+            parse_rev(text.trim_matches('"'))
+        })
+        .transpose()
+}
+
+/// Maps a refused edit to CouchDB's 409.
+pub(crate) fn edit_error(error: &EditError) -> ApiError {
+    let _ = error;
+    ApiError::conflict()
+}
+
+/// `GET /{db}/{doc_id}` with `rev`, `revs`, `revs_info`, `conflicts`, `deleted_conflicts`,
+/// `open_revs`, `latest`.
+pub(crate) async fn get_document(
+    State(state): State<AppState>,
+    Path((db, doc_id)): Path<(String, String)>,
+    query: QueryMap,
+) -> ApiResult<Response> {
+    let params = Params::from_query(query);
+    let revs = params.flag("revs", false)?;
+    let revs_info = params.flag("revs_info", false)?;
+    let conflicts = params.flag("conflicts", false)?;
+    let deleted_conflicts = params.flag("deleted_conflicts", false)?;
+    let latest = params.flag("latest", false)?;
+    let with_hlc = params.flag("ferry", false)?;
+    let rev = params.rev("rev")?;
+    let open_revs = params.json(&["open_revs"])?;
+    let revs_limit = state.limits.revs_limit;
+
+    if let Some(open_revs) = open_revs {
+        let wanted = match &open_revs {
+            Value::String(all) if all == "all" => None,
+            list => Some(parse_rev_list(list)?),
+        };
+        let rows = state
+            .with_db(&db, move |db| {
+                open_revisions(&*db, &doc_id, wanted, latest, revs_limit)
+            })
+            .await?;
+        let body: Vec<Value> = rows
+            .into_iter()
+            .map(|row| match row {
+                Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
+                Err(missing) => json!({"missing": missing.to_string()}),
+            })
+            .collect();
+        return Ok(Json(Value::Array(body)).into_response());
+    }
+
+    let doc_for_read = doc_id.clone();
+    let (tree, revision) = state
+        .with_db(&db, move |db| {
+            let Some(tree) = db.get_tree(&doc_for_read)? else {
+                return Ok((None, None));
+            };
+            let rev = match rev {
+                Some(rev) => rev,
+                None => tree.winner().expect("a stored tree has a winner").rev,
+            };
+            let revision = db.get_revision(&doc_for_read, &rev, revs_limit)?;
+            Ok((Some(tree), revision))
+        })
+        .await?;
+    let (Some(tree), Some(revision)) = (tree, revision) else {
+        return Err(ApiError::not_found("missing"));
+    };
+    let asked_for_rev = params.text("rev").is_some();
+    if revision.deleted && !asked_for_rev {
+        return Err(ApiError::not_found("deleted"));
+    }
+    let Some(body) = revision.body.clone() else {
+        return Err(ApiError::not_found("missing"));
+    };
+    let conflict_list = tree.conflicts();
+    let mut document = document_json(
+        &doc_id,
+        &revision.path[0],
+        revision.deleted,
+        &body,
+        &DocExtras {
+            revisions: revs.then_some(revision.path.as_slice()),
+            conflicts: conflicts.then_some(conflict_list.as_slice()),
+            hlc: with_hlc.then_some(revision.hlc),
+        },
+    );
+    if deleted_conflicts {
+        let deleted = tree.deleted_conflicts();
+        if !deleted.is_empty() {
+            document["_deleted_conflicts"] = deleted.iter().map(Rev::to_string).collect();
+        }
+    }
+    if revs_info {
+        document["_revs_info"] = revs_info_json(&tree, &revision.path);
+    }
+    Ok(Json(document).into_response())
+}
+
+fn revs_info_json(tree: &RevTree, path: &[Rev]) -> Value {
+    path.iter()
+        .enumerate()
+        .map(|(index, rev)| {
+            // Only the requested revision's body is known to be stored; CouchDB reports
+            // older ones as "missing" once compacted, which is what a client must expect.
+            let status = if tree.is_deleted(rev) {
+                "deleted"
+            } else if index == 0 {
+                "available"
+            } else {
+                "missing"
+            };
+            json!({"rev": rev.to_string(), "status": status})
+        })
+        .collect()
+}
+
+/// A stored revision in CouchDB form.
+pub(crate) fn revision_document(revision: &StoredRevision, revs: bool, with_hlc: bool) -> Value {
+    let empty = Body::new();
+    document_json(
+        &revision.doc_id,
+        &revision.path[0],
+        revision.deleted,
+        revision.body.as_ref().unwrap_or(&empty),
+        &DocExtras {
+            revisions: revs.then_some(revision.path.as_slice()),
+            conflicts: None,
+            hlc: with_hlc.then_some(revision.hlc),
+        },
+    )
+}
+
+/// The revisions `open_revs` asks for: all leaves, or the listed ones (each replaced by the
+/// leaves descending from it when `latest` is set). A revision that cannot be returned with
+/// its body is reported missing.
+pub(crate) fn open_revisions(
+    db: &dyn Database,
+    doc_id: &str,
+    wanted: Option<Vec<Rev>>,
+    latest: bool,
+    revs_limit: usize,
+) -> Result<Vec<Result<StoredRevision, Rev>>, StoreError> {
+    let tree = db.get_tree(doc_id)?.unwrap_or_default();
+    let revs: Vec<Rev> = match wanted {
+        None => tree.leaves().into_iter().map(|leaf| leaf.rev).collect(),
+        Some(wanted) if latest => {
+            let mut revs = Vec::new();
+            for rev in wanted {
+                if !tree.contains(&rev) || tree.is_leaf(&rev) {
+                    revs.push(rev);
+                    continue;
+                }
+                for leaf in tree.leaves() {
+                    if tree.is_ancestor_or_self(&rev, &leaf.rev) && !revs.contains(&leaf.rev) {
+                        revs.push(leaf.rev);
+                    }
+                }
+            }
+            revs
+        }
+        Some(wanted) => wanted,
+    };
+    let mut rows = Vec::with_capacity(revs.len());
+    for rev in revs {
+        match db.get_revision(doc_id, &rev, revs_limit)? {
+            Some(revision) if revision.body.is_some() => rows.push(Ok(revision)),
+            _ => rows.push(Err(rev)),
+        }
+    }
+    Ok(rows)
+}
+
+/// Writes one document edit and answers CouchDB's `{"ok", "id", "rev"}`.
+async fn write_one(
+    state: &AppState,
+    db_name: &str,
+    doc_id: String,
+    base: Option<Rev>,
+    deleted: bool,
+    body: Body,
+    status: StatusCode,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    state.validate_document(&doc_id, &body)?;
+    let edit = Edit {
+        doc_id: doc_id.clone(),
+        base,
+        deleted,
+        body,
+        hlc: state.now(),
+    };
+    let (result, seq) = state
+        .with_db(db_name, move |db| {
+            let result = db.write_edits(vec![edit])?.remove(0);
+            Ok((result, db.info()?.update_seq))
+        })
+        .await?;
+    state.notify(db_name, seq);
+    let rev = result.map_err(|error| edit_error(&error))?;
+    Ok((
+        status,
+        Json(json!({"ok": true, "id": doc_id, "rev": rev.to_string()})),
+    ))
+}
+
+/// `PUT /{db}/{doc_id}`: create or update (or, with `new_edits=false`, store as replicated).
+pub(crate) async fn put_document(
+    State(state): State<AppState>,
+    Path((db, doc_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: QueryMap,
+    JsonBody(value): JsonBody,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let params = Params::from_query(query);
+    let doc = CouchDoc::parse(value).map_err(|error| ApiError::bad_request(error.to_string()))?;
+    if doc.id.as_ref().is_some_and(|id| id != &doc_id) {
+        return Err(ApiError::bad_request(
+            "Document id in the body does not match the URL",
+        ));
+    }
+    if !params.flag("new_edits", true)? {
+        let path = doc
+            .path()
+            .ok_or_else(|| ApiError::bad_request("new_edits=false needs _rev"))?;
+        state.validate_document(&doc_id, &doc.body)?;
+        let rev = path[0].clone();
+        let revision = ferry_core::model::Revision {
+            doc_id: doc_id.clone(),
+            path,
+            deleted: doc.deleted,
+            body: doc.body,
+            hlc: doc.hlc,
+        };
+        crate::routes::replication::store_revisions(&state, &db, vec![revision]).await?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({"ok": true, "id": doc_id, "rev": rev.to_string()})),
+        ));
+    }
+    let base = match (doc.rev, params.rev("rev")?, if_match(&headers)?) {
+        (Some(body_rev), Some(query_rev), _) if body_rev != query_rev => {
+            return Err(ApiError::bad_request(
+                "Document rev from request body and query string have different values",
+            ));
+        }
+        (body_rev, query_rev, header_rev) => body_rev.or(query_rev).or(header_rev),
+    };
+    write_one(
+        &state,
+        &db,
+        doc_id,
+        base,
+        doc.deleted,
+        doc.body,
+        StatusCode::CREATED,
+    )
+    .await
+}
+
+/// `POST /{db}`: create a document, with a generated UUIDv7 id when it has no `_id`.
+pub(crate) async fn post_document(
+    State(state): State<AppState>,
+    Path(db): Path<String>,
+    JsonBody(value): JsonBody,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let doc = CouchDoc::parse(value).map_err(|error| ApiError::bad_request(error.to_string()))?;
+    let doc_id = doc
+        .id
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    write_one(
+        &state,
+        &db,
+        doc_id,
+        doc.rev,
+        doc.deleted,
+        doc.body,
+        StatusCode::CREATED,
+    )
+    .await
+}
+
+/// `DELETE /{db}/{doc_id}?rev=...`: writes a tombstone.
+pub(crate) async fn delete_document(
+    State(state): State<AppState>,
+    Path((db, doc_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: QueryMap,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let params = Params::from_query(query);
+    let Some(rev) = params.rev("rev")?.or(if_match(&headers)?) else {
+        return Err(ApiError::conflict());
+    };
+    write_one(
+        &state,
+        &db,
+        doc_id,
+        Some(rev),
+        true,
+        Body::new(),
+        StatusCode::OK,
+    )
+    .await
+}
+
+/// `GET /{db}/_all_docs`.
+pub(crate) async fn get_all_docs(
+    State(state): State<AppState>,
+    Path(db): Path<String>,
+    query: QueryMap,
+) -> ApiResult<Json<Value>> {
+    let params = Params::from_query(query);
+    let keys = match params.json(&["keys"])? {
+        Some(keys) => Some(keys),
+        None => params.json(&["key"])?.map(|key| Value::Array(vec![key])),
+    };
+    all_docs(state, db, params, keys).await
+}
+
+/// `POST /{db}/_all_docs` with `{"keys": [...]}`.
+pub(crate) async fn post_all_docs(
+    State(state): State<AppState>,
+    Path(db): Path<String>,
+    query: QueryMap,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    let params = Params::from_query(query);
+    all_docs(state, db, params, body.get("keys").cloned()).await
+}
+
+fn all_docs_row(document: &Document, include_docs: bool, conflicts: bool) -> Value {
+    let mut row = json!({
+        "id": document.doc_id,
+        "key": document.doc_id,
+        "value": {"rev": document.rev.to_string()},
+    });
+    if document.deleted {
+        row["value"]["deleted"] = Value::Bool(true);
+    }
+    if include_docs {
+        row["doc"] = if document.deleted {
+            Value::Null
+        } else {
+            document_json(
+                &document.doc_id,
+                &document.rev,
+                false,
+                &document.body,
+                &DocExtras {
+                    conflicts: conflicts.then_some(document.conflicts.as_slice()),
+                    ..DocExtras::default()
+                },
+            )
+        };
+    }
+    row
+}
+
+async fn all_docs(
+    state: AppState,
+    db: String,
+    params: Params,
+    keys: Option<Value>,
+) -> ApiResult<Json<Value>> {
+    let include_docs = params.flag("include_docs", false)?;
+    let conflicts = params.flag("conflicts", false)?;
+    let max_rows = state.limits.max_page_rows;
+    let limit = params.number("limit")?.map_or(max_rows, |limit| {
+        usize::try_from(limit).unwrap_or(usize::MAX).min(max_rows)
+    });
+    let skip = usize::try_from(params.number("skip")?.unwrap_or(0)).unwrap_or(usize::MAX);
+    if let Some(keys) = keys {
+        let keys: Vec<String> = keys
+            .as_array()
+            .ok_or_else(|| ApiError::bad_request("`keys` must be an array"))?
+            .iter()
+            .map(|key| {
+                key.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::bad_request("keys must be strings"))
+            })
+            .collect::<ApiResult<_>>()?;
+        if keys.len() > state.limits.max_batch_docs {
+            return Err(ApiError::too_large(format!(
+                "{} keys requested, at most {} allowed",
+                keys.len(),
+                state.limits.max_batch_docs
+            )));
+        }
+        let (total, documents) = state
+            .with_db(&db, move |db| {
+                let mut documents = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let document = db.get_document(&key)?;
+                    documents.push((key, document));
+                }
+                Ok((db.info()?.doc_count, documents))
+            })
+            .await?;
+        let rows: Vec<Value> = documents
+            .iter()
+            .map(|(key, document)| match document {
+                Some(document) => all_docs_row(document, include_docs, conflicts),
+                None => json!({"key": key, "error": "not_found"}),
+            })
+            .collect();
+        return Ok(Json(json!({"total_rows": total, "offset": 0, "rows": rows})));
+    }
+    let query = AllDocsQuery {
+        start_key: params.key(&["startkey", "start_key"])?,
+        end_key: params.key(&["endkey", "end_key"])?,
+        inclusive_end: params.flag("inclusive_end", true)?,
+        descending: params.flag("descending", false)?,
+        skip,
+        limit,
+        include_bodies: include_docs,
+    };
+    let (total, documents) = state
+        .with_db(&db, move |db| Ok((db.info()?.doc_count, db.all_docs(&query)?)))
+        .await?;
+    let rows: Vec<Value> = documents
+        .iter()
+        .map(|document| all_docs_row(document, include_docs, conflicts))
+        .collect();
+    Ok(Json(
+        json!({"total_rows": total, "offset": skip, "rows": rows}),
+    ))
+}
+
+fn local_rev(text: &str) -> ApiResult<u64> {
+    text.strip_prefix("0-")
+        .and_then(|number| number.parse().ok())
+        .ok_or_else(|| ApiError::bad_request(format!("Invalid rev format: {text:?}")))
+}
+
+/// `GET /{db}/_local/{id}`.
+pub(crate) async fn get_local(
+    State(state): State<AppState>,
+    Path((db, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let local = state
+        .with_db(&db, move |db| db.get_local(&id))
+        .await?
+        .ok_or_else(|| ApiError::not_found("missing"))?;
+    let mut document = json!({
+        "_id": format!("_local/{}", local.id),
+        "_rev": format!("0-{}", local.rev),
+    });
+    for (key, value) in local.body {
+        document[key] = value;
+    }
+    Ok(Json(document))
+}
+
+/// `PUT /{db}/_local/{id}`: the revision must match the stored one (`0-N`).
+pub(crate) async fn put_local(
+    State(state): State<AppState>,
+    Path((db, id)): Path<(String, String)>,
+    query: QueryMap,
+    JsonBody(value): JsonBody,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::bad_request("Document must be a JSON object"));
+    };
+    body.remove("_id");
+    let rev = match body.remove("_rev") {
+        Some(Value::String(text)) => Some(local_rev(&text)?),
+        Some(_) => return Err(ApiError::bad_request("_rev must be a string")),
+        None => Params::from_query(query)
+            .text("rev")
+            .map(local_rev)
+            .transpose()?,
+    };
+    state.validate_document(&format!("local-{id}"), &body)?;
+    let doc_id = format!("_local/{id}");
+    let new_rev = state
+        .with_db(&db, move |db| db.put_local(&id, rev, Some(body)))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"ok": true, "id": doc_id, "rev": format!("0-{new_rev}")})),
+    ))
+}
+
+/// `DELETE /{db}/_local/{id}?rev=0-N`.
+pub(crate) async fn delete_local(
+    State(state): State<AppState>,
+    Path((db, id)): Path<(String, String)>,
+    query: QueryMap,
+) -> ApiResult<Json<Value>> {
+    let params = Params::from_query(query);
+    let rev = params
+        .text("rev")
+        .map(local_rev)
+        .transpose()?
+        .ok_or_else(ApiError::conflict)?;
+    let doc_id = format!("_local/{id}");
+    state
+        .with_db(&db, move |db| db.put_local(&id, Some(rev), None))
+        .await?;
+    Ok(Json(
+        json!({"ok": true, "id": doc_id, "rev": format!("0-{}", rev + 1)}),
+    ))
+}

@@ -1,0 +1,64 @@
+//! The route table: which handler serves which CouchDB endpoint.
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::AppState;
+
+mod changes;
+mod database;
+mod documents;
+mod replication;
+mod server;
+
+/// Every route. Static segments (`_changes`, `_local`) take precedence over the document
+/// wildcard, so document ids such as `_design/x` or `a/b` still reach the document handlers.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(server::welcome))
+        .route("/health", get(server::health))
+        .route("/_up", get(server::health))
+        .route("/_all_dbs", get(server::all_dbs))
+        .route("/_uuids", get(server::uuids))
+        .route(
+            "/{db}",
+            get(database::info)
+                .head(database::info)
+                .put(database::create)
+                .delete(database::delete)
+                .post(documents::post_document),
+        )
+        .route(
+            "/{db}/",
+            get(database::info)
+                .head(database::info)
+                .put(database::create)
+                .delete(database::delete)
+                .post(documents::post_document),
+        )
+        .route("/{db}/_ensure_full_commit", post(database::ensure_full_commit))
+        .route(
+            "/{db}/_changes",
+            get(changes::get_changes).post(changes::post_changes),
+        )
+        .route("/{db}/_revs_diff", post(replication::revs_diff))
+        .route("/{db}/_bulk_get", post(replication::bulk_get))
+        .route("/{db}/_bulk_docs", post(replication::bulk_docs))
+        .route(
+            "/{db}/_all_docs",
+            get(documents::get_all_docs).post(documents::post_all_docs),
+        )
+        .route(
+            "/{db}/_local/{*id}",
+            get(documents::get_local)
+                .put(documents::put_local)
+                .delete(documents::delete_local),
+        )
+        .route(
+            "/{db}/{*doc_id}",
+            get(documents::get_document)
+                .head(documents::get_document)
+                .put(documents::put_document)
+                .delete(documents::delete_document),
+        )
+}
