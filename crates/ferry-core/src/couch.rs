@@ -104,7 +104,9 @@ impl CouchDoc {
         if let (Some(path), Some(rev)) = (&revisions, &rev)
             && path.first() != Some(rev)
         {
-            return Err(CouchDocError::BadRevisions("_revisions does not start with _rev"));
+            return Err(CouchDocError::BadRevisions(
+                "_revisions does not start with _rev",
+            ));
         }
         let hlc = match map.remove("_ferry") {
             None => None,
@@ -114,7 +116,9 @@ impl CouchDoc {
                 .map(Timestamp::from_u64),
         };
         if let Some(attachments) = map.remove("_attachments")
-            && attachments.as_object().is_none_or(|stubs| !stubs.is_empty())
+            && attachments
+                .as_object()
+                .is_none_or(|stubs| !stubs.is_empty())
         {
             return Err(CouchDocError::Attachments);
         }
@@ -147,7 +151,9 @@ pub fn parse_revisions(value: &Value) -> Result<Vec<Rev>, CouchDocError> {
     let start = value
         .get("start")
         .and_then(Value::as_u64)
-        .ok_or(CouchDocError::BadRevisions("start must be a positive integer"))?;
+        .ok_or(CouchDocError::BadRevisions(
+            "start must be a positive integer",
+        ))?;
     let ids = value
         .get("ids")
         .and_then(Value::as_array)
@@ -208,7 +214,10 @@ pub fn document_json(
     if let Some(conflicts) = extras.conflicts.filter(|conflicts| !conflicts.is_empty()) {
         map.insert(
             "_conflicts".into(),
-            conflicts.iter().map(|rev| Value::String(rev.to_string())).collect(),
+            conflicts
+                .iter()
+                .map(|rev| Value::String(rev.to_string()))
+                .collect(),
         );
     }
     if let Some(hlc) = extras.hlc {
@@ -280,8 +289,12 @@ mod tests {
             Err(CouchDocError::BadRev)
         );
         assert_eq!(
-            CouchDoc::parse(json!({"_id": "a", "_rev": "2-b", "_revisions": {"start": 2, "ids": ["c"]}})),
-            Err(CouchDocError::BadRevisions("_revisions does not start with _rev"))
+            CouchDoc::parse(
+                json!({"_id": "a", "_rev": "2-b", "_revisions": {"start": 2, "ids": ["c"]}})
+            ),
+            Err(CouchDocError::BadRevisions(
+                "_revisions does not start with _rev"
+            ))
         );
         assert_eq!(
             CouchDoc::parse(json!({"_id": "a", "_attachments": {"f": {"data": "eA=="}}})),
@@ -297,6 +310,9 @@ mod tests {
         assert!(parse_revisions(&json!({"start": 2, "ids": []})).is_err());
         assert!(parse_revisions(&json!({"start": 2, "ids": ["a/"]})).is_err());
         let path = parse_revisions(&json!({"start": 2, "ids": ["b", "a"]})).unwrap();
-        assert_eq!(path, vec!["2-b".parse().unwrap(), "1-a".parse::<Rev>().unwrap()]);
+        assert_eq!(
+            path,
+            vec!["2-b".parse().unwrap(), "1-a".parse::<Rev>().unwrap()]
+        );
     }
 }

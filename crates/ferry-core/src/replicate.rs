@@ -317,10 +317,9 @@ impl Replication {
                 }
             }
             State::Write(_) => {
-                let State::Write(revisions) = std::mem::replace(
-                    &mut self.state,
-                    State::AwaitWritten(0),
-                ) else {
+                let State::Write(revisions) =
+                    std::mem::replace(&mut self.state, State::AwaitWritten(0))
+                else {
                     unreachable!("matched above")
                 };
                 self.state = State::AwaitWritten(revisions.len() as u64);
@@ -383,7 +382,10 @@ impl Replication {
                     .into_iter()
                     .filter(|(_, revs)| !revs.is_empty())
                     .collect();
-                self.stats.missing_revs += missing.iter().map(|(_, revs)| revs.len() as u64).sum::<u64>();
+                self.stats.missing_revs += missing
+                    .iter()
+                    .map(|(_, revs)| revs.len() as u64)
+                    .sum::<u64>();
                 self.missing = missing;
                 self.state = if self.missing.is_empty() {
                     State::Checkpoint
@@ -651,11 +653,29 @@ mod tests {
             replication.next_action()
         };
         let resumed = start(Some(checkpoint("s1", 7)), Some(checkpoint("s1", 7)));
-        assert_eq!(resumed, Action::ReadChanges { since: json!(7), limit: 10 });
+        assert_eq!(
+            resumed,
+            Action::ReadChanges {
+                since: json!(7),
+                limit: 10
+            }
+        );
         let restarted = start(Some(checkpoint("s1", 7)), Some(checkpoint("s0", 3)));
-        assert_eq!(restarted, Action::ReadChanges { since: json!(0), limit: 10 });
+        assert_eq!(
+            restarted,
+            Action::ReadChanges {
+                since: json!(0),
+                limit: 10
+            }
+        );
         let one_sided = start(Some(checkpoint("s1", 7)), None);
-        assert_eq!(one_sided, Action::ReadChanges { since: json!(0), limit: 10 });
+        assert_eq!(
+            one_sided,
+            Action::ReadChanges {
+                since: json!(0),
+                limit: 10
+            }
+        );
         // The target missed the last checkpoint write: fall back to the shared history.
         let mut newer = checkpoint("s2", 9);
         newer.history.push(CheckpointEntry {
@@ -663,7 +683,13 @@ mod tests {
             last_seq: json!(7),
         });
         let fallback = start(Some(newer), Some(checkpoint("s1", 7)));
-        assert_eq!(fallback, Action::ReadChanges { since: json!(7), limit: 10 });
+        assert_eq!(
+            fallback,
+            Action::ReadChanges {
+                since: json!(7),
+                limit: 10
+            }
+        );
     }
 
     #[test]

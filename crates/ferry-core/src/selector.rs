@@ -172,9 +172,7 @@ fn parse_entry(
                             if operator.starts_with('$') {
                                 parse_operator(operator, operand)
                             } else {
-                                refuse(format!(
-                                    "cannot mix operators and fields under {field:?}"
-                                ))
+                                refuse(format!("cannot mix operators and fields under {field:?}"))
                             }
                         })
                         .collect::<Result<Vec<_>, _>>()?;
@@ -224,9 +222,9 @@ fn parse_operator(operator: &str, value: &Value) -> Result<Condition, SelectorEr
             _ => return refuse("$exists needs true or false"),
         },
         "$type" => match value.as_str() {
-            Some(
-                name @ ("null" | "boolean" | "number" | "string" | "array" | "object"),
-            ) => Condition::Type(name.to_owned()),
+            Some(name @ ("null" | "boolean" | "number" | "string" | "array" | "object")) => {
+                Condition::Type(name.to_owned())
+            }
             _ => return refuse("$type needs null, boolean, number, string, array or object"),
         },
         "$size" => match value.as_u64() {
@@ -393,14 +391,22 @@ mod tests {
         check(json!({"n": {"$gt": 5}}), doc.clone(), false);
         check(json!({"n": {"$gt": "1"}}), doc.clone(), false);
         check(json!({"name": {"$in": ["bob", "ann"]}}), doc.clone(), true);
-        check(json!({"name": {"$nin": ["bob", "ann"]}}), doc.clone(), false);
+        check(
+            json!({"name": {"$nin": ["bob", "ann"]}}),
+            doc.clone(),
+            false,
+        );
         check(json!({"missing": {"$ne": 1}}), doc.clone(), true);
         check(json!({"missing": {"$exists": false}}), doc.clone(), true);
         check(json!({"address.city": "Oslo"}), doc.clone(), true);
         check(json!({"address": {"city": "Oslo"}}), doc.clone(), true);
         check(json!({"tags": {"$all": ["b", "a"]}}), doc.clone(), true);
         check(json!({"tags": {"$size": 2}}), doc.clone(), true);
-        check(json!({"tags": {"$elemMatch": {"$eq": "b"}}}), doc.clone(), true);
+        check(
+            json!({"tags": {"$elemMatch": {"$eq": "b"}}}),
+            doc.clone(),
+            true,
+        );
         check(json!({"n": {"$type": "number"}}), doc.clone(), true);
         check(json!({"n": {"$not": {"$eq": 5}}}), doc.clone(), false);
     }

@@ -348,7 +348,11 @@ impl RevTree {
         let dropped: Vec<Rev> = self
             .nodes
             .keys()
-            .filter(|rev| distances.get(rev).is_none_or(|distance| *distance > keep_depth))
+            .filter(|rev| {
+                distances
+                    .get(rev)
+                    .is_none_or(|distance| *distance > keep_depth)
+            })
             .cloned()
             .collect();
         if dropped.is_empty() {
@@ -484,7 +488,8 @@ mod tests {
         assert_eq!(tree.winner().unwrap().rev, rev("2-c"));
         assert_eq!(tree.conflicts(), path(&["2-b"]));
         // A deleted leaf never beats a live one, whatever its generation.
-        tree.merge_path(&path(&["3-z", "2-c", "1-a"]), true).unwrap();
+        tree.merge_path(&path(&["3-z", "2-c", "1-a"]), true)
+            .unwrap();
         assert_eq!(tree.winner().unwrap().rev, rev("2-b"));
         assert!(tree.conflicts().is_empty());
         assert_eq!(tree.deleted_conflicts(), path(&["3-z"]));
@@ -494,7 +499,8 @@ mod tests {
     fn all_deleted_picks_the_highest_tombstone() {
         let mut tree = RevTree::new();
         tree.merge_path(&path(&["2-a", "1-a"]), true).unwrap();
-        tree.merge_path(&path(&["3-b", "2-b", "1-a"]), true).unwrap();
+        tree.merge_path(&path(&["3-b", "2-b", "1-a"]), true)
+            .unwrap();
         let winner = tree.winner().unwrap();
         assert!(winner.deleted);
         assert_eq!(winner.rev, rev("3-b"));
@@ -582,7 +588,8 @@ mod tests {
     #[test]
     fn encoding_round_trips() {
         let mut tree = RevTree::new();
-        tree.merge_path(&path(&["3-c", "2-b", "1-a"]), true).unwrap();
+        tree.merge_path(&path(&["3-c", "2-b", "1-a"]), true)
+            .unwrap();
         tree.merge_path(&path(&["2-x", "1-a"]), false).unwrap();
         tree.merge_path(&path(&["9-q"]), false).unwrap();
         let decoded = RevTree::decode(&tree.encode()).unwrap();

@@ -43,7 +43,11 @@ impl ApiError {
 
     /// 409 `conflict`.
     pub fn conflict() -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, "conflict", "Document update conflict.")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Document update conflict.",
+        )
     }
 
     /// 413 `too_large`.

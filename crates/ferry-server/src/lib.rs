@@ -161,7 +161,11 @@ impl AppState {
 
     /// Tells waiting feeds that `db` changed up to `seq`.
     pub fn notify(&self, db: &str, seq: u64) {
-        let notifiers = self.inner.notifiers.lock().unwrap_or_else(|e| e.into_inner());
+        let notifiers = self
+            .inner
+            .notifiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(sender) = notifiers.get(db) {
             sender.send_if_modified(|current| {
                 let newer = seq > *current;
@@ -175,7 +179,11 @@ impl AppState {
 
     /// A receiver that sees `db`'s latest sequence whenever it changes.
     pub fn subscribe(&self, db: &str, current: u64) -> watch::Receiver<u64> {
-        let mut notifiers = self.inner.notifiers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut notifiers = self
+            .inner
+            .notifiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         notifiers
             .entry(db.to_owned())
             .or_insert_with(|| watch::channel(current).0)
@@ -235,7 +243,8 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
         limits: config.limits.clone(),
         durability: config.durability,
     };
-    let backend = SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;
+    let backend =
+        SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;
     let uuid = server_uuid(&config.data_dir)?;
     Ok(AppState::new(Arc::new(backend), uuid, config))
 }

@@ -25,7 +25,9 @@ impl Params {
     }
 
     fn raw(&self, names: &[&str]) -> Option<&str> {
-        names.iter().find_map(|name| self.0.get(*name).map(String::as_str))
+        names
+            .iter()
+            .find_map(|name| self.0.get(*name).map(String::as_str))
     }
 
     /// A boolean (`true`/`false`), absent → `default`.
@@ -125,18 +127,22 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<JsonBody, ApiError> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(format!(
-                    "The request body is larger than the {} bytes allowed",
-                    state.limits.max_request_bytes
-                ))
-            } else {
-                ApiError::bad_request(rejection.body_text())
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large(format!(
+                        "The request body is larger than the {} bytes allowed",
+                        state.limits.max_request_bytes
+                    ))
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
         if bytes.is_empty() {
-            return Err(ApiError::bad_request("Request body is empty; JSON expected"));
+            return Err(ApiError::bad_request(
+                "Request body is empty; JSON expected",
+            ));
         }
         let value = parse_strict(&bytes, state.limits.max_json_depth + ENVELOPE_DEPTH)
             .map_err(|error| ApiError::bad_request(error.to_string()))?;

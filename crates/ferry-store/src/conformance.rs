@@ -63,7 +63,11 @@ fn put(db: &dyn Database, doc_id: &str, base: Option<&Rev>, value: serde_json::V
     let results = db
         .write_edits(vec![Edit::put(doc_id, base.cloned(), body(value))])
         .expect("write_edits");
-    results.into_iter().next().expect("one result").expect("edit accepted")
+    results
+        .into_iter()
+        .next()
+        .expect("one result")
+        .expect("edit accepted")
 }
 
 fn replicated(doc_id: &str, path: &[&str], deleted: bool, value: serde_json::Value) -> Revision {
@@ -110,7 +114,11 @@ pub fn databases_are_created_listed_and_deleted(backend: &dyn Backend) {
         Err(StoreError::NoSuchDatabase(_))
     ));
     let again = backend.create_database("a_db").expect("recreate");
-    assert_eq!(again.info().expect("info").doc_count, 0, "recreated database is empty");
+    assert_eq!(
+        again.info().expect("info").doc_count,
+        0,
+        "recreated database is empty"
+    );
 }
 
 /// The life of one document through local edits, including deletion and recreation.
@@ -136,9 +144,16 @@ pub fn edits_create_update_delete_and_recreate(backend: &dyn Backend) {
     assert_eq!((info.doc_count, info.deleted_count), (0, 1));
 
     let recreated = put(&*db, "todos:1", None, json!({"title": "bread"}));
-    assert_eq!(recreated.generation(), 4, "recreation continues the tombstone branch");
+    assert_eq!(
+        recreated.generation(),
+        4,
+        "recreation continues the tombstone branch"
+    );
     let tree = db.get_tree("todos:1").expect("tree").expect("exists");
-    assert!(tree.is_deleted(&deletion), "the old deletion stays in the history");
+    assert!(
+        tree.is_deleted(&deletion),
+        "the old deletion stays in the history"
+    );
     assert!(tree.is_ancestor_or_self(&first, &recreated));
     let info = db.info().expect("info");
     assert_eq!((info.doc_count, info.deleted_count), (1, 0));
@@ -184,7 +199,10 @@ pub fn identical_edits_return_the_existing_revision(backend: &dyn Backend) {
         .expect("write")
         .remove(0)
         .expect("accepted");
-    assert_eq!(twin, first, "the same edit gives the same revision id on any document");
+    assert_eq!(
+        twin, first,
+        "the same edit gives the same revision id on any document"
+    );
     assert_eq!(db.info().expect("info").update_seq, seq + 1);
 }
 
@@ -394,10 +412,17 @@ pub fn queries_filter_sort_and_limit(backend: &dyn Backend) {
         );
         assert_eq!(run(json!({"n": 5}), vec![], 10), ["todos:05"]);
         assert_eq!(
-            run(json!({"n": {"$lt": 9}, "done": true}), vec![("n", false)], 10),
+            run(
+                json!({"n": {"$lt": 9}, "done": true}),
+                vec![("n", false)],
+                10
+            ),
             ["todos:00", "todos:03", "todos:06"]
         );
-        assert_eq!(run(json!({"n": {"$type": "string"}}), vec![], 10), ["todos:odd"]);
+        assert_eq!(
+            run(json!({"n": {"$type": "string"}}), vec![], 10),
+            ["todos:odd"]
+        );
         assert_eq!(
             run(json!({"tag": "t1", "n": {"$gt": 20}}), vec![], 10),
             ["todos:21", "todos:25", "todos:29"]
@@ -406,7 +431,8 @@ pub fn queries_filter_sort_and_limit(backend: &dyn Backend) {
     check(&run);
     db.ensure_index("todos", "n").expect("index n");
     db.ensure_index("todos", "tag").expect("index tag");
-    db.ensure_index("todos", "n").expect("ensure_index is idempotent");
+    db.ensure_index("todos", "n")
+        .expect("ensure_index is idempotent");
     check(&run);
     assert!(matches!(
         db.ensure_index("todos", "n'); DROP TABLE docs; --"),
@@ -431,17 +457,35 @@ pub fn history_is_stemmed_and_old_bodies_dropped(backend: &dyn Backend) {
         .get_revision("a", &parent, 10)
         .expect("get")
         .expect("parent known");
-    assert_eq!(kept.body, Some(body(json!({"v": 1_008}))), "recent ancestors keep bodies");
-    let old = tree.ancestry(&current, limits.ancestor_bodies + 2).pop().expect("old");
-    let old = db.get_revision("a", &old, 1).expect("get").expect("old known");
-    assert_eq!(old.body, None, "ancestors beyond the window lose their bodies");
+    assert_eq!(
+        kept.body,
+        Some(body(json!({"v": 1_008}))),
+        "recent ancestors keep bodies"
+    );
+    let old = tree
+        .ancestry(&current, limits.ancestor_bodies + 2)
+        .pop()
+        .expect("old");
+    let old = db
+        .get_revision("a", &old, 1)
+        .expect("get")
+        .expect("old known");
+    assert_eq!(
+        old.body, None,
+        "ancestors beyond the window lose their bodies"
+    );
 }
 
 /// A revision reads back with its body, deleted flag, clock and ancestry.
 pub fn revisions_are_read_with_their_ancestry(backend: &dyn Backend) {
     let db = backend.create_database("read").expect("create");
     db.write_revisions(
-        vec![replicated("a", &["3-c", "2-b", "1-a"], false, json!({"v": 3}))],
+        vec![replicated(
+            "a",
+            &["3-c", "2-b", "1-a"],
+            false,
+            json!({"v": 3}),
+        )],
         Timestamp::ZERO,
     )
     .expect("write");

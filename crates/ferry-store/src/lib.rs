@@ -65,7 +65,9 @@ pub enum StoreError {
     #[error("database {0:?} already exists")]
     DatabaseExists(String),
     /// The database name is not allowed.
-    #[error("invalid database name {0:?}: use lowercase letters, digits and _$()+- , starting with a letter, at most 128 characters")]
+    #[error(
+        "invalid database name {0:?}: use lowercase letters, digits and _$()+- , starting with a letter, at most 128 characters"
+    )]
     InvalidDatabaseName(String),
     /// A local document's revision did not match.
     #[error("local document update conflict")]
@@ -331,10 +333,8 @@ pub trait Database: Send + Sync {
     ) -> Result<Vec<Change>, StoreError>;
 
     /// Which of the given revisions this database lacks.
-    fn revs_diff(
-        &self,
-        revs: &[(String, Vec<Rev>)],
-    ) -> Result<Vec<(String, RevsDiff)>, StoreError>;
+    fn revs_diff(&self, revs: &[(String, Vec<Rev>)])
+    -> Result<Vec<(String, RevsDiff)>, StoreError>;
 
     /// A local document.
     fn get_local(&self, id: &str) -> Result<Option<LocalDoc>, StoreError>;

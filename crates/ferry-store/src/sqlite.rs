@@ -25,7 +25,9 @@ use ferry_core::model::{Body, Document, LOCAL_PREFIX, Revision, collection_of};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
 use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 
 use crate::{
     AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query,
@@ -90,7 +92,9 @@ impl SqliteBackend {
         if valid_database_name(name) {
             Ok(())
         } else {
-            Err(StoreError::InvalidDatabaseName(name.chars().take(140).collect()))
+            Err(StoreError::InvalidDatabaseName(
+                name.chars().take(140).collect(),
+            ))
         }
     }
 }
@@ -171,13 +175,18 @@ pub struct SqliteDatabase {
 
 impl SqliteDatabase {
     /// Opens (creating and migrating if needed) the database file at `path`.
-    pub fn open(path: &Path, name: &str, config: StoreConfig) -> Result<SqliteDatabase, StoreError> {
+    pub fn open(
+        path: &Path,
+        name: &str,
+        config: StoreConfig,
+    ) -> Result<SqliteDatabase, StoreError> {
         let mut writer = connect(path, &config, false)?;
         migrate(&mut writer)?;
-        let replica_id = writer
-            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |row| {
-                row.get::<_, String>(0)
-            })?;
+        let replica_id = writer.query_row(
+            "SELECT value FROM meta WHERE key = 'replica_id'",
+            [],
+            |row| row.get::<_, String>(0),
+        )?;
         Ok(SqliteDatabase {
             name: name.to_owned(),
             config,
@@ -232,7 +241,9 @@ impl SqliteDatabase {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves the connection usable: SQLite rolls back the
     // transaction that was open when the guard's owner unwound.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn connect(path: &Path, config: &StoreConfig, read_only: bool) -> Result<Connection, StoreError> {
@@ -296,10 +307,11 @@ fn to_u64(value: i64) -> u64 {
 }
 
 fn read_meta(connection: &Connection, key: &str) -> Result<u64, StoreError> {
-    let text: String =
-        connection.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |row| {
-            row.get(0)
-        })?;
+    let text: String = connection.query_row(
+        "SELECT value FROM meta WHERE key = ?1",
+        params![key],
+        |row| row.get(0),
+    )?;
     text.parse().map_err(|_| StoreError::Corrupt {
         what: "meta",
         detail: format!("{key} = {text:?}"),
@@ -326,10 +338,11 @@ fn body_text(body: &Body) -> String {
 }
 
 fn parse_rev(text: &str) -> Result<Rev, StoreError> {
-    text.parse().map_err(|err: ferry_core::rev::RevParseError| StoreError::Corrupt {
-        what: "revision id",
-        detail: err.to_string(),
-    })
+    text.parse()
+        .map_err(|err: ferry_core::rev::RevParseError| StoreError::Corrupt {
+            what: "revision id",
+            detail: err.to_string(),
+        })
 }
 
 fn encode_leaves(leaves: &[Leaf]) -> String {
@@ -417,20 +430,26 @@ impl SqliteDatabase {
         if !window.contains(new.rev) {
             unkept.insert(new.rev.clone());
         }
-        let mut delete = transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
+        let mut delete =
+            transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
         for rev in &unkept {
             delete.execute(params![doc_id, rev.to_string()])?;
         }
 
         let leaves = tree.leaves();
-        let winner = tree.winner().expect("a tree with a new revision has a winner");
+        let winner = tree
+            .winner()
+            .expect("a tree with a new revision has a winner");
         let (body, hlc) = if &winner.rev == new.rev {
             (body_text(new.body), new.hlc)
         } else {
             transaction
                 .prepare_cached("SELECT body, hlc FROM revs WHERE doc_id = ?1 AND rev = ?2")?
                 .query_row(params![doc_id, winner.rev.to_string()], |row| {
-                    Ok((row.get::<_, String>(0)?, Timestamp::from_u64(to_u64(row.get(1)?))))
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        Timestamp::from_u64(to_u64(row.get(1)?)),
+                    ))
                 })
                 .optional()?
                 .ok_or_else(|| StoreError::Corrupt {
@@ -530,7 +549,8 @@ impl Database for SqliteDatabase {
                         continue;
                     }
                 };
-                let rev = Rev::compute(parent.as_ref(), edit.deleted, &canonical_object(&edit.body));
+                let rev =
+                    Rev::compute(parent.as_ref(), edit.deleted, &canonical_object(&edit.body));
                 if tree.add_child(parent.as_ref(), rev.clone(), edit.deleted) == Applied::Added {
                     self.store_update(
                         transaction,
@@ -634,13 +654,23 @@ impl Database for SqliteDatabase {
                 return Ok(None);
             }
             let stored = connection
-                .prepare_cached("SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2")?
+                .prepare_cached(
+                    "SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2",
+                )?
                 .query_row(params![doc_id, rev.to_string()], |row| {
-                    Ok((row.get::<_, bool>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?))
+                    Ok((
+                        row.get::<_, bool>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, String>(2)?,
+                    ))
                 })
                 .optional()?;
             let (deleted, hlc, body) = match stored {
-                Some((deleted, hlc, body)) => (deleted, Timestamp::from_u64(to_u64(hlc)), Some(parse_body(&body)?)),
+                Some((deleted, hlc, body)) => (
+                    deleted,
+                    Timestamp::from_u64(to_u64(hlc)),
+                    Some(parse_body(&body)?),
+                ),
                 None => (tree.is_deleted(rev), Timestamp::ZERO, None),
             };
             Ok(Some(StoredRevision {
@@ -707,7 +737,9 @@ impl Database for SqliteDatabase {
         self.with_reader(|connection| {
             let row = connection
                 .prepare_cached("SELECT rev, body FROM local_docs WHERE id = ?1")?
-                .query_row(params![id], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))
+                .query_row(params![id], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                })
                 .optional()?;
             row.map(|(rev, body)| {
                 Ok(LocalDoc {
@@ -814,7 +846,10 @@ impl Database for SqliteDatabase {
             let mut skipped = 0;
             while let Some(row) = rows.next()? {
                 let document = document_from_sql_row(row)?;
-                if !query.selector.matches(&serde_json::Value::Object(document.body.clone())) {
+                if !query
+                    .selector
+                    .matches(&serde_json::Value::Object(document.body.clone()))
+                {
                     continue;
                 }
                 if skipped < query.skip {
@@ -908,7 +943,10 @@ fn sql_prefilter(selector: &Selector) -> (String, Vec<rusqlite::types::Value>) {
 fn json_path(field: &str) -> Option<String> {
     let valid = !field.is_empty()
         && field.split('.').all(|part| {
-            !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
         });
     valid.then(|| format!("$.{field}"))
 }

@@ -44,7 +44,11 @@ fn data_and_replica_id_survive_reopening() {
         let backend = SqliteBackend::open(dir.path(), StoreConfig::default()).unwrap();
         let db = backend.create_database("keep").unwrap();
         let rev = db
-            .write_edits(vec![Edit::put("a", None, body(serde_json::json!({"v": 1})))])
+            .write_edits(vec![Edit::put(
+                "a",
+                None,
+                body(serde_json::json!({"v": 1})),
+            )])
             .unwrap()
             .remove(0)
             .unwrap();

@@ -23,7 +23,11 @@ use serde_json::{Value, json};
 mod sync;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Offline-first data sync: server, local replicas, sync")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Offline-first data sync: server, local replicas, sync"
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -134,7 +138,9 @@ struct ServeArgs {
 
 impl ServeArgs {
     fn config(&self) -> Result<ferry_server::ServerConfig> {
-        if self.max_json_depth > ferry_core::json::PARSER_HARD_DEPTH_LIMIT - ferry_server::params::ENVELOPE_DEPTH {
+        if self.max_json_depth
+            > ferry_core::json::PARSER_HARD_DEPTH_LIMIT - ferry_server::params::ENVELOPE_DEPTH
+        {
             bail!(
                 "--max-json-depth can be at most {}",
                 ferry_core::json::PARSER_HARD_DEPTH_LIMIT - ferry_server::params::ENVELOPE_DEPTH
@@ -179,13 +185,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             let db = open_replica_allow_new(&replica)?;
             let info = db.info()?;
-            print(json, json!({"replica": replica, "replica_id": info.replica_id}), || {
-                format!(
-                    "created replica {} (id {})",
-                    replica.display(),
-                    info.replica_id
-                )
-            });
+            print(
+                json,
+                json!({"replica": replica, "replica_id": info.replica_id}),
+                || {
+                    format!(
+                        "created replica {} (id {})",
+                        replica.display(),
+                        info.replica_id
+                    )
+                },
+            );
             Ok(())
         }
         Command::Put {
@@ -226,9 +236,11 @@ fn run(cli: Cli) -> Result<()> {
             let rev = db.write_edits(vec![edit])?.remove(0).with_context(|| {
                 format!("{doc_id} changed since the revision given; get it again")
             })?;
-            print(json, json!({"id": id, "collection": collection, "rev": rev.to_string()}), || {
-                format!("{collection}/{id} {rev}")
-            });
+            print(
+                json,
+                json!({"id": id, "collection": collection, "rev": rev.to_string()}),
+                || format!("{collection}/{id} {rev}"),
+            );
             Ok(())
         }
         Command::Get {
@@ -261,9 +273,11 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("{collection}/{id} does not exist"))?;
             let edit = Edit::delete(doc_id, document.rev).with_hlc(local_now(&*db)?);
             let rev = db.write_edits(vec![edit])?.remove(0)?;
-            print(json, json!({"id": id, "deleted": true, "rev": rev.to_string()}), || {
-                format!("deleted {collection}/{id} ({rev})")
-            });
+            print(
+                json,
+                json!({"id": id, "deleted": true, "rev": rev.to_string()}),
+                || format!("deleted {collection}/{id} ({rev})"),
+            );
             Ok(())
         }
         Command::List {
@@ -336,7 +350,11 @@ fn run(cli: Cli) -> Result<()> {
                     for version in conflict["versions"].as_array().into_iter().flatten() {
                         lines.push(format!(
                             "  {} {} {}",
-                            if version["winner"] == json!(true) { "winner  " } else { "conflict" },
+                            if version["winner"] == json!(true) {
+                                "winner  "
+                            } else {
+                                "conflict"
+                            },
                             version["rev"].as_str().unwrap_or_default(),
                             version["body"]
                         ));
@@ -411,7 +429,9 @@ fn list_conflicts(db: &dyn Database, collection: Option<&str>) -> Result<Vec<Val
             if live.len() < 2 {
                 continue;
             }
-            if collection.is_some_and(|collection| ferry_core::model::collection_of(&change.doc_id) != collection) {
+            if collection.is_some_and(|collection| {
+                ferry_core::model::collection_of(&change.doc_id) != collection
+            }) {
                 continue;
             }
             let mut versions = Vec::new();
@@ -475,6 +495,8 @@ fn local_now(db: &dyn Database) -> Result<Timestamp> {
     }
     let wall_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        });
     Ok(clock.now(wall_ms))
 }

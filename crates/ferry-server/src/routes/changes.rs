@@ -122,7 +122,9 @@ async fn parse_request(
     body: Option<&Value>,
 ) -> ApiResult<ChangesRequest> {
     if params.flag("descending", false)? {
-        return Err(ApiError::bad_request("descending changes feeds are not supported"));
+        return Err(ApiError::bad_request(
+            "descending changes feeds are not supported",
+        ));
     }
     let feed = match params.text("feed").unwrap_or("normal") {
         "normal" => Feed::Normal,
@@ -149,12 +151,18 @@ async fn parse_request(
     };
     let max_rows = state.limits.max_page_rows;
     let limit = params.number("limit")?.map_or(max_rows, |limit| {
-        usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max_rows)
+        usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .clamp(1, max_rows)
     });
     let all_leaves = match params.text("style").unwrap_or("main_only") {
         "main_only" => false,
         "all_docs" => true,
-        other => return Err(ApiError::bad_request(format!("Unsupported style {other:?}"))),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Unsupported style {other:?}"
+            )));
+        }
     };
     let timeout = params
         .number("timeout")?
@@ -195,11 +203,12 @@ async fn parse_request(
             Filter::DocIds(ids)
         }
         Some("_selector") => {
-            let selector = body
-                .and_then(|body| body.get("selector"))
-                .ok_or_else(|| ApiError::bad_request("filter=_selector needs a selector in the body"))?;
+            let selector = body.and_then(|body| body.get("selector")).ok_or_else(|| {
+                ApiError::bad_request("filter=_selector needs a selector in the body")
+            })?;
             Filter::Selector(
-                Selector::parse(selector).map_err(|error| ApiError::bad_request(error.to_string()))?,
+                Selector::parse(selector)
+                    .map_err(|error| ApiError::bad_request(error.to_string()))?,
             )
         }
         Some(other) => {
@@ -270,7 +279,12 @@ fn change_row(change: &Change, request: &ChangesRequest) -> Value {
 }
 
 /// Reads up to `limit` matching changes after `since`.
-fn read_page(db: &dyn Database, request: &ChangesRequest, since: u64, limit: usize) -> Result<Page, StoreError> {
+fn read_page(
+    db: &dyn Database,
+    request: &ChangesRequest,
+    since: u64,
+    limit: usize,
+) -> Result<Page, StoreError> {
     let bodies = request.include_docs || request.filter.needs_bodies();
     let chunk = if matches!(request.filter, Filter::None) {
         limit
@@ -302,7 +316,13 @@ fn read_page(db: &dyn Database, request: &ChangesRequest, since: u64, limit: usi
     })
 }
 
-async fn page(state: &AppState, db: &str, request: &ChangesRequest, since: u64, limit: usize) -> ApiResult<Page> {
+async fn page(
+    state: &AppState,
+    db: &str,
+    request: &ChangesRequest,
+    since: u64,
+    limit: usize,
+) -> ApiResult<Page> {
     let request = request.clone();
     state
         .with_db(db, move |db| read_page(&*db, &request, since, limit))
@@ -417,7 +437,11 @@ async fn continuous(
         since = page.last_seq;
         let found = page.rows.len();
         for row in page.rows {
-            if sender.send(Bytes::from(row.to_string() + "\n")).await.is_err() {
+            if sender
+                .send(Bytes::from(row.to_string() + "\n"))
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
         }

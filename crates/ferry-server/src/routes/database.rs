@@ -43,7 +43,9 @@ pub(crate) async fn delete(
     State(state): State<AppState>,
     Path(db): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    state.run(move |backend| backend.delete_database(&db)).await?;
+    state
+        .run(move |backend| backend.delete_database(&db))
+        .await?;
     Ok(Json(json!({"ok": true})))
 }
 

@@ -430,7 +430,9 @@ async fn all_docs(
                 None => json!({"key": key, "error": "not_found"}),
             })
             .collect();
-        return Ok(Json(json!({"total_rows": total, "offset": 0, "rows": rows})));
+        return Ok(Json(
+            json!({"total_rows": total, "offset": 0, "rows": rows}),
+        ));
     }
     let query = AllDocsQuery {
         start_key: params.key(&["startkey", "start_key"])?,
@@ -442,7 +444,9 @@ async fn all_docs(
         include_bodies: include_docs,
     };
     let (total, documents) = state
-        .with_db(&db, move |db| Ok((db.info()?.doc_count, db.all_docs(&query)?)))
+        .with_db(&db, move |db| {
+            Ok((db.info()?.doc_count, db.all_docs(&query)?))
+        })
         .await?;
     let rows: Vec<Value> = documents
         .iter()

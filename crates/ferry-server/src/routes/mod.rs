@@ -36,7 +36,10 @@ pub(crate) fn routes() -> Router<AppState> {
                 .delete(database::delete)
                 .post(documents::post_document),
         )
-        .route("/{db}/_ensure_full_commit", post(database::ensure_full_commit))
+        .route(
+            "/{db}/_ensure_full_commit",
+            post(database::ensure_full_commit),
+        )
         .route(
             "/{db}/_changes",
             get(changes::get_changes).post(changes::post_changes),

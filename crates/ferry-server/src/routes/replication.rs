@@ -42,9 +42,7 @@ pub(crate) async fn revs_diff(
         .into_iter()
         .map(|(doc_id, revs)| Ok((doc_id, parse_rev_list(&revs)?)))
         .collect::<ApiResult<_>>()?;
-    let answers = state
-        .with_db(&db, move |db| db.revs_diff(&asked))
-        .await?;
+    let answers = state.with_db(&db, move |db| db.revs_diff(&asked)).await?;
     let mut response = Map::new();
     for (doc_id, diff) in answers {
         if diff.missing.is_empty() {
@@ -54,11 +52,8 @@ pub(crate) async fn revs_diff(
             "missing": diff.missing.iter().map(Rev::to_string).collect::<Vec<_>>(),
         });
         if !diff.possible_ancestors.is_empty() {
-            entry["possible_ancestors"] = diff
-                .possible_ancestors
-                .iter()
-                .map(Rev::to_string)
-                .collect();
+            entry["possible_ancestors"] =
+                diff.possible_ancestors.iter().map(Rev::to_string).collect();
         }
         response.insert(doc_id, entry);
     }
@@ -100,7 +95,9 @@ pub(crate) async fn bulk_get(
             let mut rows = Vec::with_capacity(wanted.len());
             for (doc_id, rev) in wanted {
                 let revisions = match rev {
-                    Some(rev) => open_revisions(&*db, &doc_id, Some(vec![rev]), latest, revs_limit)?,
+                    Some(rev) => {
+                        open_revisions(&*db, &doc_id, Some(vec![rev]), latest, revs_limit)?
+                    }
                     None => match db.get_document(&doc_id)? {
                         Some(document) => open_revisions(
                             &*db,
@@ -180,7 +177,9 @@ pub(crate) async fn bulk_docs(
         Some(_) => return Err(ApiError::bad_request("`new_edits` must be a boolean")),
     };
     let Some(Value::Array(docs)) = body.get("docs") else {
-        return Err(ApiError::bad_request("Request body must have a `docs` array"));
+        return Err(ApiError::bad_request(
+            "Request body must have a `docs` array",
+        ));
     };
     check_batch(&state, docs.len(), "documents")?;
     let mut parsed = Vec::with_capacity(docs.len());
@@ -197,9 +196,9 @@ pub(crate) async fn bulk_docs(
                 .id
                 .clone()
                 .ok_or_else(|| ApiError::bad_request("Every document needs an _id"))?;
-            let path = doc
-                .path()
-                .ok_or_else(|| ApiError::bad_request(format!("{doc_id}: new_edits=false needs _rev")))?;
+            let path = doc.path().ok_or_else(|| {
+                ApiError::bad_request(format!("{doc_id}: new_edits=false needs _rev"))
+            })?;
             state.validate_document(&doc_id, &doc.body)?;
             revisions.push(Revision {
                 doc_id,

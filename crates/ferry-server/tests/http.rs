@@ -1,0 +1,504 @@
+//! The server over real HTTP on loopback: the CouchDB endpoints, every limit at the limit and
+//! one past it, and bad input that must be refused with a clear error while nothing stored
+//! changes.
+
+use std::time::Duration;
+
+use ferry_core::model::Limits;
+use ferry_server::ServerConfig;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Server {
+    url: String,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(limits: Limits) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        limits,
+        default_feed_timeout: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ferry_server::serve_on(listener, config, async move {
+        let _ = stop.await;
+    }));
+    Server {
+        url,
+        client: reqwest::Client::new(),
+        _dir: dir,
+        _shutdown: shutdown,
+    }
+}
+
+impl Server {
+    async fn call(&self, method: &str, path: &str, body: Option<String>) -> (StatusCode, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let value = serde_json::from_str(text.trim()).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    async fn json(&self, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(method, path, Some(body.to_string())).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call("GET", path, None).await
+    }
+
+    async fn update_seq(&self, db: &str) -> u64 {
+        self.get(&format!("/{db}")).await.1["update_seq"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+/// Asserts a CouchDB-shaped error.
+fn assert_error(response: (StatusCode, Value), status: StatusCode, error: &str) {
+    assert_eq!(response.0, status, "{}", response.1);
+    assert_eq!(response.1["error"], json!(error), "{}", response.1);
+    assert!(
+        response.1["reason"]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn document_lifecycle_and_conflicts_over_http() {
+    let server = start(Limits::default()).await;
+    assert_eq!(
+        server.call("PUT", "/notes", None).await.0,
+        StatusCode::CREATED
+    );
+    assert_error(
+        server.call("PUT", "/notes", None).await,
+        StatusCode::PRECONDITION_FAILED,
+        "file_exists",
+    );
+    let (status, created) = server
+        .json("PUT", "/notes/todos:1", json!({"title": "milk"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let rev1 = created["rev"].as_str().unwrap().to_owned();
+    let (_, updated) = server
+        .json(
+            "PUT",
+            "/notes/todos:1",
+            json!({"_rev": rev1, "title": "oat milk"}),
+        )
+        .await;
+    let rev2 = updated["rev"].as_str().unwrap().to_owned();
+    assert!(rev2.starts_with("2-"));
+    // Updating the old revision again is a conflict.
+    assert_error(
+        server
+            .json("PUT", "/notes/todos:1", json!({"_rev": rev1, "title": "x"}))
+            .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    // A concurrent branch arrives by replication; both are kept.
+    let (status, _) = server
+        .json(
+            "POST",
+            "/notes/_bulk_docs",
+            json!({"new_edits": false, "docs": [{"_id": "todos:1", "_rev": "2-zzzz", "_revisions": {"start": 2, "ids": ["zzzz", rev1.split_once('-').unwrap().1]}, "title": "almond milk"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, document) = server.get("/notes/todos:1?conflicts=true").await;
+    assert_eq!(document["_rev"], json!("2-zzzz"), "the higher hash wins");
+    assert_eq!(document["_conflicts"], json!([rev2]));
+    let (_, changes) = server.get("/notes/_changes?style=all_docs").await;
+    assert_eq!(
+        changes["results"][0]["changes"].as_array().unwrap().len(),
+        2
+    );
+    // Deleting the winner hands the win to the other branch.
+    let (status, _) = server
+        .call("DELETE", "/notes/todos:1?rev=2-zzzz", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, document) = server.get("/notes/todos:1").await;
+    assert_eq!(document["title"], json!("oat milk"));
+    assert_eq!(server.get("/_all_dbs").await.1, json!(["notes"]));
+    assert_eq!(server.get("/health").await.1["status"], json!("ok"));
+}
+
+#[tokio::test]
+async fn local_documents_and_checkpoint_revisions() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    assert_error(
+        server.get("/db/_local/cp").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let (_, first) = server
+        .json("PUT", "/db/_local/cp", json!({"last_seq": 1}))
+        .await;
+    assert_eq!(first["rev"], json!("0-1"));
+    assert_error(
+        server
+            .json("PUT", "/db/_local/cp", json!({"last_seq": 2}))
+            .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    let (_, second) = server
+        .json(
+            "PUT",
+            "/db/_local/cp",
+            json!({"_rev": "0-1", "last_seq": 2}),
+        )
+        .await;
+    assert_eq!(second["rev"], json!("0-2"));
+    assert_eq!(server.get("/db/_local/cp").await.1["last_seq"], json!(2));
+    assert_eq!(
+        server.update_seq("db").await,
+        0,
+        "local documents are not changes"
+    );
+}
+
+#[tokio::test]
+async fn longpoll_wakes_up_on_a_write() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    let url = format!(
+        "{}/db/_changes?feed=longpoll&since=0&heartbeat=100&timeout=4000",
+        server.url
+    );
+    let waiting =
+        tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    // Give the request a chance to start waiting; the write below wakes it either way.
+    tokio::task::yield_now().await;
+    server.json("PUT", "/db/a", json!({"v": 1})).await;
+    let body = waiting.await.unwrap();
+    let page: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(page["results"][0]["id"], json!("a"));
+}
+
+#[tokio::test]
+async fn continuous_feed_streams_rows_and_ends_with_last_seq() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    for id in ["a", "b"] {
+        server.json("PUT", &format!("/db/{id}"), json!({})).await;
+    }
+    let (_, body) = server.get("/db/_changes?feed=continuous&timeout=200").await;
+    let lines: Vec<Value> = body
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2]["last_seq"], json!(2));
+}
+
+#[tokio::test]
+async fn filtered_changes_by_doc_ids_and_selector() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    for n in 0..10 {
+        server
+            .json("PUT", &format!("/db/d{n}"), json!({"n": n}))
+            .await;
+    }
+    let (_, by_ids) = server
+        .json(
+            "POST",
+            "/db/_changes?filter=_doc_ids",
+            json!({"doc_ids": ["d3", "d7"]}),
+        )
+        .await;
+    let ids: Vec<&str> = by_ids["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d3", "d7"]);
+    assert_eq!(by_ids["last_seq"], json!(10));
+    let (_, by_selector) = server
+        .json(
+            "POST",
+            "/db/_changes?filter=_selector&limit=2",
+            json!({"selector": {"n": {"$gte": 5}}}),
+        )
+        .await;
+    let ids: Vec<&str> = by_selector["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d5", "d6"]);
+    assert_eq!(by_selector["last_seq"], json!(7));
+}
+
+#[tokio::test]
+async fn limits_are_enforced_at_the_limit_and_one_past() {
+    let limits = Limits {
+        max_document_bytes: 200,
+        max_request_bytes: 2_000,
+        max_json_depth: 4,
+        max_doc_id_bytes: 10,
+        max_batch_docs: 3,
+        max_page_rows: 2,
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    server.call("PUT", "/db", None).await;
+
+    // Document size: canonical JSON of {"p":"xxx..."} is 8 bytes plus the padding.
+    let sized = |size: usize| json!({ "p": "x".repeat(size - 8) });
+    assert_eq!(
+        server.json("PUT", "/db/at", sized(200)).await.0,
+        StatusCode::CREATED
+    );
+    assert_error(
+        server.json("PUT", "/db/past", sized(201)).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "document_too_large",
+    );
+
+    // Nesting depth of a document: {"a":{"a":{"a":{}}}} is 4 levels.
+    let nested = |depth: usize| {
+        let mut value = json!({});
+        for _ in 1..depth {
+            value = json!({ "a": value });
+        }
+        value
+    };
+    assert_eq!(
+        server.json("PUT", "/db/deep4", nested(4)).await.0,
+        StatusCode::CREATED
+    );
+    assert_error(
+        server.json("PUT", "/db/deep5", nested(5)).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    let deep_bulk = json!({"docs": [nested(5)]});
+    assert_error(
+        server.json("POST", "/db/_bulk_docs", deep_bulk).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    // Document id length.
+    assert_eq!(
+        server.json("PUT", "/db/0123456789", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    assert_error(
+        server.json("PUT", "/db/0123456789a", json!({})).await,
+        StatusCode::BAD_REQUEST,
+        "illegal_docid",
+    );
+
+    // Batch size.
+    let batch = |count: usize| json!({"docs": (0..count).map(|n| json!({"_id": format!("b{n}")})).collect::<Vec<_>>()});
+    assert_eq!(
+        server.json("POST", "/db/_bulk_docs", batch(3)).await.0,
+        StatusCode::CREATED
+    );
+    assert_error(
+        server.json("POST", "/db/_bulk_docs", batch(4)).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+    let revs_diff = json!({"a": ["1-a"], "b": ["1-b"], "c": ["1-c"], "d": ["1-d"]});
+    assert_error(
+        server.json("POST", "/db/_revs_diff", revs_diff).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+    let bulk_get = json!({"docs": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}]});
+    assert_error(
+        server.json("POST", "/db/_bulk_get", bulk_get).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+
+    // Request size: pad a _local document body to exactly the limit, then one byte more.
+    let padded = |size: usize| {
+        let skeleton = json!({"p": ""}).to_string();
+        format!("{{\"p\":\"{}\"}}", "y".repeat(size - skeleton.len()))
+    };
+    assert_eq!(padded(2_000).len(), 2_000);
+    // The local document itself is over the document limit; the request limit answers first.
+    let at_limit = server
+        .call("PUT", "/db/_local/big", Some(padded(2_000)))
+        .await;
+    assert_error(
+        at_limit,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "document_too_large",
+    );
+    assert_error(
+        server
+            .call("PUT", "/db/_local/big", Some(padded(2_001)))
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+    );
+
+    // Page size: a larger limit is clamped to the maximum.
+    let (_, page) = server.get("/db/_changes?limit=100").await;
+    assert_eq!(page["results"].as_array().unwrap().len(), 2);
+    let (_, all) = server.get("/db/_all_docs").await;
+    assert_eq!(all["rows"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_nothing_stored_changes() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    let (_, created) = server.json("PUT", "/db/keep", json!({"v": 1})).await;
+    let rev = created["rev"].as_str().unwrap().to_owned();
+    let seq = server.update_seq("db").await;
+
+    for (method, path, body) in [
+        ("PUT", "/db/keep", r#"{"v": 2"#),
+        ("PUT", "/db/keep", r#"{"v": 2, "v": 3}"#),
+        ("PUT", "/db/keep", "[1, 2]"),
+        ("POST", "/db/_bulk_docs", r#"{"docs": {"a": 1}}"#),
+        (
+            "POST",
+            "/db/_bulk_docs",
+            r#"{"docs": [{"_id": "x", "_bad": 1}]}"#,
+        ),
+        (
+            "POST",
+            "/db/_bulk_docs",
+            r#"{"new_edits": false, "docs": [{"_id": "x", "_rev": "banana"}]}"#,
+        ),
+        (
+            "POST",
+            "/db/_bulk_docs",
+            r#"{"new_edits": false, "docs": [{"_id": "x", "_rev": "2-a", "_revisions": {"start": 2, "ids": ["b"]}}]}"#,
+        ),
+        (
+            "POST",
+            "/db/_bulk_docs",
+            r#"{"new_edits": false, "docs": [{"_id": "ok1", "_rev": "1-a"}, {"_id": "x"}]}"#,
+        ),
+        ("POST", "/db/_revs_diff", r#"{"keep": ["not-a-rev"]}"#),
+        (
+            "POST",
+            "/db/_bulk_get",
+            r#"{"docs": [{"id": "keep", "rev": "0-x"}]}"#,
+        ),
+        ("PUT", "/db/_secret", r#"{"v": 1}"#),
+        (
+            "POST",
+            "/db/_changes?filter=_selector",
+            r#"{"selector": {"v": {"$regex": "x"}}}"#,
+        ),
+    ] {
+        let (status, error) = server.call(method, path, Some(body.to_owned())).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{method} {path} {body}: {error}"
+        );
+        assert!(
+            error["reason"]
+                .as_str()
+                .is_some_and(|reason| !reason.is_empty())
+        );
+    }
+    for path in [
+        "/db/keep?rev=xyz",
+        "/db/_changes?since=-1",
+        "/db/_changes?feed=eventsource",
+        "/db/keep?revs=maybe",
+    ] {
+        assert_error(
+            server.get(path).await,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        );
+    }
+    // A forged revision: well-formed but not in the tree.
+    assert_error(
+        server
+            .json(
+                "PUT",
+                "/db/keep",
+                json!({"_rev": "1-0123456789abcdef0123456789abcdef", "v": 9}),
+            )
+            .await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    assert_error(
+        server.call("DELETE", "/db/keep?rev=5-abc", None).await,
+        StatusCode::CONFLICT,
+        "conflict",
+    );
+    assert_error(
+        server.get("/nope").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        server.get("/nope/_changes").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        server
+            .json("POST", "/nope/_bulk_docs", json!({"docs": []}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        server.call("PUT", "/Bad%20Name", None).await,
+        StatusCode::BAD_REQUEST,
+        "illegal_database_name",
+    );
+    assert_error(
+        server.get("/db/missing").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+
+    assert_eq!(
+        server.update_seq("db").await,
+        seq,
+        "no bad request changed anything"
+    );
+    let (_, document) = server.get("/db/keep").await;
+    assert_eq!(
+        (document["_rev"].as_str().unwrap(), &document["v"]),
+        (rev.as_str(), &json!(1))
+    );
+    assert_error(
+        server.get("/db/ok1").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+}
