@@ -202,10 +202,7 @@ mod tests {
             validate_doc_id("_secret", &limits),
             Err(DocIdError::Reserved(_))
         ));
-        assert_eq!(
-            validate_doc_id("_design/", &Limits::default()).is_err(),
-            true
-        );
+        assert!(validate_doc_id("_design/", &Limits::default()).is_err());
         assert_eq!(validate_doc_id("_design/a", &Limits::default()), Ok(()));
         assert_eq!(
             validate_doc_id("a\nb", &limits),

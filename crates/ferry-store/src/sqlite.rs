@@ -458,10 +458,7 @@ impl SqliteDatabase {
                 })?
         };
 
-        let was_deleted = match before {
-            Some(before) => Some(before.winner().is_some_and(|leaf| leaf.deleted)),
-            None => None,
-        };
+        let was_deleted = before.map(|before| before.winner().is_some_and(|leaf| leaf.deleted));
         let leaves_changed = before.is_none_or(|before| before.leaves() != leaves);
         let mut seq = None;
         if leaves_changed {

@@ -1,0 +1,159 @@
+//! Shared harness for end-to-end tests: a real `ferry serve` process on a free loopback port,
+//! the `ferry` binary for CLI commands, and the Node packages of the PouchDB interop scripts.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `ferry` binary built for these tests.
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/ferry is two levels below the root")
+        .to_owned()
+}
+
+/// A `ferry serve` child process, killed when dropped.
+pub struct ServerProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `ferry serve` on a free port with `data_dir`, and waits until it answers.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> ServerProcess {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(ferry_bin())
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", &listen])
+            .args(extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferry serve");
+        let server = ServerProcess {
+            child,
+            url: format!("http://{listen}"),
+            data_dir: data_dir.to_owned(),
+        };
+        server.wait_until_up();
+        server
+    }
+
+    fn wait_until_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = self.url.trim_start_matches("http://").to_owned();
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&address).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ferry serve did not come up at {}", self.url);
+    }
+
+    /// Kills the server with SIGKILL (no graceful shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Runs the `ferry` CLI with `args` and returns its output.
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(ferry_bin())
+        .args(args)
+        .output()
+        .expect("run ferry")
+}
+
+/// Runs the `ferry` CLI with `--json`, asserts success, and parses standard output.
+pub fn ferry_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = ferry(&all);
+    assert!(
+        output.status.success(),
+        "ferry {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("utf-8 output");
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// The folder of the Node interop scripts, with their pinned packages installed.
+///
+/// The packages are installed on first use (`npm ci` from the committed lock file), so the
+/// README's single test command works on a fresh machine. `OnceLock` makes concurrent tests in
+/// this binary wait for one installation.
+pub fn interop_dir() -> &'static Path {
+    static READY: OnceLock<PathBuf> = OnceLock::new();
+    READY.get_or_init(|| {
+        let dir = repo_root().join("tests").join("interop");
+        if !dir.join("node_modules").join("pouchdb").exists() {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .status()
+                .expect("run npm (Node.js 20 must be installed)");
+            assert!(status.success(), "npm ci failed in {}", dir.display());
+        }
+        dir
+    })
+}
+
+/// Runs one interop scenario with Node and returns its `RESULT` JSON.
+pub fn run_interop(scenario: &str, url: &str, db: &str, extra: &[&str]) -> serde_json::Value {
+    let dir = interop_dir();
+    let output = Command::new("node")
+        .arg("interop.js")
+        .arg(scenario)
+        .args(["--url", url, "--db", db])
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "interop scenario {scenario} failed ({}):\n{stderr}\n{stdout}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("scenario {scenario} printed no RESULT line:\n{stdout}"));
+    serde_json::from_str(line).expect("RESULT is JSON")
+}
