@@ -1,1 +1,432 @@
-//! placeholder
+//! Runs Ferry's replication between two peers: a local store, or a remote server over the
+//! CouchDB replication protocol.
+//!
+//! The algorithm itself is `ferry_core::replicate::Replication`, a state machine with no I/O.
+//! This crate is its async shell: a [`Peer`] trait with two implementations ([`LocalPeer`] over
+//! a `ferry_store::Database`, [`HttpPeer`] over HTTP), and the drivers [`replicate`] (one way,
+//! one-shot or continuous), [`sync`] (push, then pull) and [`sync_live`] (both ways,
+//! continuously).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use ferry_store::{Backend, Edit, StoreConfig, sqlite::SqliteBackend};
+//! use ferry_sync::{LocalPeer, ReplicationOptions, replicate};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let backend = SqliteBackend::open(dir.path(), StoreConfig::default())?;
+//! let (a, b) = (backend.create_database("a")?, backend.create_database("b")?);
+//! let body = serde_json::json!({"title": "milk"}).as_object().unwrap().clone();
+//! a.write_edits(vec![Edit::put("todos:1", None, body)])?;
+//!
+//! let stats = replicate(
+//!     &LocalPeer::new(a)?,
+//!     &LocalPeer::new(b.clone())?,
+//!     &ReplicationOptions::default(),
+//!     |_| {},
+//! )
+//! .await?;
+//! assert_eq!(stats.docs_written, 1);
+//! assert!(b.get_document("todos:1")?.is_some());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_core::model::Revision;
+use ferry_core::replicate::{
+    Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, ReplicationError, Response,
+};
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+mod http;
+mod local;
+
+pub use ferry_core::replicate::Stats;
+pub use http::HttpPeer;
+pub use local::LocalPeer;
+
+/// Replication failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Store(#[from] ferry_store::StoreError),
+    /// The server answered with an error.
+    #[error("{url} answered {status}: {error}: {reason}")]
+    Http {
+        /// The request URL (without credentials).
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// CouchDB's error code.
+        error: String,
+        /// CouchDB's reason.
+        reason: String,
+    },
+    /// The server could not be reached, or the connection broke.
+    #[error("cannot reach {url}: {source}")]
+    Transport {
+        /// The request URL (without credentials).
+        url: String,
+        /// The underlying error.
+        source: reqwest::Error,
+    },
+    /// The server answered something that is not the CouchDB protocol.
+    #[error("invalid response from {url}: {detail}")]
+    InvalidResponse {
+        /// The request URL (without credentials).
+        url: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The URL is not an http(s) database URL.
+    #[error("invalid database URL {0:?}: expected http://host:port/database")]
+    InvalidUrl(String),
+    /// The peers broke the replication protocol.
+    #[error("replication protocol: {0}")]
+    Protocol(#[from] ReplicationError),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl SyncError {
+    /// Whether retrying later may succeed (network trouble, server overload or restart).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Transport { .. } | SyncError::Task(_) => true,
+            SyncError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+}
+
+/// Which changes a replication carries.
+#[derive(Clone, Debug, Default)]
+pub struct ChangesFilter {
+    /// Only these documents.
+    pub doc_ids: Option<Vec<String>>,
+    /// Only documents whose winner matches this Mango selector (the JSON form, and parsed).
+    pub selector: Option<(Value, Selector)>,
+}
+
+impl ChangesFilter {
+    /// Whether a change passes the filter; `body` is the winner's body when a selector is set.
+    pub fn matches(&self, doc_id: &str, body: Option<&ferry_core::model::Body>) -> bool {
+        if let Some(doc_ids) = &self.doc_ids
+            && !doc_ids.iter().any(|id| id == doc_id)
+        {
+            return false;
+        }
+        match &self.selector {
+            Some((_, selector)) => {
+                body.is_some_and(|body| selector.matches(&Value::Object(body.clone())))
+            }
+            None => true,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.doc_ids.is_none() && self.selector.is_none()
+    }
+
+    /// A stable description, part of the replication id.
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        if let Some(doc_ids) = &self.doc_ids {
+            text.push_str(&serde_json::to_string(doc_ids).expect("strings serialize"));
+        }
+        if let Some((json, _)) = &self.selector {
+            text.push('|');
+            text.push_str(&String::from_utf8_lossy(&ferry_core::json::canonical(json)));
+        }
+        text
+    }
+}
+
+/// One page of a peer's changes feed.
+#[derive(Clone, Debug)]
+pub struct ChangesPage {
+    /// The rows, in sequence order.
+    pub rows: Vec<ChangeRow>,
+    /// The sequence to continue after.
+    pub last_seq: Value,
+    /// How many changes remain, when the peer says.
+    pub pending: Option<u64>,
+}
+
+/// One end of a replication.
+///
+/// The methods mirror the steps of the replication algorithm. Implementations must make
+/// `write_revisions` idempotent (writing the same revisions twice changes nothing) and must
+/// never overwrite: revisions are merged into the documents' trees.
+pub trait Peer: Send + Sync {
+    /// A stable name for this peer, part of the replication id (never contains credentials).
+    fn describe(&self) -> String;
+
+    /// Makes sure the database exists, creating it when `create` is set.
+    fn prepare(&self, create: bool) -> impl Future<Output = Result<(), SyncError>> + Send;
+
+    /// Reads the checkpoint `_local/{replication_id}`.
+    fn get_checkpoint(
+        &self,
+        replication_id: &str,
+    ) -> impl Future<Output = Result<Option<Checkpoint>, SyncError>> + Send;
+
+    /// Writes the checkpoint `_local/{replication_id}`.
+    fn put_checkpoint(
+        &self,
+        replication_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> impl Future<Output = Result<(), SyncError>> + Send;
+
+    /// Reads at most `limit` changes after `since` that pass `filter`.
+    fn changes(
+        &self,
+        since: &Value,
+        limit: usize,
+        filter: &ChangesFilter,
+    ) -> impl Future<Output = Result<ChangesPage, SyncError>> + Send;
+
+    /// Which of these revisions the peer lacks.
+    fn revs_diff(
+        &self,
+        revs: Vec<(String, Vec<Rev>)>,
+    ) -> impl Future<Output = Result<Vec<(String, Vec<Rev>)>, SyncError>> + Send;
+
+    /// These revisions with their bodies and ancestry. Revisions the peer can no longer
+    /// provide (compacted away) are left out.
+    fn fetch_revisions(
+        &self,
+        wanted: Vec<(String, Vec<Rev>)>,
+    ) -> impl Future<Output = Result<Vec<Revision>, SyncError>> + Send;
+
+    /// Merges these revisions into the peer's trees.
+    fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+    ) -> impl Future<Output = Result<(), SyncError>> + Send;
+
+    /// Waits up to `timeout` for changes after `since`; true if there are some.
+    fn wait_for_changes(
+        &self,
+        since: &Value,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<bool, SyncError>> + Send;
+}
+
+/// How a replication runs.
+#[derive(Clone, Debug)]
+pub struct ReplicationOptions {
+    /// Changes per batch; memory use is proportional to it.
+    pub batch_size: usize,
+    /// Keep following the source once caught up, retrying after transient errors.
+    pub continuous: bool,
+    /// Which changes to carry.
+    pub filter: ChangesFilter,
+    /// Create the target database if it does not exist.
+    pub create_target: bool,
+    /// How long one wait for new changes lasts (a longpoll request to a server).
+    pub wait_timeout: Duration,
+    /// The longest pause between retries in continuous mode.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReplicationOptions {
+    fn default() -> ReplicationOptions {
+        ReplicationOptions {
+            batch_size: 100,
+            continuous: false,
+            filter: ChangesFilter::default(),
+            create_target: false,
+            wait_timeout: Duration::from_secs(25),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The id naming a replication's checkpoints: the same source, target and filter always give
+/// the same id, so a restarted replication finds its checkpoint.
+pub fn replication_id(source: &impl Peer, target: &impl Peer, filter: &ChangesFilter) -> String {
+    let mut hasher = Sha256::new();
+    for part in [source.describe(), target.describe(), filter.describe()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("ferry-{hex}")
+}
+
+/// Replicates from `source` to `target`: until caught up, or forever in continuous mode.
+///
+/// `progress` is called after every committed batch. In one-shot mode the first error is
+/// returned. In continuous mode transient errors (network, 5xx) are retried with exponential
+/// backoff and jitter, each retry resuming from the last checkpoint; other errors are returned.
+pub async fn replicate<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    mut progress: impl FnMut(&Stats) + Send,
+) -> Result<Stats, SyncError> {
+    let mut failures = 0u32;
+    loop {
+        match replicate_once(source, target, options, &mut progress).await {
+            Ok(stats) => return Ok(stats),
+            Err(error) if options.continuous && error.is_transient() => {
+                failures = failures.saturating_add(1);
+                let pause = backoff(failures, options.max_backoff);
+                tracing::warn!(%error, retry_in_ms = pause.as_millis(), "replication interrupted");
+                tokio::time::sleep(pause).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Exponential backoff (200 ms doubling, capped) with up to 50% jitter, so clients that lost
+/// the server together do not all come back at the same instant.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1u32 << failures.min(16));
+    let base = base.min(cap);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let jitter = base.mul_f64(f64::from(nanos % 1000) / 2000.0);
+    base - jitter
+}
+
+async fn replicate_once<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    progress: &mut (impl FnMut(&Stats) + Send),
+) -> Result<Stats, SyncError> {
+    target.prepare(options.create_target).await?;
+    let replication_id = replication_id(source, target, &options.filter);
+    let mut replication = Replication::new(ReplicationConfig {
+        replication_id: replication_id.clone(),
+        session_id: uuid::Uuid::new_v4().simple().to_string(),
+        batch_size: options.batch_size.max(1),
+        continuous: options.continuous,
+    });
+    loop {
+        let response = match replication.next_action() {
+            Action::ReadCheckpoints => {
+                let (source_checkpoint, target_checkpoint) = tokio::try_join!(
+                    source.get_checkpoint(&replication_id),
+                    target.get_checkpoint(&replication_id)
+                )?;
+                Response::Checkpoints {
+                    source: source_checkpoint,
+                    target: target_checkpoint,
+                }
+            }
+            Action::ReadChanges { since, limit } => {
+                let page = source.changes(&since, limit, &options.filter).await?;
+                Response::Changes {
+                    rows: page.rows,
+                    last_seq: page.last_seq,
+                    pending: page.pending,
+                }
+            }
+            Action::RevsDiff { revs } => Response::Missing(target.revs_diff(revs).await?),
+            Action::FetchRevisions { wanted } => {
+                Response::Revisions(source.fetch_revisions(wanted).await?)
+            }
+            Action::WriteRevisions { revisions } => {
+                target.write_revisions(revisions).await?;
+                Response::Written
+            }
+            Action::WriteCheckpoint { checkpoint } => {
+                // The target's checkpoint matters most: it is written first. A source that
+                // refuses the write (read-only) only costs a fuller comparison next time.
+                target.put_checkpoint(&replication_id, &checkpoint).await?;
+                if let Err(error) = source.put_checkpoint(&replication_id, &checkpoint).await {
+                    tracing::warn!(%error, "could not store the checkpoint on the source");
+                }
+                Response::CheckpointWritten
+            }
+            Action::WaitForChanges { since } => {
+                progress(replication.stats());
+                while !source
+                    .wait_for_changes(&since, options.wait_timeout)
+                    .await?
+                {}
+                Response::ChangesAvailable
+            }
+            Action::Finished(stats) => return Ok(stats),
+        };
+        let committed_batch = matches!(response, Response::CheckpointWritten);
+        replication.handle(response)?;
+        if committed_batch {
+            progress(replication.stats());
+        }
+    }
+}
+
+/// What a sync did in each direction.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncStats {
+    /// Local to remote.
+    pub push: Stats,
+    /// Remote to local.
+    pub pull: Stats,
+}
+
+/// Pushes local changes, then pulls remote ones (the order LoopBack's algorithm uses, so
+/// conflicts are detected on the server first and come back with the pull).
+pub async fn sync<L: Peer, R: Peer>(
+    local: &L,
+    remote: &R,
+    options: &ReplicationOptions,
+) -> Result<SyncStats, SyncError> {
+    let options = ReplicationOptions {
+        continuous: false,
+        ..options.clone()
+    };
+    let push = replicate(local, remote, &options, |_| {}).await?;
+    let pull = replicate(remote, local, &options, |_| {}).await?;
+    Ok(SyncStats { push, pull })
+}
+
+/// Replicates both ways continuously until an error that is not transient (or forever).
+pub async fn sync_live<L: Peer, R: Peer>(
+    local: &L,
+    remote: &R,
+    options: &ReplicationOptions,
+) -> Result<(), SyncError> {
+    let options = ReplicationOptions {
+        continuous: true,
+        ..options.clone()
+    };
+    tokio::try_join!(
+        replicate(local, remote, &options, |_| {}),
+        replicate(remote, local, &options, |_| {}),
+    )?;
+    Ok(())
+}
+
+/// A sequence value as a local store's integer sequence.
+pub(crate) fn seq_number(since: &Value) -> Result<u64, SyncError> {
+    match since {
+        Value::Number(number) => number.as_u64(),
+        Value::String(text) => text.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| SyncError::InvalidResponse {
+        url: "local".into(),
+        detail: format!("sequence {since} is not a local sequence number"),
+    })
+}

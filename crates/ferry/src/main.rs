@@ -101,6 +101,21 @@ enum Command {
         /// Only this collection.
         collection: Option<String>,
     },
+    /// Resolve a conflict: keep one version (or write a merged one) and delete the others.
+    Resolve {
+        /// The replica file.
+        replica: PathBuf,
+        /// The collection.
+        collection: String,
+        /// The document id.
+        id: String,
+        /// The revision to keep; by default the current winner.
+        #[arg(long)]
+        keep: Option<String>,
+        /// A merged body to write on top of the kept revision.
+        #[arg(long, short)]
+        data: Option<String>,
+    },
     /// Sync a local replica with a server database: push local changes, then pull remote ones.
     Sync(sync::SyncArgs),
 }
@@ -362,6 +377,55 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 lines.join("\n")
             });
+            Ok(())
+        }
+        Command::Resolve {
+            replica,
+            collection,
+            id,
+            keep,
+            data,
+        } => {
+            let db = open_replica(&replica)?;
+            let doc_id = doc_id_in(&collection, &id);
+            let document = db
+                .get_document(&doc_id)?
+                .with_context(|| format!("{collection}/{id} does not exist"))?;
+            let keep: ferry_core::rev::Rev = match keep {
+                Some(rev) => rev.parse().context("invalid --keep")?,
+                None => document.rev.clone(),
+            };
+            let live: Vec<_> = std::iter::once(document.rev.clone())
+                .chain(document.conflicts.iter().cloned())
+                .collect();
+            if !live.contains(&keep) {
+                bail!("{keep} is not a current version of {collection}/{id}");
+            }
+            if live.len() < 2 && data.is_none() {
+                bail!("{collection}/{id} is not in conflict");
+            }
+            let hlc = local_now(&*db)?;
+            // One transaction: the losing leaves become tombstones and the kept one is
+            // (optionally) rewritten, so every replica that syncs sees the resolution at once.
+            let mut edits: Vec<Edit> = live
+                .iter()
+                .filter(|rev| **rev != keep)
+                .map(|rev| Edit::delete(doc_id.clone(), rev.clone()).with_hlc(hlc))
+                .collect();
+            if let Some(text) = data {
+                let body = parse_object(text.as_bytes(), Limits::default().max_json_depth)
+                    .context("--data is not a valid JSON object")?;
+                edits.push(Edit::put(doc_id.clone(), Some(keep.clone()), body).with_hlc(hlc));
+            }
+            for result in db.write_edits(edits)? {
+                result.context("the document changed meanwhile; run `ferry conflicts` again")?;
+            }
+            let winner = db.get_document(&doc_id)?.context("document vanished")?;
+            print(
+                json,
+                json!({"id": id, "rev": winner.rev.to_string(), "conflicts": winner.conflicts.len()}),
+                || format!("{collection}/{id} resolved at {}", winner.rev),
+            );
             Ok(())
         }
         Command::Sync(args) => sync::run(args, json),

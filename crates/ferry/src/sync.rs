@@ -1,20 +1,136 @@
-//! `ferry sync`: replicate a local replica with a server database (push, then pull).
+//! `ferry sync`: replicate a local replica with a server database, push first, then pull.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use ferry_sync::{HttpPeer, LocalPeer, ReplicationOptions, Stats};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::{open_replica, print};
 
 /// Arguments of `ferry sync`.
 #[derive(Args)]
 pub(crate) struct SyncArgs {
     /// The local replica file.
     replica: PathBuf,
-    /// The server database, e.g. http://127.0.0.1:5984/notes.
+    /// The server database, e.g. http://127.0.0.1:5984/notes (created if missing).
     url: String,
+    /// Keep following changes in both directions until interrupted.
+    #[arg(long)]
+    live: bool,
+    /// Changes per batch.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Only push local changes.
+    #[arg(long, conflicts_with = "pull_only")]
+    push_only: bool,
+    /// Only pull remote changes.
+    #[arg(long)]
+    pull_only: bool,
 }
 
-pub(crate) fn run(args: SyncArgs, _json: bool) -> Result<()> {
-    let _ = (args.replica, args.url);
-    anyhow::bail!("sync is being written")
+pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
+    let db = open_replica(&args.replica)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let local = LocalPeer::new(db)?;
+        let remote =
+            HttpPeer::new(&args.url).with_context(|| format!("invalid URL {}", args.url))?;
+        let options = ReplicationOptions {
+            batch_size: args.batch_size.max(1),
+            create_target: true,
+            ..ReplicationOptions::default()
+        };
+        if args.live {
+            return live(&local, &remote, &options, json).await;
+        }
+        let mut report = serde_json::Map::new();
+        let mut lines = Vec::new();
+        let mut record = |direction: &str, stats: Stats| {
+            lines.push(format!(
+                "{direction}: {} changes read, {} revisions written",
+                stats.docs_read, stats.docs_written
+            ));
+            report.insert(direction.into(), json!(stats));
+        };
+        if !args.pull_only {
+            record(
+                "push",
+                one_way("push", &local, &remote, &options, json).await?,
+            );
+        }
+        if !args.push_only {
+            record(
+                "pull",
+                one_way("pull", &remote, &local, &options, json).await?,
+            );
+        }
+        print(json, serde_json::Value::Object(report), || lines.join("\n"));
+        Ok(())
+    })
+}
+
+async fn one_way<S: ferry_sync::Peer, T: ferry_sync::Peer>(
+    direction: &'static str,
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    json: bool,
+) -> Result<Stats> {
+    let bar = progress_bar(direction, json);
+    let stats = ferry_sync::replicate(source, target, options, |stats| {
+        if let Some(bar) = &bar {
+            if let Some(pending) = stats.pending {
+                bar.set_length(stats.docs_read + pending);
+            }
+            bar.set_position(stats.docs_read);
+        }
+    })
+    .await
+    .with_context(|| format!("{direction} failed"))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(stats)
+}
+
+/// A progress bar on standard error, unless output is for scripts.
+fn progress_bar(direction: &str, json: bool) -> Option<ProgressBar> {
+    if json {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} changes ({per_sec})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(direction.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+async fn live(
+    local: &LocalPeer,
+    remote: &HttpPeer,
+    options: &ReplicationOptions,
+    json: bool,
+) -> Result<()> {
+    let options = ReplicationOptions {
+        continuous: true,
+        ..options.clone()
+    };
+    if !json {
+        eprintln!("syncing continuously; press Ctrl-C to stop");
+    }
+    tokio::select! {
+        result = ferry_sync::sync_live(local, remote, &options) => {
+            result.context("live sync failed")?;
+        }
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }

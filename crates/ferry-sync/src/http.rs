@@ -1,0 +1,437 @@
+//! A peer on a server, over the CouchDB replication protocol (a Ferry server, CouchDB, or
+//! pouchdb-server).
+
+use std::time::Duration;
+
+use ferry_core::couch::{revision_from_json, revision_json};
+use ferry_core::model::Revision;
+use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::rev::Rev;
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{Map, Value, json};
+
+use crate::{ChangesFilter, ChangesPage, Peer, SyncError};
+
+/// Requests other than waits for changes give up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A replication peer on a server database, such as `http://127.0.0.1:5984/notes`.
+///
+/// Credentials in the URL (`http://user:password@host/db`) are sent with HTTP basic
+/// authentication and never appear in [`Peer::describe`], errors or logs.
+#[derive(Clone)]
+pub struct HttpPeer {
+    client: reqwest::Client,
+    /// The database URL without credentials, ending in `/`.
+    base: Url,
+    credentials: Option<(String, String)>,
+    send_ferry_meta: bool,
+}
+
+impl HttpPeer {
+    /// A peer on the database at `url`.
+    pub fn new(url: &str) -> Result<HttpPeer, SyncError> {
+        let mut base = Url::parse(url).map_err(|_| SyncError::InvalidUrl(url.to_owned()))?;
+        if !matches!(base.scheme(), "http" | "https")
+            || base.host_str().is_none()
+            || base.path().trim_matches('/').is_empty()
+        {
+            return Err(SyncError::InvalidUrl(url.to_owned()));
+        }
+        let credentials = (!base.username().is_empty()).then(|| {
+            (
+                base.username().to_owned(),
+                base.password().unwrap_or_default().to_owned(),
+            )
+        });
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|source| SyncError::Transport {
+                url: base.to_string(),
+                source,
+            })?;
+        Ok(HttpPeer {
+            client,
+            base,
+            credentials,
+            send_ferry_meta: true,
+        })
+    }
+
+    /// Whether to exchange Ferry's revision clocks (`_ferry`) with the server. On by default;
+    /// turn it off for servers that refuse unknown `_` members (CouchDB, pouchdb-server).
+    pub fn with_ferry_meta(mut self, enabled: bool) -> HttpPeer {
+        self.send_ferry_meta = enabled;
+        self
+    }
+
+    fn url(&self, path: &str) -> Url {
+        // Paths here are fixed endpoint names or percent-encoded ids; join cannot fail.
+        self.base.join(path).expect("valid relative path")
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Value), SyncError> {
+        let mut request = self
+            .client
+            .request(method, url.clone())
+            .timeout(timeout)
+            .header("accept", "application/json");
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, Some(password));
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let transport = |source| SyncError::Transport {
+            url: url.to_string(),
+            source,
+        };
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(transport)?;
+        // Longpoll responses may start with heartbeat newlines; JSON allows the whitespace.
+        let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|error| SyncError::InvalidResponse {
+                url: url.to_string(),
+                detail: format!("not JSON ({error})"),
+            })?
+        };
+        Ok((status, value))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, SyncError> {
+        let url = self.url(path);
+        let (status, value) = self
+            .request(method, url.clone(), body, REQUEST_TIMEOUT)
+            .await?;
+        if status.is_success() {
+            Ok(value)
+        } else {
+            Err(http_error(&url, status, &value))
+        }
+    }
+
+    fn invalid(&self, path: &str, detail: impl Into<String>) -> SyncError {
+        SyncError::InvalidResponse {
+            url: self.url(path).to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+fn http_error(url: &Url, status: StatusCode, body: &Value) -> SyncError {
+    SyncError::Http {
+        url: url.to_string(),
+        status: status.as_u16(),
+        error: body["error"].as_str().unwrap_or("unknown").to_owned(),
+        reason: body["reason"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Percent-encodes a document id for a URL path segment.
+fn encode_segment(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// A sequence as a query parameter: numbers and strings as they are, anything else as JSON.
+fn since_param(since: &Value) -> String {
+    match since {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn local_path(replication_id: &str) -> String {
+    format!("_local/{}", encode_segment(replication_id))
+}
+
+impl Peer for HttpPeer {
+    fn describe(&self) -> String {
+        self.base.to_string()
+    }
+
+    async fn prepare(&self, create: bool) -> Result<(), SyncError> {
+        let url = self.url("");
+        let (status, body) = self
+            .request(Method::GET, url.clone(), None, REQUEST_TIMEOUT)
+            .await?;
+        match status {
+            status if status.is_success() => Ok(()),
+            StatusCode::NOT_FOUND if create => {
+                let (status, body) = self
+                    .request(Method::PUT, url.clone(), None, REQUEST_TIMEOUT)
+                    .await?;
+                // 412: created meanwhile by someone else, which is just as good.
+                if status.is_success() || status == StatusCode::PRECONDITION_FAILED {
+                    Ok(())
+                } else {
+                    Err(http_error(&url, status, &body))
+                }
+            }
+            status => Err(http_error(&url, status, &body)),
+        }
+    }
+
+    async fn get_checkpoint(&self, replication_id: &str) -> Result<Option<Checkpoint>, SyncError> {
+        let url = self.url(&local_path(replication_id));
+        let (status, body) = self
+            .request(Method::GET, url.clone(), None, REQUEST_TIMEOUT)
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            // A checkpoint in another format (another replicator's) means starting over.
+            status if status.is_success() => Ok(serde_json::from_value(body).ok()),
+            status => Err(http_error(&url, status, &body)),
+        }
+    }
+
+    async fn put_checkpoint(
+        &self,
+        replication_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SyncError> {
+        let path = local_path(replication_id);
+        let url = self.url(&path);
+        // Two attempts: a 409 means the stored revision moved; read it again and retry once.
+        for attempt in 0..2 {
+            let (status, current) = self
+                .request(Method::GET, url.clone(), None, REQUEST_TIMEOUT)
+                .await?;
+            let mut body = serde_json::to_value(checkpoint).expect("checkpoints serialize");
+            if status.is_success()
+                && let Some(rev) = current.get("_rev")
+            {
+                body["_rev"] = rev.clone();
+            }
+            let (status, answer) = self
+                .request(Method::PUT, url.clone(), Some(&body), REQUEST_TIMEOUT)
+                .await?;
+            if status.is_success() {
+                return Ok(());
+            }
+            if status != StatusCode::CONFLICT || attempt == 1 {
+                return Err(http_error(&url, status, &answer));
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+
+    async fn changes(
+        &self,
+        since: &Value,
+        limit: usize,
+        filter: &ChangesFilter,
+    ) -> Result<ChangesPage, SyncError> {
+        let mut path = format!(
+            "_changes?style=all_docs&since={}&limit={limit}",
+            encode_segment(&since_param(since))
+        );
+        let mut body = Map::new();
+        if let Some(doc_ids) = &filter.doc_ids {
+            path.push_str("&filter=_doc_ids");
+            body.insert("doc_ids".into(), json!(doc_ids));
+        } else if let Some((selector, _)) = &filter.selector {
+            path.push_str("&filter=_selector");
+            body.insert("selector".into(), selector.clone());
+        }
+        let response = if body.is_empty() {
+            self.call(Method::GET, &path, None).await?
+        } else {
+            self.call(Method::POST, &path, Some(&Value::Object(body)))
+                .await?
+        };
+        let results = response["results"]
+            .as_array()
+            .ok_or_else(|| self.invalid(&path, "no results array"))?;
+        let mut rows = Vec::with_capacity(results.len());
+        for result in results {
+            let doc_id = result["id"]
+                .as_str()
+                .ok_or_else(|| self.invalid(&path, "a change without an id"))?;
+            let revs = result["changes"]
+                .as_array()
+                .ok_or_else(|| self.invalid(&path, "a change without revisions"))?
+                .iter()
+                .map(|change| {
+                    change["rev"]
+                        .as_str()
+                        .and_then(|rev| rev.parse::<Rev>().ok())
+                        .ok_or_else(|| self.invalid(&path, "an invalid revision"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.push(ChangeRow {
+                doc_id: doc_id.to_owned(),
+                seq: result["seq"].clone(),
+                revs,
+                deleted: result["deleted"].as_bool().unwrap_or(false),
+            });
+        }
+        let last_seq = match &response["last_seq"] {
+            Value::Null => rows
+                .last()
+                .map_or_else(|| since.clone(), |row| row.seq.clone()),
+            last_seq => last_seq.clone(),
+        };
+        Ok(ChangesPage {
+            rows,
+            last_seq,
+            pending: response["pending"].as_u64(),
+        })
+    }
+
+    async fn revs_diff(
+        &self,
+        revs: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
+        let request: Map<String, Value> = revs
+            .into_iter()
+            .map(|(doc_id, revs)| {
+                let revs = revs
+                    .iter()
+                    .map(|rev| Value::String(rev.to_string()))
+                    .collect();
+                (doc_id, Value::Array(revs))
+            })
+            .collect();
+        let response = self
+            .call(Method::POST, "_revs_diff", Some(&Value::Object(request)))
+            .await?;
+        let Value::Object(answers) = response else {
+            return Err(self.invalid("_revs_diff", "not an object"));
+        };
+        answers
+            .into_iter()
+            .map(|(doc_id, answer)| {
+                let missing = answer["missing"]
+                    .as_array()
+                    .ok_or_else(|| self.invalid("_revs_diff", "no missing list"))?
+                    .iter()
+                    .map(|rev| {
+                        rev.as_str()
+                            .and_then(|rev| rev.parse().ok())
+                            .ok_or_else(|| self.invalid("_revs_diff", "an invalid revision"))
+                    })
+                    .collect::<Result<Vec<Rev>, _>>()?;
+                Ok((doc_id, missing))
+            })
+            .collect()
+    }
+
+    async fn fetch_revisions(
+        &self,
+        wanted: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<Revision>, SyncError> {
+        let docs: Vec<Value> = wanted
+            .iter()
+            .flat_map(|(doc_id, revs)| {
+                revs.iter()
+                    .map(move |rev| json!({"id": doc_id, "rev": rev.to_string()}))
+            })
+            .collect();
+        let path = if self.send_ferry_meta {
+            "_bulk_get?revs=true&ferry=true"
+        } else {
+            "_bulk_get?revs=true"
+        };
+        let response = self
+            .call(Method::POST, path, Some(&json!({ "docs": docs })))
+            .await?;
+        let results = response["results"]
+            .as_array()
+            .ok_or_else(|| self.invalid(path, "no results array"))?;
+        let mut revisions = Vec::with_capacity(docs.len());
+        for result in results {
+            for doc in result["docs"].as_array().into_iter().flatten() {
+                if let Some(ok) = doc.get("ok") {
+                    let revision = revision_from_json(ok.clone())
+                        .map_err(|error| self.invalid(path, error.to_string()))?;
+                    revisions.push(revision);
+                } else {
+                    tracing::warn!(error = %doc["error"], "revision not available on the server; skipped");
+                }
+            }
+        }
+        Ok(revisions)
+    }
+
+    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+        let docs: Vec<Value> = revisions
+            .iter()
+            .map(|revision| revision_json(revision, self.send_ferry_meta))
+            .collect();
+        let response = self
+            .call(
+                Method::POST,
+                "_bulk_docs",
+                Some(&json!({"new_edits": false, "docs": docs})),
+            )
+            .await?;
+        // With new_edits=false a server answers [] or only the documents it refused.
+        if let Some(refused) = response
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|row| row.get("error").is_some())
+        {
+            return Err(SyncError::Http {
+                url: self.url("_bulk_docs").to_string(),
+                status: 200,
+                error: refused["error"].as_str().unwrap_or("unknown").to_owned(),
+                reason: format!(
+                    "{}: {}",
+                    refused["id"].as_str().unwrap_or("?"),
+                    refused["reason"].as_str().unwrap_or_default()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+        let path = format!(
+            "_changes?feed=longpoll&limit=1&heartbeat=10000&since={}&timeout={}",
+            encode_segment(&since_param(since)),
+            timeout.as_millis()
+        );
+        let url = self.url(&path);
+        let (status, response) = self
+            .request(Method::GET, url.clone(), None, timeout + REQUEST_TIMEOUT)
+            .await?;
+        if !status.is_success() {
+            return Err(http_error(&url, status, &response));
+        }
+        let has_rows = response["results"]
+            .as_array()
+            .is_some_and(|rows| !rows.is_empty());
+        Ok(has_rows || response["last_seq"] != *since)
+    }
+}

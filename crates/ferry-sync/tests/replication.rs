@@ -1,0 +1,515 @@
+//! Replication between real SQLite replicas, locally and through a real server on loopback:
+//! convergence (invariant 4), resumption after a cut at any point and idempotence (invariant
+//! 3), memory bounded by the batch (invariant 6), continuous and filtered replication.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferry_core::model::{Body, Revision};
+use ferry_core::replicate::Checkpoint;
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use ferry_store::sqlite::SqliteBackend;
+use ferry_store::{Backend, Database, Durability, Edit, StoreConfig};
+use ferry_sync::{
+    ChangesFilter, ChangesPage, HttpPeer, LocalPeer, Peer, ReplicationOptions, SyncError,
+    replicate, sync,
+};
+use serde_json::{Value, json};
+
+struct Replicas {
+    backend: SqliteBackend,
+    _dir: tempfile::TempDir,
+}
+
+impl Replicas {
+    fn new() -> Replicas {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            durability: Durability::Normal,
+            ..StoreConfig::default()
+        };
+        Replicas {
+            backend: SqliteBackend::open(dir.path(), config).unwrap(),
+            _dir: dir,
+        }
+    }
+
+    fn create(&self, name: &str) -> Arc<dyn Database> {
+        self.backend.create_database(name).unwrap()
+    }
+}
+
+fn body(value: Value) -> Body {
+    value.as_object().unwrap().clone()
+}
+
+fn put(db: &dyn Database, doc_id: &str, value: Value) -> Rev {
+    let base = db
+        .get_document(doc_id)
+        .unwrap()
+        .filter(|document| !document.deleted)
+        .map(|document| document.rev);
+    db.write_edits(vec![Edit::put(doc_id, base, body(value))])
+        .unwrap()
+        .remove(0)
+        .unwrap()
+}
+
+fn delete(db: &dyn Database, doc_id: &str) {
+    let rev = db.get_document(doc_id).unwrap().unwrap().rev;
+    db.write_edits(vec![Edit::delete(doc_id, rev)])
+        .unwrap()
+        .remove(0)
+        .unwrap();
+}
+
+/// Everything that must be identical on converged replicas, per document.
+fn digest(db: &dyn Database) -> BTreeMap<String, Value> {
+    let mut all = BTreeMap::new();
+    for change in db.changes(0, 1_000_000, false).unwrap() {
+        let document = db.get_document(&change.doc_id).unwrap().unwrap();
+        let tree = db.get_tree(&change.doc_id).unwrap().unwrap();
+        all.insert(
+            change.doc_id.clone(),
+            json!({
+                "rev": document.rev.to_string(),
+                "deleted": document.deleted,
+                "body": document.body,
+                "conflicts": document.conflicts.iter().map(Rev::to_string).collect::<Vec<_>>(),
+                "tree": tree.encode(),
+            }),
+        );
+    }
+    all
+}
+
+fn options(batch_size: usize) -> ReplicationOptions {
+    ReplicationOptions {
+        batch_size,
+        ..ReplicationOptions::default()
+    }
+}
+
+async fn local(db: &Arc<dyn Database>) -> LocalPeer {
+    LocalPeer::new(db.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_edits_on_two_replicas_converge_through_a_hub() {
+    let replicas = Replicas::new();
+    let (a, b, hub) = (
+        replicas.create("a"),
+        replicas.create("b"),
+        replicas.create("hub"),
+    );
+    for n in 0..20 {
+        put(&*a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
+    }
+    let (peer_a, peer_b, peer_hub) = (local(&a).await, local(&b).await, local(&hub).await);
+    sync(&peer_a, &peer_hub, &options(7)).await.unwrap();
+    sync(&peer_b, &peer_hub, &options(7)).await.unwrap();
+    // Offline, both edit the same documents differently, delete some, create others.
+    for n in 0..10 {
+        put(&*a, &format!("todos:{n}"), json!({"n": n, "edited": "a"}));
+        put(&*b, &format!("todos:{n}"), json!({"n": n, "edited": "b"}));
+    }
+    delete(&*a, "todos:10");
+    put(&*b, "todos:10", json!({"n": 10, "edited": "b"}));
+    delete(&*b, "todos:11");
+    put(&*a, "notes:a", json!({"text": "from a"}));
+    put(&*b, "notes:b", json!({"text": "from b"}));
+    // The same edit made independently on both replicas is one revision, not a conflict.
+    put(&*a, "todos:12", json!({"same": true}));
+    put(&*b, "todos:12", json!({"same": true}));
+
+    sync(&peer_a, &peer_hub, &options(7)).await.unwrap();
+    sync(&peer_b, &peer_hub, &options(7)).await.unwrap();
+    sync(&peer_a, &peer_hub, &options(7)).await.unwrap();
+
+    let expected = digest(&*hub);
+    assert_eq!(digest(&*a), expected);
+    assert_eq!(digest(&*b), expected);
+    let conflicted = expected
+        .values()
+        .filter(|doc| !doc["conflicts"].as_array().unwrap().is_empty())
+        .count();
+    // todos:10 was deleted on one side and edited on the other: the live edit wins and the
+    // tombstone stays as a deleted leaf, which (as in CouchDB) is not listed as a conflict.
+    assert_eq!(conflicted, 10, "todos:0..9");
+    assert!(
+        expected["todos:12"]["conflicts"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(expected["todos:11"]["deleted"], json!(true));
+    assert_eq!(
+        expected["todos:10"]["body"]["edited"],
+        json!("b"),
+        "a live edit beats a deletion"
+    );
+    assert_eq!(expected.len(), 22);
+}
+
+/// A peer that fails the `fail_at`-th write (of revisions or checkpoints), and records the
+/// largest batch it saw and where each changes read started.
+struct Flaky<P> {
+    inner: P,
+    writes: AtomicUsize,
+    fail_at: usize,
+    largest_batch: AtomicUsize,
+    first_since: std::sync::Mutex<Vec<Value>>,
+}
+
+impl<P: Peer> Flaky<P> {
+    fn new(inner: P, fail_at: usize) -> Flaky<P> {
+        Flaky {
+            inner,
+            writes: AtomicUsize::new(0),
+            fail_at,
+            largest_batch: AtomicUsize::new(0),
+            first_since: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn count_write(&self) -> Result<(), SyncError> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(SyncError::Task("injected failure".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<P: Peer> Peer for Flaky<P> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn prepare(&self, create: bool) -> Result<(), SyncError> {
+        self.inner.prepare(create).await
+    }
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<Checkpoint>, SyncError> {
+        self.inner.get_checkpoint(id).await
+    }
+    async fn put_checkpoint(&self, id: &str, checkpoint: &Checkpoint) -> Result<(), SyncError> {
+        self.count_write()?;
+        self.inner.put_checkpoint(id, checkpoint).await
+    }
+    async fn changes(
+        &self,
+        since: &Value,
+        limit: usize,
+        filter: &ChangesFilter,
+    ) -> Result<ChangesPage, SyncError> {
+        self.first_since.lock().unwrap().push(since.clone());
+        let page = self.inner.changes(since, limit, filter).await?;
+        self.largest_batch
+            .fetch_max(page.rows.len(), Ordering::SeqCst);
+        Ok(page)
+    }
+    async fn revs_diff(
+        &self,
+        revs: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
+        self.inner.revs_diff(revs).await
+    }
+    async fn fetch_revisions(
+        &self,
+        wanted: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<Revision>, SyncError> {
+        self.inner.fetch_revisions(wanted).await
+    }
+    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+        self.largest_batch
+            .fetch_max(revisions.len(), Ordering::SeqCst);
+        self.count_write()?;
+        self.inner.write_revisions(revisions).await
+    }
+    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+        self.inner.wait_for_changes(since, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_replication_cut_at_every_write_resumes_and_converges_without_duplicates() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    for n in 0..300 {
+        put(&*source, &format!("d{n:03}"), json!({ "n": n }));
+    }
+    let source_peer = local(&source).await;
+    // Cut the first run at its 1st write, the next at its 2nd, and so on: every cut point
+    // between a batch and its checkpoint is hit once.
+    let mut attempts = 0;
+    let mut resumed_from_checkpoint = false;
+    for fail_at in 1.. {
+        attempts += 1;
+        let target_peer = Flaky::new(local(&target).await, fail_at);
+        let watched_source = Flaky::new(source_peer.clone(), usize::MAX);
+        match replicate(&watched_source, &target_peer, &options(40), |_| {}).await {
+            Ok(_) => break,
+            Err(SyncError::Task(_)) => {
+                let starts = watched_source.first_since.lock().unwrap().clone();
+                resumed_from_checkpoint |= starts.first().is_some_and(|since| since != &json!(0));
+            }
+            Err(other) => panic!("unexpected error {other}"),
+        }
+        assert!(attempts < 100, "never finished");
+    }
+    // Each run resumes where the last one was cut, so later runs have fewer writes left; the
+    // schedule still cuts after a batch, before its checkpoint, and after the checkpoint.
+    assert!(
+        attempts >= 5,
+        "the cuts were exercised ({attempts} attempts)"
+    );
+    assert!(
+        resumed_from_checkpoint,
+        "a restarted run resumed from its checkpoint"
+    );
+    assert_eq!(digest(&*target), digest(&*source));
+    // Re-applied batches changed nothing: one change per document, no sequence spent twice.
+    let info = target.info().unwrap();
+    assert_eq!(info.doc_count, 300);
+    let seqs: Vec<u64> = target
+        .changes(0, 1000, false)
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(seqs.len(), 300);
+    assert_eq!(info.update_seq, 300, "every write landed exactly once");
+}
+
+#[tokio::test]
+async fn replicating_again_writes_nothing() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    for n in 0..50 {
+        put(&*source, &format!("d{n}"), json!({ "n": n }));
+    }
+    let (source_peer, target_peer) = (local(&source).await, local(&target).await);
+    let first = replicate(&source_peer, &target_peer, &options(10), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(first.docs_written, 50);
+    let seq = target.info().unwrap().update_seq;
+    let second = replicate(&source_peer, &target_peer, &options(10), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.docs_read, second.docs_written),
+        (0, 0),
+        "resumed at the checkpoint"
+    );
+    // Even without a checkpoint (a new filter is a new replication), nothing is rewritten.
+    let fresh = ReplicationOptions {
+        filter: ChangesFilter {
+            doc_ids: Some((0..50).map(|n| format!("d{n}")).collect()),
+            selector: None,
+        },
+        ..options(10)
+    };
+    let third = replicate(&source_peer, &target_peer, &fresh, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((third.docs_read, third.docs_written), (50, 0));
+    assert_eq!(target.info().unwrap().update_seq, seq);
+}
+
+#[tokio::test]
+async fn batches_bound_what_is_held_in_memory() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    let edits: Vec<Edit> = (0..5_000)
+        .map(|n| Edit::put(format!("d{n}"), None, body(json!({ "n": n }))))
+        .collect();
+    source.write_edits(edits).unwrap();
+    let watched_source = Flaky::new(local(&source).await, usize::MAX);
+    let watched_target = Flaky::new(local(&target).await, usize::MAX);
+    let mut progress_calls = 0;
+    let stats = replicate(&watched_source, &watched_target, &options(100), |_| {
+        progress_calls += 1
+    })
+    .await
+    .unwrap();
+    assert_eq!(stats.docs_written, 5_000);
+    assert_eq!(stats.batches, 50);
+    assert_eq!(watched_source.largest_batch.load(Ordering::SeqCst), 100);
+    assert_eq!(watched_target.largest_batch.load(Ordering::SeqCst), 100);
+    assert!(progress_calls >= 50);
+}
+
+#[tokio::test]
+async fn continuous_replication_picks_up_later_changes() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    let (source_peer, target_peer) = (local(&source).await, local(&target).await);
+    let live = ReplicationOptions {
+        continuous: true,
+        wait_timeout: Duration::from_millis(500),
+        ..options(10)
+    };
+    let task =
+        tokio::spawn(async move { replicate(&source_peer, &target_peer, &live, |_| {}).await });
+    put(&*source, "late", json!({"v": 1}));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while target.get_document("late").unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !task.is_finished(),
+        "a continuous replication keeps running"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn filtered_replication_moves_only_matching_documents() {
+    let replicas = Replicas::new();
+    let source = replicas.create("source");
+    for n in 0..30 {
+        put(&*source, &format!("d{n:02}"), json!({ "n": n }));
+    }
+    let source_peer = local(&source).await;
+    let by_ids = replicas.create("by-ids");
+    let stats = replicate(
+        &source_peer,
+        &local(&by_ids).await,
+        &ReplicationOptions {
+            filter: ChangesFilter {
+                doc_ids: Some(vec!["d03".into(), "d17".into()]),
+                selector: None,
+            },
+            ..options(5)
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(stats.docs_written, 2);
+    assert_eq!(by_ids.info().unwrap().doc_count, 2);
+    let by_selector = replicas.create("by-selector");
+    let selector = json!({"n": {"$gte": 25}});
+    replicate(
+        &source_peer,
+        &local(&by_selector).await,
+        &ReplicationOptions {
+            filter: ChangesFilter {
+                doc_ids: None,
+                selector: Some((selector.clone(), Selector::parse(&selector).unwrap())),
+            },
+            ..options(5)
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = by_selector
+        .changes(0, 100, false)
+        .unwrap()
+        .into_iter()
+        .map(|change| change.doc_id)
+        .collect();
+    assert_eq!(ids, ["d25", "d26", "d27", "d28", "d29"]);
+}
+
+async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ferry_server::ServerConfig {
+        data_dir: dir.path().to_owned(),
+        ..ferry_server::ServerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ferry_server::serve_on(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    (url, dir, stop)
+}
+
+#[tokio::test]
+async fn two_replicas_converge_through_a_real_server_with_their_clocks() {
+    let (url, _dir, _stop) = start_server().await;
+    let replicas = Replicas::new();
+    let (a, b) = (replicas.create("a"), replicas.create("b"));
+    let remote = HttpPeer::new(&format!("{url}/shared")).unwrap();
+    let create = ReplicationOptions {
+        create_target: true,
+        ..options(16)
+    };
+    for n in 0..40 {
+        put(&*a, &format!("todos:{n}"), json!({ "n": n }));
+    }
+    let (peer_a, peer_b) = (local(&a).await, local(&b).await);
+    sync(&peer_a, &remote, &create).await.unwrap();
+    sync(&peer_b, &remote, &create).await.unwrap();
+    for n in 0..5 {
+        put(&*a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
+        put(&*b, &format!("todos:{n}"), json!({"n": n, "by": "b"}));
+    }
+    delete(&*b, "todos:39");
+    sync(&peer_a, &remote, &create).await.unwrap();
+    sync(&peer_b, &remote, &create).await.unwrap();
+    sync(&peer_a, &remote, &create).await.unwrap();
+    assert_eq!(digest(&*a), digest(&*b));
+    let document = a.get_document("todos:0").unwrap().unwrap();
+    assert_eq!(document.conflicts.len(), 1);
+    // Clocks travel with revisions: the revision made on b has b's timestamp on a.
+    let from_b = b.get_document("todos:1").unwrap().unwrap();
+    let on_b = b.get_revision("todos:1", &from_b.rev, 1).unwrap().unwrap();
+    let on_a = a.get_revision("todos:1", &from_b.rev, 1).unwrap().unwrap();
+    assert_eq!(on_a.hlc, on_b.hlc);
+    // The server is a replica like the others.
+    let client = reqwest::Client::new();
+    let on_server: Value = client
+        .get(format!("{url}/shared/todos:0?conflicts=true"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(on_server["_rev"], json!(document.rev.to_string()));
+    assert_eq!(
+        on_server["_conflicts"],
+        json!([document.conflicts[0].to_string()])
+    );
+}
+
+#[tokio::test]
+async fn errors_from_the_server_are_typed() {
+    let (url, _dir, _stop) = start_server().await;
+    let replicas = Replicas::new();
+    let a = replicas.create("a");
+    let missing = HttpPeer::new(&format!("{url}/missing")).unwrap();
+    let error = replicate(&local(&a).await, &missing, &options(10), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SyncError::Http { status: 404, error, .. } if error == "not_found"),
+        "{error}"
+    );
+    assert!(!error.is_transient());
+    let closed = HttpPeer::new("http://127.0.0.1:9/db").unwrap();
+    let error = replicate(&local(&a).await, &closed, &options(10), |_| {})
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(matches!(
+        HttpPeer::new("ftp://x/db"),
+        Err(SyncError::InvalidUrl(_))
+    ));
+    assert!(matches!(
+        HttpPeer::new("http://127.0.0.1:5984/"),
+        Err(SyncError::InvalidUrl(_))
+    ));
+    let with_password = HttpPeer::new("http://user:secret@127.0.0.1:5984/db").unwrap();
+    assert!(!with_password.describe().contains("secret"));
+}
