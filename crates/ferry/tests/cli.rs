@@ -1,0 +1,100 @@
+//! The `ferry` command end to end: the README's walkthrough (two replicas, offline edits,
+//! sync, a conflict, its resolution) against a real `ferry serve` process, readable errors, and
+//! a server killed with SIGKILL that comes back with everything it acknowledged.
+
+mod support;
+
+use serde_json::json;
+use support::{ServerProcess, ferry, ferry_json};
+
+fn path(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_readme_walkthrough_two_replicas_offline_edits_and_a_conflict() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(server_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let (alice, bob) = (path(&work, "alice.ferry"), path(&work, "bob.ferry"));
+    let url = format!("{}/groceries", server.url);
+
+    ferry_json(&["init", &alice]);
+    ferry_json(&["init", &bob]);
+    ferry_json(&["put", &alice, "todos", "milk", "-d", r#"{"title": "buy milk", "done": false}"#]);
+    let first = ferry_json(&["sync", &alice, &url]);
+    assert_eq!(first["push"]["docs_written"], json!(1));
+    let second = ferry_json(&["sync", &bob, &url]);
+    assert_eq!(second["pull"]["docs_written"], json!(1));
+    let listed = ferry_json(&["list", &bob, "todos"]);
+    assert_eq!(listed[0]["title"], json!("buy milk"));
+
+    ferry_json(&["put", &alice, "todos", "milk", "-d", r#"{"title": "buy oat milk", "done": false}"#]);
+    ferry_json(&["put", &bob, "todos", "milk", "-d", r#"{"title": "buy milk", "done": true}"#]);
+    ferry_json(&["sync", &alice, &url]);
+    ferry_json(&["sync", &bob, &url]);
+    ferry_json(&["sync", &alice, &url]);
+
+    let on_alice = ferry_json(&["conflicts", &alice]);
+    let on_bob = ferry_json(&["conflicts", &bob]);
+    assert_eq!(on_alice, on_bob, "both replicas see the same conflict");
+    let versions = on_alice[0]["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "nothing was lost: {on_alice}");
+    let titles: Vec<&str> = versions.iter().map(|v| v["body"]["title"].as_str().unwrap()).collect();
+    assert!(titles.contains(&"buy oat milk") && titles.contains(&"buy milk"));
+
+    // Bob resolves with a merged version; after syncing, nobody has a conflict.
+    let resolved = ferry_json(&[
+        "resolve", &bob, "todos", "milk", "-d", r#"{"title": "buy oat milk", "done": true}"#,
+    ]);
+    assert_eq!(resolved["conflicts"], json!(0));
+    ferry_json(&["sync", &bob, &url]);
+    ferry_json(&["sync", &alice, &url]);
+    assert_eq!(ferry_json(&["conflicts", &alice]), json!([]));
+    let merged = ferry_json(&["get", &alice, "todos", "milk"]);
+    assert_eq!((merged["title"].clone(), merged["done"].clone()), (json!("buy oat milk"), json!(true)));
+}
+
+#[test]
+fn errors_are_readable_and_exit_non_zero() {
+    let work = tempfile::tempdir().unwrap();
+    let missing = path(&work, "missing.ferry");
+    let output = ferry(&["get", &missing, "todos", "x"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("does not exist") && stderr.contains("ferry init"), "{stderr}");
+
+    let replica = path(&work, "r.ferry");
+    ferry_json(&["init", &replica]);
+    let output = ferry(&["put", &replica, "todos", "x", "-d", r#"{"a": 1, "a": 2}"#]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("duplicate key"));
+
+    let output = ferry(&["sync", &replica, "http://127.0.0.1:9/db"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn acknowledged_writes_survive_a_sigkill_of_the_server() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(server_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let replica = path(&work, "r.ferry");
+    ferry_json(&["init", &replica]);
+    for n in 0..50 {
+        ferry_json(&["put", &replica, "todos", &format!("t{n}"), "-d", &format!(r#"{{"n": {n}}}"#)]);
+    }
+    let url = format!("{}/crash", server.url);
+    let pushed = ferry_json(&["sync", &replica, &url, "--push-only"]);
+    assert_eq!(pushed["push"]["docs_written"], json!(50));
+    server.kill();
+
+    let restarted = ServerProcess::start(server_dir.path(), &[]);
+    let fresh = path(&work, "fresh.ferry");
+    ferry_json(&["init", &fresh]);
+    let pulled = ferry_json(&["sync", &fresh, &format!("{}/crash", restarted.url), "--pull-only"]);
+    assert_eq!(pulled["pull"]["docs_written"], json!(50));
+    let listed = ferry_json(&["list", &fresh, "todos", "--limit", "1000"]);
+    assert_eq!(listed.as_array().unwrap().len(), 50);
+}
