@@ -21,7 +21,14 @@ fn the_readme_walkthrough_two_replicas_offline_edits_and_a_conflict() {
 
     ferry_json(&["init", &alice]);
     ferry_json(&["init", &bob]);
-    ferry_json(&["put", &alice, "todos", "milk", "-d", r#"{"title": "buy milk", "done": false}"#]);
+    ferry_json(&[
+        "put",
+        &alice,
+        "todos",
+        "milk",
+        "-d",
+        r#"{"title": "buy milk", "done": false}"#,
+    ]);
     let first = ferry_json(&["sync", &alice, &url]);
     assert_eq!(first["push"]["docs_written"], json!(1));
     let second = ferry_json(&["sync", &bob, &url]);
@@ -29,8 +36,22 @@ fn the_readme_walkthrough_two_replicas_offline_edits_and_a_conflict() {
     let listed = ferry_json(&["list", &bob, "todos"]);
     assert_eq!(listed[0]["title"], json!("buy milk"));
 
-    ferry_json(&["put", &alice, "todos", "milk", "-d", r#"{"title": "buy oat milk", "done": false}"#]);
-    ferry_json(&["put", &bob, "todos", "milk", "-d", r#"{"title": "buy milk", "done": true}"#]);
+    ferry_json(&[
+        "put",
+        &alice,
+        "todos",
+        "milk",
+        "-d",
+        r#"{"title": "buy oat milk", "done": false}"#,
+    ]);
+    ferry_json(&[
+        "put",
+        &bob,
+        "todos",
+        "milk",
+        "-d",
+        r#"{"title": "buy milk", "done": true}"#,
+    ]);
     ferry_json(&["sync", &alice, &url]);
     ferry_json(&["sync", &bob, &url]);
     ferry_json(&["sync", &alice, &url]);
@@ -40,19 +61,30 @@ fn the_readme_walkthrough_two_replicas_offline_edits_and_a_conflict() {
     assert_eq!(on_alice, on_bob, "both replicas see the same conflict");
     let versions = on_alice[0]["versions"].as_array().unwrap();
     assert_eq!(versions.len(), 2, "nothing was lost: {on_alice}");
-    let titles: Vec<&str> = versions.iter().map(|v| v["body"]["title"].as_str().unwrap()).collect();
+    let titles: Vec<&str> = versions
+        .iter()
+        .map(|v| v["body"]["title"].as_str().unwrap())
+        .collect();
     assert!(titles.contains(&"buy oat milk") && titles.contains(&"buy milk"));
 
     // Bob resolves with a merged version; after syncing, nobody has a conflict.
     let resolved = ferry_json(&[
-        "resolve", &bob, "todos", "milk", "-d", r#"{"title": "buy oat milk", "done": true}"#,
+        "resolve",
+        &bob,
+        "todos",
+        "milk",
+        "-d",
+        r#"{"title": "buy oat milk", "done": true}"#,
     ]);
     assert_eq!(resolved["conflicts"], json!(0));
     ferry_json(&["sync", &bob, &url]);
     ferry_json(&["sync", &alice, &url]);
     assert_eq!(ferry_json(&["conflicts", &alice]), json!([]));
     let merged = ferry_json(&["get", &alice, "todos", "milk"]);
-    assert_eq!((merged["title"].clone(), merged["done"].clone()), (json!("buy oat milk"), json!(true)));
+    assert_eq!(
+        (merged["title"].clone(), merged["done"].clone()),
+        (json!("buy oat milk"), json!(true))
+    );
 }
 
 #[test]
@@ -62,7 +94,10 @@ fn errors_are_readable_and_exit_non_zero() {
     let output = ferry(&["get", &missing, "todos", "x"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("does not exist") && stderr.contains("ferry init"), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("ferry init"),
+        "{stderr}"
+    );
 
     let replica = path(&work, "r.ferry");
     ferry_json(&["init", &replica]);
@@ -83,7 +118,14 @@ fn acknowledged_writes_survive_a_sigkill_of_the_server() {
     let replica = path(&work, "r.ferry");
     ferry_json(&["init", &replica]);
     for n in 0..50 {
-        ferry_json(&["put", &replica, "todos", &format!("t{n}"), "-d", &format!(r#"{{"n": {n}}}"#)]);
+        ferry_json(&[
+            "put",
+            &replica,
+            "todos",
+            &format!("t{n}"),
+            "-d",
+            &format!(r#"{{"n": {n}}}"#),
+        ]);
     }
     let url = format!("{}/crash", server.url);
     let pushed = ferry_json(&["sync", &replica, &url, "--push-only"]);
@@ -93,7 +135,12 @@ fn acknowledged_writes_survive_a_sigkill_of_the_server() {
     let restarted = ServerProcess::start(server_dir.path(), &[]);
     let fresh = path(&work, "fresh.ferry");
     ferry_json(&["init", &fresh]);
-    let pulled = ferry_json(&["sync", &fresh, &format!("{}/crash", restarted.url), "--pull-only"]);
+    let pulled = ferry_json(&[
+        "sync",
+        &fresh,
+        &format!("{}/crash", restarted.url),
+        "--pull-only",
+    ]);
     assert_eq!(pulled["pull"]["docs_written"], json!(50));
     let listed = ferry_json(&["list", &fresh, "todos", "--limit", "1000"]);
     assert_eq!(listed.as_array().unwrap().len(), 50);
