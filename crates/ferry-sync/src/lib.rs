@@ -411,6 +411,9 @@ pub async fn sync_live<L: Peer, R: Peer>(
         continuous: true,
         ..options.clone()
     };
+    // The pull reads the remote database: it must exist before both directions start, or the
+    // pull fails on it before the push has created it.
+    remote.prepare(options.create_target).await?;
     tokio::try_join!(
         replicate(local, remote, &options, |_| {}),
         replicate(remote, local, &options, |_| {}),

@@ -145,3 +145,75 @@ fn acknowledged_writes_survive_a_sigkill_of_the_server() {
     let listed = ferry_json(&["list", &fresh, "todos", "--limit", "1000"]);
     assert_eq!(listed.as_array().unwrap().len(), 50);
 }
+
+/// Polls `probe` every 20 ms until it returns true; fails after `seconds`.
+fn wait_until(seconds: u64, what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !probe() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn live_sync_carries_changes_both_ways_while_another_process_writes() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(server_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let replica = path(&work, "live.ferry");
+    ferry_json(&["init", &replica]);
+    let url = format!("{}/live", server.url);
+    let mut live = std::process::Command::new(support::ferry_bin())
+        .args(["--json", "sync", &replica, &url, "--live"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    let status = |path: String| {
+        runtime.block_on(async {
+            client
+                .get(&path)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    };
+    // The live push creates the database on the server.
+    wait_until(20, "the database", || status(url.clone()) == 200);
+    let created = runtime.block_on(async {
+        client
+            .put(format!("{url}/todos:from-server"))
+            .body(r#"{"title": "written on the server"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert_eq!(created, 201);
+    wait_until(20, "the server's change in the replica", || {
+        ferry(&["get", &replica, "todos", "from-server"])
+            .status
+            .success()
+    });
+    // A write by another process on the same replica file is pushed too.
+    ferry_json(&[
+        "put",
+        &replica,
+        "todos",
+        "from-cli",
+        "-d",
+        r#"{"title": "written locally"}"#,
+    ]);
+    wait_until(20, "the local change on the server", || {
+        status(format!("{url}/todos:from-cli")) == 200
+    });
+    live.kill().unwrap();
+    live.wait().unwrap();
+}
