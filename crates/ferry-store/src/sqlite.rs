@@ -466,41 +466,27 @@ impl SqliteDatabase {
             write_meta(transaction, "update_seq", next)?;
             seq = Some(next);
         }
-        let tree_text = tree.encode();
-        if before.is_none() {
-            transaction
-                .prepare_cached(
-                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?
-                .execute(params![
-                    doc_id,
-                    collection_of(doc_id),
-                    to_i64(seq.expect("a new document is a change")),
-                    winner.rev.to_string(),
-                    winner.deleted,
-                    to_i64(hlc.as_u64()),
-                    body,
-                    encode_leaves(&leaves),
-                    tree_text
-                ])?;
-        } else {
-            transaction
-                .prepare_cached(
-                    "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
-                     body = ?6, leaves = ?7, tree = ?8 WHERE doc_id = ?1",
-                )?
-                .execute(params![
-                    doc_id,
-                    seq.map(to_i64),
-                    winner.rev.to_string(),
-                    winner.deleted,
-                    to_i64(hlc.as_u64()),
-                    body,
-                    encode_leaves(&leaves),
-                    tree_text
-                ])?;
-        }
+        // A new document always gets a sequence; an existing one keeps its own when only its
+        // tree changed (a parent filled in), since its leaves, and so its changes row, did not.
+        transaction
+            .prepare_cached(
+                "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (doc_id) DO UPDATE SET seq = COALESCE(excluded.seq, docs.seq), \
+                 rev = excluded.rev, deleted = excluded.deleted, hlc = excluded.hlc, \
+                 body = excluded.body, leaves = excluded.leaves, tree = excluded.tree",
+            )?
+            .execute(params![
+                doc_id,
+                collection_of(doc_id),
+                seq.map(to_i64),
+                winner.rev.to_string(),
+                winner.deleted,
+                to_i64(hlc.as_u64()),
+                body,
+                encode_leaves(&leaves),
+                tree.encode()
+            ])?;
         if was_deleted != Some(winner.deleted) {
             let (live_delta, deleted_delta): (i64, i64) = match (was_deleted, winner.deleted) {
                 (None, false) => (1, 0),

@@ -264,11 +264,7 @@ fn run(cli: Cli) -> Result<()> {
             id,
         } => {
             let db = open_replica(&replica)?;
-            let doc_id = doc_id_in(&collection, &id);
-            let document = db
-                .get_document(&doc_id)?
-                .filter(|document| !document.deleted)
-                .with_context(|| format!("{collection}/{id} does not exist"))?;
+            let document = live_document(&*db, &collection, &id)?;
             let value = document_value(&collection, &id, &document);
             print(json, value.clone(), || {
                 serde_json::to_string_pretty(&value).expect("JSON")
@@ -281,12 +277,8 @@ fn run(cli: Cli) -> Result<()> {
             id,
         } => {
             let db = open_replica(&replica)?;
-            let doc_id = doc_id_in(&collection, &id);
-            let document = db
-                .get_document(&doc_id)?
-                .filter(|document| !document.deleted)
-                .with_context(|| format!("{collection}/{id} does not exist"))?;
-            let edit = Edit::delete(doc_id, document.rev).with_hlc(local_now(&*db)?);
+            let document = live_document(&*db, &collection, &id)?;
+            let edit = Edit::delete(document.doc_id, document.rev).with_hlc(local_now(&*db)?);
             let rev = db.write_edits(vec![edit])?.remove(0)?;
             print(
                 json,
@@ -450,6 +442,13 @@ fn serve(args: &ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("serving on {}", config.listen))
     })
+}
+
+/// The current, not deleted, version of a document.
+fn live_document(db: &dyn Database, collection: &str, id: &str) -> Result<Document> {
+    db.get_document(&doc_id_in(collection, id))?
+        .filter(|document| !document.deleted)
+        .with_context(|| format!("{collection}/{id} does not exist"))
 }
 
 /// Prints `value` as JSON, or the human text.

@@ -391,6 +391,27 @@ async fn wait(
     }
 }
 
+/// Waits for a change or the deadline, sending a heartbeat newline at every interval. False
+/// when the feed should end: the client went away or the database's notifier closed.
+async fn wait_with_heartbeats(
+    notifications: &mut tokio::sync::watch::Receiver<u64>,
+    heartbeat: Option<Duration>,
+    deadline: Instant,
+    sender: &mpsc::Sender<Bytes>,
+) -> bool {
+    loop {
+        match wait(notifications, heartbeat, deadline).await {
+            Woken::Changed | Woken::TimedOut => return true,
+            Woken::Heartbeat => {
+                if sender.send(Bytes::from_static(b"\n")).await.is_err() {
+                    return false;
+                }
+            }
+            Woken::Gone => return false,
+        }
+    }
+}
+
 async fn longpoll(
     state: &AppState,
     db: &str,
@@ -407,16 +428,8 @@ async fn longpoll(
             let _ = sender.send(Bytes::from(page_json(page).to_string())).await;
             return Ok(());
         }
-        loop {
-            match wait(notifications, request.heartbeat, deadline).await {
-                Woken::Changed | Woken::TimedOut => break,
-                Woken::Heartbeat => {
-                    if sender.send(Bytes::from_static(b"\n")).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Woken::Gone => return Ok(()),
-            }
+        if !wait_with_heartbeats(notifications, request.heartbeat, deadline, sender).await {
+            return Ok(());
         }
     }
 }
@@ -454,16 +467,8 @@ async fn continuous(
         if found > 0 {
             continue;
         }
-        loop {
-            match wait(notifications, request.heartbeat, deadline).await {
-                Woken::Changed | Woken::TimedOut => break,
-                Woken::Heartbeat => {
-                    if sender.send(Bytes::from_static(b"\n")).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Woken::Gone => return Ok(()),
-            }
+        if !wait_with_heartbeats(notifications, request.heartbeat, deadline, sender).await {
+            return Ok(());
         }
     }
 }

@@ -14,28 +14,20 @@ mod server;
 /// Every route. Static segments (`_changes`, `_local`) take precedence over the document
 /// wildcard, so document ids such as `_design/x` or `a/b` still reach the document handlers.
 pub(crate) fn routes() -> Router<AppState> {
+    let database = get(database::info)
+        .head(database::info)
+        .put(database::create)
+        .delete(database::delete)
+        .post(documents::post_document);
     Router::new()
         .route("/", get(server::welcome))
         .route("/health", get(server::health))
         .route("/_up", get(server::health))
         .route("/_all_dbs", get(server::all_dbs))
         .route("/_uuids", get(server::uuids))
-        .route(
-            "/{db}",
-            get(database::info)
-                .head(database::info)
-                .put(database::create)
-                .delete(database::delete)
-                .post(documents::post_document),
-        )
-        .route(
-            "/{db}/",
-            get(database::info)
-                .head(database::info)
-                .put(database::create)
-                .delete(database::delete)
-                .post(documents::post_document),
-        )
+        // PouchDB asks for `/{db}/` with the slash; both forms are the database.
+        .route("/{db}", database.clone())
+        .route("/{db}/", database)
         .route(
             "/{db}/_ensure_full_commit",
             post(database::ensure_full_commit),
