@@ -389,6 +389,14 @@ pub fn queries_filter_sort_and_limit(backend: &dyn Backend) {
     edits.push(Edit::put("notes:1", None, body(json!({"n": 5}))));
     edits.push(Edit::put("todos:odd", None, body(json!({"n": "seven"}))));
     db.write_edits(edits).expect("write");
+    let deleted = put(db.as_ref(), "gone:1", None, json!({}));
+    db.write_edits(vec![Edit::delete("gone:1", deleted)])
+        .expect("delete");
+    assert_eq!(
+        db.collections().expect("collections"),
+        vec![("notes".to_owned(), 1), ("todos".to_owned(), 31)],
+        "collections count live documents only"
+    );
     let run = |selector: serde_json::Value, sort: Vec<(&str, bool)>, limit: usize| -> Vec<String> {
         db.query(&Query {
             collection: "todos".into(),

@@ -351,6 +351,9 @@ pub trait Database: Send + Sync {
     /// Live (non-deleted) documents in id order.
     fn all_docs(&self, query: &AllDocsQuery) -> Result<Vec<Document>, StoreError>;
 
+    /// The collections that hold live documents, sorted, with how many each holds.
+    fn collections(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// Live documents of one collection matching a selector.
     fn query(&self, query: &Query) -> Result<Vec<Document>, StoreError>;
 

@@ -801,6 +801,19 @@ impl Database for SqliteDatabase {
         })
     }
 
+    fn collections(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT collection, COUNT(*) FROM docs WHERE deleted = 0 \
+                 GROUP BY collection ORDER BY collection",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, to_u64(row.get(1)?)))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn query(&self, query: &Query) -> Result<Vec<Document>, StoreError> {
         let mut order = String::new();
         for (field, descending) in &query.sort {

@@ -78,6 +78,11 @@ enum Command {
         /// The document id.
         id: String,
     },
+    /// List the collections of a local replica with their document counts.
+    Collections {
+        /// The replica file.
+        replica: PathBuf,
+    },
     /// List the documents of a collection, optionally filtered and sorted.
     List {
         /// The replica file.
@@ -285,6 +290,25 @@ fn run(cli: Cli) -> Result<()> {
                 json!({"id": id, "deleted": true, "rev": rev.to_string()}),
                 || format!("deleted {collection}/{id} ({rev})"),
             );
+            Ok(())
+        }
+        Command::Collections { replica } => {
+            let db = open_replica(&replica)?;
+            let collections = db.collections()?;
+            let value: Value = collections
+                .iter()
+                .map(|(name, count)| json!({"collection": name, "documents": count}))
+                .collect();
+            print(json, value, || {
+                collections
+                    .iter()
+                    .map(|(name, count)| {
+                        let name = if name.is_empty() { "(default)" } else { name };
+                        format!("{name}  {count}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
             Ok(())
         }
         Command::List {

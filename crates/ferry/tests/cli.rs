@@ -35,6 +35,10 @@ fn the_readme_walkthrough_two_replicas_offline_edits_and_a_conflict() {
     assert_eq!(second["pull"]["docs_written"], json!(1));
     let listed = ferry_json(&["list", &bob, "todos"]);
     assert_eq!(listed[0]["title"], json!("buy milk"));
+    assert_eq!(
+        ferry_json(&["collections", &bob]),
+        json!([{"collection": "todos", "documents": 1}])
+    );
 
     ferry_json(&[
         "put",
