@@ -242,6 +242,8 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
     let store_config = StoreConfig {
         limits: config.limits.clone(),
         durability: config.durability,
+        // The server is where edits are acknowledged; it has no outbox of its own.
+        track_pending: false,
     };
     let backend =
         SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;

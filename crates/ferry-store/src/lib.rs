@@ -40,6 +40,9 @@ pub struct StoreConfig {
     pub limits: Limits,
     /// When a committed write is on disk.
     pub durability: Durability,
+    /// Record local edits in an outbox until a push acknowledges them (client replicas; see
+    /// `sqlite::SqliteDatabase::pending_summary`).
+    pub track_pending: bool,
 }
 
 /// When a committed transaction is durable.

@@ -9,6 +9,8 @@
 //!   each leaf), with their deleted flag and clock.
 //! - `local_docs`: checkpoints and other local documents, never replicated.
 //! - `meta`: the replica id, the last sequence and document counters.
+//! - `outbox` (version 2): on client replicas, every document with a local edit that no push
+//!   has acknowledged yet, with the sequence of that edit, or why the server refused it.
 //!
 //! Durability: with [`Durability::Full`] every commit runs `fsync` on the WAL before it
 //! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
@@ -34,10 +36,11 @@ use crate::{
     StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
 };
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Each entry upgrades the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE docs (
     doc_id TEXT PRIMARY KEY,
@@ -61,7 +64,16 @@ CREATE TABLE revs (
     PRIMARY KEY (doc_id, rev)
 ) WITHOUT ROWID;
 CREATE TABLE local_docs (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+CREATE TABLE outbox (
+    doc_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    rejected TEXT
+) WITHOUT ROWID;
+CREATE INDEX outbox_by_seq ON outbox(seq);
+"#,
+];
 
 /// How many read connections a database keeps open (WAL lets them read while one writes).
 const READERS: usize = 4;
@@ -163,6 +175,30 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// Counts of the outbox (see [`SqliteDatabase::pending_summary`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSummary {
+    /// Documents with a local edit waiting for the server.
+    pub pending: u64,
+    /// Documents whose local edit the server refused.
+    pub rejected: u64,
+}
+
+/// The outbox state of one document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PendingState {
+    /// A local edit waits for the server; `seq` is the sequence of the latest one.
+    Pending {
+        /// The sequence of the latest local edit.
+        seq: u64,
+    },
+    /// The server refused the local edit.
+    Rejected {
+        /// The server's reason.
+        reason: String,
+    },
+}
+
 /// One database in one SQLite file.
 pub struct SqliteDatabase {
     name: String,
@@ -194,6 +230,58 @@ impl SqliteDatabase {
             readers: Mutex::new(Vec::new()),
             path: path.to_owned(),
             replica_id,
+        })
+    }
+
+    /// How many documents wait for a push to acknowledge a local edit, and how many of those
+    /// the server refused.
+    pub fn pending_summary(&self) -> Result<PendingSummary, StoreError> {
+        self.with_reader(|connection| {
+            let (pending, rejected): (i64, i64) = connection.query_row(
+                "SELECT COUNT(*), COUNT(rejected) FROM outbox",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            Ok(PendingSummary {
+                pending: to_u64(pending - rejected),
+                rejected: to_u64(rejected),
+            })
+        })
+    }
+
+    /// Whether a document has a local edit no push has acknowledged, and if so its state.
+    pub fn pending_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
+        self.with_reader(|connection| {
+            let row: Option<(i64, Option<String>)> = connection
+                .prepare_cached("SELECT seq, rejected FROM outbox WHERE doc_id = ?1")?
+                .query_row(params![doc_id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            Ok(row.map(|(seq, rejected)| match rejected {
+                Some(reason) => PendingState::Rejected { reason },
+                None => PendingState::Pending { seq: to_u64(seq) },
+            }))
+        })
+    }
+
+    /// Records that every local edit up to sequence `seq` reached the server (a push committed
+    /// and checkpointed through `seq`); returns how many documents stopped being pending.
+    pub fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let removed = transaction
+                .prepare_cached("DELETE FROM outbox WHERE seq <= ?1 AND rejected IS NULL")?
+                .execute(params![to_i64(seq)])?;
+            Ok(removed as u64)
+        })
+    }
+
+    /// Records that the server refused a document's local edit, so it is no longer retried
+    /// blindly and the application can see why. A later local edit makes it pending again.
+    pub fn reject_pending(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
+        self.with_write_transaction(|transaction| {
+            transaction
+                .prepare_cached("UPDATE outbox SET rejected = ?2 WHERE doc_id = ?1")?
+                .execute(params![doc_id, reason])?;
+            Ok(())
         })
     }
 
@@ -403,7 +491,7 @@ impl SqliteDatabase {
         before: Option<&RevTree>,
         mut tree: RevTree,
         new: NewRevision<'_>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let limits = &self.config.limits;
         transaction
             .prepare_cached(
@@ -502,7 +590,7 @@ impl SqliteDatabase {
                 }
             }
         }
-        Ok(())
+        Ok(seq)
     }
 }
 
@@ -535,7 +623,7 @@ impl Database for SqliteDatabase {
                 let rev =
                     Rev::compute(parent.as_ref(), edit.deleted, &canonical_object(&edit.body));
                 if tree.add_child(parent.as_ref(), rev.clone(), edit.deleted) == Applied::Added {
-                    self.store_update(
+                    let seq = self.store_update(
                         transaction,
                         &edit.doc_id,
                         before.as_ref(),
@@ -547,6 +635,14 @@ impl Database for SqliteDatabase {
                             hlc: edit.hlc,
                         },
                     )?;
+                    if let (true, Some(seq)) = (self.config.track_pending, seq) {
+                        transaction
+                            .prepare_cached(
+                                "INSERT INTO outbox (doc_id, seq, rejected) VALUES (?1, ?2, NULL) \
+                                 ON CONFLICT (doc_id) DO UPDATE SET seq = excluded.seq, rejected = NULL",
+                            )?
+                            .execute(params![edit.doc_id, to_i64(seq)])?;
+                    }
                 }
                 results.push(Ok(rev));
             }

@@ -137,3 +137,132 @@ fn concurrent_writers_on_one_database_serialize() {
         .collect();
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
 }
+
+fn tracking(dir: &tempfile::TempDir) -> SqliteDatabase {
+    let config = StoreConfig {
+        durability: Durability::Normal,
+        track_pending: true,
+        ..StoreConfig::default()
+    };
+    SqliteDatabase::open(&dir.path().join("client.sqlite"), "client", config).unwrap()
+}
+
+#[test]
+fn local_edits_stay_pending_until_acknowledged() {
+    use ferry_store::Database;
+    use ferry_store::sqlite::{PendingState, PendingSummary};
+    let dir = tempfile::tempdir().unwrap();
+    let db = tracking(&dir);
+    let put = |doc_id: &str, base: Option<ferry_core::rev::Rev>| {
+        db.write_edits(vec![Edit::put(
+            doc_id,
+            base,
+            body(serde_json::json!({"at": doc_id})),
+        )])
+        .unwrap()
+        .remove(0)
+        .unwrap()
+    };
+    let a1 = put("a", None);
+    put("b", None);
+    // Revisions that arrive by replication are not local edits.
+    db.write_revisions(
+        vec![ferry_core::model::Revision {
+            doc_id: "remote".into(),
+            path: vec!["1-abc".parse().unwrap()],
+            deleted: false,
+            body: body(serde_json::json!({})),
+            hlc: None,
+        }],
+        ferry_core::hlc::Timestamp::ZERO,
+    )
+    .unwrap();
+    assert_eq!(
+        db.pending_summary().unwrap(),
+        PendingSummary {
+            pending: 2,
+            rejected: 0
+        }
+    );
+    assert_eq!(db.pending_state("remote").unwrap(), None);
+    assert_eq!(
+        db.pending_state("a").unwrap(),
+        Some(PendingState::Pending { seq: 1 })
+    );
+
+    // A push checkpointed through sequence 1 acknowledges a, not b.
+    assert_eq!(db.acknowledge_through(1).unwrap(), 1);
+    assert_eq!(db.pending_state("a").unwrap(), None);
+    // A new edit of a after that is pending again, at its new sequence.
+    put("a", Some(a1));
+    assert_eq!(
+        db.pending_state("a").unwrap(),
+        Some(PendingState::Pending { seq: 4 })
+    );
+    assert_eq!(db.acknowledge_through(3).unwrap(), 1, "b (seq 2) only");
+    assert_eq!(db.pending_summary().unwrap().pending, 1);
+
+    // A refused edit is kept with its reason and not acknowledged by later pushes.
+    db.reject_pending("a", "forbidden").unwrap();
+    assert_eq!(db.acknowledge_through(100).unwrap(), 0);
+    assert_eq!(
+        db.pending_state("a").unwrap(),
+        Some(PendingState::Rejected {
+            reason: "forbidden".into()
+        })
+    );
+    assert_eq!(
+        db.pending_summary().unwrap(),
+        PendingSummary {
+            pending: 0,
+            rejected: 1
+        }
+    );
+}
+
+#[test]
+fn version_one_files_are_migrated_and_keep_their_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sqlite");
+    let rev = {
+        let db = SqliteDatabase::open(&path, "old", StoreConfig::default()).unwrap();
+        use ferry_store::Database;
+        db.write_edits(vec![Edit::put(
+            "a",
+            None,
+            body(serde_json::json!({"v": 1})),
+        )])
+        .unwrap()
+        .remove(0)
+        .unwrap()
+    };
+    // Make the file exactly what version 1 wrote: no outbox, user_version 1.
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    connection
+        .execute_batch("DROP TABLE outbox; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(connection);
+    let db = tracking_at(&path);
+    use ferry_store::Database;
+    assert_eq!(db.get_document("a").unwrap().unwrap().rev, rev);
+    db.write_edits(vec![Edit::put("b", None, body(serde_json::json!({})))])
+        .unwrap();
+    assert_eq!(
+        db.pending_summary().unwrap().pending,
+        1,
+        "the outbox exists after migration"
+    );
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+}
+
+fn tracking_at(path: &std::path::Path) -> SqliteDatabase {
+    let config = StoreConfig {
+        track_pending: true,
+        ..StoreConfig::default()
+    };
+    SqliteDatabase::open(path, "old", config).unwrap()
+}

@@ -541,6 +541,7 @@ fn replica_config() -> StoreConfig {
     StoreConfig {
         limits: Limits::default(),
         durability: Durability::Full,
+        track_pending: false,
     }
 }
 
