@@ -154,6 +154,36 @@ fn write_canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
+/// Applies a JSON merge patch (RFC 7396) to `target`: objects merge key by key, `null`
+/// removes a key, anything else replaces the value.
+///
+/// ```
+/// use ferry_core::json::merge_patch;
+/// use serde_json::json;
+/// let mut doc = json!({"title": "milk", "tags": ["a"], "meta": {"x": 1, "y": 2}});
+/// merge_patch(&mut doc, &json!({"title": "oat milk", "meta": {"y": null}, "tags": ["b"]}));
+/// assert_eq!(doc, json!({"title": "oat milk", "tags": ["b"], "meta": {"x": 1}}));
+/// ```
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(changes) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(fields) = target else {
+        unreachable!("made an object above")
+    };
+    for (key, change) in changes {
+        if change.is_null() {
+            fields.remove(key);
+        } else {
+            merge_patch(fields.entry(key.clone()).or_insert(Value::Null), change);
+        }
+    }
+}
+
 const DUPLICATE_MARKER: &str = "ferry: duplicate key ";
 const DEPTH_MARKER: &str = "ferry: too deep";
 
@@ -298,6 +328,60 @@ mod tests {
             String::from_utf8(canonical(&first)).unwrap(),
             "{\"a\":\"é\",\"b\":[1,{\"x\":1,\"y\":2}]}"
         );
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7396_examples() {
+        // The test cases of RFC 7396, appendix A.
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (
+                json!({"a": "b", "b": "c"}),
+                json!({"a": null}),
+                json!({"b": "c"}),
+            ),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "c"}), json!({"a": ["b"]}), json!({"a": ["b"]})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a": "b"}), json!(["c"]), json!(["c"])),
+            (json!({"a": "foo"}), json!(null), json!(null)),
+            (json!({"a": "foo"}), json!("bar"), json!("bar")),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!([1, 2]),
+                json!({"a": "b", "c": null}),
+                json!({"a": "b"}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+        ];
+        for (mut target, patch, expected) in cases {
+            merge_patch(&mut target, &patch);
+            assert_eq!(target, expected, "patch {patch}");
+        }
     }
 
     #[test]

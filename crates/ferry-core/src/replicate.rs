@@ -183,7 +183,7 @@ pub enum Response {
 }
 
 /// Counters of a replication so far.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Stats {
     /// Change rows read from the source.
     pub docs_read: u64,
@@ -195,6 +195,8 @@ pub struct Stats {
     pub batches: u64,
     /// Changes the source reported still pending after the last batch, if it said.
     pub pending: Option<u64>,
+    /// The source sequence checkpointed last: everything up to it is on the target.
+    pub last_seq: Value,
 }
 
 /// A response that does not fit the action that was asked for.
@@ -351,6 +353,7 @@ impl Replication {
         match (&self.state, response) {
             (State::AwaitCheckpoints, Response::Checkpoints { source, target }) => {
                 let (since, history) = agree_on_start(source.as_ref(), target.as_ref());
+                self.stats.last_seq = since.clone();
                 self.since = since;
                 self.history = history;
                 self.state = State::ReadChanges;
@@ -408,6 +411,7 @@ impl Replication {
             (State::AwaitCheckpointWritten, Response::CheckpointWritten) => {
                 self.stats.batches += 1;
                 self.since = self.batch_last_seq.clone();
+                self.stats.last_seq = self.since.clone();
                 self.batch.clear();
                 self.missing.clear();
                 self.state = if self.batch_was_full {

@@ -1,0 +1,379 @@
+//! Ferry's client SDK: a local database that always works, and syncs when it can.
+//!
+//! [`Ferry`] opens a local replica (one SQLite file) with no server at all
+//! ([`Ferry::initialize_offline`]). Documents live in [`Collection`]s, typed with serde or raw
+//! JSON. Every write is durable before the call returns and stays **pending** in the replica's
+//! outbox until a push to the server acknowledges it ([`Ferry::status`],
+//! [`Ferry::document_status`]). Queries run on the local store; [`Collection::watch`] and
+//! [`Query::watch`] are streams that emit again whenever a change (local, from another process
+//! on the same file, or from sync) touches what they show.
+//!
+//! ```
+//! # fn main() -> Result<(), ferry_client::ClientError> {
+//! use ferry_client::Ferry;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Todo { title: String, done: bool }
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let ferry = Ferry::initialize_offline(dir.path().join("app.ferry"), "ann")?;
+//! let todos = ferry.collection::<Todo>("todos");
+//! let milk = todos.insert(&Todo { title: "buy milk".into(), done: false })?;
+//! todos.patch(&milk.id, &serde_json::json!({"done": true}))?;
+//! assert!(todos.get(&milk.id)?.unwrap().value.done);
+//! assert_eq!(ferry.status()?.pending, 1); // not yet acknowledged by a server
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_core::hlc::{HlcClock, Timestamp};
+use ferry_core::model::Limits;
+use ferry_store::sqlite::{PendingState, SqliteDatabase};
+use ferry_store::{Database, Durability, StoreConfig, StoreError};
+use ferry_sync::{HttpPeer, LocalPeer, ReplicationOptions, SyncError, SyncStats};
+use tokio::sync::watch;
+
+mod collection;
+
+pub use collection::{Collection, Doc, Query};
+
+/// How often a replica looks for changes written by other processes on the same file.
+const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
+
+/// A client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
+    /// A value could not be converted to or from JSON.
+    #[error("document does not match its type: {0}")]
+    Serde(#[from] serde_json::Error),
+    /// A document was refused before being stored (not an object, too large, bad id...).
+    #[error("invalid document: {0}")]
+    InvalidDocument(String),
+    /// The document does not exist (or is deleted).
+    #[error("{collection}/{id} does not exist")]
+    NotFound {
+        /// The collection.
+        collection: String,
+        /// The id.
+        id: String,
+    },
+    /// The document exists already (insert with an id that is taken).
+    #[error("{collection}/{id} already exists")]
+    AlreadyExists {
+        /// The collection.
+        collection: String,
+        /// The id.
+        id: String,
+    },
+    /// The document changed since the revision the write was based on.
+    #[error("{collection}/{id} changed since revision {expected}")]
+    Conflict {
+        /// The collection.
+        collection: String,
+        /// The id.
+        id: String,
+        /// The revision the write expected.
+        expected: String,
+    },
+    /// Syncing failed.
+    #[error("sync: {0}")]
+    Sync(#[from] SyncError),
+}
+
+/// Counts of what the server has not acknowledged yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncCounts {
+    /// Documents with local changes waiting for the server.
+    pub pending: u64,
+    /// Documents whose local change the server refused.
+    pub rejected: u64,
+}
+
+/// Where one document stands with respect to the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DocumentStatus {
+    /// Changed locally; the server has not acknowledged it yet.
+    Pending,
+    /// The server has everything this replica has of it.
+    Acknowledged,
+    /// Concurrent versions exist; the application should resolve them.
+    Conflicted,
+    /// The server refused the local change.
+    Rejected {
+        /// The server's reason.
+        reason: String,
+    },
+}
+
+/// An offline-first local replica.
+///
+/// Cheap to clone; clones share the same replica.
+#[derive(Clone)]
+pub struct Ferry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<SqliteDatabase>,
+    path: PathBuf,
+    user: String,
+    limits: Limits,
+    clock: Mutex<HlcClock>,
+    /// The replica's latest sequence, as last observed; watchers wait on it.
+    changes: watch::Sender<u64>,
+    poller_started: std::sync::Once,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+impl Ferry {
+    /// Opens (creating if needed) the local replica at `path` for `user`, with no server.
+    /// Everything works offline; sync can start later.
+    pub fn initialize_offline(path: impl AsRef<Path>, user: &str) -> Result<Ferry, ClientError> {
+        let path = path.as_ref().to_owned();
+        let limits = Limits::default();
+        let config = StoreConfig {
+            limits: limits.clone(),
+            durability: Durability::Full,
+            track_pending: true,
+        };
+        let db = SqliteDatabase::open(&path, "local", config)?;
+        let mut clock = HlcClock::new(u64::MAX);
+        // Timestamps must keep increasing across restarts: start after the newest one stored.
+        let update_seq = db.info()?.update_seq;
+        if let Some(change) = db.changes(update_seq.saturating_sub(1), 1, false)?.pop()
+            && let Some(document) = db.get_document(&change.doc_id)?
+        {
+            let _ = clock.observe(document.hlc, u64::MAX);
+        }
+        Ok(Ferry {
+            inner: Arc::new(Inner {
+                db: Arc::new(db),
+                path,
+                user: user.to_owned(),
+                limits,
+                clock: Mutex::new(clock),
+                changes: watch::channel(update_seq).0,
+                poller_started: std::sync::Once::new(),
+            }),
+        })
+    }
+
+    /// The user this replica belongs to.
+    pub fn user(&self) -> &str {
+        &self.inner.user
+    }
+
+    /// The replica file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The limits documents are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// A collection of documents of type `T` (use `serde_json::Value` for raw JSON).
+    pub fn collection<T>(&self, name: &str) -> Collection<T> {
+        Collection::new(self.clone(), name)
+    }
+
+    /// How many local changes the server has not acknowledged, and how many it refused.
+    pub fn status(&self) -> Result<SyncCounts, ClientError> {
+        let summary = self.inner.db.pending_summary()?;
+        Ok(SyncCounts {
+            pending: summary.pending,
+            rejected: summary.rejected,
+        })
+    }
+
+    /// Where one document stands; `None` if it does not exist at all.
+    pub fn document_status(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<DocumentStatus>, ClientError> {
+        let doc_id = ferry_core::model::doc_id_in(collection, id);
+        let Some(document) = self.inner.db.get_document(&doc_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(match self.inner.db.pending_state(&doc_id)? {
+            Some(PendingState::Rejected { reason }) => DocumentStatus::Rejected { reason },
+            _ if !document.conflicts.is_empty() => DocumentStatus::Conflicted,
+            Some(PendingState::Pending { .. }) => DocumentStatus::Pending,
+            None => DocumentStatus::Acknowledged,
+        }))
+    }
+
+    /// Pushes local changes to the database at `url`, then pulls remote ones, once. Each
+    /// pushed batch acknowledges the local changes it carried as soon as it is checkpointed.
+    pub async fn sync_once(&self, url: &str) -> Result<SyncStats, ClientError> {
+        let local = LocalPeer::new(self.inner.db.clone())?;
+        let remote = HttpPeer::new(url)?;
+        let options = ReplicationOptions {
+            create_target: true,
+            ..ReplicationOptions::default()
+        };
+        let push = ferry_sync::replicate(&local, &remote, &options, |stats| {
+            self.acknowledge(&stats.last_seq);
+        })
+        .await?;
+        self.acknowledge(&push.last_seq);
+        let pull =
+            ferry_sync::replicate(&remote, &local, &options, |_| self.notify_changed()).await?;
+        self.notify_changed();
+        Ok(SyncStats { push, pull })
+    }
+
+    /// Syncs with the database at `url` continuously in both directions, in the background,
+    /// until the returned handle is dropped or stopped. Transient failures (no network, server
+    /// restarting) are retried with backoff; local writes keep working meanwhile.
+    pub fn start_sync(&self, url: &str) -> Result<SyncHandle, ClientError> {
+        let local = LocalPeer::new(self.inner.db.clone())?;
+        let remote = HttpPeer::new(url)?;
+        let options = ReplicationOptions {
+            create_target: true,
+            continuous: true,
+            wait_timeout: Duration::from_secs(10),
+            ..ReplicationOptions::default()
+        };
+        let (pusher, puller) = (self.clone(), self.clone());
+        let (push_local, push_remote, push_options) =
+            (local.clone(), remote.clone(), options.clone());
+        let push = tokio::spawn(async move {
+            loop {
+                // The remote database may not exist yet, or the server may be down: prepare
+                // it inside the retry loop rather than once.
+                let result =
+                    ferry_sync::replicate(&push_local, &push_remote, &push_options, |stats| {
+                        pusher.acknowledge(&stats.last_seq);
+                    })
+                    .await;
+                if let Err(error) = result {
+                    tracing::warn!(%error, "push stopped; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        let pull = tokio::spawn(async move {
+            loop {
+                let result = ferry_sync::replicate(&remote, &local, &options, |_| {
+                    puller.notify_changed();
+                })
+                .await;
+                if let Err(error) = result {
+                    tracing::warn!(%error, "pull stopped; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(SyncHandle {
+            tasks: vec![push, pull],
+        })
+    }
+
+    /// Waits until the server has acknowledged every local change (a sync must be running,
+    /// see [`Ferry::start_sync`]), or `timeout` passes; returns whether everything was
+    /// acknowledged.
+    pub async fn wait_for_acknowledgement(&self, timeout: Duration) -> Result<bool, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.subscribe();
+        loop {
+            if self.status()?.pending == 0 {
+                return Ok(true);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(self.status()?.pending == 0),
+                // Acknowledgements do not change the sequence; look again now and then.
+                () = tokio::time::sleep(CROSS_PROCESS_POLL) => {}
+            }
+        }
+    }
+
+    fn acknowledge(&self, last_seq: &serde_json::Value) {
+        if let Some(seq) = last_seq.as_u64() {
+            match self.inner.db.acknowledge_through(seq) {
+                Ok(count) if count > 0 => self.notify_changed(),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "could not record acknowledgements"),
+            }
+        }
+    }
+
+    pub(crate) fn database(&self) -> &SqliteDatabase {
+        &self.inner.db
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        let mut clock = self
+            .inner
+            .clock
+            .lock()
+            .unwrap_or_else(|error| error.into_inner());
+        clock.now(wall_ms())
+    }
+
+    /// Tells watchers that the replica may have changed.
+    pub(crate) fn notify_changed(&self) {
+        if let Ok(info) = self.inner.db.info() {
+            self.inner.changes.send_if_modified(|seq| {
+                let newer = info.update_seq != *seq;
+                *seq = info.update_seq;
+                newer
+            });
+        }
+    }
+
+    /// A receiver woken whenever the replica's sequence moves, whoever wrote: this process,
+    /// sync, or another process on the same file (noticed by a poller started on first use).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.poller_started.call_once(|| {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+                runtime.spawn(async move {
+                    loop {
+                        tokio::time::sleep(CROSS_PROCESS_POLL).await;
+                        let Some(inner) = weak.upgrade() else { break };
+                        Ferry { inner }.notify_changed();
+                    }
+                });
+            }
+        });
+        self.inner.changes.subscribe()
+    }
+}
+
+/// A background sync started by [`Ferry::start_sync`]; dropping it stops the sync.
+pub struct SyncHandle {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SyncHandle {
+    /// Stops syncing. Local changes made meanwhile stay pending until the next sync.
+    pub fn stop(self) {}
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
