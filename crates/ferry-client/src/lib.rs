@@ -35,7 +35,7 @@ use ferry_core::hlc::{HlcClock, Timestamp};
 use ferry_core::model::Limits;
 use ferry_store::sqlite::{PendingState, SqliteDatabase};
 use ferry_store::{Database, Durability, StoreConfig, StoreError};
-use ferry_sync::{HttpPeer, LocalPeer, ReplicationOptions, SyncError, SyncStats};
+use ferry_sync::{LocalPeer, ReplicationOptions, SyncError, SyncStats, WsPeer};
 use tokio::sync::watch;
 
 mod collection;
@@ -221,11 +221,12 @@ impl Ferry {
         }))
     }
 
-    /// Pushes local changes to the database at `url`, then pulls remote ones, once. Each
-    /// pushed batch acknowledges the local changes it carried as soon as it is checkpointed.
+    /// Pushes local changes to the database at `url` (`http://host:port/db`), then pulls remote
+    /// ones, once, over a WebSocket sync session. Each pushed batch acknowledges the local
+    /// changes it carried as soon as the server committed it and the checkpoint recorded it.
     pub async fn sync_once(&self, url: &str) -> Result<SyncStats, ClientError> {
         let local = LocalPeer::new(self.inner.db.clone())?;
-        let remote = HttpPeer::new(url)?;
+        let remote = self.remote(url)?;
         let options = ReplicationOptions {
             create_target: true,
             ..ReplicationOptions::default()
@@ -246,7 +247,8 @@ impl Ferry {
     /// restarting) are retried with backoff; local writes keep working meanwhile.
     pub fn start_sync(&self, url: &str) -> Result<SyncHandle, ClientError> {
         let local = LocalPeer::new(self.inner.db.clone())?;
-        let remote = HttpPeer::new(url)?;
+        // One session carries both directions.
+        let remote = Arc::new(self.remote(url)?);
         let options = ReplicationOptions {
             create_target: true,
             continuous: true,
@@ -261,7 +263,7 @@ impl Ferry {
                 // The remote database may not exist yet, or the server may be down: prepare
                 // it inside the retry loop rather than once.
                 let result =
-                    ferry_sync::replicate(&push_local, &push_remote, &push_options, |stats| {
+                    ferry_sync::replicate(&push_local, &*push_remote, &push_options, |stats| {
                         pusher.acknowledge(&stats.last_seq);
                     })
                     .await;
@@ -273,7 +275,7 @@ impl Ferry {
         });
         let pull = tokio::spawn(async move {
             loop {
-                let result = ferry_sync::replicate(&remote, &local, &options, |_| {
+                let result = ferry_sync::replicate(&*remote, &local, &options, |_| {
                     puller.notify_changed();
                 })
                 .await;
@@ -305,6 +307,12 @@ impl Ferry {
                 () = tokio::time::sleep(CROSS_PROCESS_POLL) => {}
             }
         }
+    }
+
+    /// The server database at `url` (`http://host:port/db`), reached over a sync session.
+    fn remote(&self, url: &str) -> Result<WsPeer, ClientError> {
+        let replica_id = self.inner.db.info()?.replica_id;
+        Ok(WsPeer::new(url, &replica_id)?)
     }
 
     fn acknowledge(&self, last_seq: &serde_json::Value) {

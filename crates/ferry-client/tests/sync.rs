@@ -95,9 +95,17 @@ async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
     }
 }
 
-/// Whether nothing accepts connections at `address` any more.
+/// Whether nothing accepts connections at `address` any more, waiting up to 10 s for a
+/// stopping server to let go of its socket (a background shutdown does not wait).
 async fn is_unreachable(address: SocketAddr) -> bool {
-    tokio::net::TcpStream::connect(address).await.is_err()
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(address).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 fn contents(ferry: &Ferry) -> Vec<(String, Value)> {

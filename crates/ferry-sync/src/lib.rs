@@ -3,7 +3,8 @@
 //!
 //! The algorithm itself is `ferry_core::replicate::Replication`, a state machine with no I/O.
 //! This crate is its async shell: a [`Peer`] trait with two implementations ([`LocalPeer`] over
-//! a `ferry_store::Database`, [`HttpPeer`] over HTTP), and the drivers [`replicate`] (one way,
+//! a `ferry_store::Database`, [`HttpPeer`] over HTTP, [`WsPeer`] over a WebSocket sync
+//! session as `docs/protocol.md` describes it), and the drivers [`replicate`] (one way,
 //! one-shot or continuous), [`sync`] (push, then pull) and [`sync_live`] (both ways,
 //! continuously).
 //!
@@ -47,10 +48,12 @@ use sha2::{Digest, Sha256};
 
 mod http;
 mod local;
+mod ws;
 
 pub use ferry_core::replicate::Stats;
 pub use http::HttpPeer;
 pub use local::LocalPeer;
+pub use ws::WsPeer;
 
 /// Replication failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +99,21 @@ pub enum SyncError {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),
+    /// A sync session could not be opened, or was lost.
+    #[error("sync session with {url}: {detail}")]
+    Session {
+        /// The session URL.
+        url: String,
+        /// What happened.
+        detail: String,
+    },
 }
 
 impl SyncError {
     /// Whether retrying later may succeed (network trouble, server overload or restart).
     pub fn is_transient(&self) -> bool {
         match self {
-            SyncError::Transport { .. } | SyncError::Task(_) => true,
+            SyncError::Transport { .. } | SyncError::Task(_) | SyncError::Session { .. } => true,
             SyncError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             _ => false,
         }

@@ -513,3 +513,89 @@ async fn errors_from_the_server_are_typed() {
     let with_password = HttpPeer::new("http://user:secret@127.0.0.1:5984/db").unwrap();
     assert!(!with_password.describe().contains("secret"));
 }
+
+#[tokio::test]
+async fn replicas_converge_over_websocket_sessions_and_live_pulls_are_woken_by_the_server() {
+    use ferry_sync::WsPeer;
+    let (url, _dir, _stop) = start_server().await;
+    let replicas = Replicas::new();
+    let (a, b) = (replicas.create("a"), replicas.create("b"));
+    let db_url = format!("{url}/ws-shared");
+    let remote_a = WsPeer::new(&db_url, "a").unwrap();
+    let remote_b = WsPeer::new(&db_url, "b").unwrap();
+    assert_eq!(
+        remote_a.describe(),
+        HttpPeer::new(&db_url).unwrap().describe(),
+        "switching transport keeps checkpoints"
+    );
+    let create = ReplicationOptions {
+        create_target: true,
+        ..options(16)
+    };
+    for n in 0..40 {
+        put(&*a, &format!("todos:{n}"), json!({ "n": n }));
+    }
+    let (peer_a, peer_b) = (local(&a).await, local(&b).await);
+    sync(&peer_a, &remote_a, &create).await.unwrap();
+    sync(&peer_b, &remote_b, &create).await.unwrap();
+    for n in 0..5 {
+        put(&*a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
+        put(&*b, &format!("todos:{n}"), json!({"n": n, "by": "b"}));
+    }
+    sync(&peer_a, &remote_a, &create).await.unwrap();
+    sync(&peer_b, &remote_b, &create).await.unwrap();
+    sync(&peer_a, &remote_a, &create).await.unwrap();
+    assert_eq!(digest(&*a), digest(&*b));
+    assert_eq!(
+        a.get_document("todos:0").unwrap().unwrap().conflicts.len(),
+        1
+    );
+
+    // A continuous pull over the session: a change pushed by a reaches b without polling.
+    let live = ReplicationOptions {
+        continuous: true,
+        wait_timeout: Duration::from_secs(20),
+        ..options(16)
+    };
+    let b_for_task = peer_b.clone();
+    let pull = tokio::spawn(async move {
+        let remote = WsPeer::new(&db_url, "b").unwrap();
+        replicate(&remote, &b_for_task, &live, |_| {}).await
+    });
+    put(&*a, "todos:live", json!({"live": true}));
+    sync(&peer_a, &remote_a, &create).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while b.get_document("todos:live").unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the live change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pull.abort();
+}
+
+#[tokio::test]
+async fn websocket_session_errors_are_typed() {
+    use ferry_sync::WsPeer;
+    let (url, _dir, _stop) = start_server().await;
+    let replicas = Replicas::new();
+    let a = replicas.create("a");
+    let missing = WsPeer::new(&format!("{url}/missing"), "a").unwrap();
+    let error = replicate(&local(&a).await, &missing, &options(10), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SyncError::Http { status: 404, error, .. } if error == "not_found"),
+        "{error}"
+    );
+    let closed = WsPeer::new("http://127.0.0.1:9/db", "a").unwrap();
+    let error = replicate(&local(&a).await, &closed, &options(10), |_| {})
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(matches!(
+        WsPeer::new("http://127.0.0.1:1/a/b", "a"),
+        Err(SyncError::InvalidUrl(_))
+    ));
+}

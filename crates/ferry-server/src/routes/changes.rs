@@ -38,7 +38,7 @@ const SCAN_CHUNK: usize = 500;
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug)]
-enum Filter {
+pub(crate) enum Filter {
     None,
     DocIds(BTreeSet<String>),
     Selector(Selector),
@@ -64,23 +64,40 @@ impl Filter {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Feed {
+pub(crate) enum Feed {
     Normal,
     Longpoll,
     Continuous,
 }
 
 #[derive(Clone, Debug)]
-struct ChangesRequest {
-    since: u64,
-    limit: usize,
-    all_leaves: bool,
-    include_docs: bool,
-    conflicts: bool,
-    feed: Feed,
-    timeout: Duration,
-    heartbeat: Option<Duration>,
-    filter: Filter,
+pub(crate) struct ChangesRequest {
+    pub(crate) since: u64,
+    pub(crate) limit: usize,
+    pub(crate) all_leaves: bool,
+    pub(crate) include_docs: bool,
+    pub(crate) conflicts: bool,
+    pub(crate) feed: Feed,
+    pub(crate) timeout: Duration,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) filter: Filter,
+}
+
+impl ChangesRequest {
+    /// A one-page read of all leaves after `since`, as replication wants it.
+    pub(crate) fn replication_page(since: u64, limit: usize, filter: Filter) -> ChangesRequest {
+        ChangesRequest {
+            since,
+            limit,
+            all_leaves: true,
+            include_docs: false,
+            conflicts: false,
+            feed: Feed::Normal,
+            timeout: Duration::ZERO,
+            heartbeat: None,
+            filter,
+        }
+    }
 }
 
 /// `GET /{db}/_changes`.
@@ -230,7 +247,7 @@ async fn parse_request(
     })
 }
 
-struct Page {
+pub(crate) struct Page {
     rows: Vec<Value>,
     last_seq: u64,
     update_seq: u64,
@@ -316,7 +333,7 @@ fn read_page(
     })
 }
 
-async fn page(
+pub(crate) async fn page(
     state: &AppState,
     db: &str,
     request: &ChangesRequest,
@@ -329,7 +346,7 @@ async fn page(
         .await
 }
 
-fn page_json(page: Page) -> Value {
+pub(crate) fn page_json(page: Page) -> Value {
     json!({
         "results": page.rows,
         "last_seq": page.last_seq,

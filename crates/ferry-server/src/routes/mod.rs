@@ -10,6 +10,7 @@ mod database;
 mod documents;
 mod replication;
 mod server;
+mod session;
 
 /// Every route. Static segments (`_changes`, `_local`) take precedence over the document
 /// wildcard, so document ids such as `_design/x` or `a/b` still reach the document handlers.
@@ -25,6 +26,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/_up", get(server::health))
         .route("/_all_dbs", get(server::all_dbs))
         .route("/_uuids", get(server::uuids))
+        .route("/_ferry/sync", get(session::upgrade))
         // PouchDB asks for `/{db}/` with the slash; both forms are the database.
         .route("/{db}", database.clone())
         .route("/{db}/", database)

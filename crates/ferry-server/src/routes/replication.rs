@@ -18,7 +18,7 @@ use crate::routes::documents::{open_revisions, revision_document};
 
 type QueryMap = Query<HashMap<String, String>>;
 
-fn check_batch(state: &AppState, count: usize, what: &str) -> ApiResult<()> {
+pub(crate) fn check_batch(state: &AppState, count: usize, what: &str) -> ApiResult<()> {
     if count > state.limits.max_batch_docs {
         return Err(ApiError::too_large(format!(
             "{count} {what} in one request, at most {} allowed",

@@ -1,0 +1,365 @@
+//! `GET /_ferry/sync`: the WebSocket sync session (`docs/protocol.md`).
+//!
+//! A session is a loop over one socket: requests are answered in order, each by the same store
+//! calls the HTTP endpoints make; between requests, a subscribed session is told when its
+//! database's sequence moves. The session holds no replication state of its own: checkpoints
+//! are `_local` documents, so a session lost at any point is simply opened again.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use ferry_core::couch::revision_from_json;
+use ferry_core::json::parse_strict;
+use ferry_core::rev::Rev;
+use ferry_core::selector::Selector;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::params::{ENVELOPE_DEPTH, parse_rev, parse_rev_list};
+use crate::routes::changes::{ChangesRequest, Filter, page, page_json};
+use crate::routes::documents::revision_document;
+use crate::routes::replication::{check_batch, store_revisions};
+
+/// The protocol versions this server speaks.
+const VERSIONS: &[u64] = &[1];
+/// How long a client may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that sends nothing (not even a ping) for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests nest one level deeper than `_bulk_docs` bodies: `{"op", "docs": [doc]}`.
+const REQUEST_DEPTH: usize = ENVELOPE_DEPTH;
+
+/// Upgrades the request to a session.
+pub(crate) async fn upgrade(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(state.limits.max_request_bytes)
+        .on_upgrade(move |socket| async move {
+            let mut session = Session { state, socket };
+            if let Err(reason) = session.run().await {
+                tracing::debug!(%reason, "sync session ended");
+            }
+        })
+}
+
+struct Session {
+    state: AppState,
+    socket: WebSocket,
+}
+
+fn error_frame(error: &ApiError) -> Value {
+    json!({"type": "error", "error": error.error, "reason": error.reason})
+}
+
+impl Session {
+    async fn send(&mut self, frame: &Value) -> Result<(), String> {
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// The next JSON frame; `None` when the client closed the session.
+    async fn receive(&mut self, timeout: Duration) -> Result<Option<Value>, String> {
+        loop {
+            let message = tokio::time::timeout(timeout, self.socket.recv())
+                .await
+                .map_err(|_| "idle timeout".to_owned())?;
+            let Some(message) = message else {
+                return Ok(None);
+            };
+            let text = match message.map_err(|error| error.to_string())? {
+                Message::Text(text) => text,
+                Message::Close(_) => return Ok(None),
+                // Pings are answered by the WebSocket layer; binary frames are not ours.
+                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Binary(_) => {
+                    return Err("binary frames are not part of the protocol".into());
+                }
+            };
+            let depth = self.state.limits.max_json_depth + REQUEST_DEPTH;
+            return parse_strict(text.as_bytes(), depth)
+                .map(Some)
+                .map_err(|error| format!("invalid frame: {error}"));
+        }
+    }
+
+    async fn refuse(&mut self, error: ApiError) -> Result<(), String> {
+        let _ = self.send(&error_frame(&error)).await;
+        let _ = self.socket.send(Message::Close(None)).await;
+        Err(error.reason)
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        let Some(hello) = self.receive(HELLO_TIMEOUT).await? else {
+            return Ok(());
+        };
+        if hello["type"] != "hello" {
+            return self
+                .refuse(ApiError::bad_request("the first message must be hello"))
+                .await;
+        }
+        let offered: Vec<u64> = hello["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        let Some(version) = VERSIONS.iter().rev().find(|v| offered.contains(v)).copied() else {
+            return self
+                .refuse(ApiError::new(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "unsupported_version",
+                    format!("this server speaks versions {VERSIONS:?}"),
+                ))
+                .await;
+        };
+        let Some(db) = hello["db"].as_str().map(str::to_owned) else {
+            return self.refuse(ApiError::bad_request("hello needs a db")).await;
+        };
+        let create = hello["create"].as_bool().unwrap_or(false);
+        let opened = {
+            let db = db.clone();
+            self.state
+                .run(move |backend| {
+                    let database = match backend.open_database(&db) {
+                        Err(ferry_store::StoreError::NoSuchDatabase(_)) if create => {
+                            match backend.create_database(&db) {
+                                // Created meanwhile by another session.
+                                Err(ferry_store::StoreError::DatabaseExists(_)) => {
+                                    backend.open_database(&db)
+                                }
+                                other => other,
+                            }
+                        }
+                        other => other,
+                    }?;
+                    database.info()
+                })
+                .await
+        };
+        let info = match opened {
+            Ok(info) => info,
+            Err(error) => return self.refuse(error).await,
+        };
+        self.send(&json!({
+            "type": "welcome",
+            "version": version,
+            "server": self.state.server_uuid(),
+            "update_seq": info.update_seq,
+        }))
+        .await?;
+
+        let mut notifications = self.state.subscribe(&db, info.update_seq);
+        // The last sequence announced to a subscribed client, or None when not subscribed.
+        let mut announced: Option<u64> = None;
+        loop {
+            tokio::select! {
+                frame = self.receive(IDLE_TIMEOUT) => {
+                    let Some(frame) = frame? else { return Ok(()) };
+                    match frame["type"].as_str() {
+                        Some("request") => {
+                            let response = answer(&self.state, &db, &frame).await;
+                            self.send(&response).await?;
+                        }
+                        Some("subscribe") => {
+                            let since = frame["since"].as_u64().unwrap_or(0);
+                            announced = Some(since);
+                            self.announce(&mut notifications, &mut announced).await?;
+                        }
+                        Some("unsubscribe") => announced = None,
+                        Some("ping") => self.send(&json!({"type": "pong"})).await?,
+                        _ => {
+                            return self
+                                .refuse(ApiError::bad_request("unknown message type"))
+                                .await;
+                        }
+                    }
+                }
+                changed = notifications.changed(), if announced.is_some() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    self.announce(&mut notifications, &mut announced).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends `changed` if the database moved past what was last announced.
+    async fn announce(
+        &mut self,
+        notifications: &mut watch::Receiver<u64>,
+        announced: &mut Option<u64>,
+    ) -> Result<(), String> {
+        let latest = *notifications.borrow_and_update();
+        if let Some(last) = *announced
+            && latest > last
+        {
+            *announced = Some(latest);
+            self.send(&json!({"type": "changed", "seq": latest}))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The response to one request frame.
+async fn answer(state: &AppState, db: &str, frame: &Value) -> Value {
+    let id = frame["id"].clone();
+    match operation(state, db, frame).await {
+        Ok(result) => json!({"type": "response", "id": id, "result": result}),
+        Err(error) => json!({
+            "type": "response",
+            "id": id,
+            "error": {"error": error.error, "reason": error.reason},
+        }),
+    }
+}
+
+/// Carries out one request: the same store calls as the HTTP endpoints.
+async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value> {
+    match frame["op"].as_str().unwrap_or_default() {
+        "get_checkpoint" => {
+            let id = checkpoint_id(frame)?;
+            let local = state.with_db(db, move |db| db.get_local(&id)).await?;
+            Ok(local.map_or(Value::Null, |local| Value::Object(local.body)))
+        }
+        "put_checkpoint" => {
+            let id = checkpoint_id(frame)?;
+            let Some(Value::Object(body)) = frame.get("checkpoint").cloned() else {
+                return Err(ApiError::bad_request(
+                    "put_checkpoint needs a checkpoint object",
+                ));
+            };
+            state.validate_document(&format!("local-{id}"), &body)?;
+            state
+                .with_db(db, move |db| {
+                    let current = db.get_local(&id)?.map(|local| local.rev);
+                    db.put_local(&id, current, Some(body))
+                })
+                .await?;
+            Ok(json!({}))
+        }
+        "changes" => {
+            let since = frame["since"].as_u64().unwrap_or(0);
+            let max_rows = state.limits.max_page_rows;
+            let limit = frame["limit"]
+                .as_u64()
+                .map_or(max_rows, |limit| usize::try_from(limit).unwrap_or(max_rows))
+                .clamp(1, max_rows);
+            let filter = if let Some(ids) = frame.get("doc_ids") {
+                let ids: BTreeSet<String> = ids
+                    .as_array()
+                    .ok_or_else(|| ApiError::bad_request("doc_ids must be an array"))?
+                    .iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect();
+                Filter::DocIds(ids)
+            } else if let Some(selector) = frame.get("selector") {
+                Filter::Selector(
+                    Selector::parse(selector)
+                        .map_err(|error| ApiError::bad_request(error.to_string()))?,
+                )
+            } else {
+                Filter::None
+            };
+            let request = ChangesRequest::replication_page(since, limit, filter);
+            Ok(page_json(page(state, db, &request, since, limit).await?))
+        }
+        "revs_diff" => {
+            let Some(Value::Object(map)) = frame.get("revs") else {
+                return Err(ApiError::bad_request("revs_diff needs a revs object"));
+            };
+            let asked: Vec<(String, Vec<Rev>)> = map
+                .iter()
+                .map(|(doc_id, revs)| Ok((doc_id.clone(), parse_rev_list(revs)?)))
+                .collect::<ApiResult<_>>()?;
+            check_batch(state, asked.len(), "documents")?;
+            let answers = state.with_db(db, move |db| db.revs_diff(&asked)).await?;
+            let missing: Map<String, Value> = answers
+                .into_iter()
+                .filter(|(_, diff)| !diff.missing.is_empty())
+                .map(|(doc_id, diff)| {
+                    (
+                        doc_id,
+                        diff.missing
+                            .iter()
+                            .map(|rev| Value::String(rev.to_string()))
+                            .collect(),
+                    )
+                })
+                .collect();
+            Ok(Value::Object(missing))
+        }
+        "bulk_get" => {
+            let requests = frame["docs"]
+                .as_array()
+                .ok_or_else(|| ApiError::bad_request("bulk_get needs docs"))?;
+            check_batch(state, requests.len(), "documents")?;
+            let wanted: Vec<(String, Rev)> = requests
+                .iter()
+                .map(|request| {
+                    let id = request["id"]
+                        .as_str()
+                        .ok_or_else(|| ApiError::bad_request("each doc needs an id"))?;
+                    let rev = parse_rev(request["rev"].as_str().unwrap_or_default())?;
+                    Ok((id.to_owned(), rev))
+                })
+                .collect::<ApiResult<_>>()?;
+            let revs_limit = state.limits.revs_limit;
+            let found = state
+                .with_db(db, move |db| {
+                    wanted
+                        .into_iter()
+                        .map(|(id, rev)| {
+                            let stored = db.get_revision(&id, &rev, revs_limit)?;
+                            Ok((id, rev, stored.filter(|stored| stored.body.is_some())))
+                        })
+                        .collect::<Result<Vec<_>, ferry_store::StoreError>>()
+                })
+                .await?;
+            let mut docs = Vec::new();
+            let mut missing = Vec::new();
+            for (id, rev, stored) in found {
+                match stored {
+                    Some(stored) => docs.push(revision_document(&stored, true, true)),
+                    None => missing.push(json!({"id": id, "rev": rev.to_string()})),
+                }
+            }
+            Ok(json!({"docs": docs, "missing": missing}))
+        }
+        "bulk_docs" => {
+            let docs = frame["docs"]
+                .as_array()
+                .ok_or_else(|| ApiError::bad_request("bulk_docs needs docs"))?;
+            check_batch(state, docs.len(), "documents")?;
+            let mut revisions = Vec::with_capacity(docs.len());
+            for doc in docs {
+                let revision = revision_from_json(doc.clone())
+                    .map_err(|error| ApiError::bad_request(error.to_string()))?;
+                state.validate_document(&revision.doc_id, &revision.body)?;
+                revisions.push(revision);
+            }
+            let acks: Vec<Value> = revisions
+                    .iter()
+                    .map(|revision| json!({"id": revision.doc_id, "rev": revision.rev().to_string(), "ok": true}))
+                    .collect();
+            store_revisions(state, db, revisions).await?;
+            Ok(json!({ "acks": acks }))
+        }
+        other => Err(ApiError::bad_request(format!("unknown op {other:?}"))),
+    }
+}
+
+fn checkpoint_id(frame: &Value) -> ApiResult<String> {
+    frame["checkpoint_id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::bad_request("checkpoint_id must be a non-empty string"))
+}

@@ -1,0 +1,216 @@
+//! The WebSocket sync session (`docs/protocol.md`) spoken by hand over a real socket: opening,
+//! versioning, requests with per-revision acknowledgements, all-or-nothing writes, live
+//! notifications, heartbeats and limits.
+
+use std::time::Duration;
+
+use ferry_core::model::Limits;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Server {
+    address: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(limits: Limits) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let config = ferry_server::ServerConfig {
+        data_dir: dir.path().to_owned(),
+        limits,
+        ..ferry_server::ServerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ferry_server::serve_on(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        address,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+async fn connect(server: &Server) -> Socket {
+    let url = format!("ws://{}/_ferry/sync", server.address);
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next JSON frame, or None if the server closed the session.
+async fn receive(socket: &mut Socket) -> Option<Value> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("the server answered in time")?;
+        match message {
+            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+async fn open(server: &Server, db: &str) -> Socket {
+    let mut socket = connect(server).await;
+    send(
+        &mut socket,
+        json!({"type": "hello", "versions": [1], "db": db, "create": true}),
+    )
+    .await;
+    let welcome = receive(&mut socket).await.unwrap();
+    assert_eq!(welcome["type"], json!("welcome"), "{welcome}");
+    assert_eq!(welcome["version"], json!(1));
+    socket
+}
+
+fn revision(id: &str, rev: &str, value: Value) -> Value {
+    let (start, hash) = rev.split_once('-').unwrap();
+    json!({"_id": id, "_rev": rev, "_revisions": {"start": start.parse::<u64>().unwrap(), "ids": [hash]}, "v": value})
+}
+
+#[tokio::test]
+async fn opening_a_session_checks_hello_version_and_database() {
+    let server = start(Limits::default()).await;
+    for (hello, error) in [
+        (json!({"type": "request", "op": "changes"}), "bad_request"),
+        (
+            json!({"type": "hello", "versions": [7], "db": "x"}),
+            "unsupported_version",
+        ),
+        (
+            json!({"type": "hello", "versions": [1], "db": "missing"}),
+            "not_found",
+        ),
+        (json!({"type": "hello", "versions": [1]}), "bad_request"),
+    ] {
+        let mut socket = connect(&server).await;
+        send(&mut socket, hello.clone()).await;
+        let answer = receive(&mut socket).await.unwrap();
+        assert_eq!(
+            (answer["type"].clone(), answer["error"].clone()),
+            (json!("error"), json!(error)),
+            "{hello}"
+        );
+        assert!(
+            receive(&mut socket).await.is_none(),
+            "the session is closed after an error"
+        );
+    }
+    let _ = open(&server, "created-by-hello").await;
+}
+
+#[tokio::test]
+async fn writes_are_acknowledged_per_revision_or_refused_whole() {
+    let server = start(Limits::default()).await;
+    let mut socket = open(&server, "acks").await;
+    let docs = json!([
+        revision("a", "1-aa", json!(1)),
+        revision("b", "1-bb", json!(2))
+    ]);
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 1, "op": "bulk_docs", "docs": docs}),
+    )
+    .await;
+    let response = receive(&mut socket).await.unwrap();
+    assert_eq!(response["id"], json!(1));
+    assert_eq!(
+        response["result"]["acks"],
+        json!([{"id": "a", "rev": "1-aa", "ok": true}, {"id": "b", "rev": "1-bb", "ok": true}])
+    );
+    // One malformed revision refuses the whole batch; the good one is not stored either.
+    let docs = json!([revision("c", "1-cc", json!(3)), {"_id": "d", "_rev": "nope"}]);
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 2, "op": "bulk_docs", "docs": docs}),
+    )
+    .await;
+    let refused = receive(&mut socket).await.unwrap();
+    assert_eq!(refused["id"], json!(2));
+    assert_eq!(refused["error"]["error"], json!("bad_request"));
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 3, "op": "changes", "since": 0, "limit": 10}),
+    )
+    .await;
+    let changes = receive(&mut socket).await.unwrap();
+    let ids: Vec<&str> = changes["result"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    // Pipelined requests are answered in order; unknown operations are errors, not closes.
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 4, "op": "revs_diff", "revs": {"a": ["1-aa", "2-zz"]}}),
+    )
+    .await;
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 5, "op": "frobnicate"}),
+    )
+    .await;
+    send(&mut socket, json!({"type": "ping"})).await;
+    let diff = receive(&mut socket).await.unwrap();
+    assert_eq!(
+        (diff["id"].clone(), diff["result"].clone()),
+        (json!(4), json!({"a": ["2-zz"]}))
+    );
+    let unknown = receive(&mut socket).await.unwrap();
+    assert_eq!(
+        (unknown["id"].clone(), unknown["error"]["error"].clone()),
+        (json!(5), json!("bad_request"))
+    );
+    assert_eq!(receive(&mut socket).await.unwrap()["type"], json!("pong"));
+}
+
+#[tokio::test]
+async fn subscribed_sessions_are_told_about_changes() {
+    let server = start(Limits::default()).await;
+    let mut watcher = open(&server, "live").await;
+    send(&mut watcher, json!({"type": "subscribe", "since": 0})).await;
+    let mut writer = open(&server, "live").await;
+    send(&mut writer, json!({"type": "request", "id": 1, "op": "bulk_docs", "docs": [revision("x", "1-ab", json!(1))]})).await;
+    assert!(receive(&mut writer).await.unwrap()["result"]["acks"].is_array());
+    let notice = receive(&mut watcher).await.unwrap();
+    assert_eq!(notice, json!({"type": "changed", "seq": 1}));
+}
+
+#[tokio::test]
+async fn a_frame_over_the_request_limit_closes_the_session() {
+    let limits = Limits {
+        max_request_bytes: 4_096,
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let mut socket = open(&server, "limits").await;
+    let skeleton = json!({"type": "ping", "pad": ""}).to_string().len();
+    let padded =
+        |size: usize| json!({"type": "ping", "pad": "x".repeat(size - skeleton)}).to_string();
+    let at_limit = padded(4_096);
+    assert_eq!(at_limit.len(), 4_096);
+    socket.send(Message::Text(at_limit.into())).await.unwrap();
+    assert_eq!(receive(&mut socket).await.unwrap()["type"], json!("pong"));
+    let past = padded(4_097);
+    socket.send(Message::Text(past.into())).await.unwrap();
+    assert!(
+        receive(&mut socket).await.is_none(),
+        "the oversized frame ended the session"
+    );
+}

@@ -1,0 +1,495 @@
+//! A peer on a Ferry server over a WebSocket sync session (`docs/protocol.md`).
+//!
+//! One connection task owns the socket. Requests from any number of replications (a push and
+//! a pull share the session) go to it through a channel with a reply slot; it numbers them,
+//! sends them, and routes each response back by id. `changed` notifications update a watch
+//! channel that [`Peer::wait_for_changes`] waits on, so live pulls are woken by the server
+//! instead of polling. When the socket dies, every waiting request fails with a transient
+//! error and the next request opens a new session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_core::couch::{revision_from_json, revision_json};
+use ferry_core::model::Revision;
+use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::rev::Rev;
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Url;
+use serde_json::{Map, Value, json};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{ChangesFilter, ChangesPage, Peer, SyncError};
+
+/// The protocol versions this client speaks.
+const VERSIONS: &[u64] = &[1];
+/// How often the client says it is alive.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A session that receives nothing for this long is considered lost.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long opening a session may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A replication peer on a Ferry server database, over one WebSocket session.
+///
+/// Built from the database's HTTP URL (`http://host:port/db`); the session goes to
+/// `ws://host:port/_ferry/sync`. [`Peer::describe`] is the same as [`crate::HttpPeer`]'s for the
+/// same database, so switching transport keeps the replication's checkpoints.
+pub struct WsPeer {
+    session_url: Url,
+    database_url: String,
+    db: String,
+    replica_id: String,
+    create: AtomicBool,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+struct Connection {
+    requests: mpsc::Sender<Outgoing>,
+    /// The server's latest announced sequence.
+    changed: watch::Receiver<u64>,
+    subscribed: AtomicBool,
+    alive: Arc<AtomicBool>,
+}
+
+enum Outgoing {
+    Request {
+        frame: Map<String, Value>,
+        reply: oneshot::Sender<Result<Value, SyncError>>,
+    },
+    Frame(Value),
+}
+
+impl WsPeer {
+    /// A peer on the database at `url` (`http://host:port/db`), for the replica `replica_id`.
+    pub fn new(url: &str, replica_id: &str) -> Result<WsPeer, SyncError> {
+        let parsed = Url::parse(url).map_err(|_| SyncError::InvalidUrl(url.to_owned()))?;
+        let db = parsed.path().trim_matches('/').to_owned();
+        let scheme = match parsed.scheme() {
+            "http" => "ws",
+            "https" => "wss",
+            _ => return Err(SyncError::InvalidUrl(url.to_owned())),
+        };
+        if db.is_empty() || db.contains('/') || parsed.host_str().is_none() {
+            return Err(SyncError::InvalidUrl(url.to_owned()));
+        }
+        let mut session_url = parsed.clone();
+        session_url
+            .set_scheme(scheme)
+            .map_err(|()| SyncError::InvalidUrl(url.to_owned()))?;
+        session_url.set_path("/_ferry/sync");
+        session_url.set_query(None);
+        let _ = session_url.set_username("");
+        let _ = session_url.set_password(None);
+        let mut database_url = parsed;
+        let _ = database_url.set_username("");
+        let _ = database_url.set_password(None);
+        database_url.set_path(&format!("/{db}/"));
+        Ok(WsPeer {
+            session_url,
+            database_url: database_url.to_string(),
+            db,
+            replica_id: replica_id.to_owned(),
+            create: AtomicBool::new(false),
+            connection: Mutex::new(None),
+        })
+    }
+
+    fn lost(&self, detail: impl Into<String>) -> SyncError {
+        SyncError::Session {
+            url: self.session_url.to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The open session, opening one if there is none or the last one was lost.
+    async fn connection(&self) -> Result<Arc<Connection>, SyncError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && connection.alive.load(Ordering::SeqCst)
+        {
+            return Ok(connection.clone());
+        }
+        let connection = Arc::new(self.open().await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn open(&self) -> Result<Connection, SyncError> {
+        let (mut socket, _) = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            tokio_tungstenite::connect_async(self.session_url.as_str()),
+        )
+        .await
+        .map_err(|_| self.lost("timed out connecting"))?
+        .map_err(|error| self.lost(format!("cannot connect: {error}")))?;
+        let hello = json!({
+            "type": "hello",
+            "versions": VERSIONS,
+            "db": self.db,
+            "create": self.create.load(Ordering::SeqCst),
+            "replica_id": self.replica_id,
+        });
+        socket
+            .send(Message::Text(hello.to_string().into()))
+            .await
+            .map_err(|error| self.lost(error.to_string()))?;
+        let welcome = loop {
+            let message = tokio::time::timeout(OPEN_TIMEOUT, socket.next())
+                .await
+                .map_err(|_| self.lost("no welcome"))?
+                .ok_or_else(|| self.lost("closed before welcome"))?
+                .map_err(|error| self.lost(error.to_string()))?;
+            if let Message::Text(text) = message {
+                break serde_json::from_str::<Value>(&text)
+                    .map_err(|_| self.lost("the welcome is not JSON"))?;
+            }
+        };
+        if welcome["type"] == "error" {
+            return Err(SyncError::Http {
+                url: self.session_url.to_string(),
+                status: if welcome["error"] == "not_found" {
+                    404
+                } else {
+                    400
+                },
+                error: welcome["error"].as_str().unwrap_or("error").to_owned(),
+                reason: welcome["reason"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        if welcome["type"] != "welcome" {
+            return Err(self.lost("expected welcome"));
+        }
+        let (requests, outgoing) = mpsc::channel(64);
+        let (changed_sender, changed) = watch::channel(welcome["update_seq"].as_u64().unwrap_or(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(run_connection(
+            socket,
+            outgoing,
+            changed_sender,
+            alive.clone(),
+            self.session_url.to_string(),
+        ));
+        Ok(Connection {
+            requests,
+            changed,
+            subscribed: AtomicBool::new(false),
+            alive,
+        })
+    }
+
+    async fn request(&self, op: &str, mut frame: Map<String, Value>) -> Result<Value, SyncError> {
+        let connection = self.connection().await?;
+        frame.insert("type".into(), json!("request"));
+        frame.insert("op".into(), json!(op));
+        let (reply, answer) = oneshot::channel();
+        connection
+            .requests
+            .send(Outgoing::Request { frame, reply })
+            .await
+            .map_err(|_| self.lost("the session ended"))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+            .await
+            .map_err(|_| self.lost(format!("no answer to {op}")))?
+            .map_err(|_| self.lost("the session ended"))??;
+        if let Some(error) = response.get("error") {
+            return Err(SyncError::Http {
+                url: self.session_url.to_string(),
+                status: 400,
+                error: error["error"].as_str().unwrap_or("error").to_owned(),
+                reason: error["reason"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        Ok(response.get("result").cloned().unwrap_or(Value::Null))
+    }
+
+    fn invalid(&self, detail: impl Into<String>) -> SyncError {
+        SyncError::InvalidResponse {
+            url: self.session_url.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The connection task: multiplexes requests, routes responses, tracks notifications, pings.
+async fn run_connection(
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    changed: watch::Sender<u64>,
+    alive: Arc<AtomicBool>,
+    url: String,
+) {
+    let (mut sink, mut stream) = socket.split();
+    let mut waiting: HashMap<u64, oneshot::Sender<Result<Value, SyncError>>> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut last_heard = tokio::time::Instant::now();
+    let reason = loop {
+        tokio::select! {
+            message = outgoing.recv() => {
+                let frame = match message {
+                    None => break "the peer was dropped".to_owned(),
+                    Some(Outgoing::Frame(frame)) => frame,
+                    Some(Outgoing::Request { mut frame, reply }) => {
+                        next_id += 1;
+                        frame.insert("id".into(), json!(next_id));
+                        waiting.insert(next_id, reply);
+                        Value::Object(frame)
+                    }
+                };
+                if let Err(error) = sink.send(Message::Text(frame.to_string().into())).await {
+                    break error.to_string();
+                }
+            }
+            message = stream.next() => {
+                last_heard = tokio::time::Instant::now();
+                let text = match message {
+                    None => break "closed by the server".to_owned(),
+                    Some(Err(error)) => break error.to_string(),
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) => break "closed by the server".to_owned(),
+                    Some(Ok(_)) => continue,
+                };
+                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                    break "the server sent a frame that is not JSON".to_owned();
+                };
+                match frame["type"].as_str() {
+                    Some("response") => {
+                        let reply = frame["id"].as_u64().and_then(|id| waiting.remove(&id));
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(frame));
+                        }
+                    }
+                    Some("changed") => {
+                        if let Some(seq) = frame["seq"].as_u64() {
+                            changed.send_if_modified(|latest| {
+                                let newer = seq > *latest;
+                                *latest = (*latest).max(seq);
+                                newer
+                            });
+                        }
+                    }
+                    Some("error") => break format!("server error: {}", frame["reason"]),
+                    _ => {}
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > SILENCE_TIMEOUT {
+                    break "the server went silent".to_owned();
+                }
+                let frame = json!({"type": "ping"}).to_string();
+                if let Err(error) = sink.send(Message::Text(frame.into())).await {
+                    break error.to_string();
+                }
+            }
+        }
+    };
+    alive.store(false, Ordering::SeqCst);
+    tracing::debug!(%reason, "sync session closed");
+    for (_, reply) in waiting {
+        let _ = reply.send(Err(SyncError::Session {
+            url: url.clone(),
+            detail: reason.clone(),
+        }));
+    }
+    // Wake live waits so they notice the session is gone.
+    drop(changed);
+}
+
+fn revs_json(revs: &[Rev]) -> Value {
+    revs.iter()
+        .map(|rev| Value::String(rev.to_string()))
+        .collect()
+}
+
+fn parse_revs(value: &Value) -> Option<Vec<Rev>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|rev| rev.as_str()?.parse().ok())
+        .collect()
+}
+
+impl Peer for WsPeer {
+    fn describe(&self) -> String {
+        self.database_url.clone()
+    }
+
+    async fn prepare(&self, create: bool) -> Result<(), SyncError> {
+        if create {
+            self.create.store(true, Ordering::SeqCst);
+        }
+        self.connection().await.map(|_| ())
+    }
+
+    async fn get_checkpoint(&self, replication_id: &str) -> Result<Option<Checkpoint>, SyncError> {
+        let mut frame = Map::new();
+        frame.insert("checkpoint_id".into(), json!(replication_id));
+        let result = self.request("get_checkpoint", frame).await?;
+        Ok(serde_json::from_value(result).ok())
+    }
+
+    async fn put_checkpoint(
+        &self,
+        replication_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SyncError> {
+        let mut frame = Map::new();
+        frame.insert("checkpoint_id".into(), json!(replication_id));
+        frame.insert(
+            "checkpoint".into(),
+            serde_json::to_value(checkpoint).expect("checkpoints serialize"),
+        );
+        self.request("put_checkpoint", frame).await.map(|_| ())
+    }
+
+    async fn changes(
+        &self,
+        since: &Value,
+        limit: usize,
+        filter: &ChangesFilter,
+    ) -> Result<ChangesPage, SyncError> {
+        let mut frame = Map::new();
+        frame.insert("since".into(), json!(crate::seq_number(since)?));
+        frame.insert("limit".into(), json!(limit));
+        if let Some(doc_ids) = &filter.doc_ids {
+            frame.insert("doc_ids".into(), json!(doc_ids));
+        } else if let Some((selector, _)) = &filter.selector {
+            frame.insert("selector".into(), selector.clone());
+        }
+        let result = self.request("changes", frame).await?;
+        let rows = result["results"]
+            .as_array()
+            .ok_or_else(|| self.invalid("changes without results"))?
+            .iter()
+            .map(|row| {
+                Some(ChangeRow {
+                    doc_id: row["id"].as_str()?.to_owned(),
+                    seq: row["seq"].clone(),
+                    revs: row["changes"]
+                        .as_array()?
+                        .iter()
+                        .map(|change| change["rev"].as_str()?.parse().ok())
+                        .collect::<Option<Vec<Rev>>>()?,
+                    deleted: row["deleted"].as_bool().unwrap_or(false),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| self.invalid("a malformed change row"))?;
+        Ok(ChangesPage {
+            rows,
+            last_seq: result["last_seq"].clone(),
+            pending: result["pending"].as_u64(),
+        })
+    }
+
+    async fn revs_diff(
+        &self,
+        revs: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
+        let asked: Map<String, Value> = revs
+            .iter()
+            .map(|(doc_id, revs)| (doc_id.clone(), revs_json(revs)))
+            .collect();
+        let mut frame = Map::new();
+        frame.insert("revs".into(), Value::Object(asked));
+        let result = self.request("revs_diff", frame).await?;
+        let Value::Object(missing) = result else {
+            return Err(self.invalid("revs_diff result is not an object"));
+        };
+        missing
+            .into_iter()
+            .map(|(doc_id, revs)| {
+                let revs = parse_revs(&revs).ok_or_else(|| self.invalid("invalid revisions"))?;
+                Ok((doc_id, revs))
+            })
+            .collect()
+    }
+
+    async fn fetch_revisions(
+        &self,
+        wanted: Vec<(String, Vec<Rev>)>,
+    ) -> Result<Vec<Revision>, SyncError> {
+        let docs: Vec<Value> = wanted
+            .iter()
+            .flat_map(|(doc_id, revs)| {
+                revs.iter()
+                    .map(move |rev| json!({"id": doc_id, "rev": rev.to_string()}))
+            })
+            .collect();
+        let mut frame = Map::new();
+        frame.insert("docs".into(), Value::Array(docs));
+        let result = self.request("bulk_get", frame).await?;
+        for missing in result["missing"].as_array().into_iter().flatten() {
+            tracing::warn!(%missing, "revision not available on the server; skipped");
+        }
+        result["docs"]
+            .as_array()
+            .ok_or_else(|| self.invalid("bulk_get without docs"))?
+            .iter()
+            .map(|doc| {
+                revision_from_json(doc.clone()).map_err(|error| self.invalid(error.to_string()))
+            })
+            .collect()
+    }
+
+    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+        let docs: Vec<Value> = revisions
+            .iter()
+            .map(|revision| revision_json(revision, true))
+            .collect();
+        let mut frame = Map::new();
+        frame.insert("docs".into(), Value::Array(docs));
+        let result = self.request("bulk_docs", frame).await?;
+        let acks = result["acks"]
+            .as_array()
+            .ok_or_else(|| self.invalid("bulk_docs without acks"))?;
+        // Every revision sent must come back acknowledged, in order.
+        let acknowledged = acks.len() == revisions.len()
+            && acks.iter().zip(&revisions).all(|(ack, revision)| {
+                ack["ok"] == json!(true)
+                    && ack["id"] == json!(revision.doc_id)
+                    && ack["rev"] == json!(revision.rev().to_string())
+            });
+        if !acknowledged {
+            return Err(self.invalid("the server did not acknowledge every revision"));
+        }
+        Ok(())
+    }
+
+    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+        let since = crate::seq_number(since)?;
+        let connection = self.connection().await?;
+        if !connection.subscribed.swap(true, Ordering::SeqCst) {
+            connection
+                .requests
+                .send(Outgoing::Frame(
+                    json!({"type": "subscribe", "since": since}),
+                ))
+                .await
+                .map_err(|_| self.lost("the session ended"))?;
+        }
+        let mut changed = connection.changed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if *changed.borrow_and_update() > since {
+                return Ok(true);
+            }
+            tokio::select! {
+                result = changed.changed() => {
+                    if result.is_err() {
+                        return Err(self.lost("the session ended"));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(false),
+            }
+        }
+    }
+}
