@@ -4,10 +4,12 @@
  * PouchDB 9 interop scenarios against a CouchDB-protocol server (a `ferry serve`).
  *
  *   node interop.js <scenario> --url http://127.0.0.1:PORT [--db NAME] [--n 10000]
+ *                   [--user NAME --password PASSWORD]
  *
  * Scenarios: push, pull, live, conflict, filtered. Each asserts its own expectations, prints
  * one line `RESULT {json}` and exits 0, or prints the failure on stderr and exits 1. Local
- * databases use PouchDB's memory adapter. Only loopback addresses are ever contacted.
+ * databases use PouchDB's memory adapter. Only loopback addresses are ever contacted. With
+ * --user and --password every request to the server carries HTTP basic auth.
  */
 const PouchDB = require('pouchdb');
 PouchDB.plugin(require('pouchdb-adapter-memory'));
@@ -30,6 +32,12 @@ if (!base || !/^http:\/\/(127\.0\.0\.1|localhost)(:\d+)?$/.test(base)) {
 const dbName = args.db || 'interop';
 const remoteUrl = `${base}/${dbName}`;
 const N = Number(args.n || 10000);
+const auth = args.user ? { username: args.user, password: args.password || '' } : undefined;
+const authHeader = auth
+  ? { authorization: `Basic ${Buffer.from(`${auth.username}:${auth.password}`).toString('base64')}` }
+  : {};
+/** The server database, as PouchDB sees it. */
+const remote = () => new PouchDB(remoteUrl, { auth });
 
 let localCounter = 0;
 const localDb = () => new PouchDB(`local-${process.pid}-${localCounter++}`, { adapter: 'memory' });
@@ -41,7 +49,7 @@ function check(condition, message) {
 async function http(method, path, body) {
   const response = await fetch(`${remoteUrl}${path}`, {
     method,
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', ...authHeader },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await response.text();
@@ -79,7 +87,7 @@ const scenarios = {
       await local.bulkDocs(docs);
     }
     const started = Date.now();
-    const result = await local.replicate.to(remoteUrl, { batch_size: 100 });
+    const result = await local.replicate.to(remote(), { batch_size: 100 });
     const ms = Date.now() - started;
     check(result.ok && result.docs_written === N, `push wrote ${result.docs_written} of ${N}`);
     const info = await http('GET', '');
@@ -98,7 +106,7 @@ const scenarios = {
   async pull() {
     const local = localDb();
     const started = Date.now();
-    const result = await local.replicate.from(remoteUrl, { batch_size: 100 });
+    const result = await local.replicate.from(remote(), { batch_size: 100 });
     const ms = Date.now() - started;
     check(result.ok && result.docs_written === N, `pull wrote ${result.docs_written} of ${N}`);
     const all = await local.allDocs({ include_docs: true });
@@ -113,7 +121,7 @@ const scenarios = {
   async live() {
     const local = localDb();
     await http('PUT', '');
-    const sync = local.sync(remoteUrl, { live: true, retry: true });
+    const sync = local.sync(remote(), { live: true, retry: true });
     try {
       let started = Date.now();
       const put = await http('PUT', '/from-server', { v: 1 });
@@ -140,18 +148,18 @@ const scenarios = {
     const docs = [];
     for (let i = 0; i < D; i++) docs.push({ _id: `c-${i}`, v: 0 });
     await seed.bulkDocs(docs);
-    await seed.replicate.to(remoteUrl);
+    await seed.replicate.to(remote());
     const [a, b] = [localDb(), localDb()];
-    await a.replicate.from(remoteUrl);
-    await b.replicate.from(remoteUrl);
+    await a.replicate.from(remote());
+    await b.replicate.from(remote());
     for (const [db, who] of [[a, 'A'], [b, 'B']]) {
       const all = await db.allDocs({ include_docs: true });
       await db.bulkDocs(all.rows.map((row) => ({ ...row.doc, v: who })));
     }
-    await a.replicate.to(remoteUrl);
-    await b.replicate.to(remoteUrl);
-    await a.replicate.from(remoteUrl);
-    await b.replicate.from(remoteUrl);
+    await a.replicate.to(remote());
+    await b.replicate.to(remote());
+    await a.replicate.from(remote());
+    await b.replicate.from(remote());
     let agree = 0;
     let oneConflict = 0;
     const winners = { A: 0, B: 0 };
@@ -176,16 +184,55 @@ const scenarios = {
     const docs = [];
     for (let i = 0; i < 50; i++) docs.push({ _id: `f-${String(i).padStart(2, '0')}`, n: i });
     await seed.bulkDocs(docs);
-    await seed.replicate.to(remoteUrl);
+    await seed.replicate.to(remote());
     const byIds = localDb();
-    await byIds.replicate.from(remoteUrl, { doc_ids: ['f-03', 'f-40'] });
+    await byIds.replicate.from(remote(), { doc_ids: ['f-03', 'f-40'] });
     const ids = (await byIds.allDocs()).rows.map((row) => row.id);
     check(JSON.stringify(ids) === JSON.stringify(['f-03', 'f-40']), `doc_ids replicated ${ids}`);
     const bySelector = localDb();
-    await bySelector.replicate.from(remoteUrl, { selector: { n: { $gte: 45 } } });
+    await bySelector.replicate.from(remote(), { selector: { n: { $gte: 45 } } });
     const selected = (await bySelector.allDocs()).rows.map((row) => row.id);
     check(selected.length === 5 && selected[0] === 'f-45', `selector replicated ${selected}`);
     return { ok: true, by_doc_ids: ids.length, by_selector: selected.length };
+  },
+
+  /**
+   * Authentication as browsers and PouchDB apps do it: no credentials is a 401; a cookie
+   * login with POST /_session; replication that sends only the cookie; logout ends it.
+   */
+  async session() {
+    check(auth, 'the session scenario needs --user and --password');
+    const anonymous = await fetch(`${remoteUrl}/`);
+    check(anonymous.status === 401, `without credentials: ${anonymous.status}`);
+    const login = await fetch(`${base}/_session`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ name: auth.username, password: auth.password }),
+    });
+    check(login.status === 200, `login answered ${login.status}`);
+    const cookie = (login.headers.get('set-cookie') || '').split(';')[0];
+    check(cookie.startsWith('AuthSession='), `no session cookie: ${cookie}`);
+    const who = await (await fetch(`${base}/_session`, { headers: { cookie } })).json();
+    check(who.userCtx.name === auth.username, `_session says ${JSON.stringify(who)}`);
+    const withCookie = new PouchDB(remoteUrl, {
+      fetch: (url, options) => {
+        options.headers.set('cookie', cookie);
+        return PouchDB.fetch(url, options);
+      },
+    });
+    const local = localDb();
+    await local.put({ _id: 'via-cookie', n: 1 });
+    const pushed = await local.replicate.to(withCookie);
+    check(pushed.docs_written === 1, `pushed ${pushed.docs_written}`);
+    const logout = await fetch(`${base}/_session`, { method: 'DELETE', headers: { cookie } });
+    check(logout.status === 200, `logout answered ${logout.status}`);
+    const after = await fetch(`${remoteUrl}/via-cookie`, { headers: { cookie } });
+    check(after.status === 401, `after logout: ${after.status}`);
+    const wrong = await fetch(`${remoteUrl}/`, {
+      headers: { authorization: `Basic ${Buffer.from(`${auth.username}:nope`).toString('base64')}` },
+    });
+    check(wrong.status === 401, `wrong password: ${wrong.status}`);
+    return { ok: true, user: who.userCtx.name };
   },
 };
 

@@ -32,6 +32,10 @@ impl Server {
     fn run(&mut self, listener: std::net::TcpListener) {
         let config = ferry_server::ServerConfig {
             data_dir: self.data_dir.path().to_owned(),
+            auth: ferry_server::auth::AuthConfig {
+                required: false,
+                ..ferry_server::auth::AuthConfig::default()
+            },
             ..ferry_server::ServerConfig::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -36,6 +36,16 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
     }
 
+    /// 401 `unauthorized`: no credentials, or wrong ones.
+    pub fn unauthorized(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", reason)
+    }
+
+    /// 403 `forbidden`: authenticated, but not allowed to do this.
+    pub fn forbidden(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", reason)
+    }
+
     /// 404 `not_found`.
     pub fn not_found(reason: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", reason)
@@ -85,6 +95,16 @@ impl From<StoreError> for ApiError {
                 ApiError::bad_request(error.to_string())
             }
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(error: crate::auth::AuthError) -> ApiError {
+        match error {
+            crate::auth::AuthError::Rejected(reason) => ApiError::unauthorized(reason),
+            crate::auth::AuthError::Invalid(reason) => ApiError::bad_request(reason),
+            crate::auth::AuthError::Store(error) => ApiError::from(error),
         }
     }
 }

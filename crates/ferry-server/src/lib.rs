@@ -34,10 +34,12 @@ use tokio::sync::watch;
 use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
 
+pub mod auth;
 pub mod error;
 pub mod params;
 mod routes;
 
+use auth::{Auth, AuthConfig};
 use error::{ApiError, ApiResult};
 
 /// The default listen address: loopback only, so a fresh server is not exposed by accident.
@@ -58,6 +60,8 @@ pub struct ServerConfig {
     pub default_feed_timeout: Duration,
     /// A clock from another replica further ahead than this is not adopted.
     pub max_clock_drift: Duration,
+    /// Who may connect, and how long tokens last.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             durability: Durability::Full,
             default_feed_timeout: Duration::from_secs(60),
             max_clock_drift: Duration::from_secs(60),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct AppState {
 
 struct Inner {
     backend: Arc<dyn Backend>,
+    auth: Arc<Auth>,
     server_uuid: String,
     clock: Mutex<HlcClock>,
     /// Per database, the latest sequence, for feeds waiting on changes.
@@ -92,10 +98,16 @@ struct Inner {
 
 impl AppState {
     /// State over an opened backend.
-    pub fn new(backend: Arc<dyn Backend>, server_uuid: String, config: &ServerConfig) -> AppState {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        auth: Arc<Auth>,
+        server_uuid: String,
+        config: &ServerConfig,
+    ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
                 backend,
+                auth,
                 server_uuid,
                 clock: Mutex::new(HlcClock::new(
                     u64::try_from(config.max_clock_drift.as_millis()).unwrap_or(u64::MAX),
@@ -115,6 +127,23 @@ impl AppState {
     /// The storage backend.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.inner.backend
+    }
+
+    /// Users and tokens.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.inner.auth
+    }
+
+    /// Runs a blocking authentication call off the async threads.
+    pub async fn authenticate<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Auth) -> Result<T, auth::AuthError> + Send + 'static,
+    ) -> ApiResult<T> {
+        let auth = self.inner.auth.clone();
+        tokio::task::spawn_blocking(move || work(&auth))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)
     }
 
     /// How long feeds wait by default.
@@ -217,7 +246,7 @@ impl AppState {
     }
 }
 
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {
@@ -229,6 +258,10 @@ fn wall_ms() -> u64 {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_request_bytes;
     routes::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::auth::authenticate,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         // Browser PouchDB fetches with credentials, so CORS must mirror the origin and allow
         // them; authentication (not the origin) is what protects the data.
@@ -248,7 +281,24 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
     let backend =
         SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;
     let uuid = server_uuid(&config.data_dir)?;
-    Ok(AppState::new(Arc::new(backend), uuid, config))
+    let auth = Auth::open(&config.data_dir, config.auth.clone()).map_err(std::io::Error::other)?;
+    if config.auth.required
+        && auth
+            .accounts()
+            .list_users()
+            .map_err(std::io::Error::other)?
+            .is_empty()
+    {
+        tracing::warn!(
+            "authentication is required but no user exists yet: create one with `ferry users add`"
+        );
+    }
+    Ok(AppState::new(
+        Arc::new(backend),
+        Arc::new(auth),
+        uuid,
+        config,
+    ))
 }
 
 /// The server's uuid, created once per data directory: PouchDB derives replication ids from

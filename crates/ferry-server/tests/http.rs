@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferry_core::model::Limits;
 use ferry_server::ServerConfig;
+use ferry_server::auth::AuthConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -24,6 +25,11 @@ async fn start(limits: Limits) -> Server {
         data_dir: dir.path().to_owned(),
         limits,
         default_feed_timeout: Duration::from_secs(5),
+        // These tests are about the CouchDB endpoints; tests/auth.rs covers authentication.
+        auth: AuthConfig {
+            required: false,
+            ..AuthConfig::default()
+        },
         ..ServerConfig::default()
     };
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();

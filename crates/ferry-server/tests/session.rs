@@ -1,10 +1,12 @@
 //! The WebSocket sync session (`docs/protocol.md`) spoken by hand over a real socket: opening,
 //! versioning, requests with per-revision acknowledgements, all-or-nothing writes, live
-//! notifications, heartbeats and limits.
+//! notifications, heartbeats and limits; authentication in `hello` and reconnect tokens
+//! (rotation, binding to the replica, revocation, expiry).
 
 use std::time::Duration;
 
 use ferry_core::model::Limits;
+use ferry_server::auth::{Auth, AuthConfig};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -18,13 +20,26 @@ struct Server {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+const USER: &str = "ann";
+const PASSWORD: &str = "ann's password";
+const REPLICA: &str = "replica-1";
+
 async fn start(limits: Limits) -> Server {
+    start_with(limits, AuthConfig::default()).await
+}
+
+async fn start_with(limits: Limits, auth: AuthConfig) -> Server {
     let dir = tempfile::tempdir().unwrap();
+    Auth::open(dir.path(), auth.clone())
+        .unwrap()
+        .set_user(USER, PASSWORD, false)
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let config = ferry_server::ServerConfig {
         data_dir: dir.path().to_owned(),
         limits,
+        auth,
         ..ferry_server::ServerConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -64,16 +79,27 @@ async fn receive(socket: &mut Socket) -> Option<Value> {
     }
 }
 
-async fn open(server: &Server, db: &str) -> Socket {
+/// A hello for `db` from `REPLICA`, logging in with a password.
+fn hello(db: &str) -> Value {
+    json!({
+        "type": "hello", "versions": [1], "db": db, "create": true, "replica_id": REPLICA,
+        "auth": {"name": USER, "password": PASSWORD},
+    })
+}
+
+/// Sends `hello` and returns the session and the server's answer.
+async fn say_hello(server: &Server, hello: Value) -> (Socket, Value) {
     let mut socket = connect(server).await;
-    send(
-        &mut socket,
-        json!({"type": "hello", "versions": [1], "db": db, "create": true}),
-    )
-    .await;
-    let welcome = receive(&mut socket).await.unwrap();
+    send(&mut socket, hello).await;
+    let answer = receive(&mut socket).await.unwrap();
+    (socket, answer)
+}
+
+async fn open(server: &Server, db: &str) -> Socket {
+    let (socket, welcome) = say_hello(server, hello(db)).await;
     assert_eq!(welcome["type"], json!("welcome"), "{welcome}");
     assert_eq!(welcome["version"], json!(1));
+    assert_eq!(welcome["user"], json!(USER));
     socket
 }
 
@@ -85,17 +111,29 @@ fn revision(id: &str, rev: &str, value: Value) -> Value {
 #[tokio::test]
 async fn opening_a_session_checks_hello_version_and_database() {
     let server = start(Limits::default()).await;
+    let with = |changes: Value| {
+        let mut hello = hello("x");
+        hello["create"] = json!(false);
+        for (key, value) in changes.as_object().unwrap() {
+            hello[key] = value.clone();
+        }
+        hello
+    };
     for (hello, error) in [
         (json!({"type": "request", "op": "changes"}), "bad_request"),
+        (with(json!({"versions": [7]})), "unsupported_version"),
+        (with(json!({"db": "missing"})), "not_found"),
+        (with(json!({"db": null})), "bad_request"),
+        (with(json!({"replica_id": null})), "bad_request"),
+        (with(json!({"auth": null})), "unauthorized"),
         (
-            json!({"type": "hello", "versions": [7], "db": "x"}),
-            "unsupported_version",
+            with(json!({"auth": {"name": USER, "password": "wrong"}})),
+            "unauthorized",
         ),
         (
-            json!({"type": "hello", "versions": [1], "db": "missing"}),
-            "not_found",
+            with(json!({"auth": {"token": "fa_not-a-token"}})),
+            "unauthorized",
         ),
-        (json!({"type": "hello", "versions": [1]}), "bad_request"),
     ] {
         let mut socket = connect(&server).await;
         send(&mut socket, hello.clone()).await;
@@ -213,4 +251,70 @@ async fn a_frame_over_the_request_limit_closes_the_session() {
         receive(&mut socket).await.is_none(),
         "the oversized frame ended the session"
     );
+}
+
+#[tokio::test]
+async fn reconnect_tokens_rotate_on_every_resume_and_are_bound_to_the_replica() {
+    let server = start(Limits::default()).await;
+    let (_first, welcome) = say_hello(&server, hello("tokens")).await;
+    let first_token = welcome["reconnect_token"].as_str().unwrap().to_owned();
+    let expires_at = welcome["reconnect_expires_at"].as_u64().unwrap();
+    let resume = |token: &str, replica: &str| {
+        let mut hello = hello("tokens");
+        hello["auth"] = json!({"reconnect_token": token});
+        hello["replica_id"] = json!(replica);
+        hello
+    };
+
+    // Another replica cannot use it.
+    let (_, refused) = say_hello(&server, resume(&first_token, "replica-2")).await;
+    assert_eq!(refused["error"], json!("unauthorized"), "{refused}");
+
+    // Resuming returns the next token of the chain, with the same absolute expiry.
+    let (_, resumed) = say_hello(&server, resume(&first_token, REPLICA)).await;
+    assert_eq!(resumed["type"], json!("welcome"), "{resumed}");
+    assert_eq!(resumed["user"], json!(USER));
+    let second_token = resumed["reconnect_token"].as_str().unwrap().to_owned();
+    assert_ne!(second_token, first_token);
+    assert_eq!(resumed["reconnect_expires_at"], json!(expires_at));
+
+    // Once the second is used, the first is retired.
+    let (_, third) = say_hello(&server, resume(&second_token, REPLICA)).await;
+    assert_eq!(third["type"], json!("welcome"), "{third}");
+    let (_, retired) = say_hello(&server, resume(&first_token, REPLICA)).await;
+    assert_eq!(retired["error"], json!("unauthorized"), "{retired}");
+
+    // Revoked: refused.
+    let auth = Auth::open(server._dir.path(), AuthConfig::default()).unwrap();
+    auth.accounts().revoke_tokens(USER, None).unwrap();
+    let latest = third["reconnect_token"].as_str().unwrap();
+    let (_, revoked) = say_hello(&server, resume(latest, REPLICA)).await;
+    assert_eq!(revoked["error"], json!("unauthorized"), "{revoked}");
+}
+
+#[tokio::test]
+async fn reconnect_tokens_expire_absolutely() {
+    let server = start_with(
+        Limits::default(),
+        AuthConfig {
+            reconnect_token_ttl: Duration::from_millis(300),
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    let (_, welcome) = say_hello(&server, hello("expiry")).await;
+    let mut token = welcome["reconnect_token"].as_str().unwrap().to_owned();
+    // Rotation does not extend the chain's life.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(150) {
+        let mut resume = hello("expiry");
+        resume["auth"] = json!({"reconnect_token": token});
+        let (_, resumed) = say_hello(&server, resume).await;
+        token = resumed["reconnect_token"].as_str().unwrap().to_owned();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut resume = hello("expiry");
+    resume["auth"] = json!({"reconnect_token": token});
+    let (_, expired) = say_hello(&server, resume).await;
+    assert_eq!(expired["error"], json!("unauthorized"), "{expired}");
 }

@@ -30,6 +30,7 @@ use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
 use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
 
+pub mod accounts;
 pub mod conformance;
 pub mod sqlite;
 

@@ -39,14 +39,7 @@ impl HttpPeer {
         {
             return Err(SyncError::InvalidUrl(url.to_owned()));
         }
-        let credentials = (!base.username().is_empty()).then(|| {
-            (
-                base.username().to_owned(),
-                base.password().unwrap_or_default().to_owned(),
-            )
-        });
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
+        let credentials = crate::take_url_credentials(&mut base);
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);

@@ -444,3 +444,21 @@ pub(crate) fn seq_number(since: &Value) -> Result<u64, SyncError> {
         detail: format!("sequence {since} is not a local sequence number"),
     })
 }
+
+/// Removes `user:password@` from `url` and returns them percent-decoded.
+pub(crate) fn take_url_credentials(url: &mut reqwest::Url) -> Option<(String, String)> {
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = (!url.username().is_empty()).then(|| {
+        (
+            decode(url.username()),
+            decode(url.password().unwrap_or_default()),
+        )
+    });
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    credentials
+}

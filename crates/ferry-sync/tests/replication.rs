@@ -425,6 +425,11 @@ async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sen
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = ferry_server::ServerConfig {
         data_dir: dir.path().to_owned(),
+        // Replication itself is under test here; authentication has its own tests.
+        auth: ferry_server::auth::AuthConfig {
+            required: false,
+            ..ferry_server::auth::AuthConfig::default()
+        },
         ..ferry_server::ServerConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

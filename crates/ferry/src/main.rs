@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -16,11 +16,13 @@ use ferry_core::hlc::{HlcClock, Timestamp};
 use ferry_core::json::parse_object;
 use ferry_core::model::{Document, Limits, doc_id_in, validate_doc_id};
 use ferry_core::selector::Selector;
+use ferry_server::auth::AuthConfig;
 use ferry_store::sqlite::SqliteDatabase;
 use ferry_store::{Database, Durability, Edit, Query, StoreConfig};
 use serde_json::{Value, json};
 
 mod sync;
+mod users;
 
 #[derive(Parser)]
 #[command(
@@ -123,6 +125,8 @@ enum Command {
     },
     /// Sync a local replica with a server database: push local changes, then pull remote ones.
     Sync(sync::SyncArgs),
+    /// Manage the server's users and tokens.
+    Users(users::UsersArgs),
 }
 
 #[derive(Args)]
@@ -154,6 +158,17 @@ struct ServeArgs {
     /// Revisions of history kept per document.
     #[arg(long, env = "FERRY_REVS_LIMIT", default_value_t = Limits::default().revs_limit)]
     revs_limit: usize,
+    /// Accept every request without credentials, as an administrator. For local development
+    /// only: by default the server requires a user (see `ferry users add`).
+    #[arg(long, env = "FERRY_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// How long a login's access token (and `_session` cookie) lasts, in seconds.
+    #[arg(long, env = "FERRY_ACCESS_TOKEN_TTL", default_value_t = AuthConfig::default().access_token_ttl.as_secs())]
+    access_token_ttl: u64,
+    /// How long a replica may keep resuming with reconnect tokens before logging in again,
+    /// in seconds.
+    #[arg(long, env = "FERRY_RECONNECT_TOKEN_TTL", default_value_t = AuthConfig::default().reconnect_token_ttl.as_secs())]
+    reconnect_token_ttl: u64,
 }
 
 impl ServeArgs {
@@ -179,6 +194,11 @@ impl ServeArgs {
                 revs_limit: self.revs_limit,
                 ..Limits::default()
             },
+            auth: AuthConfig {
+                required: !self.insecure_no_auth,
+                access_token_ttl: Duration::from_secs(self.access_token_ttl),
+                reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
+            },
             ..ferry_server::ServerConfig::default()
         })
     }
@@ -199,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Users(args) => users::run(args, json),
         Command::Init { replica } => {
             if replica.exists() {
                 bail!("{} already exists", replica.display());
@@ -456,6 +477,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
         )
         .init();
     let config = args.config()?;
+    if !config.auth.required {
+        tracing::warn!("--insecure-no-auth: every request is accepted as an administrator");
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let shutdown = async {

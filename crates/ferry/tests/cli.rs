@@ -115,6 +115,53 @@ fn errors_are_readable_and_exit_non_zero() {
 }
 
 #[test]
+fn users_are_managed_from_the_cli_and_sync_needs_their_credentials() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(server_dir.path(), &[]);
+    let data_dir = server_dir.path().to_str().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let replica = path(&work, "r.ferry");
+    ferry_json(&["init", &replica]);
+    ferry_json(&["put", &replica, "todos", "a", "-d", r#"{"title": "milk"}"#]);
+
+    // No credentials, then a wrong password: refused with the server's reason.
+    let bare = format!("{}/notes", server.bare_url);
+    let output = ferry(&["sync", &replica, &bare]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+    let wrong = bare.replacen("http://", "http://ann:wrong-password@", 1);
+    assert!(!ferry(&["sync", &replica, &wrong]).status.success());
+
+    // A new user (password from standard input) syncs; it is listed, then deleted.
+    let mut add = std::process::Command::new(support::ferry_bin())
+        .args(["--json", "users", "add", "ann", "--data-dir", data_dir])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"ann's long password\n")
+        .unwrap();
+    assert!(add.wait_with_output().unwrap().status.success());
+    let users = ferry_json(&["users", "list", "--data-dir", data_dir]);
+    assert_eq!(
+        users,
+        json!([{"user": "ann", "admin": false}, {"user": support::TEST_USER, "admin": true}])
+    );
+    let ann = bare.replacen("http://", "http://ann:ann's%20long%20password@", 1);
+    let synced = ferry_json(&["sync", &replica, &ann]);
+    assert_eq!(synced["push"]["docs_written"], json!(1), "{synced}");
+    let short = ferry(&["users", "add", "bob", "--data-dir", data_dir]);
+    assert!(!short.status.success(), "empty password accepted");
+    ferry_json(&["users", "delete", "ann", "--data-dir", data_dir]);
+    assert!(!ferry(&["sync", &replica, &ann]).status.success());
+}
+
+#[test]
 fn acknowledged_writes_survive_a_sigkill_of_the_server() {
     let server_dir = tempfile::tempdir().unwrap();
     let mut server = ServerProcess::start(server_dir.path(), &[]);

@@ -12,9 +12,9 @@ use support::{ServerProcess, run_interop};
 fn pouchdb_pushes_and_pulls_ten_thousand_documents() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
-    let pushed = run_interop("push", &server.url, "bulk", &["--n", "10000"]);
+    let pushed = run_interop("push", &server.bare_url, "bulk", &["--n", "10000"]);
     assert_eq!(pushed["docs"], json!(10_000), "{pushed}");
-    let pulled = run_interop("pull", &server.url, "bulk", &["--n", "10000"]);
+    let pulled = run_interop("pull", &server.bare_url, "bulk", &["--n", "10000"]);
     assert_eq!(pulled["docs"], json!(10_000), "{pulled}");
 }
 
@@ -22,7 +22,7 @@ fn pouchdb_pushes_and_pulls_ten_thousand_documents() {
 fn pouchdb_live_replication_delivers_changes_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
-    let live = run_interop("live", &server.url, "live", &[]);
+    let live = run_interop("live", &server.bare_url, "live", &[]);
     assert!(live["server_to_local_ms"].is_number(), "{live}");
     assert!(live["local_to_server_ms"].is_number(), "{live}");
 }
@@ -31,7 +31,7 @@ fn pouchdb_live_replication_delivers_changes_both_ways() {
 fn pouchdb_and_ferry_agree_on_winners_and_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
-    let result = run_interop("conflict", &server.url, "conflicts", &[]);
+    let result = run_interop("conflict", &server.bare_url, "conflicts", &[]);
     assert_eq!(result["agree"], result["docs"], "{result}");
     assert_eq!(result["docs_with_one_conflict"], result["docs"], "{result}");
 }
@@ -40,6 +40,15 @@ fn pouchdb_and_ferry_agree_on_winners_and_conflicts() {
 fn pouchdb_filtered_replication_by_doc_ids_and_selector() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &[]);
-    let result = run_interop("filtered", &server.url, "filtered", &[]);
+    let result = run_interop("filtered", &server.bare_url, "filtered", &[]);
     assert_eq!(result["ok"], json!(true), "{result}");
+}
+
+#[test]
+fn pouchdb_logs_in_with_a_session_cookie_and_is_refused_without_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let result = run_interop("session", &server.bare_url, "sessions", &[]);
+    assert_eq!(result["ok"], json!(true), "{result}");
+    assert_eq!(result["user"], json!(support::TEST_USER), "{result}");
 }

@@ -1,12 +1,14 @@
 //! Database routes: create, inspect, delete.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::error::ApiResult;
+use crate::auth::Identity;
+use crate::error::{ApiError, ApiResult};
 
 /// `GET /{db}`: CouchDB's database info.
 pub(crate) async fn info(
@@ -38,11 +40,17 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(json!({"ok": true}))))
 }
 
-/// `DELETE /{db}`.
+/// `DELETE /{db}`: administrators only, since it drops every replica's data at once.
 pub(crate) async fn delete(
     State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
     Path(db): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    if !identity.admin {
+        return Err(ApiError::forbidden(
+            "Only administrators may delete a database.",
+        ));
+    }
     state
         .run(move |backend| backend.delete_database(&db))
         .await?;

@@ -5,12 +5,13 @@ use axum::routing::{get, post};
 
 use crate::AppState;
 
+pub(crate) mod auth;
 mod changes;
 mod database;
 mod documents;
 mod replication;
 mod server;
-mod session;
+mod sync_session;
 
 /// Every route. Static segments (`_changes`, `_local`) take precedence over the document
 /// wildcard, so document ids such as `_design/x` or `a/b` still reach the document handlers.
@@ -26,7 +27,14 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/_up", get(server::health))
         .route("/_all_dbs", get(server::all_dbs))
         .route("/_uuids", get(server::uuids))
-        .route("/_ferry/sync", get(session::upgrade))
+        .route(
+            "/_session",
+            get(auth::get_session)
+                .post(auth::post_session)
+                .delete(auth::delete_session),
+        )
+        .route("/_ferry/login", post(auth::login))
+        .route("/_ferry/sync", get(sync_session::upgrade))
         // PouchDB asks for `/{db}/` with the slash; both forms are the database.
         .route("/{db}", database.clone())
         .route("/{db}/", database)

@@ -23,18 +23,34 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
+/// The user every test server has (an administrator).
+pub const TEST_USER: &str = "tester";
+/// Its password.
+pub const TEST_PASSWORD: &str = "test-password";
+
 /// A `ferry serve` child process, killed when dropped.
 pub struct ServerProcess {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://tester:test-password@127.0.0.1:PORT`: the server with the test user's
+    /// credentials, which the CLI, reqwest and PouchDB send as HTTP basic auth.
     pub url: String,
+    /// `http://127.0.0.1:PORT`, without credentials.
+    pub bare_url: String,
     /// Its data directory.
     pub data_dir: PathBuf,
 }
 
 impl ServerProcess {
-    /// Starts `ferry serve` on a free port with `data_dir`, and waits until it answers.
+    /// Starts `ferry serve` on a free port with `data_dir` (authentication on, with the test
+    /// user created), and waits until it answers.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> ServerProcess {
+        let added = Command::new(ferry_bin())
+            .args(["users", "add", TEST_USER, "--admin", "--data-dir"])
+            .arg(data_dir)
+            .env("FERRY_PASSWORD", TEST_PASSWORD)
+            .output()
+            .expect("run ferry users add");
+        assert!(added.status.success(), "{added:?}");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = Command::new(ferry_bin())
@@ -49,7 +65,8 @@ impl ServerProcess {
             .expect("spawn ferry serve");
         let server = ServerProcess {
             child,
-            url: format!("http://{listen}"),
+            url: format!("http://{TEST_USER}:{TEST_PASSWORD}@{listen}"),
+            bare_url: format!("http://{listen}"),
             data_dir: data_dir.to_owned(),
         };
         server.wait_until_up();
@@ -58,7 +75,7 @@ impl ServerProcess {
 
     fn wait_until_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let address = self.url.trim_start_matches("http://").to_owned();
+        let address = self.bare_url.trim_start_matches("http://").to_owned();
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(&address).is_ok() {
                 return;
@@ -140,6 +157,7 @@ pub fn run_interop(scenario: &str, url: &str, db: &str, extra: &[&str]) -> serde
         .arg("interop.js")
         .arg(scenario)
         .args(["--url", url, "--db", db])
+        .args(["--user", TEST_USER, "--password", TEST_PASSWORD])
         .args(extra)
         .current_dir(dir)
         .output()

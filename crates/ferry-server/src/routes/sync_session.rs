@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -19,6 +20,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use crate::AppState;
+use crate::auth::{Identity, IssuedToken};
 use crate::error::{ApiError, ApiResult};
 use crate::params::{ENVELOPE_DEPTH, parse_rev, parse_rev_list};
 use crate::routes::changes::{ChangesRequest, Filter, page, page_json};
@@ -34,12 +36,24 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests nest one level deeper than `_bulk_docs` bodies: `{"op", "docs": [doc]}`.
 const REQUEST_DEPTH: usize = ENVELOPE_DEPTH;
 
-/// Upgrades the request to a session.
-pub(crate) async fn upgrade(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+/// Replica ids are at most this long.
+const MAX_REPLICA_ID: usize = 128;
+
+/// Upgrades the request to a session. Credentials on the upgrade request itself (a cookie, a
+/// bearer token) are enough; otherwise `hello` must carry them.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    identity: Option<Extension<Identity>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     upgrade
         .max_message_size(state.limits.max_request_bytes)
         .on_upgrade(move |socket| async move {
-            let mut session = Session { state, socket };
+            let mut session = Session {
+                state,
+                socket,
+                identity: identity.map(|Extension(identity)| identity),
+            };
             if let Err(reason) = session.run().await {
                 tracing::debug!(%reason, "sync session ended");
             }
@@ -49,6 +63,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, upgrade: WebSocketUpg
 struct Session {
     state: AppState,
     socket: WebSocket,
+    /// Who the upgrade request authenticated as, if anyone.
+    identity: Option<Identity>,
 }
 
 fn error_frame(error: &ApiError) -> Value {
@@ -121,6 +137,25 @@ impl Session {
         let Some(db) = hello["db"].as_str().map(str::to_owned) else {
             return self.refuse(ApiError::bad_request("hello needs a db")).await;
         };
+        let replica = hello["replica_id"].as_str().unwrap_or_default().to_owned();
+        if replica.is_empty() || replica.len() > MAX_REPLICA_ID {
+            return self
+                .refuse(ApiError::bad_request(format!(
+                    "hello needs a replica_id of 1 to {MAX_REPLICA_ID} bytes"
+                )))
+                .await;
+        }
+        let (identity, reconnect) = match authenticate(
+            &self.state,
+            self.identity.clone(),
+            &hello["auth"],
+            &replica,
+        )
+        .await
+        {
+            Ok(authenticated) => authenticated,
+            Err(error) => return self.refuse(error).await,
+        };
         let create = hello["create"].as_bool().unwrap_or(false);
         let opened = {
             let db = db.clone();
@@ -146,13 +181,19 @@ impl Session {
             Ok(info) => info,
             Err(error) => return self.refuse(error).await,
         };
-        self.send(&json!({
+        let mut welcome = json!({
             "type": "welcome",
             "version": version,
             "server": self.state.server_uuid(),
             "update_seq": info.update_seq,
-        }))
-        .await?;
+            "user": identity.user,
+        });
+        if let Some(reconnect) = reconnect {
+            welcome["reconnect_token"] = json!(reconnect.token);
+            welcome["reconnect_expires_at"] = json!(reconnect.expires_ms);
+        }
+        self.send(&welcome).await?;
+        tracing::debug!(user = ?identity.user, %replica, %db, "sync session opened");
 
         let mut notifications = self.state.subscribe(&db, info.update_seq);
         // The last sequence announced to a subscribed client, or None when not subscribed.
@@ -206,6 +247,47 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Who the client is, from `hello.auth` (or the upgrade request's credentials), and the
+/// reconnect token it resumes with next time (none when authentication is off).
+async fn authenticate(
+    state: &AppState,
+    upgraded_as: Option<Identity>,
+    auth: &Value,
+    replica: &str,
+) -> ApiResult<(Identity, Option<IssuedToken>)> {
+    if !state.auth().config().required {
+        return Ok((Identity::anonymous_admin(), None));
+    }
+    let replica = replica.to_owned();
+    let field = |name: &str| auth[name].as_str().map(str::to_owned);
+    if let Some(token) = field("reconnect_token") {
+        let (identity, next) = state
+            .authenticate(move |auth| auth.resume(&token, &replica))
+            .await?;
+        return Ok((identity, Some(next)));
+    }
+    let identity = if let Some(token) = field("token") {
+        state
+            .authenticate(move |auth| auth.verify_access_token(&token))
+            .await?
+    } else if let (Some(name), Some(password)) = (field("name"), field("password")) {
+        state
+            .authenticate(move |auth| auth.verify_password(&name, &password))
+            .await?
+    } else if let Some(identity) = upgraded_as {
+        identity
+    } else {
+        return Err(ApiError::unauthorized(
+            "Authentication required: hello needs auth.",
+        ));
+    };
+    let user = identity.user.clone().unwrap_or_default();
+    let first = state
+        .authenticate(move |auth| auth.issue_reconnect_token(&user, &replica))
+        .await?;
+    Ok((identity, Some(first)))
 }
 
 /// The response to one request frame.

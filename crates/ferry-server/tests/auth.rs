@@ -1,0 +1,204 @@
+//! Authentication over HTTP on loopback: basic auth, bearer access tokens from
+//! `POST /_ferry/login`, CouchDB's `_session` cookie, what anonymous callers may reach, and who
+//! may delete a database.
+
+use std::time::Duration;
+
+use ferry_server::ServerConfig;
+use ferry_server::auth::{Auth, AuthConfig};
+use reqwest::{RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+
+struct Server {
+    url: String,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(auth: AuthConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = Auth::open(dir.path(), auth.clone()).unwrap();
+    accounts.set_user("ann", "ann's password", false).unwrap();
+    accounts.set_user("root", "root's password", true).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        auth,
+        ..ServerConfig::default()
+    };
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ferry_server::serve_on(listener, config, async move {
+        let _ = stop.await;
+    }));
+    Server {
+        url,
+        client: reqwest::Client::new(),
+        _dir: dir,
+        _shutdown: shutdown,
+    }
+}
+
+async fn answer(request: RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+impl Server {
+    fn get(&self, path: &str) -> RequestBuilder {
+        self.client.get(format!("{}{path}", self.url))
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url))
+    }
+}
+
+#[tokio::test]
+async fn anonymous_callers_reach_only_the_public_routes() {
+    let server = start(AuthConfig::default()).await;
+    for path in ["/", "/health", "/_session"] {
+        let (status, _) = answer(server.get(path)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    for path in ["/_all_dbs", "/notes", "/notes/_changes", "/notes/doc"] {
+        let (status, body) = answer(server.get(path)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(body["error"], json!("unauthorized"), "{path}");
+    }
+    let (status, body) = answer(server.get("/_session")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["userCtx"]["name"], Value::Null);
+    // Wrong credentials are refused even where anonymous callers are welcome.
+    let (status, _) = answer(server.get("/").basic_auth("ann", Some("wrong"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = answer(server.get("/").header("authorization", "Digest x")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn basic_auth_bearer_tokens_and_session_cookies_identify_the_caller() {
+    let server = start(AuthConfig::default()).await;
+    let (status, _) = answer(
+        server
+            .request(reqwest::Method::PUT, "/notes")
+            .basic_auth("ann", Some("ann's password")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Bearer token from /_ferry/login (JSON body).
+    let (status, login) = answer(
+        server
+            .request(reqwest::Method::POST, "/_ferry/login")
+            .json(&json!({"name": "ann", "password": "ann's password"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    let token = login["access_token"].as_str().unwrap();
+    assert!(login["expires_at"].as_u64().unwrap() > 0);
+    let (status, info) = answer(server.get("/notes").bearer_auth(token)).await;
+    assert_eq!(
+        (status, info["db_name"].clone()),
+        (StatusCode::OK, json!("notes"))
+    );
+    let (status, _) = answer(server.get("/notes").bearer_auth("fa_forged")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Cookie from POST /_session (form body, as curl and HTML forms send it).
+    let response = server
+        .request(reqwest::Method::POST, "/_session")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=ann&password=ann%27s+password")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let (_, session) = answer(server.get("/_session").header("cookie", &cookie)).await;
+    assert_eq!(session["userCtx"], json!({"name": "ann", "roles": []}));
+    assert_eq!(session["info"]["authenticated"], json!("cookie"));
+    let (status, _) = answer(server.get("/notes").header("cookie", &cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    // Logging out ends the cookie at once.
+    let (status, _) = answer(
+        server
+            .request(reqwest::Method::DELETE, "/_session")
+            .header("cookie", &cookie),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = answer(server.get("/notes").header("cookie", &cookie)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, body) = answer(
+        server
+            .request(reqwest::Method::POST, "/_session")
+            .json(&json!({"name": "ann", "password": "nope"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("unauthorized"))
+    );
+}
+
+#[tokio::test]
+async fn only_administrators_delete_databases() {
+    let server = start(AuthConfig::default()).await;
+    let ann = |request: RequestBuilder| request.basic_auth("ann", Some("ann's password"));
+    let root = |request: RequestBuilder| request.basic_auth("root", Some("root's password"));
+    answer(ann(server.request(reqwest::Method::PUT, "/shared"))).await;
+    let (status, body) = answer(ann(server.request(reqwest::Method::DELETE, "/shared"))).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (StatusCode::FORBIDDEN, json!("forbidden"))
+    );
+    let (status, _) = answer(ann(server.get("/shared"))).await;
+    assert_eq!(status, StatusCode::OK, "still there");
+    let (status, _) = answer(root(server.request(reqwest::Method::DELETE, "/shared"))).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn access_tokens_expire() {
+    let server = start(AuthConfig {
+        access_token_ttl: Duration::from_millis(200),
+        ..AuthConfig::default()
+    })
+    .await;
+    let (_, login) = answer(
+        server
+            .request(reqwest::Method::POST, "/_ferry/login")
+            .json(&json!({"name": "ann", "password": "ann's password"})),
+    )
+    .await;
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn without_authentication_everyone_is_an_administrator() {
+    let server = start(AuthConfig {
+        required: false,
+        ..AuthConfig::default()
+    })
+    .await;
+    answer(server.request(reqwest::Method::PUT, "/open")).await;
+    let (status, _) = answer(server.request(reqwest::Method::DELETE, "/open")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, session) = answer(server.get("/_session")).await;
+    assert_eq!(session["userCtx"]["roles"], json!(["_admin"]));
+}
