@@ -35,12 +35,16 @@ use ferry_core::hlc::{HlcClock, Timestamp};
 use ferry_core::model::Limits;
 use ferry_store::sqlite::{PendingState, SqliteDatabase};
 use ferry_store::{Database, Durability, StoreConfig, StoreError};
-use ferry_sync::{LocalPeer, ReplicationOptions, SyncError, SyncStats, WsPeer};
+use ferry_sync::SyncError;
 use tokio::sync::watch;
 
 mod collection;
+mod connection;
 
 pub use collection::{Collection, Doc, Query};
+pub use connection::{
+    AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
+};
 
 /// How often a replica looks for changes written by other processes on the same file.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
@@ -131,9 +135,10 @@ struct Inner {
     /// The replica's latest sequence, as last observed; watchers wait on it.
     changes: watch::Sender<u64>,
     poller_started: std::sync::Once,
+    connection: Arc<connection::ConnectionShared>,
 }
 
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {
@@ -170,6 +175,7 @@ impl Ferry {
                 clock: Mutex::new(clock),
                 changes: watch::channel(update_seq).0,
                 poller_started: std::sync::Once::new(),
+                connection: Arc::new(connection::ConnectionShared::new()),
             }),
         })
     }
@@ -221,77 +227,8 @@ impl Ferry {
         }))
     }
 
-    /// Pushes local changes to the database at `url` (`http://host:port/db`), then pulls remote
-    /// ones, once, over a WebSocket sync session. Each pushed batch acknowledges the local
-    /// changes it carried as soon as the server committed it and the checkpoint recorded it.
-    pub async fn sync_once(&self, url: &str) -> Result<SyncStats, ClientError> {
-        let local = LocalPeer::new(self.inner.db.clone())?;
-        let remote = self.remote(url)?;
-        let options = ReplicationOptions {
-            create_target: true,
-            ..ReplicationOptions::default()
-        };
-        let push = ferry_sync::replicate(&local, &remote, &options, |stats| {
-            self.acknowledge(&stats.last_seq);
-        })
-        .await?;
-        self.acknowledge(&push.last_seq);
-        let pull =
-            ferry_sync::replicate(&remote, &local, &options, |_| self.notify_changed()).await?;
-        self.notify_changed();
-        Ok(SyncStats { push, pull })
-    }
-
-    /// Syncs with the database at `url` continuously in both directions, in the background,
-    /// until the returned handle is dropped or stopped. Transient failures (no network, server
-    /// restarting) are retried with backoff; local writes keep working meanwhile.
-    pub fn start_sync(&self, url: &str) -> Result<SyncHandle, ClientError> {
-        let local = LocalPeer::new(self.inner.db.clone())?;
-        // One session carries both directions.
-        let remote = Arc::new(self.remote(url)?);
-        let options = ReplicationOptions {
-            create_target: true,
-            continuous: true,
-            wait_timeout: Duration::from_secs(10),
-            ..ReplicationOptions::default()
-        };
-        let (pusher, puller) = (self.clone(), self.clone());
-        let (push_local, push_remote, push_options) =
-            (local.clone(), remote.clone(), options.clone());
-        let push = tokio::spawn(async move {
-            loop {
-                // The remote database may not exist yet, or the server may be down: prepare
-                // it inside the retry loop rather than once.
-                let result =
-                    ferry_sync::replicate(&push_local, &*push_remote, &push_options, |stats| {
-                        pusher.acknowledge(&stats.last_seq);
-                    })
-                    .await;
-                if let Err(error) = result {
-                    tracing::warn!(%error, "push stopped; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        });
-        let pull = tokio::spawn(async move {
-            loop {
-                let result = ferry_sync::replicate(&*remote, &local, &options, |_| {
-                    puller.notify_changed();
-                })
-                .await;
-                if let Err(error) = result {
-                    tracing::warn!(%error, "pull stopped; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        });
-        Ok(SyncHandle {
-            tasks: vec![push, pull],
-        })
-    }
-
     /// Waits until the server has acknowledged every local change (a sync must be running,
-    /// see [`Ferry::start_sync`]), or `timeout` passes; returns whether everything was
+    /// see [`Ferry::start_sync`], in this process or another one on the same replica), or `timeout` passes; returns whether everything was
     /// acknowledged.
     pub async fn wait_for_acknowledgement(&self, timeout: Duration) -> Result<bool, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -309,13 +246,7 @@ impl Ferry {
         }
     }
 
-    /// The server database at `url` (`http://host:port/db`), reached over a sync session.
-    fn remote(&self, url: &str) -> Result<WsPeer, ClientError> {
-        let replica_id = self.inner.db.info()?.replica_id;
-        Ok(WsPeer::new(url, &replica_id)?)
-    }
-
-    fn acknowledge(&self, last_seq: &serde_json::Value) {
+    pub(crate) fn acknowledge(&self, last_seq: &serde_json::Value) {
         if let Some(seq) = last_seq.as_u64() {
             match self.inner.db.acknowledge_through(seq) {
                 Ok(count) if count > 0 => self.notify_changed(),
@@ -365,23 +296,5 @@ impl Ferry {
             }
         });
         self.inner.changes.subscribe()
-    }
-}
-
-/// A background sync started by [`Ferry::start_sync`]; dropping it stops the sync.
-pub struct SyncHandle {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl SyncHandle {
-    /// Stops syncing. Local changes made meanwhile stay pending until the next sync.
-    pub fn stop(self) {}
-}
-
-impl Drop for SyncHandle {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }

@@ -1,13 +1,26 @@
 //! Clients syncing through a real server on loopback: acknowledgements, live propagation,
-//! offline edits drained after the server comes back, conflicts reported on every replica.
+//! offline edits drained after the server comes back, conflicts reported on every replica,
+//! the connection state machine through a TCP proxy that cuts and stalls the network,
+//! reconnect tokens, and the fallback authentication callback.
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_client::{DocumentStatus, Ferry};
+use ferry_client::{
+    ConnectionState, Credentials, DocumentStatus, Ferry, ReconnectPolicy, SyncOptions,
+};
+use ferry_server::auth::{Auth, AuthConfig};
+use ferry_store::Backend;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+const USER: &str = "ann";
+const PASSWORD: &str = "ann's password";
 
 /// A server on its own runtime, so that stopping it drops every task and socket at once, as a
 /// crash would; it can be started again on the same address with the same data.
@@ -25,6 +38,7 @@ impl Server {
             data_dir: tempfile::tempdir().unwrap(),
             runtime: None,
         };
+        server.accounts().set_user(USER, PASSWORD, false).unwrap();
         server.run(listener);
         server
     }
@@ -32,10 +46,6 @@ impl Server {
     fn run(&mut self, listener: std::net::TcpListener) {
         let config = ferry_server::ServerConfig {
             data_dir: self.data_dir.path().to_owned(),
-            auth: ferry_server::auth::AuthConfig {
-                required: false,
-                ..ferry_server::auth::AuthConfig::default()
-            },
             ..ferry_server::ServerConfig::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -53,6 +63,27 @@ impl Server {
 
     fn url(&self, db: &str) -> String {
         format!("http://{}/{db}", self.address)
+    }
+
+    /// The server's users and tokens, opened beside the running server (SQLite WAL).
+    fn accounts(&self) -> Auth {
+        Auth::open(self.data_dir.path(), AuthConfig::default()).unwrap()
+    }
+
+    /// The latest sequence of database `db`, read from the server's own file: one per stored
+    /// revision, so a revision stored twice would show.
+    fn update_seq(&self, db: &str) -> u64 {
+        let backend = ferry_store::sqlite::SqliteBackend::open(
+            self.data_dir.path(),
+            ferry_store::StoreConfig::default(),
+        )
+        .unwrap();
+        backend
+            .open_database(db)
+            .unwrap()
+            .info()
+            .unwrap()
+            .update_seq
     }
 
     fn stop(&mut self) {
@@ -85,6 +116,128 @@ impl Drop for Server {
 
 fn client(dir: &Path, name: &str) -> Ferry {
     Ferry::initialize_offline(dir.join(format!("{name}.ferry")), name).unwrap()
+}
+
+/// Sync options for `url` with the test user's password and quick reconnects.
+fn options(url: &str) -> SyncOptions {
+    SyncOptions::new(url)
+        .credentials(Credentials::password(USER, PASSWORD))
+        .reconnect(ReconnectPolicy {
+            enabled: true,
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        })
+}
+
+/// Records every connection state `ferry` goes through.
+fn record_states(ferry: &Ferry) -> Arc<Mutex<Vec<ConnectionState>>> {
+    let states = Arc::new(Mutex::new(vec![ferry.connection_state()]));
+    let events = ferry.connection_events();
+    let sink = states.clone();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(state) = events.next().await {
+            sink.lock().unwrap().push(state);
+        }
+    });
+    states
+}
+
+/// Waits until `ferry` is in a state `matches` accepts.
+async fn wait_for_state(ferry: &Ferry, what: &str, matches: impl Fn(&ConnectionState) -> bool) {
+    eventually(what, || matches(&ferry.connection_state())).await;
+}
+
+/// What the proxy does with traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    /// Keep connections open but forward nothing (packets lost in a dead network).
+    Stall,
+    /// Close every connection and refuse new ones.
+    Cut,
+}
+
+/// A TCP proxy in front of the server that the test can cut or stall.
+struct Proxy {
+    address: SocketAddr,
+    mode: watch::Sender<Mode>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (mode, _) = watch::channel(Mode::Forward);
+        let modes = mode.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if *modes.borrow() == Mode::Cut {
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pipe(client_read, server_write, modes.subscribe()));
+                tokio::spawn(pipe(server_read, client_write, modes.subscribe()));
+            }
+        });
+        Proxy { address, mode }
+    }
+
+    fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("http://{}/{db}", self.address)
+    }
+}
+
+/// Returns once the proxy is cut.
+async fn cut(mode: &mut watch::Receiver<Mode>) {
+    loop {
+        if *mode.borrow_and_update() == Mode::Cut {
+            return;
+        }
+        if mode.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let mut cut_watch = mode.clone();
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = cut(&mut cut_watch) => return,
+        };
+        let Ok(n @ 1..) = read else { return };
+        // While stalled, hold the bytes (and read nothing more) until forwarding resumes.
+        loop {
+            let current = *mode.borrow_and_update();
+            match current {
+                Mode::Forward => break,
+                Mode::Cut => return,
+                Mode::Stall => {
+                    if mode.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Waits until `probe` holds, checking whenever `ferry` changes (and at least every 100 ms).
@@ -130,8 +283,8 @@ async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
     let url = server.url("shared");
-    let _sync_a = a.start_sync(&url).unwrap();
-    let _sync_b = b.start_sync(&url).unwrap();
+    let _sync_a = a.start_sync(options(&url)).unwrap();
+    let _sync_b = b.start_sync(options(&url)).unwrap();
 
     let todos_a = a.collection::<Value>("todos");
     let mut seen_by_b = Box::pin(b.collection::<Value>("todos").watch("first"));
@@ -206,7 +359,7 @@ async fn concurrent_edits_are_reported_as_conflicts_on_both_clients() {
     let mut server = Server::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
-    let url = server.url("conflicts");
+    let url = options(&server.url("conflicts"));
     a.collection::<Value>("todos")
         .insert_with_id("x", &json!({"n": 0}))
         .unwrap();
@@ -240,4 +393,257 @@ async fn concurrent_edits_are_reported_as_conflicts_on_both_clients() {
     );
     assert_eq!(on_a.conflicts.len(), 1);
     server.stop();
+}
+
+/// Writes `count` documents `{prefix}-{i}` to `todos`.
+fn write_batch(ferry: &Ferry, prefix: &str, count: usize) {
+    let todos = ferry.collection::<Value>("todos");
+    for i in 0..count {
+        todos
+            .insert_with_id(
+                &format!("{prefix}-{i:03}"),
+                &json!({"n": i, "batch": prefix}),
+            )
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
+    let server = Server::start().await;
+    let proxy = Proxy::start(server.address).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = client(dir.path(), "a");
+    let states = record_states(&a);
+    let sync = options(&proxy.url("resilient"))
+        .heartbeat(Duration::from_millis(100), Duration::from_millis(600));
+    let _sync = a.start_sync(sync).unwrap();
+    wait_for_state(&a, "connected", |s| *s == ConnectionState::Connected).await;
+    write_batch(&a, "before", 20);
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+
+    // From now on the password no longer works: only the reconnect token can get back in.
+    server
+        .accounts()
+        .set_user(USER, "a brand new password", false)
+        .unwrap();
+
+    // Cut: every connection closed, new ones refused for a while. Writes go on offline.
+    proxy.set(Mode::Cut);
+    write_batch(&a, "cut", 20);
+    wait_for_state(
+        &a,
+        "reconnecting",
+        |s| matches!(s, ConnectionState::Reconnecting { attempt, .. } if *attempt >= 2),
+    )
+    .await;
+    assert_eq!(a.status().unwrap().pending, 20);
+    proxy.set(Mode::Forward);
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    wait_for_state(&a, "connected again", |s| *s == ConnectionState::Connected).await;
+
+    // Stall: the connection stays open but nothing moves; only the heartbeat notices.
+    let interruptions_before = count_interruptions(&states);
+    proxy.set(Mode::Stall);
+    write_batch(&a, "stall", 20);
+    eventually("the stall to be noticed", || {
+        count_interruptions(&states) > interruptions_before
+    })
+    .await;
+    proxy.set(Mode::Forward);
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+
+    // Nothing lost, nothing stored twice: 60 documents, 60 revisions on the server.
+    assert_eq!(server.update_seq("resilient"), 60);
+    let b = client(dir.path(), "b");
+    let pulled = b
+        .sync_once(
+            &SyncOptions::new(server.url("resilient"))
+                .credentials(Credentials::password(USER, "a brand new password")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pulled.pull.docs_written, 60);
+    assert_eq!(contents(&b), contents(&a));
+
+    let states = states.lock().unwrap().clone();
+    assert!(
+        !states
+            .iter()
+            .any(|s| matches!(s, ConnectionState::AuthenticationFailed { .. })),
+        "the reconnect token was enough: {states:?}"
+    );
+    let first_connected = states.iter().position(|s| *s == ConnectionState::Connected);
+    let first_interrupted = states
+        .iter()
+        .position(|s| matches!(s, ConnectionState::Interrupted { .. }));
+    assert!(
+        matches!((first_connected, first_interrupted), (Some(c), Some(i)) if c < i),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.last(),
+        Some(&ConnectionState::Connected),
+        "{states:?}"
+    );
+}
+
+fn count_interruptions(states: &Mutex<Vec<ConnectionState>>) -> usize {
+    states
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| matches!(s, ConnectionState::Interrupted { .. }))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_ask_the_fallback_and_the_outbox_drains() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url("fallback");
+
+    // Connect once: the replica now holds a reconnect token.
+    let a = client(dir.path(), "a");
+    let first = a.start_sync(options(&url)).unwrap();
+    wait_for_state(&a, "connected", |s| *s == ConnectionState::Connected).await;
+    drop(first);
+
+    // Offline, the server revokes the tokens and the password changes.
+    write_batch(&a, "offline", 5);
+    server
+        .accounts()
+        .accounts()
+        .revoke_tokens(USER, None)
+        .unwrap();
+    server
+        .accounts()
+        .set_user(USER, "the new password", false)
+        .unwrap();
+
+    // Token refused, then the old password refused: the callback supplies the new one.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let sync = options(&url).on_authentication_failure(move |failure| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        assert!(failure.reason.contains("unauthorized"), "{failure:?}");
+        async { Some(Credentials::password(USER, "the new password")) }
+    });
+    let _sync = a.start_sync(sync).unwrap();
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(server.update_seq("fallback"), 5);
+
+    // A callback with nothing to offer: authentication failed, and the outbox is kept.
+    let c = client(dir.path(), "c");
+    write_batch(&c, "kept", 3);
+    let refused = SyncOptions::new(&url)
+        .credentials(Credentials::password(USER, "wrong"))
+        .on_authentication_failure(|_| async { None });
+    let _refused = c.start_sync(refused).unwrap();
+    wait_for_state(&c, "authentication failed", |s| {
+        matches!(s, ConnectionState::AuthenticationFailed { .. })
+    })
+    .await;
+    assert_eq!(c.status().unwrap().pending, 3);
+    assert_eq!(contents(&c).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
+    let url = server.url("switch");
+    let _sync_a = a.start_sync(options(&url)).unwrap();
+    let _sync_b = b.start_sync(options(&url)).unwrap();
+    write_batch(&a, "shared", 10);
+    eventually("b to receive the first batch", || contents(&b).len() == 10).await;
+
+    a.set_online(false);
+    wait_for_state(&a, "offline", |s| *s == ConnectionState::Offline).await;
+    // Offline on a: creates, updates, deletes, on documents nobody has open, and a deleted
+    // id created again. Meanwhile b edits other documents.
+    let todos = a.collection::<Value>("todos");
+    write_batch(&a, "offline", 5);
+    todos
+        .patch("shared-001", &json!({"title": "patched offline"}))
+        .unwrap();
+    todos.delete("shared-002").unwrap();
+    todos.delete("shared-003").unwrap();
+    todos
+        .insert_with_id("shared-003", &json!({"n": 3, "title": "recreated"}))
+        .unwrap();
+    b.collection::<Value>("todos")
+        .patch("shared-009", &json!({"title": "edited by b"}))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.collection::<Value>("todos").get("offline-000").unwrap(),
+        None,
+        "nothing leaves a while it is offline"
+    );
+
+    a.set_online(true);
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    eventually("both replicas to converge", || {
+        full_state(&a) == full_state(&b) && full_state(&a).len() == 14
+    })
+    .await;
+    let on_b = b.collection::<Value>("todos");
+    assert_eq!(on_b.get("shared-002").unwrap(), None);
+    let recreated = on_b.get("shared-003").unwrap().unwrap();
+    assert_eq!(recreated.value["title"], json!("recreated"));
+    assert_eq!(
+        on_b.get("shared-001").unwrap().unwrap().value["title"],
+        json!("patched offline")
+    );
+    assert_eq!(
+        a.collection::<Value>("todos")
+            .get("shared-009")
+            .unwrap()
+            .unwrap()
+            .value["title"],
+        json!("edited by b")
+    );
+}
+
+/// Every live document with its winning revision and conflicts.
+fn full_state(ferry: &Ferry) -> Vec<(String, String, Vec<String>, Value)> {
+    ferry
+        .collection::<Value>("todos")
+        .query()
+        .run()
+        .unwrap()
+        .into_iter()
+        .map(|doc| {
+            let conflicts = doc.conflicts.iter().map(ToString::to_string).collect();
+            (doc.id, doc.rev.to_string(), conflicts, doc.value)
+        })
+        .collect()
 }

@@ -53,7 +53,7 @@ mod ws;
 pub use ferry_core::replicate::Stats;
 pub use http::HttpPeer;
 pub use local::LocalPeer;
-pub use ws::WsPeer;
+pub use ws::{SessionCredentials, WsPeer};
 
 /// Replication failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,11 @@ impl SyncError {
             SyncError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             _ => false,
         }
+    }
+
+    /// Whether the server refused the credentials (HTTP 401, or `unauthorized` in a session).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, SyncError::Http { status: 401, .. })
     }
 }
 
@@ -249,6 +254,9 @@ pub struct ReplicationOptions {
     pub wait_timeout: Duration,
     /// The longest pause between retries in continuous mode.
     pub max_backoff: Duration,
+    /// In continuous mode, retry transient errors (true), or return them so the caller can
+    /// reconnect its own way (a client's connection state machine).
+    pub retry_transient: bool,
 }
 
 impl Default for ReplicationOptions {
@@ -260,6 +268,7 @@ impl Default for ReplicationOptions {
             create_target: false,
             wait_timeout: Duration::from_secs(25),
             max_backoff: Duration::from_secs(30),
+            retry_transient: true,
         }
     }
 }
@@ -295,9 +304,9 @@ pub async fn replicate<S: Peer, T: Peer>(
     loop {
         match replicate_once(source, target, options, &mut progress).await {
             Ok(stats) => return Ok(stats),
-            Err(error) if options.continuous && error.is_transient() => {
+            Err(error) if options.continuous && options.retry_transient && error.is_transient() => {
                 failures = failures.saturating_add(1);
-                let pause = backoff(failures, options.max_backoff);
+                let pause = backoff_delay(failures, INITIAL_BACKOFF, options.max_backoff);
                 tracing::warn!(%error, retry_in_ms = pause.as_millis(), "replication interrupted");
                 tokio::time::sleep(pause).await;
             }
@@ -306,10 +315,13 @@ pub async fn replicate<S: Peer, T: Peer>(
     }
 }
 
-/// Exponential backoff (200 ms doubling, capped) with up to 50% jitter, so clients that lost
-/// the server together do not all come back at the same instant.
-fn backoff(failures: u32, cap: Duration) -> Duration {
-    let base = Duration::from_millis(200).saturating_mul(1u32 << failures.min(16));
+/// The first pause after a transient failure.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Exponential backoff (`initial` doubling with each failure, capped) with up to 50% jitter,
+/// so clients that lost the server together do not all come back at the same instant.
+pub fn backoff_delay(failures: u32, initial: Duration, cap: Duration) -> Duration {
+    let base = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let base = base.min(cap);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

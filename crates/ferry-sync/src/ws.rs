@@ -35,18 +35,54 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What a [`WsPeer`] presents in `hello`, and where the reconnect tokens the server issues go.
+///
+/// A client keeps the latest reconnect token and presents it on the next connection, so an
+/// interrupted session resumes without asking the user to log in again (`docs/protocol.md`).
+pub trait SessionCredentials: Send + Sync {
+    /// The `auth` member of the next `hello`: `{"reconnect_token"}`, `{"token"}` (an access
+    /// token) or `{"name", "password"}`; `None` to send none.
+    fn hello_auth(&self) -> Option<Value>;
+    /// The server accepted the session and issued the next reconnect token.
+    fn reconnect_token_issued(&self, token: &str, expires_ms: u64);
+}
+
+/// The credentials of a URL's `user:password@`, presented as they are.
+struct UrlCredentials {
+    name: String,
+    password: String,
+}
+
+impl SessionCredentials for UrlCredentials {
+    fn hello_auth(&self) -> Option<Value> {
+        Some(json!({"name": self.name, "password": self.password}))
+    }
+
+    fn reconnect_token_issued(&self, _token: &str, _expires_ms: u64) {}
+}
+
 /// A replication peer on a Ferry server database, over one WebSocket session.
 ///
 /// Built from the database's HTTP URL (`http://host:port/db`); the session goes to
 /// `ws://host:port/_ferry/sync`. [`Peer::describe`] is the same as [`crate::HttpPeer`]'s for the
-/// same database, so switching transport keeps the replication's checkpoints.
+/// same database, so switching transport keeps the replication's checkpoints. Credentials come
+/// from the URL (`http://user:password@host/db`) or from [`WsPeer::with_credentials`].
 pub struct WsPeer {
     session_url: Url,
     database_url: String,
     db: String,
     replica_id: String,
     create: AtomicBool,
+    credentials: Option<Arc<dyn SessionCredentials>>,
+    heartbeat: Heartbeat,
     connection: Mutex<Option<Arc<Connection>>>,
+}
+
+/// How often the client pings, and how long a silent session lives.
+#[derive(Clone, Copy, Debug)]
+struct Heartbeat {
+    interval: Duration,
+    silence_timeout: Duration,
 }
 
 struct Connection {
@@ -78,17 +114,16 @@ impl WsPeer {
         if db.is_empty() || db.contains('/') || parsed.host_str().is_none() {
             return Err(SyncError::InvalidUrl(url.to_owned()));
         }
-        let mut session_url = parsed.clone();
+        let mut database_url = parsed;
+        let credentials = crate::take_url_credentials(&mut database_url).map(|(name, password)| {
+            Arc::new(UrlCredentials { name, password }) as Arc<dyn SessionCredentials>
+        });
+        let mut session_url = database_url.clone();
         session_url
             .set_scheme(scheme)
             .map_err(|()| SyncError::InvalidUrl(url.to_owned()))?;
         session_url.set_path("/_ferry/sync");
         session_url.set_query(None);
-        let _ = session_url.set_username("");
-        let _ = session_url.set_password(None);
-        let mut database_url = parsed;
-        let _ = database_url.set_username("");
-        let _ = database_url.set_password(None);
         database_url.set_path(&format!("/{db}/"));
         Ok(WsPeer {
             session_url,
@@ -96,8 +131,37 @@ impl WsPeer {
             db,
             replica_id: replica_id.to_owned(),
             create: AtomicBool::new(false),
+            credentials,
+            heartbeat: Heartbeat {
+                interval: PING_INTERVAL,
+                silence_timeout: SILENCE_TIMEOUT,
+            },
             connection: Mutex::new(None),
         })
+    }
+
+    /// Pings every `interval` and treats `silence_timeout` without any frame from the server
+    /// as a lost session (defaults: 15 s and 30 s). Shorter values notice a stalled network
+    /// sooner at the cost of more traffic.
+    #[must_use]
+    pub fn with_heartbeat(mut self, interval: Duration, silence_timeout: Duration) -> WsPeer {
+        self.heartbeat = Heartbeat {
+            interval: interval.max(Duration::from_millis(10)),
+            silence_timeout: silence_timeout.max(interval),
+        };
+        self
+    }
+
+    /// Presents `credentials` when opening sessions (instead of the URL's).
+    #[must_use]
+    pub fn with_credentials(mut self, credentials: Arc<dyn SessionCredentials>) -> WsPeer {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Closes the current session, if any; the next request opens a new one.
+    pub async fn disconnect(&self) {
+        self.connection.lock().await.take();
     }
 
     fn lost(&self, detail: impl Into<String>) -> SyncError {
@@ -128,13 +192,16 @@ impl WsPeer {
         .await
         .map_err(|_| self.lost("timed out connecting"))?
         .map_err(|error| self.lost(format!("cannot connect: {error}")))?;
-        let hello = json!({
+        let mut hello = json!({
             "type": "hello",
             "versions": VERSIONS,
             "db": self.db,
             "create": self.create.load(Ordering::SeqCst),
             "replica_id": self.replica_id,
         });
+        if let Some(auth) = self.credentials.as_ref().and_then(|c| c.hello_auth()) {
+            hello["auth"] = auth;
+        }
         socket
             .send(Message::Text(hello.to_string().into()))
             .await
@@ -153,10 +220,11 @@ impl WsPeer {
         if welcome["type"] == "error" {
             return Err(SyncError::Http {
                 url: self.session_url.to_string(),
-                status: if welcome["error"] == "not_found" {
-                    404
-                } else {
-                    400
+                status: match welcome["error"].as_str() {
+                    Some("not_found") => 404,
+                    Some("unauthorized") => 401,
+                    Some("forbidden") => 403,
+                    _ => 400,
                 },
                 error: welcome["error"].as_str().unwrap_or("error").to_owned(),
                 reason: welcome["reason"].as_str().unwrap_or_default().to_owned(),
@@ -164,6 +232,12 @@ impl WsPeer {
         }
         if welcome["type"] != "welcome" {
             return Err(self.lost("expected welcome"));
+        }
+        if let (Some(credentials), Some(token)) =
+            (&self.credentials, welcome["reconnect_token"].as_str())
+        {
+            let expires_ms = welcome["reconnect_expires_at"].as_u64().unwrap_or(0);
+            credentials.reconnect_token_issued(token, expires_ms);
         }
         let (requests, outgoing) = mpsc::channel(64);
         let (changed_sender, changed) = watch::channel(welcome["update_seq"].as_u64().unwrap_or(0));
@@ -174,6 +248,7 @@ impl WsPeer {
             changed_sender,
             alive.clone(),
             self.session_url.to_string(),
+            self.heartbeat,
         ));
         Ok(Connection {
             requests,
@@ -225,11 +300,12 @@ async fn run_connection(
     changed: watch::Sender<u64>,
     alive: Arc<AtomicBool>,
     url: String,
+    heartbeat: Heartbeat,
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut waiting: HashMap<u64, oneshot::Sender<Result<Value, SyncError>>> = HashMap::new();
     let mut next_id = 0u64;
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut ping = tokio::time::interval(heartbeat.interval);
     let mut last_heard = tokio::time::Instant::now();
     let reason = loop {
         tokio::select! {
@@ -281,7 +357,7 @@ async fn run_connection(
                 }
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() > SILENCE_TIMEOUT {
+                if last_heard.elapsed() > heartbeat.silence_timeout {
                     break "the server went silent".to_owned();
                 }
                 let frame = json!({"type": "ping"}).to_string();

@@ -1,0 +1,646 @@
+//! The sync connection: credentials, reconnect tokens, the connection state machine, and the
+//! background loop that keeps a replica in sync with a server.
+//!
+//! One loop per replica ([`Ferry::start_sync`]) opens a WebSocket session, pushes then pulls
+//! continuously over it, and when the session breaks goes through the states of
+//! [`ConnectionState`]: `Interrupted`, then `Reconnecting` after an exponential backoff with
+//! jitter, then `Connected` again, resuming from the checkpoints on both sides. Local writes
+//! never wait for any of this.
+//!
+//! Authentication: the first session presents the application's [`Credentials`]; the server
+//! answers with a reconnect token, kept in the replica (a local document), and every later
+//! session presents that token instead, getting the next one back. When a reconnect token is
+//! refused (expired, revoked) the loop falls back to the credentials; when those are refused
+//! too, it asks the application's [`SyncOptions::on_authentication_failure`] callback. The outbox
+//! is never touched by any of this: pending writes wait for a session that is accepted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_store::Database;
+use ferry_store::sqlite::SqliteDatabase;
+use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, WsPeer};
+use futures_util::Stream;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use crate::{ClientError, Ferry};
+
+/// How a replica authenticates to the server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// A user name and password (checked by the server with argon2; sent only inside the
+    /// session's `hello`).
+    Password {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// An access token from `POST /_ferry/login`.
+    AccessToken(String),
+}
+
+impl Credentials {
+    /// A user name and password.
+    pub fn password(user: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::Password {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn hello_auth(&self) -> Value {
+        match self {
+            Credentials::Password { user, password } => json!({"name": user, "password": password}),
+            Credentials::AccessToken(token) => json!({"token": token}),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print a secret, even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Password { user, .. } => write!(f, "Password {{ user: {user:?}, .. }}"),
+            Credentials::AccessToken(_) => write!(f, "AccessToken(..)"),
+        }
+    }
+}
+
+/// Why the server refused to authenticate the replica; given to the fallback callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthenticationFailure {
+    /// The server's reason.
+    pub reason: String,
+    /// How many times in a row authentication failed.
+    pub attempts: u32,
+}
+
+type FallbackFuture = Pin<Box<dyn Future<Output = Option<Credentials>> + Send>>;
+type Fallback = Arc<dyn Fn(AuthenticationFailure) -> FallbackFuture + Send + Sync>;
+
+/// When and how fast the sync loop reconnects.
+#[derive(Clone, Debug)]
+pub struct ReconnectPolicy {
+    /// Reconnect by itself after an interruption (on by default). When off, an interruption
+    /// ends in [`ConnectionState::Disconnected`] until the application calls
+    /// [`Ferry::set_online`].
+    pub enabled: bool,
+    /// The pause before the first retry; it doubles with each failure.
+    pub initial_delay: Duration,
+    /// The longest pause.
+    pub max_delay: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> ReconnectPolicy {
+        ReconnectPolicy {
+            enabled: true,
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where and how to sync.
+///
+/// ```
+/// use ferry_client::{Credentials, SyncOptions};
+/// let options = SyncOptions::new("http://127.0.0.1:5984/notes")
+///     .credentials(Credentials::password("ann", "a long password"))
+///     .on_authentication_failure(|failure| async move {
+///         eprintln!("login needed: {}", failure.reason);
+///         None // or Some(credentials asked from the user)
+///     });
+/// ```
+#[derive(Clone)]
+pub struct SyncOptions {
+    url: String,
+    credentials: Option<Credentials>,
+    fallback: Option<Fallback>,
+    reconnect: ReconnectPolicy,
+    batch_size: usize,
+    heartbeat: Option<(Duration, Duration)>,
+}
+
+impl SyncOptions {
+    /// Sync with the server database at `url` (`http://host:port/db`; the session itself runs
+    /// over a WebSocket on the same host).
+    pub fn new(url: impl Into<String>) -> SyncOptions {
+        SyncOptions {
+            url: url.into(),
+            credentials: None,
+            fallback: None,
+            reconnect: ReconnectPolicy::default(),
+            batch_size: ReplicationOptions::default().batch_size,
+            heartbeat: None,
+        }
+    }
+
+    /// Authenticate with these credentials (until a reconnect token replaces them).
+    #[must_use]
+    pub fn credentials(mut self, credentials: Credentials) -> SyncOptions {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Called when the server refuses both the reconnect token and the credentials; return
+    /// new credentials to retry with, or `None` to stay in
+    /// [`ConnectionState::AuthenticationFailed`] (pending writes are kept).
+    #[must_use]
+    pub fn on_authentication_failure<F, Fut>(mut self, callback: F) -> SyncOptions
+    where
+        F: Fn(AuthenticationFailure) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<Credentials>> + Send + 'static,
+    {
+        self.fallback = Some(Arc::new(move |failure| Box::pin(callback(failure))));
+        self
+    }
+
+    /// How the loop reconnects.
+    #[must_use]
+    pub fn reconnect(mut self, policy: ReconnectPolicy) -> SyncOptions {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Changes per batch (memory is bounded by it).
+    #[must_use]
+    pub fn batch_size(mut self, batch_size: usize) -> SyncOptions {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Pings the server every `interval`, and treats `silence_timeout` without hearing from it
+    /// as an interruption (defaults: 15 s and 30 s). A stalled network (packets silently
+    /// dropped) is noticed only this way.
+    #[must_use]
+    pub fn heartbeat(mut self, interval: Duration, silence_timeout: Duration) -> SyncOptions {
+        self.heartbeat = Some((interval, silence_timeout));
+        self
+    }
+
+    /// The server database URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Where the replica's connection to the server stands. Every change is also an event
+/// ([`Ferry::connection_events`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Not syncing: no sync was started, it was stopped, or the application switched the
+    /// replica offline ([`Ferry::set_online`]).
+    Offline,
+    /// Opening the first session.
+    Connecting,
+    /// A session is open: changes flow both ways.
+    Connected,
+    /// The session broke (network cut, server gone, silence); reconnecting follows.
+    Interrupted {
+        /// What broke it.
+        reason: String,
+    },
+    /// Waiting `delay` before attempt number `attempt` to open a session.
+    Reconnecting {
+        /// The attempt about to be made, from 1.
+        attempt: u32,
+        /// The pause before it.
+        delay: Duration,
+        /// Why the previous attempt or session ended.
+        reason: String,
+    },
+    /// Stopped after an error retrying cannot fix (or with reconnecting turned off); call
+    /// [`Ferry::set_online`] to try again.
+    Disconnected {
+        /// The error.
+        reason: String,
+    },
+    /// The server refused every credential the replica had, and the application's callback
+    /// gave no new ones. Pending writes are kept.
+    AuthenticationFailed {
+        /// The server's reason.
+        reason: String,
+    },
+    /// Another process on the same replica file runs the sync loop; this one follows its
+    /// results and takes over if it stops.
+    SyncedByAnotherProcess,
+}
+
+/// The connection state shared by a replica's handles.
+pub(crate) struct ConnectionShared {
+    state: watch::Sender<ConnectionState>,
+    events: broadcast::Sender<ConnectionState>,
+    online: watch::Sender<bool>,
+}
+
+impl ConnectionShared {
+    pub(crate) fn new() -> ConnectionShared {
+        ConnectionShared {
+            state: watch::channel(ConnectionState::Offline).0,
+            events: broadcast::channel(256).0,
+            online: watch::channel(true).0,
+        }
+    }
+
+    fn set(&self, state: ConnectionState) {
+        let changed = self.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state.clone();
+            changed
+        });
+        if changed {
+            tracing::debug!(?state, "connection state");
+            let _ = self.events.send(state);
+        }
+    }
+}
+
+/// The key of the local document holding the latest reconnect token.
+const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
+
+/// Credentials as the sync loop tracks them: the application's, the latest reconnect token,
+/// and which of the two the last `hello` presented.
+struct ClientAuth {
+    db: Arc<SqliteDatabase>,
+    /// Tokens are per server: the session URL they were issued for.
+    server: String,
+    state: Mutex<AuthState>,
+}
+
+#[derive(Default)]
+struct AuthState {
+    credentials: Option<Credentials>,
+    reconnect: Option<(String, u64)>,
+    presented_reconnect_token: bool,
+}
+
+impl ClientAuth {
+    fn new(
+        db: Arc<SqliteDatabase>,
+        server: String,
+        credentials: Option<Credentials>,
+    ) -> ClientAuth {
+        let reconnect = db
+            .get_local(RECONNECT_TOKEN_DOC)
+            .ok()
+            .flatten()
+            .filter(|doc| doc.body.get("server").and_then(Value::as_str) == Some(server.as_str()))
+            .and_then(|doc| {
+                let token = doc.body.get("token")?.as_str()?.to_owned();
+                let expires = doc.body.get("expires_at")?.as_u64()?;
+                Some((token, expires))
+            });
+        ClientAuth {
+            db,
+            server,
+            state: Mutex::new(AuthState {
+                credentials,
+                reconnect,
+                presented_reconnect_token: false,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, AuthState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn persist(&self, reconnect: Option<&(String, u64)>) {
+        let body = reconnect.map(|(token, expires)| {
+            json!({"server": self.server, "token": token, "expires_at": expires})
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        });
+        let current = self.db.get_local(RECONNECT_TOKEN_DOC).ok().flatten();
+        if current.is_none() && body.is_none() {
+            return;
+        }
+        if let Err(error) = self
+            .db
+            .put_local(RECONNECT_TOKEN_DOC, current.map(|doc| doc.rev), body)
+        {
+            tracing::warn!(%error, "could not keep the reconnect token");
+        }
+    }
+
+    /// The server refused what the last `hello` presented. Returns whether something else is
+    /// left to try before asking the application.
+    fn rejected(&self) -> bool {
+        let mut state = self.state();
+        if state.presented_reconnect_token {
+            state.reconnect = None;
+            state.presented_reconnect_token = false;
+            drop(state);
+            self.persist(None);
+            return true;
+        }
+        false
+    }
+
+    fn set_credentials(&self, credentials: Credentials) {
+        self.state().credentials = Some(credentials);
+    }
+}
+
+impl SessionCredentials for ClientAuth {
+    fn hello_auth(&self) -> Option<Value> {
+        let mut state = self.state();
+        let now = crate::wall_ms();
+        if let Some((token, expires)) = &state.reconnect
+            && *expires > now
+        {
+            let auth = json!({"reconnect_token": token});
+            state.presented_reconnect_token = true;
+            return Some(auth);
+        }
+        state.presented_reconnect_token = false;
+        state.credentials.as_ref().map(Credentials::hello_auth)
+    }
+
+    fn reconnect_token_issued(&self, token: &str, expires_ms: u64) {
+        let reconnect = (token.to_owned(), expires_ms);
+        self.persist(Some(&reconnect));
+        self.state().reconnect = Some(reconnect);
+    }
+}
+
+/// A background sync started by [`Ferry::start_sync`]; dropping it stops the sync.
+pub struct SyncHandle {
+    task: tokio::task::JoinHandle<()>,
+    connection: Arc<ConnectionShared>,
+}
+
+impl SyncHandle {
+    /// Stops syncing. Local changes made meanwhile stay pending until the next sync.
+    pub fn stop(self) {}
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.connection.set(ConnectionState::Offline);
+    }
+}
+
+/// How one session ended.
+enum SessionEnd {
+    /// The session failed after (`true`) or before being accepted.
+    Failed { error: SyncError, connected: bool },
+    /// The application switched the replica offline.
+    WentOffline,
+}
+
+impl Ferry {
+    /// The connection's current state.
+    pub fn connection_state(&self) -> ConnectionState {
+        self.inner.connection.state.borrow().clone()
+    }
+
+    /// Every change of the connection state from now on, as a stream. A subscriber that falls
+    /// more than 256 events behind skips the oldest ones.
+    ///
+    /// ```no_run
+    /// # async fn run(ferry: ferry_client::Ferry) {
+    /// use futures_util::StreamExt;
+    /// let mut events = std::pin::pin!(ferry.connection_events());
+    /// while let Some(state) = events.next().await {
+    ///     println!("sync: {state:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn connection_events(&self) -> impl Stream<Item = ConnectionState> + Send + 'static {
+        let receiver = self.inner.connection.events.subscribe();
+        futures_util::stream::unfold(receiver, |mut receiver| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(state) => return Some((state, receiver)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+
+    /// Switches syncing on (`true`, the default) or off. Off closes the session at once and
+    /// keeps it closed; local reads and writes go on. Switching on again reconnects
+    /// immediately, also after [`ConnectionState::Disconnected`] or
+    /// [`ConnectionState::AuthenticationFailed`].
+    pub fn set_online(&self, online: bool) {
+        // A toggle must always wake the loop, even when the value does not change.
+        self.inner
+            .connection
+            .online
+            .send_modify(|value| *value = online);
+    }
+
+    /// Whether the application wants the replica online.
+    pub fn is_online(&self) -> bool {
+        *self.inner.connection.online.borrow()
+    }
+
+    /// Pushes local changes to the server, then pulls remote ones, once, over a WebSocket
+    /// session. Each pushed batch acknowledges the local changes it carried as soon as the
+    /// server committed it.
+    pub async fn sync_once(
+        &self,
+        options: &SyncOptions,
+    ) -> Result<ferry_sync::SyncStats, ClientError> {
+        let local = LocalPeer::new(self.inner.db.clone())?;
+        let (remote, _) = self.session_peer(options)?;
+        let replication = ReplicationOptions {
+            create_target: true,
+            batch_size: options.batch_size,
+            ..ReplicationOptions::default()
+        };
+        let push = ferry_sync::replicate(&local, &remote, &replication, |stats| {
+            self.acknowledge(&stats.last_seq);
+        })
+        .await?;
+        self.acknowledge(&push.last_seq);
+        let pull = ferry_sync::replicate(&remote, &local, &replication, |_| {
+            self.notify_changed();
+        })
+        .await?;
+        self.notify_changed();
+        Ok(ferry_sync::SyncStats { push, pull })
+    }
+
+    /// Syncs with the server continuously in both directions, in the background, until the
+    /// returned handle is dropped. Interruptions are retried as [`SyncOptions::reconnect`]
+    /// says; watch [`Ferry::connection_events`] to follow them. Local writes keep working
+    /// whatever the connection does.
+    pub fn start_sync(&self, options: SyncOptions) -> Result<SyncHandle, ClientError> {
+        // Fail now, not in the background, on a URL or replica that can never work.
+        let local = LocalPeer::new(self.inner.db.clone())?;
+        let (remote, auth) = self.session_peer(&options)?;
+        let ferry = self.clone();
+        let task = tokio::spawn(async move { ferry.sync_loop(options, local, remote, auth).await });
+        Ok(SyncHandle {
+            task,
+            connection: self.inner.connection.clone(),
+        })
+    }
+
+    /// The server database, reached over a sync session that authenticates with `options`'
+    /// credentials and this replica's reconnect token.
+    fn session_peer(
+        &self,
+        options: &SyncOptions,
+    ) -> Result<(WsPeer, Arc<ClientAuth>), ClientError> {
+        let replica_id = self.inner.db.info()?.replica_id;
+        let mut peer = WsPeer::new(&options.url, &replica_id)?;
+        if let Some((interval, silence_timeout)) = options.heartbeat {
+            peer = peer.with_heartbeat(interval, silence_timeout);
+        }
+        let auth = Arc::new(ClientAuth::new(
+            self.inner.db.clone(),
+            peer.describe(),
+            options.credentials.clone(),
+        ));
+        Ok((peer.with_credentials(auth.clone()), auth))
+    }
+
+    async fn sync_loop(
+        self,
+        options: SyncOptions,
+        local: LocalPeer,
+        remote: WsPeer,
+        auth: Arc<ClientAuth>,
+    ) {
+        let connection = self.inner.connection.clone();
+        let mut online = connection.online.subscribe();
+        let replication = ReplicationOptions {
+            create_target: true,
+            continuous: true,
+            retry_transient: false,
+            batch_size: options.batch_size,
+            wait_timeout: Duration::from_secs(10),
+            ..ReplicationOptions::default()
+        };
+        let mut failures = 0u32;
+        let mut auth_failures = 0u32;
+        loop {
+            online.mark_unchanged();
+            if !*online.borrow() {
+                connection.set(ConnectionState::Offline);
+                remote.disconnect().await;
+                if online.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if failures == 0 {
+                connection.set(ConnectionState::Connecting);
+            }
+            let end = tokio::select! {
+                end = self.session(&local, &remote, &replication) => end,
+                _ = online.changed() => SessionEnd::WentOffline,
+            };
+            remote.disconnect().await;
+            let (error, connected) = match end {
+                SessionEnd::WentOffline => continue,
+                SessionEnd::Failed { error, connected } => (error, connected),
+            };
+            if connected {
+                failures = 0;
+                auth_failures = 0;
+            }
+            let reason = error.to_string();
+            if error.is_unauthorized() {
+                auth_failures += 1;
+                if auth.rejected() {
+                    // The reconnect token was refused; the credentials are next, at once.
+                    continue;
+                }
+                let fallback = match &options.fallback {
+                    Some(fallback) => {
+                        fallback(AuthenticationFailure {
+                            reason: reason.clone(),
+                            attempts: auth_failures,
+                        })
+                        .await
+                    }
+                    None => None,
+                };
+                if let Some(credentials) = fallback {
+                    auth.set_credentials(credentials);
+                    continue;
+                }
+                connection.set(ConnectionState::AuthenticationFailed { reason });
+                // Wait for the application: switching online again retries.
+                let _ = online.changed().await;
+                continue;
+            }
+            if connected {
+                connection.set(ConnectionState::Interrupted {
+                    reason: reason.clone(),
+                });
+            }
+            if !options.reconnect.enabled || !error.is_transient() {
+                if !error.is_transient() {
+                    tracing::warn!(%error, "sync stopped by an error that retrying cannot fix");
+                }
+                connection.set(ConnectionState::Disconnected { reason });
+                let _ = online.changed().await;
+                failures = 0;
+                continue;
+            }
+            failures += 1;
+            let delay = ferry_sync::backoff_delay(
+                failures,
+                options.reconnect.initial_delay,
+                options.reconnect.max_delay,
+            );
+            connection.set(ConnectionState::Reconnecting {
+                attempt: failures,
+                delay,
+                reason,
+            });
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = online.changed() => {}
+            }
+        }
+    }
+
+    /// One session: open it, then push and pull continuously until something breaks.
+    async fn session(
+        &self,
+        local: &LocalPeer,
+        remote: &WsPeer,
+        replication: &ReplicationOptions,
+    ) -> SessionEnd {
+        if let Err(error) = remote.prepare(true).await {
+            return SessionEnd::Failed {
+                error,
+                connected: false,
+            };
+        }
+        self.inner.connection.set(ConnectionState::Connected);
+        let push = ferry_sync::replicate(local, remote, replication, |stats| {
+            self.acknowledge(&stats.last_seq);
+        });
+        let pull = ferry_sync::replicate(remote, local, replication, |_| {
+            self.notify_changed();
+        });
+        let error = match tokio::try_join!(push, pull) {
+            Err(error) => error,
+            Ok(_) => SyncError::Session {
+                url: remote.describe(),
+                detail: "replication ended".into(),
+            },
+        };
+        SessionEnd::Failed {
+            error,
+            connected: true,
+        }
+    }
+}
