@@ -192,6 +192,7 @@ impl SyncOptions {
 /// Where the replica's connection to the server stands. Every change is also an event
 /// ([`Ferry::connection_events`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConnectionState {
     /// Not syncing: no sync was started, it was stopped, or the application switched the
     /// replica offline ([`Ferry::set_online`]).
@@ -259,6 +260,9 @@ impl ConnectionShared {
         }
     }
 }
+
+/// How often a process waiting for another one's sync loop checks whether it may take over.
+const LEADER_POLL: Duration = Duration::from_millis(250);
 
 /// The key of the local document holding the latest reconnect token.
 const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
@@ -482,11 +486,52 @@ impl Ferry {
         let local = LocalPeer::new(self.inner.db.clone())?;
         let (remote, auth) = self.session_peer(&options)?;
         let ferry = self.clone();
-        let task = tokio::spawn(async move { ferry.sync_loop(options, local, remote, auth).await });
+        let task = tokio::spawn(async move {
+            // Held until the task ends (or the process dies, when the OS releases it).
+            let _leadership = ferry.become_sync_leader().await;
+            ferry.sync_loop(options, local, remote, auth).await;
+        });
         Ok(SyncHandle {
             task,
             connection: self.inner.connection.clone(),
         })
+    }
+
+    /// Waits until this process may run the replica's sync loop: the one holding an exclusive
+    /// lock on `<replica>.sync-lock`. Other processes on the same replica wait in
+    /// [`ConnectionState::SyncedByAnotherProcess`] and take over when the holder stops or
+    /// dies. On a file system without locks, every process syncs (harmless: replication is
+    /// idempotent, only wasteful).
+    async fn become_sync_leader(&self) -> Option<std::fs::File> {
+        let mut path = self.inner.path.clone().into_os_string();
+        path.push(".sync-lock");
+        let file = match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::warn!(%error, "cannot open the sync lock; syncing without it");
+                return None;
+            }
+        };
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    self.inner
+                        .connection
+                        .set(ConnectionState::SyncedByAnotherProcess);
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+                Err(std::fs::TryLockError::Error(error)) => {
+                    tracing::warn!(%error, "cannot lock the sync lock; syncing without it");
+                    return None;
+                }
+            }
+        }
     }
 
     /// The server database, reached over a sync session that authenticates with `options`'
