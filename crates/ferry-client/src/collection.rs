@@ -308,7 +308,7 @@ impl<T: Serialize + DeserializeOwned> Query<T> {
     /// Keeps documents matching a Mango selector (`{"done": false, "n": {"$gt": 3}}`).
     pub fn filter(mut self, selector: &Value) -> Result<Query<T>, ClientError> {
         let parsed = Selector::parse(selector)
-            .map_err(|error| ClientError::InvalidDocument(error.to_string()))?;
+            .map_err(|error| ClientError::InvalidQuery(error.to_string()))?;
         self.selector = match self.selector {
             Selector::And(mut parts) if !parts.is_empty() => {
                 parts.push(parsed);

@@ -124,6 +124,7 @@ pub struct SyncOptions {
     reconnect: ReconnectPolicy,
     batch_size: usize,
     heartbeat: Option<(Duration, Duration)>,
+    only_subscribed: bool,
 }
 
 impl SyncOptions {
@@ -137,6 +138,7 @@ impl SyncOptions {
             reconnect: ReconnectPolicy::default(),
             batch_size: ReplicationOptions::default().batch_size,
             heartbeat: None,
+            only_subscribed: false,
         }
     }
 
@@ -180,6 +182,15 @@ impl SyncOptions {
     #[must_use]
     pub fn heartbeat(mut self, interval: Duration, silence_timeout: Duration) -> SyncOptions {
         self.heartbeat = Some((interval, silence_timeout));
+        self
+    }
+
+    /// Pull only what the replica's offline subscriptions match
+    /// ([`Ferry::subscribe_offline`]) instead of mirroring the whole server database. Local
+    /// changes are pushed either way.
+    #[must_use]
+    pub fn only_subscribed(mut self) -> SyncOptions {
+        self.only_subscribed = true;
         self
     }
 
@@ -400,7 +411,20 @@ enum SessionEnd {
     Failed { error: SyncError, connected: bool },
     /// The application switched the replica offline.
     WentOffline,
+    /// The offline subscriptions changed: the pull starts again with the new filter.
+    Resubscribe,
 }
+
+/// What the pull carries.
+enum PullFilter {
+    /// Nothing: only subscriptions are pulled, and there are none.
+    Nothing,
+    /// These changes.
+    Filter(ferry_sync::ChangesFilter),
+}
+
+/// How often a syncing process looks for subscription changes made by other processes.
+const SUBSCRIPTIONS_POLL: Duration = Duration::from_millis(500);
 
 impl Ferry {
     /// The connection's current state.
@@ -469,10 +493,19 @@ impl Ferry {
         })
         .await?;
         self.acknowledge(&push.last_seq);
-        let pull = ferry_sync::replicate(&remote, &local, &replication, |_| {
-            self.notify_changed();
-        })
-        .await?;
+        let pull = match self.pull_filter(options)? {
+            PullFilter::Nothing => ferry_core::replicate::Stats::default(),
+            PullFilter::Filter(filter) => {
+                let replication = ReplicationOptions {
+                    filter,
+                    ..replication
+                };
+                ferry_sync::replicate(&remote, &local, &replication, |_| {
+                    self.notify_changed();
+                })
+                .await?
+            }
+        };
         self.notify_changed();
         Ok(ferry_sync::SyncStats { push, pull })
     }
@@ -586,12 +619,12 @@ impl Ferry {
                 connection.set(ConnectionState::Connecting);
             }
             let end = tokio::select! {
-                end = self.session(&local, &remote, &replication) => end,
+                end = self.session(&local, &remote, &replication, &options) => end,
                 _ = online.changed() => SessionEnd::WentOffline,
             };
             remote.disconnect().await;
             let (error, connected) = match end {
-                SessionEnd::WentOffline => continue,
+                SessionEnd::WentOffline | SessionEnd::Resubscribe => continue,
                 SessionEnd::Failed { error, connected } => (error, connected),
             };
             if connected {
@@ -662,30 +695,94 @@ impl Ferry {
         local: &LocalPeer,
         remote: &WsPeer,
         replication: &ReplicationOptions,
+        options: &SyncOptions,
     ) -> SessionEnd {
+        let failed = |error, connected| SessionEnd::Failed { error, connected };
+        let (_, subscriptions_rev) = match self.subscriptions_with_rev() {
+            Ok(found) => found,
+            Err(error) => return failed(local_error(error), false),
+        };
+        let pull_filter = match self.pull_filter(options) {
+            Ok(filter) => filter,
+            Err(error) => return failed(local_error(error), false),
+        };
         if let Err(error) = remote.prepare(true).await {
-            return SessionEnd::Failed {
-                error,
-                connected: false,
-            };
+            return failed(error, false);
         }
         self.inner.connection.set(ConnectionState::Connected);
         let push = ferry_sync::replicate(local, remote, replication, |stats| {
             self.acknowledge(&stats.last_seq);
         });
-        let pull = ferry_sync::replicate(remote, local, replication, |_| {
-            self.notify_changed();
-        });
-        let error = match tokio::try_join!(push, pull) {
-            Err(error) => error,
-            Ok(_) => SyncError::Session {
-                url: remote.describe(),
-                detail: "replication ended".into(),
-            },
+        let pull = async {
+            match pull_filter {
+                PullFilter::Nothing => std::future::pending().await,
+                PullFilter::Filter(filter) => {
+                    let replication = ReplicationOptions {
+                        filter,
+                        ..replication.clone()
+                    };
+                    ferry_sync::replicate(remote, local, &replication, |_| {
+                        self.notify_changed();
+                    })
+                    .await
+                }
+            }
         };
-        SessionEnd::Failed {
-            error,
-            connected: true,
+        let replicating = async {
+            match tokio::try_join!(push, pull) {
+                Err(error) => error,
+                Ok(_) => SyncError::Session {
+                    url: remote.describe(),
+                    detail: "replication ended".into(),
+                },
+            }
+        };
+        tokio::select! {
+            error = replicating => failed(error, true),
+            () = self.subscriptions_change(subscriptions_rev), if options.only_subscribed => {
+                SessionEnd::Resubscribe
+            }
         }
+    }
+
+    /// What the pull carries under `options`.
+    fn pull_filter(&self, options: &SyncOptions) -> Result<PullFilter, ClientError> {
+        if !options.only_subscribed {
+            return Ok(PullFilter::Filter(ferry_sync::ChangesFilter::default()));
+        }
+        let subscriptions = self.offline_subscriptions()?;
+        Ok(match crate::offline::pull_selector(&subscriptions) {
+            None => PullFilter::Nothing,
+            Some(selector) => PullFilter::Filter(ferry_sync::ChangesFilter {
+                doc_ids: None,
+                selector: Some(selector),
+            }),
+        })
+    }
+
+    /// Returns when the offline subscriptions differ from revision `rev`: changed by this
+    /// process (woken at once) or by another one (noticed by polling).
+    async fn subscriptions_change(&self, rev: u64) {
+        let mut changed = self.inner.subscriptions_changed.subscribe();
+        loop {
+            if self
+                .subscriptions_with_rev()
+                .is_ok_and(|(_, current)| current != rev)
+            {
+                return;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = tokio::time::sleep(SUBSCRIPTIONS_POLL) => {}
+            }
+        }
+    }
+}
+
+/// A local failure as a sync error (the replica could not be read).
+fn local_error(error: ClientError) -> SyncError {
+    match error {
+        ClientError::Store(error) => SyncError::Store(error),
+        other => SyncError::Task(other.to_string()),
     }
 }

@@ -40,11 +40,13 @@ use tokio::sync::watch;
 
 mod collection;
 mod connection;
+mod offline;
 
 pub use collection::{Collection, Doc, Query};
 pub use connection::{
     AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
 };
+pub use offline::OfflineSubscription;
 
 /// How often a replica looks for changes written by other processes on the same file.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
@@ -62,6 +64,9 @@ pub enum ClientError {
     /// A document was refused before being stored (not an object, too large, bad id...).
     #[error("invalid document: {0}")]
     InvalidDocument(String),
+    /// A query or selector was refused.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
     /// The document does not exist (or is deleted).
     #[error("{collection}/{id} does not exist")]
     NotFound {
@@ -136,6 +141,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     poller_started: std::sync::Once,
     connection: Arc<connection::ConnectionShared>,
+    /// Bumped whenever this process changes the offline subscriptions.
+    subscriptions_changed: watch::Sender<u64>,
 }
 
 pub(crate) fn wall_ms() -> u64 {
@@ -176,6 +183,7 @@ impl Ferry {
                 changes: watch::channel(update_seq).0,
                 poller_started: std::sync::Once::new(),
                 connection: Arc::new(connection::ConnectionShared::new()),
+                subscriptions_changed: watch::channel(0).0,
             }),
         })
     }

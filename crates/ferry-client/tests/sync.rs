@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_client::{
-    ConnectionState, Credentials, DocumentStatus, Ferry, ReconnectPolicy, SyncOptions,
+    ConnectionState, Credentials, DocumentStatus, Ferry, OfflineSubscription, ReconnectPolicy,
+    SyncOptions,
 };
 use ferry_server::auth::{Auth, AuthConfig};
 use ferry_store::Backend;
@@ -646,4 +647,111 @@ fn full_state(ferry: &Ferry) -> Vec<(String, String, Vec<String>, Value)> {
             (doc.id, doc.rev.to_string(), conflicts, doc.value)
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_subscriptions_download_documents_that_stay_readable_without_the_server() {
+    let mut server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url("subscribed");
+    let writer = client(dir.path(), "writer");
+    write_batch(&writer, "todo", 5);
+    let notes = writer.collection::<Value>("notes");
+    notes
+        .insert_with_id("pinned", &json!({"pinned": true}))
+        .unwrap();
+    notes
+        .insert_with_id("loose", &json!({"pinned": false}))
+        .unwrap();
+    writer.sync_once(&options(&url)).await.unwrap();
+
+    let reader = client(dir.path(), "reader");
+    let _sync = reader.start_sync(options(&url).only_subscribed()).unwrap();
+    wait_for_state(&reader, "connected", |s| *s == ConnectionState::Connected).await;
+    let count = |collection: &str| {
+        reader
+            .collection::<Value>(collection)
+            .query()
+            .run()
+            .unwrap()
+            .len()
+    };
+    assert!(
+        reader
+            .subscribe_offline(OfflineSubscription::collection("todos"))
+            .unwrap()
+    );
+    eventually("the todos to be downloaded", || count("todos") == 5).await;
+    assert_eq!(count("notes"), 0, "only what is subscribed");
+
+    // Kept current while connected: an update and a deletion made elsewhere arrive.
+    let todos = writer.collection::<Value>("todos");
+    todos
+        .patch("todo-000", &json!({"title": "changed"}))
+        .unwrap();
+    todos.delete("todo-001").unwrap();
+    writer.sync_once(&options(&url)).await.unwrap();
+    eventually("the update and the deletion", || {
+        count("todos") == 4
+            && reader
+                .collection::<Value>("todos")
+                .get("todo-000")
+                .unwrap()
+                .unwrap()
+                .value["title"]
+                == json!("changed")
+    })
+    .await;
+
+    // A query subscription: only matching notes.
+    let pinned = OfflineSubscription::query("notes", json!({"pinned": true})).unwrap();
+    reader.subscribe_offline(pinned.clone()).unwrap();
+    eventually("the pinned note", || count("notes") == 1).await;
+    assert!(
+        reader
+            .collection::<Value>("notes")
+            .get("loose")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        reader.offline_subscriptions().unwrap(),
+        [OfflineSubscription::collection("todos"), pinned]
+    );
+
+    // Unsubscribed: new todos stop coming, while pinned notes still do.
+    assert!(
+        reader
+            .unsubscribe_offline(&OfflineSubscription::collection("todos"))
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    todos.insert_with_id("todo-new", &json!({"n": 99})).unwrap();
+    notes
+        .insert_with_id("pinned-2", &json!({"pinned": true}))
+        .unwrap();
+    writer.sync_once(&options(&url)).await.unwrap();
+    eventually("the second pinned note", || count("notes") == 2).await;
+    assert!(
+        reader
+            .collection::<Value>("todos")
+            .get("todo-new")
+            .unwrap()
+            .is_none()
+    );
+
+    // The server goes away: everything downloaded is readable.
+    server.stop();
+    assert!(is_unreachable(server.address).await);
+    assert_eq!(count("todos"), 4);
+    assert_eq!(count("notes"), 2);
+    assert_eq!(
+        reader
+            .collection::<Value>("todos")
+            .get("todo-004")
+            .unwrap()
+            .unwrap()
+            .value["n"],
+        json!(4)
+    );
 }

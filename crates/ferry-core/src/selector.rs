@@ -100,6 +100,27 @@ impl Selector {
         Selector::And(Vec::new())
     }
 
+    /// Whether a stored document's winning revision matches, as CouchDB evaluates a `_selector`
+    /// filter: the body with `_id` (and `_deleted: true` for a tombstone) added, so selectors
+    /// on ids work and tombstones can be let through on purpose.
+    ///
+    /// ```
+    /// use ferry_core::selector::Selector;
+    /// use serde_json::json;
+    /// let todos = Selector::parse(&json!({"_id": {"$gt": "todos:", "$lt": "todos;"}})).unwrap();
+    /// let body = json!({"title": "milk"}).as_object().unwrap().clone();
+    /// assert!(todos.matches_document("todos:1", false, &body));
+    /// assert!(!todos.matches_document("notes:1", false, &body));
+    /// ```
+    pub fn matches_document(&self, doc_id: &str, deleted: bool, body: &Map<String, Value>) -> bool {
+        let mut document = body.clone();
+        document.insert("_id".into(), Value::String(doc_id.to_owned()));
+        if deleted {
+            document.insert("_deleted".into(), Value::Bool(true));
+        }
+        self.matches(&Value::Object(document))
+    }
+
     /// Whether `document` matches.
     pub fn matches(&self, document: &Value) -> bool {
         match self {

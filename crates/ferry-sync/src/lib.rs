@@ -136,7 +136,12 @@ pub struct ChangesFilter {
 
 impl ChangesFilter {
     /// Whether a change passes the filter; `body` is the winner's body when a selector is set.
-    pub fn matches(&self, doc_id: &str, body: Option<&ferry_core::model::Body>) -> bool {
+    pub fn matches(
+        &self,
+        doc_id: &str,
+        deleted: bool,
+        body: Option<&ferry_core::model::Body>,
+    ) -> bool {
         if let Some(doc_ids) = &self.doc_ids
             && !doc_ids.iter().any(|id| id == doc_id)
         {
@@ -144,7 +149,7 @@ impl ChangesFilter {
         }
         match &self.selector {
             Some((_, selector)) => {
-                body.is_some_and(|body| selector.matches(&Value::Object(body.clone())))
+                body.is_some_and(|body| selector.matches_document(doc_id, deleted, body))
             }
             None => true,
         }

@@ -120,7 +120,7 @@ impl Peer for LocalPeer {
                 let exhausted = changes.len() < chunk;
                 for change in changes {
                     cursor = change.seq;
-                    if !filter.matches(&change.doc_id, change.body.as_ref()) {
+                    if !filter.matches(&change.doc_id, change.deleted, change.body.as_ref()) {
                         continue;
                     }
                     rows.push(ChangeRow {

@@ -53,12 +53,11 @@ impl Filter {
         match self {
             Filter::None => true,
             Filter::DocIds(ids) => ids.contains(&change.doc_id),
-            // CouchDB's _selector feed matches the winning revision; deleted documents only
-            // match selectors that accept their (usually empty) tombstone body.
-            Filter::Selector(selector) => change
-                .body
-                .as_ref()
-                .is_some_and(|body| selector.matches(&Value::Object(body.clone()))),
+            // CouchDB's _selector feed matches the winning revision (with its `_id`); deleted
+            // documents only match selectors that accept their tombstone.
+            Filter::Selector(selector) => change.body.as_ref().is_some_and(|body| {
+                selector.matches_document(&change.doc_id, change.deleted, body)
+            }),
         }
     }
 }
