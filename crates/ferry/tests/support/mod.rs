@@ -38,6 +38,20 @@ pub struct ServerProcess {
     pub bare_url: String,
     /// Its data directory.
     pub data_dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+fn spawn_server(data_dir: &Path, listen: &str, extra_args: &[&str]) -> Child {
+    Command::new(ferry_bin())
+        .args(["serve", "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen", listen])
+        .args(extra_args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferry serve")
 }
 
 impl ServerProcess {
@@ -51,26 +65,25 @@ impl ServerProcess {
             .output()
             .expect("run ferry users add");
         assert!(added.status.success(), "{added:?}");
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(ferry_bin())
-            .args(["serve", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", &listen])
-            .args(extra_args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn ferry serve");
+        let listen = format!("127.0.0.1:{}", free_port());
         let server = ServerProcess {
-            child,
+            child: spawn_server(data_dir, &listen, extra_args),
             url: format!("http://{TEST_USER}:{TEST_PASSWORD}@{listen}"),
             bare_url: format!("http://{listen}"),
             data_dir: data_dir.to_owned(),
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         server.wait_until_up();
         server
+    }
+
+    /// Starts the server again on the same address and data (after [`ServerProcess::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        let listen = self.bare_url.trim_start_matches("http://").to_owned();
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        self.child = spawn_server(&self.data_dir, &listen, &extra);
+        self.wait_until_up();
     }
 
     fn wait_until_up(&self) {

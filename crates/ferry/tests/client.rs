@@ -1,0 +1,111 @@
+//! SDK clients against a real `ferry serve` process that is killed with SIGKILL in the middle
+//! of their sessions and restarted: they notice, reconnect by themselves, and finish with every
+//! write acknowledged and present once on the server and on both clients.
+
+mod support;
+
+use std::time::Duration;
+
+use ferry_client::{ConnectionState, Credentials, Ferry, ReconnectPolicy, SyncOptions};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use support::{ServerProcess, TEST_PASSWORD, TEST_USER};
+
+const WRITES: usize = 200;
+
+fn options(server: &ServerProcess) -> SyncOptions {
+    SyncOptions::new(format!("{}/crashy", server.bare_url))
+        .credentials(Credentials::password(TEST_USER, TEST_PASSWORD))
+        .reconnect(ReconnectPolicy {
+            enabled: true,
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        })
+}
+
+async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !probe() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ids(ferry: &Ferry) -> Vec<String> {
+    ferry
+        .collection::<Value>("todos")
+        .query()
+        .run()
+        .unwrap()
+        .into_iter()
+        .map(|doc| doc.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_survive_a_sigkill_of_the_server_mid_session() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(server_dir.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let a = Ferry::initialize_offline(dir.path().join("a.ferry"), TEST_USER).unwrap();
+    let b = Ferry::initialize_offline(dir.path().join("b.ferry"), TEST_USER).unwrap();
+    let mut a_events = Box::pin(a.connection_events());
+    let _sync_a = a.start_sync(options(&server)).unwrap();
+    let _sync_b = b.start_sync(options(&server)).unwrap();
+
+    // a writes steadily; the server is killed while writes are in flight.
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let todos = a.collection::<Value>("todos");
+            for n in 0..WRITES {
+                todos
+                    .insert_with_id(&format!("t{n:04}"), &json!({"n": n}))
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    eventually("some writes to be acknowledged", || {
+        ids(&b).len() >= WRITES / 4
+    })
+    .await;
+    server.kill();
+    let interrupted = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(state) = a_events.next().await {
+            if matches!(state, ConnectionState::Interrupted { .. }) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(interrupted, Ok(true), "a noticed the server died");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart();
+    writer.await.unwrap();
+
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    eventually("b to have every write", || ids(&b).len() == WRITES).await;
+    assert_eq!(ids(&a), ids(&b));
+    assert_eq!(a.connection_state(), ConnectionState::Connected);
+
+    // Present once on the server: one document and one revision per write.
+    let info: Value = reqwest::Client::new()
+        .get(format!("{}/crashy", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["doc_count"], json!(WRITES), "{info}");
+    assert_eq!(info["update_seq"], json!(WRITES), "{info}");
+}
