@@ -8,6 +8,30 @@
 //! [`Query::watch`] are streams that emit again whenever a change (local, from another process
 //! on the same file, or from sync) touches what they show.
 //!
+//! [`Ferry::start_sync`] syncs in the background over a WebSocket session (push, then pull,
+//! continuously), reconnecting after interruptions with backoff and resuming with a reconnect
+//! token; [`Ferry::connection_events`] reports what the connection does. See
+//! [`SyncOptions`] for credentials, the fallback authentication callback and offline
+//! subscriptions.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), ferry_client::ClientError> {
+//! use ferry_client::{Credentials, Ferry, SyncOptions};
+//! let ferry = Ferry::initialize_offline("app.ferry", "alice")?;
+//! let _sync = ferry.start_sync(
+//!     SyncOptions::new("http://127.0.0.1:5984/groceries")
+//!         .credentials(Credentials::password("alice", "a long password"))
+//!         .on_authentication_failure(|failure| async move {
+//!             eprintln!("please log in again: {}", failure.reason);
+//!             None
+//!         }),
+//! )?;
+//! ferry.collection::<serde_json::Value>("todos").insert(&serde_json::json!({"title": "milk"}))?;
+//! ferry.wait_for_acknowledgement(std::time::Duration::from_secs(5)).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ```
 //! # fn main() -> Result<(), ferry_client::ClientError> {
 //! use ferry_client::Ferry;
