@@ -167,6 +167,9 @@ struct Inner {
     connection: Arc<connection::ConnectionShared>,
     /// Bumped whenever this process changes the offline subscriptions.
     subscriptions_changed: watch::Sender<u64>,
+    /// The directory of a temporary replica, removed with the last handle (declared last so
+    /// that it outlives the database).
+    _temporary: Option<tempfile::TempDir>,
 }
 
 pub(crate) fn wall_ms() -> u64 {
@@ -181,7 +184,27 @@ impl Ferry {
     /// Opens (creating if needed) the local replica at `path` for `user`, with no server.
     /// Everything works offline; sync can start later.
     pub fn initialize_offline(path: impl AsRef<Path>, user: &str) -> Result<Ferry, ClientError> {
-        let path = path.as_ref().to_owned();
+        Ferry::open(path.as_ref().to_owned(), user, None)
+    }
+
+    /// A replica in a new temporary file, deleted when the last handle is dropped: for tests
+    /// and throwaway sessions. It behaves exactly like [`Ferry::initialize_offline`]'s.
+    ///
+    /// ```
+    /// let ferry = ferry_client::Ferry::temporary("ann").unwrap();
+    /// ferry.collection::<serde_json::Value>("notes").insert(&serde_json::json!({"a": 1})).unwrap();
+    /// assert_eq!(ferry.status().unwrap().pending, 1);
+    /// ```
+    pub fn temporary(user: &str) -> Result<Ferry, ClientError> {
+        let dir = tempfile::tempdir().map_err(StoreError::from)?;
+        Ferry::open(dir.path().join("replica.ferry"), user, Some(dir))
+    }
+
+    fn open(
+        path: PathBuf,
+        user: &str,
+        temporary: Option<tempfile::TempDir>,
+    ) -> Result<Ferry, ClientError> {
         let limits = Limits::default();
         let config = StoreConfig {
             limits: limits.clone(),
@@ -208,6 +231,7 @@ impl Ferry {
                 poller_started: std::sync::Once::new(),
                 connection: Arc::new(connection::ConnectionShared::new()),
                 subscriptions_changed: watch::channel(0).0,
+                _temporary: temporary,
             }),
         })
     }

@@ -755,3 +755,51 @@ async fn offline_subscriptions_download_documents_that_stay_readable_without_the
         json!(4)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_and_recreated_document_is_not_confused_with_the_old_one() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
+    let url = options(&server.url("recreate"));
+    a.collection::<Value>("todos")
+        .insert_with_id("x", &json!({"title": "old", "owner": "a"}))
+        .unwrap();
+    a.sync_once(&url).await.unwrap();
+    b.sync_once(&url).await.unwrap();
+
+    // Offline, b edits the old document while a deletes it and creates a new one, same id.
+    b.collection::<Value>("todos")
+        .patch("x", &json!({"note": "edited by b"}))
+        .unwrap();
+    let todos_a = a.collection::<Value>("todos");
+    todos_a.delete("x").unwrap();
+    let recreated = todos_a
+        .insert_with_id("x", &json!({"title": "new"}))
+        .unwrap();
+    let old = b.collection::<Value>("todos").get("x").unwrap().unwrap();
+    assert!(
+        recreated.rev.generation() > old.rev.generation(),
+        "the new document continues after the tombstone"
+    );
+
+    for ferry in [&a, &b, &a] {
+        ferry.sync_once(&url).await.unwrap();
+    }
+    // Both agree; the new document wins and b's edit of the old one was not applied to it,
+    // nor lost: it is a conflicting version the application can see.
+    for ferry in [&a, &b] {
+        let x = ferry
+            .collection::<Value>("todos")
+            .get("x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(x.rev, recreated.rev);
+        assert_eq!(x.value, json!({"title": "new"}));
+        assert_eq!(x.conflicts.len(), 1, "b's edit of the old document is kept");
+        assert_eq!(
+            ferry.document_status("todos", "x").unwrap(),
+            Some(DocumentStatus::Conflicted)
+        );
+    }
+}
