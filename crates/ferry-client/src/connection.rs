@@ -488,26 +488,52 @@ impl Ferry {
             batch_size: options.batch_size,
             ..ReplicationOptions::default()
         };
-        let push = ferry_sync::replicate(&local, &remote, &replication, |stats| {
+        let pull_filter = self.pull_filter(options)?;
+        let push = self.push(&local, &remote, &replication).await?;
+        let pull = self
+            .pull(&local, &remote, &replication, &pull_filter)
+            .await?;
+        Ok(ferry_sync::SyncStats { push, pull })
+    }
+
+    /// Replicates local changes to the server, acknowledging each batch it commits.
+    async fn push(
+        &self,
+        local: &LocalPeer,
+        remote: &WsPeer,
+        replication: &ReplicationOptions,
+    ) -> Result<ferry_core::replicate::Stats, SyncError> {
+        let stats = ferry_sync::replicate(local, remote, replication, |stats| {
             self.acknowledge(&stats.last_seq);
         })
         .await?;
-        self.acknowledge(&push.last_seq);
-        let pull = match self.pull_filter(options)? {
+        self.acknowledge(&stats.last_seq);
+        Ok(stats)
+    }
+
+    /// Replicates what `filter` selects from the server, waking watchers after each batch.
+    async fn pull(
+        &self,
+        local: &LocalPeer,
+        remote: &WsPeer,
+        replication: &ReplicationOptions,
+        filter: &PullFilter,
+    ) -> Result<ferry_core::replicate::Stats, SyncError> {
+        let stats = match filter {
+            // Nothing to pull until the subscriptions change (which ends the session).
+            PullFilter::Nothing if replication.continuous => std::future::pending().await,
             PullFilter::Nothing => ferry_core::replicate::Stats::default(),
             PullFilter::Filter(filter) => {
                 let replication = ReplicationOptions {
-                    filter,
-                    ..replication
+                    filter: filter.clone(),
+                    ..replication.clone()
                 };
-                ferry_sync::replicate(&remote, &local, &replication, |_| {
-                    self.notify_changed();
-                })
-                .await?
+                ferry_sync::replicate(remote, local, &replication, |_| self.notify_changed())
+                    .await?
             }
         };
         self.notify_changed();
-        Ok(ferry_sync::SyncStats { push, pull })
+        Ok(stats)
     }
 
     /// Syncs with the server continuously in both directions, in the background, until the
@@ -516,7 +542,7 @@ impl Ferry {
     /// whatever the connection does.
     pub fn start_sync(&self, options: SyncOptions) -> Result<SyncHandle, ClientError> {
         // Fail now, not in the background, on a URL or replica that can never work.
-        let local = LocalPeer::new(self.inner.db.clone())?;
+        let local = LocalPeer::new(self.inner.db.clone())?.with_wakeup(self.subscribe());
         let (remote, auth) = self.session_peer(&options)?;
         let ferry = self.clone();
         let task = tokio::spawn(async move {
@@ -710,28 +736,25 @@ impl Ferry {
             return failed(error, false);
         }
         self.inner.connection.set(ConnectionState::Connected);
-        let push = ferry_sync::replicate(local, remote, replication, |stats| {
-            self.acknowledge(&stats.last_seq);
-        });
-        let pull = async {
-            match pull_filter {
-                PullFilter::Nothing => std::future::pending().await,
-                PullFilter::Filter(filter) => {
-                    let replication = ReplicationOptions {
-                        filter,
-                        ..replication.clone()
-                    };
-                    ferry_sync::replicate(remote, local, &replication, |_| {
-                        self.notify_changed();
-                    })
-                    .await
-                }
-            }
+        let replicating = async {
+            // Catch up push first, then pull (conflicts surface on the server first and come
+            // back with the pull), then follow both directions.
+            let catch_up = ReplicationOptions {
+                continuous: false,
+                ..replication.clone()
+            };
+            self.push(local, remote, &catch_up).await?;
+            self.pull(local, remote, &catch_up, &pull_filter).await?;
+            tokio::try_join!(
+                self.push(local, remote, replication),
+                self.pull(local, remote, replication, &pull_filter),
+            )?;
+            Ok::<(), SyncError>(())
         };
         let replicating = async {
-            match tokio::try_join!(push, pull) {
+            match replicating.await {
                 Err(error) => error,
-                Ok(_) => SyncError::Session {
+                Ok(()) => SyncError::Session {
                     url: remote.describe(),
                     detail: "replication ended".into(),
                 },

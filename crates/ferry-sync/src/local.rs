@@ -27,6 +27,8 @@ pub struct LocalPeer {
     replica_id: String,
     clock: Arc<Mutex<HlcClock>>,
     revs_limit: usize,
+    /// Woken when the owner of the store knows it wrote, so waits need not poll to notice.
+    wakeup: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl LocalPeer {
@@ -38,7 +40,17 @@ impl LocalPeer {
             replica_id,
             clock: Arc::new(Mutex::new(HlcClock::new(60_000))),
             revs_limit: Limits::default().revs_limit,
+            wakeup: None,
         })
+    }
+
+    /// Wakes waits for changes as soon as `wakeup` changes, instead of at the next poll (the
+    /// client SDK bumps it after each local write). Polling goes on, for writes made by other
+    /// processes on the same file.
+    #[must_use]
+    pub fn with_wakeup(mut self, wakeup: tokio::sync::watch::Receiver<u64>) -> LocalPeer {
+        self.wakeup = Some(wakeup);
+        self
     }
 
     /// The database.
@@ -199,6 +211,11 @@ impl Peer for LocalPeer {
         let since = seq_number(since)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Marked seen before reading the sequence, so a write after the read wakes us.
+            let mut wakeup = self.wakeup.clone();
+            if let Some(wakeup) = wakeup.as_mut() {
+                wakeup.borrow_and_update();
+            }
             let update_seq = self.blocking(|db| db.info()).await?.update_seq;
             if update_seq > since {
                 return Ok(true);
@@ -206,7 +223,11 @@ impl Peer for LocalPeer {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(false);
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
+            // Polling still runs: other processes writing the same file wake nobody here.
+            tokio::select! {
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                Some(Ok(())) = async { Some(wakeup.as_mut()?.changed().await) } => {}
+            }
         }
     }
 }
