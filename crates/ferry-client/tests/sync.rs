@@ -616,6 +616,10 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
         full_state(&a) == full_state(&b) && full_state(&a).len() == 14
     })
     .await;
+    // Stored once each on the server: one sequence per document update received. 10 creates,
+    // then from a's offline batch 5 creates, 1 patch, 1 deletion and 1 deletion + recreation
+    // (one path), and b's patch.
+    assert_eq!(server.update_seq("switch"), 19);
     let on_b = b.collection::<Value>("todos");
     assert_eq!(on_b.get("shared-002").unwrap(), None);
     let recreated = on_b.get("shared-003").unwrap().unwrap();

@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub max_clock_drift: Duration,
     /// Who may connect, and how long tokens last.
     pub auth: AuthConfig,
+    /// The most WebSocket sync sessions open at once; the next upgrade is refused with 503.
+    pub max_sessions: usize,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +76,7 @@ impl Default for ServerConfig {
             default_feed_timeout: Duration::from_secs(60),
             max_clock_drift: Duration::from_secs(60),
             auth: AuthConfig::default(),
+            max_sessions: 20_000,
         }
     }
 }
@@ -94,6 +97,8 @@ struct Inner {
     /// Per database, the latest sequence, for feeds waiting on changes.
     notifiers: Mutex<HashMap<String, watch::Sender<u64>>>,
     default_feed_timeout: Duration,
+    /// One permit per sync session that may be open.
+    sessions: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -114,6 +119,7 @@ impl AppState {
                 )),
                 notifiers: Mutex::new(HashMap::new()),
                 default_feed_timeout: config.default_feed_timeout,
+                sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
             }),
             limits: Arc::new(config.limits.clone()),
         }
@@ -144,6 +150,12 @@ impl AppState {
             .await
             .map_err(ApiError::internal)?
             .map_err(ApiError::from)
+    }
+
+    /// A permit to open one more sync session, if the limit allows; the session holds it
+    /// until it ends.
+    pub fn session_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.sessions.clone().try_acquire_owned().ok()
     }
 
     /// How long feeds wait by default.

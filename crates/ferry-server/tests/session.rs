@@ -29,6 +29,15 @@ async fn start(limits: Limits) -> Server {
 }
 
 async fn start_with(limits: Limits, auth: AuthConfig) -> Server {
+    start_configured(
+        limits,
+        auth,
+        ferry_server::ServerConfig::default().max_sessions,
+    )
+    .await
+}
+
+async fn start_configured(limits: Limits, auth: AuthConfig, max_sessions: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     Auth::open(dir.path(), auth.clone())
         .unwrap()
@@ -40,6 +49,7 @@ async fn start_with(limits: Limits, auth: AuthConfig) -> Server {
         data_dir: dir.path().to_owned(),
         limits,
         auth,
+        max_sessions,
         ..ferry_server::ServerConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -317,4 +327,31 @@ async fn reconnect_tokens_expire_absolutely() {
     resume["auth"] = json!({"reconnect_token": token});
     let (_, expired) = say_hello(&server, resume).await;
     assert_eq!(expired["error"], json!("unauthorized"), "{expired}");
+}
+
+#[tokio::test]
+async fn sessions_are_limited_at_the_limit_and_one_past() {
+    let server = start_configured(Limits::default(), AuthConfig::default(), 2).await;
+    let mut first = open(&server, "limited").await;
+    let _second = open(&server, "limited").await;
+    let url = format!("ws://{}/_ferry/sync", server.address);
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("a third session was not refused: {other:?}"),
+    }
+    // Closing one frees its place.
+    first.close(None).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio_tungstenite::connect_async(&url).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -158,6 +158,9 @@ struct ServeArgs {
     /// Revisions of history kept per document.
     #[arg(long, env = "FERRY_REVS_LIMIT", default_value_t = Limits::default().revs_limit)]
     revs_limit: usize,
+    /// The most WebSocket sync sessions open at once.
+    #[arg(long, env = "FERRY_MAX_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_sessions)]
+    max_sessions: usize,
     /// Accept every request without credentials, as an administrator. For local development
     /// only: by default the server requires a user (see `ferry users add`).
     #[arg(long, env = "FERRY_INSECURE_NO_AUTH")]
@@ -199,6 +202,7 @@ impl ServeArgs {
                 access_token_ttl: Duration::from_secs(self.access_token_ttl),
                 reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
             },
+            max_sessions: self.max_sessions,
             ..ferry_server::ServerConfig::default()
         })
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use ferry_core::couch::revision_from_json;
 use ferry_core::json::parse_strict;
 use ferry_core::rev::Rev;
@@ -46,9 +46,18 @@ pub(crate) async fn upgrade(
     identity: Option<Extension<Identity>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let Some(permit) = state.session_permit() else {
+        return ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_sessions",
+            "The server holds as many sync sessions as it is configured for; retry later.",
+        )
+        .into_response();
+    };
     upgrade
         .max_message_size(state.limits.max_request_bytes)
         .on_upgrade(move |socket| async move {
+            let _permit = permit;
             let mut session = Session {
                 state,
                 socket,
