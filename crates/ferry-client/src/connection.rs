@@ -503,12 +503,30 @@ impl Ferry {
         remote: &WsPeer,
         replication: &ReplicationOptions,
     ) -> Result<ferry_core::replicate::Stats, SyncError> {
-        let stats = ferry_sync::replicate(local, remote, replication, |stats| {
-            self.acknowledge(&stats.last_seq);
-        })
+        let stats = ferry_sync::replicate_reporting(
+            local,
+            remote,
+            replication,
+            |stats| self.acknowledge(&stats.last_seq),
+            |rejected| self.reject(rejected),
+        )
         .await?;
         self.acknowledge(&stats.last_seq);
         Ok(stats)
+    }
+
+    /// Marks a document the server refused as rejected in the outbox, unless it was edited
+    /// again since the refused revision was read (the new edit deserves its own try).
+    fn reject(&self, rejected: &ferry_sync::RejectedRevision) {
+        let db = &self.inner.db;
+        let current = db.get_document(&rejected.doc_id).ok().flatten();
+        if current.is_some_and(|document| document.rev == rejected.rev) {
+            let reason = format!("{}: {}", rejected.error, rejected.reason);
+            match db.reject_pending(&rejected.doc_id, &reason) {
+                Ok(()) => self.notify_changed(),
+                Err(error) => tracing::warn!(%error, "could not record a rejection"),
+            }
+        }
     }
 
     /// Replicates what `filter` selects from the server, waking watchers after each batch.

@@ -29,15 +29,21 @@ struct Server {
     address: SocketAddr,
     data_dir: tempfile::TempDir,
     runtime: Option<tokio::runtime::Runtime>,
+    limits: ferry_core::model::Limits,
 }
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with(ferry_core::model::Limits::default()).await
+    }
+
+    async fn start_with(limits: ferry_core::model::Limits) -> Server {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut server = Server {
             address: listener.local_addr().unwrap(),
             data_dir: tempfile::tempdir().unwrap(),
             runtime: None,
+            limits,
         };
         server.accounts().set_user(USER, PASSWORD, false).unwrap();
         server.run(listener);
@@ -47,6 +53,7 @@ impl Server {
     fn run(&mut self, listener: std::net::TcpListener) {
         let config = ferry_server::ServerConfig {
             data_dir: self.data_dir.path().to_owned(),
+            limits: self.limits.clone(),
             ..ferry_server::ServerConfig::default()
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -806,4 +813,73 @@ async fn a_deleted_and_recreated_document_is_not_confused_with_the_old_one() {
             Some(DocumentStatus::Conflicted)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syncs() {
+    let server = Server::start_with(ferry_core::model::Limits {
+        max_document_bytes: 200,
+        ..ferry_core::model::Limits::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = client(dir.path(), "a");
+    let todos = a.collection::<Value>("todos");
+    todos.insert_with_id("small-1", &json!({"n": 1})).unwrap();
+    todos
+        .insert_with_id("huge", &json!({"text": "x".repeat(500)}))
+        .unwrap();
+    todos.insert_with_id("small-2", &json!({"n": 2})).unwrap();
+    let _sync = a.start_sync(options(&server.url("refusing"))).unwrap();
+
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        a.status().unwrap(),
+        ferry_client::SyncCounts {
+            pending: 0,
+            rejected: 1
+        }
+    );
+    match a.document_status("todos", "huge").unwrap() {
+        Some(DocumentStatus::Rejected { reason }) => {
+            assert!(reason.contains("document_too_large"), "{reason}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(
+        a.document_status("todos", "small-2").unwrap(),
+        Some(DocumentStatus::Acknowledged)
+    );
+    assert_eq!(
+        server.update_seq("refusing"),
+        2,
+        "the two small documents, stored once"
+    );
+    assert_eq!(
+        a.connection_state(),
+        ConnectionState::Connected,
+        "one refusal stops nothing"
+    );
+
+    // Fixed by the application: pending again, then acknowledged.
+    todos
+        .replace("huge", &json!({"text": "short now"}))
+        .unwrap();
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        a.status().unwrap(),
+        ferry_client::SyncCounts {
+            pending: 0,
+            rejected: 0
+        }
+    );
+    assert_eq!(server.update_seq("refusing"), 3);
 }

@@ -174,8 +174,12 @@ pub enum Response {
     Missing(Vec<(String, Vec<Rev>)>),
     /// Answers [`Action::FetchRevisions`].
     Revisions(Vec<Revision>),
-    /// Answers [`Action::WriteRevisions`].
-    Written,
+    /// Answers [`Action::WriteRevisions`]: the batch is stored, except `rejected` revisions
+    /// the target refused individually (they are not retried: the source's owner is told).
+    Written {
+        /// How many revisions of the batch the target refused.
+        rejected: u64,
+    },
     /// Answers [`Action::WriteCheckpoint`].
     CheckpointWritten,
     /// Answers [`Action::WaitForChanges`].
@@ -191,6 +195,8 @@ pub struct Stats {
     pub missing_revs: u64,
     /// Revisions written to the target.
     pub docs_written: u64,
+    /// Revisions the target refused one by one (too large, invalid); the batch went on.
+    pub doc_write_failures: u64,
     /// Batches committed (each followed by a checkpoint).
     pub batches: u64,
     /// Changes the source reported still pending after the last batch, if it said.
@@ -404,8 +410,10 @@ impl Replication {
                     State::Write(revisions)
                 };
             }
-            (State::AwaitWritten(count), Response::Written) => {
-                self.stats.docs_written += count;
+            (State::AwaitWritten(count), Response::Written { rejected }) => {
+                let rejected = rejected.min(*count);
+                self.stats.docs_written += count - rejected;
+                self.stats.doc_write_failures += rejected;
                 self.state = State::Checkpoint;
             }
             (State::AwaitCheckpointWritten, Response::CheckpointWritten) => {
@@ -607,7 +615,9 @@ mod tests {
             replication.next_action(),
             Action::WriteRevisions { revisions } if revisions.len() == 1
         ));
-        replication.handle(Response::Written).unwrap();
+        replication
+            .handle(Response::Written { rejected: 0 })
+            .unwrap();
         let Action::WriteCheckpoint { checkpoint } = replication.next_action() else {
             panic!("expected a checkpoint");
         };
@@ -723,7 +733,11 @@ mod tests {
             replication.next_action(),
             Action::WaitForChanges { since: json!(40) }
         );
-        assert!(replication.handle(Response::Written).is_err());
+        assert!(
+            replication
+                .handle(Response::Written { rejected: 0 })
+                .is_err()
+        );
         replication.handle(Response::ChangesAvailable).unwrap();
         assert_eq!(
             replication.next_action(),

@@ -355,3 +355,37 @@ async fn sessions_are_limited_at_the_limit_and_one_past() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_revision_over_a_limit_is_refused_alone_and_the_rest_is_stored() {
+    let server = start(Limits::default()).await;
+    let mut socket = open(&server, "partial").await;
+    let long_id = "x".repeat(Limits::default().max_doc_id_bytes + 1);
+    let docs = json!([
+        revision("fine", "1-aa", json!(1)),
+        revision(&long_id, "1-bb", json!(2)),
+    ]);
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 1, "op": "bulk_docs", "docs": docs}),
+    )
+    .await;
+    let response = receive(&mut socket).await.unwrap();
+    let acks = response["result"]["acks"].as_array().unwrap();
+    assert_eq!(acks[0], json!({"id": "fine", "rev": "1-aa", "ok": true}));
+    assert_eq!(acks[1]["error"], json!("illegal_docid"), "{response}");
+    assert_eq!(acks[1]["rev"], json!("1-bb"));
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 2, "op": "changes", "since": 0, "limit": 10}),
+    )
+    .await;
+    let changes = receive(&mut socket).await.unwrap();
+    let ids: Vec<&str> = changes["result"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["fine"]);
+}

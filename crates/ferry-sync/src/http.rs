@@ -10,7 +10,7 @@ use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
-use crate::{ChangesFilter, ChangesPage, Peer, SyncError};
+use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// Requests other than waits for changes give up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -376,7 +376,10 @@ impl Peer for HttpPeer {
         Ok(revisions)
     }
 
-    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+    async fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+    ) -> Result<Vec<RejectedRevision>, SyncError> {
         let docs: Vec<Value> = revisions
             .iter()
             .map(|revision| revision_json(revision, self.send_ferry_meta))
@@ -388,25 +391,37 @@ impl Peer for HttpPeer {
                 Some(&json!({"new_edits": false, "docs": docs})),
             )
             .await?;
-        // With new_edits=false a server answers [] or only the documents it refused.
-        if let Some(refused) = response
+        // With new_edits=false a server answers [] or only the documents it refused (as
+        // CouchDB's replicator, count them as failures and go on).
+        let rejected = response
             .as_array()
             .into_iter()
             .flatten()
-            .find(|row| row.get("error").is_some())
-        {
-            return Err(SyncError::Http {
-                url: self.url("_bulk_docs").to_string(),
-                status: 200,
-                error: refused["error"].as_str().unwrap_or("unknown").to_owned(),
-                reason: format!(
-                    "{}: {}",
-                    refused["id"].as_str().unwrap_or("?"),
-                    refused["reason"].as_str().unwrap_or_default()
-                ),
-            });
-        }
-        Ok(())
+            .filter(|row| row.get("error").is_some())
+            .map(|row| {
+                let doc_id = row["id"].as_str().unwrap_or_default().to_owned();
+                let rev = row["rev"]
+                    .as_str()
+                    .and_then(|rev| rev.parse().ok())
+                    .or_else(|| {
+                        revisions
+                            .iter()
+                            .find(|revision| revision.doc_id == doc_id)
+                            .map(|revision| revision.rev().clone())
+                    })
+                    .ok_or_else(|| SyncError::InvalidResponse {
+                        url: self.url("_bulk_docs").to_string(),
+                        detail: format!("a refusal of an unknown document {doc_id:?}"),
+                    })?;
+                Ok(RejectedRevision {
+                    doc_id,
+                    rev,
+                    error: row["error"].as_str().unwrap_or("unknown").to_owned(),
+                    reason: row["reason"].as_str().unwrap_or_default().to_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, SyncError>>()?;
+        Ok(rejected)
     }
 
     async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {

@@ -125,6 +125,19 @@ impl SyncError {
     }
 }
 
+/// A revision the target refused on its own, while the rest of its batch was stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedRevision {
+    /// The document.
+    pub doc_id: String,
+    /// The refused revision.
+    pub rev: Rev,
+    /// The target's error code (`document_too_large`, `illegal_docid`, `forbidden`, ...).
+    pub error: String,
+    /// The target's reason.
+    pub reason: String,
+}
+
 /// Which changes a replication carries.
 #[derive(Clone, Debug, Default)]
 pub struct ChangesFilter {
@@ -230,11 +243,12 @@ pub trait Peer: Send + Sync {
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> impl Future<Output = Result<Vec<Revision>, SyncError>> + Send;
 
-    /// Merges these revisions into the peer's trees.
+    /// Merges these revisions into the peer's trees. A peer may refuse single revisions (too
+    /// large, invalid id) while storing the rest: those come back, with the peer's reason.
     fn write_revisions(
         &self,
         revisions: Vec<Revision>,
-    ) -> impl Future<Output = Result<(), SyncError>> + Send;
+    ) -> impl Future<Output = Result<Vec<RejectedRevision>, SyncError>> + Send;
 
     /// Waits up to `timeout` for changes after `since`; true if there are some.
     fn wait_for_changes(
@@ -303,11 +317,26 @@ pub async fn replicate<S: Peer, T: Peer>(
     source: &S,
     target: &T,
     options: &ReplicationOptions,
+    progress: impl FnMut(&Stats) + Send,
+) -> Result<Stats, SyncError> {
+    replicate_reporting(source, target, options, progress, |rejected| {
+        tracing::warn!(doc_id = %rejected.doc_id, rev = %rejected.rev, reason = %rejected.reason, "the target refused a revision");
+    })
+    .await
+}
+
+/// [`replicate`], calling `rejected` for each revision the target refuses individually (a
+/// client marks the document rejected in its outbox; the replication goes on without it).
+pub async fn replicate_reporting<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
     mut progress: impl FnMut(&Stats) + Send,
+    mut rejected: impl FnMut(&RejectedRevision) + Send,
 ) -> Result<Stats, SyncError> {
     let mut failures = 0u32;
     loop {
-        match replicate_once(source, target, options, &mut progress).await {
+        match replicate_once(source, target, options, &mut progress, &mut rejected).await {
             Ok(stats) => return Ok(stats),
             Err(error) if options.continuous && options.retry_transient && error.is_transient() => {
                 failures = failures.saturating_add(1);
@@ -340,6 +369,7 @@ async fn replicate_once<S: Peer, T: Peer>(
     target: &T,
     options: &ReplicationOptions,
     progress: &mut (impl FnMut(&Stats) + Send),
+    on_rejected: &mut (impl FnMut(&RejectedRevision) + Send),
 ) -> Result<Stats, SyncError> {
     target.prepare(options.create_target).await?;
     let replication_id = replication_id(source, target, &options.filter);
@@ -374,8 +404,11 @@ async fn replicate_once<S: Peer, T: Peer>(
                 Response::Revisions(source.fetch_revisions(wanted).await?)
             }
             Action::WriteRevisions { revisions } => {
-                target.write_revisions(revisions).await?;
-                Response::Written
+                let rejected = target.write_revisions(revisions).await?;
+                rejected.iter().for_each(&mut *on_rejected);
+                Response::Written {
+                    rejected: rejected.len() as u64,
+                }
             }
             Action::WriteCheckpoint { checkpoint } => {
                 // The target's checkpoint matters most: it is written first. A source that

@@ -10,7 +10,7 @@ use ferry_core::rev::Rev;
 use ferry_store::{Database, StoreError};
 use serde_json::Value;
 
-use crate::{ChangesFilter, ChangesPage, Peer, SyncError, seq_number};
+use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
 
 /// How many store rows one scan step reads while filtering changes.
 const SCAN_CHUNK: usize = 500;
@@ -194,7 +194,10 @@ impl Peer for LocalPeer {
         .await
     }
 
-    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+    async fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+    ) -> Result<Vec<RejectedRevision>, SyncError> {
         let default_hlc = {
             let mut clock = self.clock.lock().unwrap_or_else(|error| error.into_inner());
             for hlc in revisions.iter().filter_map(|revision| revision.hlc) {
@@ -203,8 +206,12 @@ impl Peer for LocalPeer {
             }
             clock.now(wall_ms())
         };
-        self.blocking(move |db| db.write_revisions(revisions, default_hlc).map(|_| ()))
-            .await
+        // A local store takes every valid revision; invalid ones fail the batch as a whole.
+        self.blocking(move |db| {
+            db.write_revisions(revisions, default_hlc)
+                .map(|_| Vec::new())
+        })
+        .await
     }
 
     async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{ChangesFilter, ChangesPage, Peer, SyncError};
+use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// The protocol versions this client speaks.
 const VERSIONS: &[u64] = &[1];
@@ -516,7 +516,10 @@ impl Peer for WsPeer {
             .collect()
     }
 
-    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+    async fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+    ) -> Result<Vec<RejectedRevision>, SyncError> {
         let docs: Vec<Value> = revisions
             .iter()
             .map(|revision| revision_json(revision, true))
@@ -527,17 +530,27 @@ impl Peer for WsPeer {
         let acks = result["acks"]
             .as_array()
             .ok_or_else(|| self.invalid("bulk_docs without acks"))?;
-        // Every revision sent must come back acknowledged, in order.
-        let acknowledged = acks.len() == revisions.len()
-            && acks.iter().zip(&revisions).all(|(ack, revision)| {
-                ack["ok"] == json!(true)
-                    && ack["id"] == json!(revision.doc_id)
-                    && ack["rev"] == json!(revision.rev().to_string())
-            });
-        if !acknowledged {
-            return Err(self.invalid("the server did not acknowledge every revision"));
+        // One answer per revision sent, in order: stored, or refused with a reason.
+        if acks.len() != revisions.len() {
+            return Err(self.invalid("the server did not answer for every revision"));
         }
-        Ok(())
+        let mut rejected = Vec::new();
+        for (ack, revision) in acks.iter().zip(&revisions) {
+            let rev = revision.rev().to_string();
+            if ack["id"] != json!(revision.doc_id) || ack["rev"] != json!(rev) {
+                return Err(self.invalid("acknowledgements out of order"));
+            }
+            if ack["ok"] == json!(true) {
+                continue;
+            }
+            rejected.push(RejectedRevision {
+                doc_id: revision.doc_id.clone(),
+                rev: revision.rev().clone(),
+                error: ack["error"].as_str().unwrap_or("unknown").to_owned(),
+                reason: ack["reason"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        Ok(rejected)
     }
 
     async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {

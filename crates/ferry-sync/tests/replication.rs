@@ -221,7 +221,10 @@ impl<P: Peer> Peer for Flaky<P> {
     ) -> Result<Vec<Revision>, SyncError> {
         self.inner.fetch_revisions(wanted).await
     }
-    async fn write_revisions(&self, revisions: Vec<Revision>) -> Result<(), SyncError> {
+    async fn write_revisions(
+        &self,
+        revisions: Vec<Revision>,
+    ) -> Result<Vec<ferry_sync::RejectedRevision>, SyncError> {
         self.largest_batch
             .fetch_max(revisions.len(), Ordering::SeqCst);
         self.count_write()?;

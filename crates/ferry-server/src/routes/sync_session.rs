@@ -430,17 +430,27 @@ async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value
                 .ok_or_else(|| ApiError::bad_request("bulk_docs needs docs"))?;
             check_batch(state, docs.len(), "documents")?;
             let mut revisions = Vec::with_capacity(docs.len());
+            let mut acks = Vec::with_capacity(docs.len());
             for doc in docs {
+                // A revision that cannot be read is a broken client: refuse the request.
                 let revision = revision_from_json(doc.clone())
                     .map_err(|error| ApiError::bad_request(error.to_string()))?;
-                state.validate_document(&revision.doc_id, &revision.body)?;
-                revisions.push(revision);
+                let rev = revision.rev().to_string();
+                // One that breaks a limit is refused alone; the others are stored.
+                match state.validate_document(&revision.doc_id, &revision.body) {
+                    Ok(()) => {
+                        acks.push(json!({"id": revision.doc_id, "rev": rev, "ok": true}));
+                        revisions.push(revision);
+                    }
+                    Err(error) => acks.push(json!({
+                        "id": revision.doc_id, "rev": rev,
+                        "error": error.error, "reason": error.reason,
+                    })),
+                }
             }
-            let acks: Vec<Value> = revisions
-                    .iter()
-                    .map(|revision| json!({"id": revision.doc_id, "rev": revision.rev().to_string(), "ok": true}))
-                    .collect();
-            store_revisions(state, db, revisions).await?;
+            if !revisions.is_empty() {
+                store_revisions(state, db, revisions).await?;
+            }
             Ok(json!({ "acks": acks }))
         }
         other => Err(ApiError::bad_request(format!("unknown op {other:?}"))),
