@@ -226,8 +226,9 @@ pub enum ConnectionState {
         /// Why the previous attempt or session ended.
         reason: String,
     },
-    /// Stopped after an error retrying cannot fix (or with reconnecting turned off); call
-    /// [`Ferry::set_online`] to try again.
+    /// Stopped by an error retrying is unlikely to fix (a refused request), retried only every
+    /// [`ReconnectPolicy::max_delay`]; or interrupted with reconnecting turned off, until
+    /// [`Ferry::set_online`] is called.
     Disconnected {
         /// The error.
         reason: String,
@@ -248,6 +249,8 @@ pub(crate) struct ConnectionShared {
     state: watch::Sender<ConnectionState>,
     events: broadcast::Sender<ConnectionState>,
     online: watch::Sender<bool>,
+    /// Whether a sync started by this handle's replica runs (one at a time).
+    syncing: std::sync::atomic::AtomicBool,
 }
 
 impl ConnectionShared {
@@ -256,6 +259,7 @@ impl ConnectionShared {
             state: watch::channel(ConnectionState::Offline).0,
             events: broadcast::channel(256).0,
             online: watch::channel(true).0,
+            syncing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -402,6 +406,9 @@ impl Drop for SyncHandle {
     fn drop(&mut self) {
         self.task.abort();
         self.connection.set(ConnectionState::Offline);
+        self.connection
+            .syncing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -562,6 +569,14 @@ impl Ferry {
         // Fail now, not in the background, on a URL or replica that can never work.
         let local = LocalPeer::new(self.inner.db.clone())?.with_wakeup(self.subscribe());
         let (remote, auth) = self.session_peer(&options)?;
+        if self
+            .inner
+            .connection
+            .syncing
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(ClientError::AlreadySyncing);
+        }
         let ferry = self.clone();
         let task = tokio::spawn(async move {
             // Held until the task ends (or the process dies, when the OS releases it).
@@ -706,13 +721,22 @@ impl Ferry {
                     reason: reason.clone(),
                 });
             }
-            if !options.reconnect.enabled || !error.is_transient() {
-                if !error.is_transient() {
-                    tracing::warn!(%error, "sync stopped by an error that retrying cannot fix");
-                }
+            if !options.reconnect.enabled {
                 connection.set(ConnectionState::Disconnected { reason });
                 let _ = online.changed().await;
                 failures = 0;
+                continue;
+            }
+            if !error.is_transient() {
+                // Most likely a bug or a server-side condition someone must fix: say so, and
+                // still try again now and then, so a fixed server drains the outbox without the
+                // application having to notice.
+                tracing::warn!(%error, "sync stopped by an error retrying may not fix");
+                connection.set(ConnectionState::Disconnected { reason });
+                tokio::select! {
+                    () = tokio::time::sleep(options.reconnect.max_delay) => {}
+                    _ = online.changed() => {}
+                }
                 continue;
             }
             failures += 1;

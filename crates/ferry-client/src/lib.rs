@@ -120,6 +120,9 @@ pub enum ClientError {
     /// Syncing failed.
     #[error("sync: {0}")]
     Sync(#[from] SyncError),
+    /// [`Ferry::start_sync`] was called while a sync it started is still running.
+    #[error("this replica is already syncing; drop its SyncHandle first")]
+    AlreadySyncing,
 }
 
 /// Counts of what the server has not acknowledged yet.

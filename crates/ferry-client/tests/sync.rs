@@ -293,6 +293,10 @@ async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
     let url = server.url("shared");
     let _sync_a = a.start_sync(options(&url)).unwrap();
     let _sync_b = b.start_sync(options(&url)).unwrap();
+    assert!(matches!(
+        a.clone().start_sync(options(&url)),
+        Err(ferry_client::ClientError::AlreadySyncing)
+    ));
 
     let todos_a = a.collection::<Value>("todos");
     let mut seen_by_b = Box::pin(b.collection::<Value>("todos").watch("first"));

@@ -190,6 +190,8 @@ async fn writes_are_acknowledged_per_revision_or_refused_whole() {
     let refused = receive(&mut socket).await.unwrap();
     assert_eq!(refused["id"], json!(2));
     assert_eq!(refused["error"]["error"], json!("bad_request"));
+    // The status the same failure has over HTTP, so clients know 4xx from 5xx.
+    assert_eq!(refused["error"]["status"], json!(400));
     send(
         &mut socket,
         json!({"type": "request", "id": 3, "op": "changes", "since": 0, "limit": 10}),

@@ -275,7 +275,12 @@ impl WsPeer {
         if let Some(error) = response.get("error") {
             return Err(SyncError::Http {
                 url: self.session_url.to_string(),
-                status: 400,
+                // The HTTP status the same failure would have had, which says whether retrying
+                // can help (5xx) or not (4xx).
+                status: error["status"]
+                    .as_u64()
+                    .and_then(|status| u16::try_from(status).ok())
+                    .unwrap_or(400),
                 error: error["error"].as_str().unwrap_or("error").to_owned(),
                 reason: error["reason"].as_str().unwrap_or_default().to_owned(),
             });

@@ -307,7 +307,7 @@ async fn answer(state: &AppState, db: &str, frame: &Value) -> Value {
         Err(error) => json!({
             "type": "response",
             "id": id,
-            "error": {"error": error.error, "reason": error.reason},
+            "error": {"error": error.error, "reason": error.reason, "status": error.status.as_u16()},
         }),
     }
 }
