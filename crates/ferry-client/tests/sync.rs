@@ -126,10 +126,12 @@ fn client(dir: &Path, name: &str) -> Ferry {
     Ferry::initialize_offline(dir.join(format!("{name}.ferry")), name).unwrap()
 }
 
-/// Sync options for `url` with the test user's password and quick reconnects.
+/// Sync options for `url` with the test user's password, quick reconnects, and a heartbeat
+/// that notices a server gone without closing its sockets within 2 s.
 fn options(url: &str) -> SyncOptions {
     SyncOptions::new(url)
         .credentials(Credentials::password(USER, PASSWORD))
+        .heartbeat(Duration::from_millis(200), Duration::from_secs(2))
         .reconnect(ReconnectPolicy {
             enabled: true,
             initial_delay: Duration::from_millis(50),
