@@ -31,6 +31,7 @@ pub mod hlc;
 pub mod json;
 pub mod model;
 pub mod replicate;
+pub mod resolve;
 pub mod rev;
 pub mod selector;
 pub mod tree;

@@ -263,6 +263,19 @@ impl RevTree {
         path
     }
 
+    /// The deepest revision that is `revs`' common ancestor (or one of them itself), if their
+    /// known histories meet. Ties at the same depth cannot happen: a revision has one parent.
+    pub fn common_ancestor(&self, revs: &[Rev]) -> Option<Rev> {
+        let (first, others) = revs.split_first()?;
+        self.ancestry(first, usize::MAX)
+            .into_iter()
+            .find(|candidate| {
+                others
+                    .iter()
+                    .all(|rev| self.is_ancestor_or_self(candidate, rev))
+            })
+    }
+
     /// Whether `ancestor` is `rev` or one of its ancestors.
     pub fn is_ancestor_or_self(&self, ancestor: &Rev, rev: &Rev) -> bool {
         let mut current = Some(rev);
