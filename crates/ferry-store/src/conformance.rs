@@ -38,6 +38,7 @@ macro_rules! conformance_tests {
             queries_filter_sort_and_limit,
             history_is_stemmed_and_old_bodies_dropped,
             revisions_are_read_with_their_ancestry,
+            conflicts_are_read_and_resolved_atomically,
         );
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
@@ -520,4 +521,76 @@ pub fn revisions_are_read_with_their_ancestry(backend: &dyn Backend) {
     assert_eq!(diff[0].1.missing, vec![rev("4-d")]);
     assert_eq!(diff[0].1.possible_ancestors, vec![rev("3-c")]);
     assert_eq!(diff[1].1.missing, vec![rev("1-q")]);
+}
+
+/// A conflict is read with its versions and common ancestor; a resolution writes the resolved
+/// body and the tombstones in one step, records what it did, keeps the losing version readable,
+/// and refuses to apply to a document that changed since.
+pub fn conflicts_are_read_and_resolved_atomically(backend: &dyn Backend) {
+    use ferry_core::resolve::{Policy, resolve};
+    let db = backend.create_database("resolve").expect("create");
+    assert!(db.conflict("d").expect("conflict").is_none());
+    db.write_revisions(
+        vec![
+            replicated(
+                "d",
+                &["1-a"],
+                false,
+                json!({"title": "milk", "done": false}),
+            ),
+            replicated(
+                "d",
+                &["2-b", "1-a"],
+                false,
+                json!({"title": "oat milk", "done": false}),
+            ),
+            replicated(
+                "d",
+                &["2-c", "1-a"],
+                false,
+                json!({"title": "milk", "done": true}),
+            ),
+        ],
+        Timestamp::ZERO,
+    )
+    .expect("write_revisions");
+    let conflict = db.conflict("d").expect("conflict").expect("in conflict");
+    assert_eq!(conflict.versions.len(), 2);
+    let (ancestor, ancestor_body) = conflict.ancestor.clone().expect("an ancestor");
+    assert_eq!(ancestor, rev("1-a"));
+    assert_eq!(
+        ancestor_body,
+        Some(body(json!({"title": "milk", "done": false})))
+    );
+
+    let resolution = resolve(Policy::Merge, &conflict).expect("a resolution");
+    let before = db.info().expect("info").update_seq;
+    let resolved = db
+        .apply_resolution("d", &resolution)
+        .expect("apply")
+        .expect("not stale");
+    let document = db.get_document("d").expect("get").expect("d");
+    assert_eq!(document.rev, resolved);
+    assert_eq!(
+        document.body,
+        body(json!({"title": "oat milk", "done": true}))
+    );
+    assert!(document.conflicts.is_empty());
+    assert!(db.info().expect("info").update_seq > before);
+    // The superseded version is still readable, below its tombstone.
+    let loser = db
+        .get_revision("d", &rev("2-b"), 1)
+        .expect("get_revision")
+        .expect("kept");
+    assert_eq!(
+        loser.body,
+        Some(body(json!({"title": "oat milk", "done": false})))
+    );
+    let records = db.resolutions("d").expect("resolutions");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].resolved, resolved);
+    assert_eq!(records[0].policy, "merge");
+    // Applying it again: the leaves it expects are gone, so nothing is written.
+    assert_eq!(db.apply_resolution("d", &resolution).expect("apply"), None);
+    assert_eq!(db.resolutions("d").expect("resolutions").len(), 1);
 }

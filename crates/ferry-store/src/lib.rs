@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, Document, Limits, Revision};
+use ferry_core::resolve::{Conflict, Resolution, ResolutionRecord, Version};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
 use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
@@ -318,6 +319,65 @@ pub trait Database: Send + Sync {
 
     /// A document's revision tree.
     fn get_tree(&self, doc_id: &str) -> Result<Option<RevTree>, StoreError>;
+
+    /// The conflict on `doc_id`: every live leaf with its body and clock, and their deepest
+    /// common ancestor with its body if still stored. `None` when the document has fewer than
+    /// two live leaves (deleted leaves never conflict, as in CouchDB).
+    fn conflict(&self, doc_id: &str) -> Result<Option<Conflict>, StoreError> {
+        let Some(tree) = self.get_tree(doc_id)? else {
+            return Ok(None);
+        };
+        let live: Vec<Rev> = tree
+            .leaves()
+            .into_iter()
+            .filter(|leaf| !leaf.deleted)
+            .map(|leaf| leaf.rev)
+            .collect();
+        if live.len() < 2 {
+            return Ok(None);
+        }
+        let mut versions = Vec::with_capacity(live.len());
+        for rev in &live {
+            let stored = self.get_revision(doc_id, rev, 1)?;
+            let Some(StoredRevision {
+                body: Some(body),
+                hlc,
+                ..
+            }) = stored
+            else {
+                return Err(StoreError::Corrupt {
+                    what: "revs",
+                    detail: format!("no body for live leaf {doc_id} {rev}"),
+                });
+            };
+            versions.push(Version {
+                rev: rev.clone(),
+                hlc,
+                body,
+            });
+        }
+        let ancestor = match tree.common_ancestor(&live) {
+            Some(rev) => {
+                let body = self.get_revision(doc_id, &rev, 1)?.and_then(|r| r.body);
+                Some((rev, body))
+            }
+            None => None,
+        };
+        Ok(Some(Conflict { versions, ancestor }))
+    }
+
+    /// Writes `resolution` in one transaction: the resolved body on its parent, a tombstone on
+    /// every superseded leaf, and the resolution record. Returns the resolved revision, or
+    /// `None` (writing nothing) if the document changed since its conflict was read: read it
+    /// again and resolve anew.
+    fn apply_resolution(
+        &self,
+        doc_id: &str,
+        resolution: &Resolution,
+    ) -> Result<Option<Rev>, StoreError>;
+
+    /// The resolutions this replica wrote for `doc_id`, oldest first.
+    fn resolutions(&self, doc_id: &str) -> Result<Vec<ResolutionRecord>, StoreError>;
 
     /// A specific revision with up to `max_path` entries of its path; `None` if the revision is
     /// not in the tree.

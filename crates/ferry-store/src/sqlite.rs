@@ -1,6 +1,6 @@
 //! The SQLite implementation of the store: one file per database, WAL mode.
 //!
-//! Schema (version 1, recorded in `PRAGMA user_version`; `MIGRATIONS` upgrades older files):
+//! Schema (version 3, recorded in `PRAGMA user_version`; `MIGRATIONS` upgrades older files):
 //!
 //! - `docs`: one row per document: its collection, the sequence of its latest change, the
 //!   winner (revision, deleted flag, clock, body), its leaves and the encoded revision tree.
@@ -11,6 +11,7 @@
 //! - `meta`: the replica id, the last sequence and document counters.
 //! - `outbox` (version 2): on client replicas, every document with a local edit that no push
 //!   has acknowledged yet, with the sequence of that edit, or why the server refused it.
+//! - `resolutions` (version 3): the record of every conflict resolution this replica wrote.
 //!
 //! Durability: with [`Durability::Full`] every commit runs `fsync` on the WAL before it
 //! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
@@ -24,6 +25,7 @@ use std::time::Duration;
 use ferry_core::hlc::Timestamp;
 use ferry_core::json::canonical_object;
 use ferry_core::model::{Body, Document, LOCAL_PREFIX, Revision, collection_of};
+use ferry_core::resolve::{Resolution, ResolutionRecord};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
 use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
@@ -36,7 +38,7 @@ use crate::{
     StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
 };
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Each entry upgrades the schema from its index to the next version.
 const MIGRATIONS: &[&str] = &[
@@ -72,6 +74,15 @@ CREATE TABLE outbox (
     rejected TEXT
 ) WITHOUT ROWID;
 CREATE INDEX outbox_by_seq ON outbox(seq);
+"#,
+    r#"
+CREATE TABLE resolutions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    rev TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX resolutions_by_doc ON resolutions(doc_id, id);
 "#,
 ];
 
@@ -594,6 +605,26 @@ impl SqliteDatabase {
     }
 }
 
+impl SqliteDatabase {
+    /// Records a local edit in the outbox (client replicas only).
+    fn record_pending(
+        &self,
+        transaction: &Transaction<'_>,
+        doc_id: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        if self.config.track_pending {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO outbox (doc_id, seq, rejected) VALUES (?1, ?2, NULL) \
+                     ON CONFLICT (doc_id) DO UPDATE SET seq = excluded.seq, rejected = NULL",
+                )?
+                .execute(params![doc_id, to_i64(seq)])?;
+        }
+        Ok(())
+    }
+}
+
 impl Database for SqliteDatabase {
     fn info(&self) -> Result<DatabaseInfo, StoreError> {
         self.with_reader(|connection| {
@@ -635,13 +666,8 @@ impl Database for SqliteDatabase {
                             hlc: edit.hlc,
                         },
                     )?;
-                    if let (true, Some(seq)) = (self.config.track_pending, seq) {
-                        transaction
-                            .prepare_cached(
-                                "INSERT INTO outbox (doc_id, seq, rejected) VALUES (?1, ?2, NULL) \
-                                 ON CONFLICT (doc_id) DO UPDATE SET seq = excluded.seq, rejected = NULL",
-                            )?
-                            .execute(params![edit.doc_id, to_i64(seq)])?;
+                    if let Some(seq) = seq {
+                        self.record_pending(transaction, &edit.doc_id, seq)?;
                     }
                 }
                 results.push(Ok(rev));
@@ -688,6 +714,89 @@ impl Database for SqliteDatabase {
                 )?;
             }
             Ok(report)
+        })
+    }
+
+    fn apply_resolution(
+        &self,
+        doc_id: &str,
+        resolution: &Resolution,
+    ) -> Result<Option<Rev>, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let Some(mut current) = load_tree(transaction, doc_id)? else {
+                return Ok(None);
+            };
+            let live: BTreeSet<Rev> = current
+                .leaves()
+                .into_iter()
+                .filter(|leaf| !leaf.deleted)
+                .map(|leaf| leaf.rev)
+                .collect();
+            let stale = !live.contains(&resolution.parent)
+                || resolution
+                    .superseded
+                    .iter()
+                    .any(|leaf| !live.contains(leaf));
+            if stale {
+                return Ok(None);
+            }
+            let tombstone = Body::new();
+            let writes = std::iter::once((&resolution.parent, false, &resolution.body)).chain(
+                resolution
+                    .superseded
+                    .iter()
+                    .map(|leaf| (leaf, true, &tombstone)),
+            );
+            let mut last_seq = None;
+            for (parent, deleted, body) in writes {
+                let rev = Rev::compute(Some(parent), deleted, &canonical_object(body));
+                let mut tree = current.clone();
+                if tree.add_child(Some(parent), rev.clone(), deleted) == Applied::Added {
+                    let seq = self.store_update(
+                        transaction,
+                        doc_id,
+                        Some(&current),
+                        tree.clone(),
+                        NewRevision {
+                            rev: &rev,
+                            deleted,
+                            body,
+                            hlc: resolution.hlc,
+                        },
+                    )?;
+                    last_seq = seq.or(last_seq);
+                    current = tree;
+                }
+            }
+            if let Some(seq) = last_seq {
+                self.record_pending(transaction, doc_id, seq)?;
+            }
+            let record = serde_json::to_string(&resolution.record).expect("records serialize");
+            transaction
+                .prepare_cached(
+                    "INSERT INTO resolutions (doc_id, rev, record) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![doc_id, resolution.rev().to_string(), record])?;
+            Ok(Some(resolution.rev()))
+        })
+    }
+
+    fn resolutions(&self, doc_id: &str) -> Result<Vec<ResolutionRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT record FROM resolutions WHERE doc_id = ?1 ORDER BY id")?;
+            let texts = statement
+                .query_map(params![doc_id], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            texts
+                .iter()
+                .map(|text| {
+                    serde_json::from_str(text).map_err(|error| StoreError::Corrupt {
+                        what: "resolutions",
+                        detail: error.to_string(),
+                    })
+                })
+                .collect()
         })
     }
 

@@ -236,10 +236,10 @@ fn version_one_files_are_migrated_and_keep_their_data() {
         .remove(0)
         .unwrap()
     };
-    // Make the file exactly what version 1 wrote: no outbox, user_version 1.
+    // Make the file exactly what version 1 wrote: no outbox, no resolutions, user_version 1.
     let connection = rusqlite::Connection::open(&path).unwrap();
     connection
-        .execute_batch("DROP TABLE outbox; PRAGMA user_version = 1;")
+        .execute_batch("DROP TABLE outbox; DROP TABLE resolutions; PRAGMA user_version = 1;")
         .unwrap();
     drop(connection);
     let db = tracking_at(&path);
@@ -252,11 +252,15 @@ fn version_one_files_are_migrated_and_keep_their_data() {
         1,
         "the outbox exists after migration"
     );
+    assert!(
+        db.resolutions("a").unwrap().is_empty(),
+        "the resolutions table exists"
+    );
     let version: i64 = rusqlite::Connection::open(&path)
         .unwrap()
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 }
 
 fn tracking_at(path: &std::path::Path) -> SqliteDatabase {
