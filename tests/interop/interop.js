@@ -178,6 +178,52 @@ const scenarios = {
     return { docs: D, agree, docs_with_one_conflict: oneConflict, winners };
   },
 
+  /**
+   * Conflicts made by two PouchDB replicas in a collection the server merges (run the server
+   * with --conflict-policy todos=merge): after syncing, no replica has a conflict and every one
+   * holds the merge of both edits, which touched different fields.
+   */
+  async resolved() {
+    const D = Number(args.docs || 10);
+    const seed = localDb();
+    const docs = [];
+    for (let i = 0; i < D; i++) docs.push({ _id: `todos:${i}`, title: `todo ${i}`, done: false });
+    await seed.bulkDocs(docs);
+    await seed.replicate.to(remote());
+    const [a, b] = [localDb(), localDb()];
+    await a.replicate.from(remote());
+    await b.replicate.from(remote());
+    const editAll = async (db, change) => {
+      const all = await db.allDocs({ include_docs: true });
+      await db.bulkDocs(all.rows.map((row) => ({ ...row.doc, ...change(row.doc) })));
+    };
+    await editAll(a, (doc) => ({ title: `${doc.title} (renamed by A)` }));
+    await editAll(b, () => ({ done: true }));
+    await a.replicate.to(remote());
+    await b.replicate.to(remote());
+    await a.replicate.from(remote());
+    await b.replicate.from(remote());
+    let merged = 0;
+    for (let i = 0; i < D; i++) {
+      const id = `todos:${i}`;
+      const versions = [
+        await a.get(id, { conflicts: true }),
+        await b.get(id, { conflicts: true }),
+        (await http('GET', `/${encodeURIComponent(id)}?conflicts=true`)).body,
+      ];
+      const shapes = versions.map((doc) => JSON.stringify([doc._rev, doc._conflicts || [], doc.title, doc.done]));
+      check(new Set(shapes).size === 1, `${id} differs across replicas: ${shapes.join(' | ')}`);
+      const [doc] = versions;
+      check(!doc._conflicts, `${id} still has conflicts ${doc._conflicts}`);
+      if (doc.title === `todo ${i} (renamed by A)` && doc.done === true) merged++;
+    }
+    check(merged === D, `${D - merged} documents did not keep both edits`);
+    const record = (await http('GET', `/_ferry/resolutions/${encodeURIComponent('todos:0')}`)).body;
+    check(record.resolutions.length === 1 && record.resolutions[0].policy === 'merge',
+      `resolution record: ${JSON.stringify(record)}`);
+    return { docs: D, merged, method: record.resolutions[0].method };
+  },
+
   /** Replication filtered by doc_ids and by a Mango selector. */
   async filtered() {
     const seed = localDb();

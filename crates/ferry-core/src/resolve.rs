@@ -80,6 +80,49 @@ impl FromStr for Policy {
     }
 }
 
+/// The policy of every collection: a default and per-collection choices.
+///
+/// ```
+/// use ferry_core::resolve::{Policies, Policy};
+/// let policies = Policies::default().with("todos", Policy::Merge);
+/// assert_eq!(policies.for_doc("todos:1"), Policy::Merge);
+/// assert_eq!(policies.for_doc("notes:1"), Policy::Keep);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policies {
+    /// For collections not listed.
+    pub default: Policy,
+    /// Per collection.
+    pub collections: std::collections::BTreeMap<String, Policy>,
+}
+
+impl Policies {
+    /// These policies with `collection` resolved by `policy`.
+    #[must_use]
+    pub fn with(mut self, collection: &str, policy: Policy) -> Policies {
+        self.collections.insert(collection.to_owned(), policy);
+        self
+    }
+
+    /// The policy of `collection`.
+    pub fn for_collection(&self, collection: &str) -> Policy {
+        self.collections
+            .get(collection)
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// The policy of the document `doc_id` (by its collection).
+    pub fn for_doc(&self, doc_id: &str) -> Policy {
+        self.for_collection(crate::model::collection_of(doc_id))
+    }
+
+    /// Whether any collection resolves automatically.
+    pub fn any_automatic(&self) -> bool {
+        self.default != Policy::Keep || self.collections.values().any(|p| *p != Policy::Keep)
+    }
+}
+
 /// One live version of a conflicted document.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Version {

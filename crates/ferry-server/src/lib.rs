@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// The most WebSocket sync sessions open at once; the next upgrade is refused with 503.
     pub max_sessions: usize,
+    /// How each collection's conflicts are resolved when replicated revisions create them.
+    pub conflict_policies: ferry_core::resolve::Policies,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +79,7 @@ impl Default for ServerConfig {
             max_clock_drift: Duration::from_secs(60),
             auth: AuthConfig::default(),
             max_sessions: 20_000,
+            conflict_policies: ferry_core::resolve::Policies::default(),
         }
     }
 }
@@ -99,6 +102,7 @@ struct Inner {
     default_feed_timeout: Duration,
     /// One permit per sync session that may be open.
     sessions: Arc<tokio::sync::Semaphore>,
+    conflict_policies: Arc<ferry_core::resolve::Policies>,
 }
 
 impl AppState {
@@ -120,6 +124,7 @@ impl AppState {
                 notifiers: Mutex::new(HashMap::new()),
                 default_feed_timeout: config.default_feed_timeout,
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+                conflict_policies: Arc::new(config.conflict_policies.clone()),
             }),
             limits: Arc::new(config.limits.clone()),
         }
@@ -156,6 +161,11 @@ impl AppState {
     /// until it ends.
     pub fn session_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.inner.sessions.clone().try_acquire_owned().ok()
+    }
+
+    /// The conflict policy of every collection.
+    pub fn conflict_policies(&self) -> &Arc<ferry_core::resolve::Policies> {
+        &self.inner.conflict_policies
     }
 
     /// How long feeds wait by default.

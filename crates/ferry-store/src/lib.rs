@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, Document, Limits, Revision};
-use ferry_core::resolve::{Conflict, Resolution, ResolutionRecord, Version};
+use ferry_core::resolve::{Conflict, Policy, Resolution, ResolutionRecord, Version, resolve};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
 use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
@@ -424,4 +424,34 @@ pub trait Database: Send + Sync {
     /// Creates (if missing) an index on a field of a collection's documents, so equality and
     /// range conditions and sorts on it use the index.
     fn ensure_index(&self, collection: &str, field: &str) -> Result<(), StoreError>;
+}
+
+/// Resolves the conflict on `doc_id` (if any) by `policy`, retrying if the document changes
+/// meanwhile; returns the record of what was written, or `None` when there was nothing to do
+/// (no conflict, or [`Policy::Keep`]).
+///
+/// Replicas call this after receiving revisions. Resolutions are deterministic, so replicas
+/// resolving the same conflict write the same revisions.
+pub fn resolve_conflict(
+    db: &dyn Database,
+    doc_id: &str,
+    policy: Policy,
+) -> Result<Option<ResolutionRecord>, StoreError> {
+    if policy == Policy::Keep {
+        return Ok(None);
+    }
+    // A document changing under the resolver a few times in a row is possible; forever is not.
+    for _ in 0..8 {
+        let Some(conflict) = db.conflict(doc_id)? else {
+            return Ok(None);
+        };
+        let Some(resolution) = resolve(policy, &conflict) else {
+            return Ok(None);
+        };
+        if db.apply_resolution(doc_id, &resolution)?.is_some() {
+            return Ok(Some(resolution.record));
+        }
+    }
+    tracing::warn!(%doc_id, "the document kept changing; its conflict is left for later");
+    Ok(None)
 }

@@ -158,6 +158,13 @@ struct ServeArgs {
     /// Revisions of history kept per document.
     #[arg(long, env = "FERRY_REVS_LIMIT", default_value_t = Limits::default().revs_limit)]
     revs_limit: usize,
+    /// How a collection's conflicts are resolved, as COLLECTION=POLICY (keep, last-write-wins
+    /// or merge); repeat for several collections, or separate them with commas.
+    #[arg(long = "conflict-policy", env = "FERRY_CONFLICT_POLICIES", value_delimiter = ',', value_parser = parse_collection_policy)]
+    conflict_policies: Vec<(String, ferry_core::resolve::Policy)>,
+    /// The policy of collections without their own.
+    #[arg(long, env = "FERRY_DEFAULT_CONFLICT_POLICY", default_value = "keep")]
+    default_conflict_policy: ferry_core::resolve::Policy,
     /// The most WebSocket sync sessions open at once.
     #[arg(long, env = "FERRY_MAX_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_sessions)]
     max_sessions: usize,
@@ -203,9 +210,21 @@ impl ServeArgs {
                 reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
             },
             max_sessions: self.max_sessions,
+            conflict_policies: ferry_core::resolve::Policies {
+                default: self.default_conflict_policy,
+                collections: self.conflict_policies.iter().cloned().collect(),
+            },
             ..ferry_server::ServerConfig::default()
         })
     }
+}
+
+fn parse_collection_policy(text: &str) -> Result<(String, ferry_core::resolve::Policy), String> {
+    let (collection, policy) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected COLLECTION=POLICY, got {text:?}"))?;
+    let policy = policy.parse().map_err(|error| format!("{error}"))?;
+    Ok((collection.to_owned(), policy))
 }
 
 fn main() {

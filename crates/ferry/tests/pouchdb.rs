@@ -52,3 +52,12 @@ fn pouchdb_logs_in_with_a_session_cookie_and_is_refused_without_credentials() {
     assert_eq!(result["ok"], json!(true), "{result}");
     assert_eq!(result["user"], json!(support::TEST_USER), "{result}");
 }
+
+#[test]
+fn pouchdb_conflicts_are_merged_by_the_server_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &["--conflict-policy", "todos=merge"]);
+    let result = run_interop("resolved", &server.bare_url, "resolved", &[]);
+    assert_eq!(result["merged"], result["docs"], "{result}");
+    assert_eq!(result["method"], json!("merged"), "{result}");
+}

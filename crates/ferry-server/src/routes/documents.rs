@@ -532,3 +532,15 @@ pub(crate) async fn delete_local(
         json!({"ok": true, "id": doc_id, "rev": format!("0-{}", rev + 1)}),
     ))
 }
+
+/// `GET /{db}/_ferry/resolutions/{doc_id}`: what this server's automatic resolutions of the
+/// document did (policy, method, the revision written, the versions and values not kept).
+pub(crate) async fn get_resolutions(
+    State(state): State<AppState>,
+    Path((db, doc_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let records = state
+        .with_db(&db, move |db| db.resolutions(&doc_id))
+        .await?;
+    Ok(Json(json!({ "resolutions": records })))
+}

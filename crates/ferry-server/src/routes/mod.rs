@@ -54,6 +54,10 @@ pub(crate) fn routes() -> Router<AppState> {
             get(documents::get_all_docs).post(documents::post_all_docs),
         )
         .route(
+            "/{db}/_ferry/resolutions/{*doc_id}",
+            get(documents::get_resolutions),
+        )
+        .route(
             "/{db}/_local/{*id}",
             get(documents::get_local)
                 .put(documents::put_local)

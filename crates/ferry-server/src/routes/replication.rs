@@ -139,7 +139,11 @@ pub(crate) async fn bulk_get(
     Ok(Json(json!({ "results": results })))
 }
 
-/// Stores replicated revisions in one transaction and wakes the feeds.
+/// Stores replicated revisions in one transaction, resolves the conflicts they created by
+/// their collections' policies, and wakes the feeds.
+///
+/// The resolution is written right after the batch's transaction: a crash in between leaves
+/// the conflict (nothing is lost) until the document is written to again.
 pub(crate) async fn store_revisions(
     state: &AppState,
     db: &str,
@@ -151,9 +155,26 @@ pub(crate) async fn store_revisions(
         }
     }
     let default_hlc = state.now();
+    let policies = state.conflict_policies().clone();
+    let mut touched: Vec<String> = if policies.any_automatic() {
+        revisions
+            .iter()
+            .map(|revision| revision.doc_id.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    touched.sort();
+    touched.dedup();
     let seq = state
         .with_db(db, move |db| {
             db.write_revisions(revisions, default_hlc)?;
+            for doc_id in &touched {
+                let policy = policies.for_doc(doc_id);
+                if let Some(record) = ferry_store::resolve_conflict(&*db, doc_id, policy)? {
+                    tracing::debug!(%doc_id, resolved = %record.resolved, %policy, "conflict resolved");
+                }
+            }
             Ok(db.info()?.update_seq)
         })
         .await?;
