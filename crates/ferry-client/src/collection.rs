@@ -71,6 +71,10 @@ impl<T> Collection<T> {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    pub(crate) fn ferry(&self) -> &Ferry {
+        &self.ferry
+    }
 }
 
 impl<T: Serialize + DeserializeOwned> Collection<T> {
@@ -78,7 +82,7 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
         doc_id_in(&self.name, id)
     }
 
-    fn to_body(&self, doc_id: &str, value: &T) -> Result<Body, ClientError> {
+    pub(crate) fn to_body(&self, doc_id: &str, value: &T) -> Result<Body, ClientError> {
         let limits = self.ferry.limits();
         validate_doc_id(doc_id, limits)
             .map_err(|error| ClientError::InvalidDocument(error.to_string()))?;
@@ -376,7 +380,7 @@ impl<T: Serialize + DeserializeOwned> Query<T> {
 
 /// A stream that reads a value now and after every change of the replica, and yields it
 /// whenever its `key` (what identifies the version shown) differs from the last one yielded.
-fn watch_values<K: PartialEq + Send + 'static, V: Send + 'static>(
+pub(crate) fn watch_values<K: PartialEq + Send + 'static, V: Send + 'static>(
     ferry: Ferry,
     read: impl Fn() -> Result<(K, V), ClientError> + Send + 'static,
 ) -> impl Stream<Item = Result<V, ClientError>> {

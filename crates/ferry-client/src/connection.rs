@@ -553,8 +553,13 @@ impl Ferry {
                     filter: filter.clone(),
                     ..replication.clone()
                 };
-                ferry_sync::replicate(remote, local, &replication, |_| self.notify_changed())
-                    .await?
+                ferry_sync::replicate(remote, local, &replication, |_| {
+                    if let Err(error) = self.resolve_conflicts() {
+                        tracing::warn!(%error, "could not resolve pulled conflicts");
+                    }
+                    self.notify_changed();
+                })
+                .await?
             }
         };
         self.notify_changed();

@@ -63,10 +63,14 @@ use ferry_sync::SyncError;
 use tokio::sync::watch;
 
 mod collection;
+mod conflicts;
 mod connection;
 mod offline;
 
 pub use collection::{Collection, Doc, Query};
+pub use conflicts::{
+    Ancestor, Conflict, ConflictEvent, ConflictPolicy, CustomResolver, Resolve, Version,
+};
 pub use connection::{
     AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
 };
@@ -168,6 +172,7 @@ struct Inner {
     changes: watch::Sender<u64>,
     poller_started: std::sync::Once,
     connection: Arc<connection::ConnectionShared>,
+    conflicts: conflicts::ConflictState,
     /// Bumped whenever this process changes the offline subscriptions.
     subscriptions_changed: watch::Sender<u64>,
     /// The directory of a temporary replica, removed with the last handle (declared last so
@@ -233,6 +238,7 @@ impl Ferry {
                 changes: watch::channel(update_seq).0,
                 poller_started: std::sync::Once::new(),
                 connection: Arc::new(connection::ConnectionShared::new()),
+                conflicts: conflicts::ConflictState::new(),
                 subscriptions_changed: watch::channel(0).0,
                 _temporary: temporary,
             }),

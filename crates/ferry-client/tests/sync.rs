@@ -4,140 +4,20 @@
 //! reconnect tokens, and the fallback authentication callback.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_client::{
-    ConnectionState, Credentials, DocumentStatus, Ferry, OfflineSubscription, ReconnectPolicy,
-    SyncOptions,
+    ConnectionState, Credentials, DocumentStatus, Ferry, OfflineSubscription, SyncOptions,
 };
-use ferry_server::auth::{Auth, AuthConfig};
-use ferry_store::Backend;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-const USER: &str = "ann";
-const PASSWORD: &str = "ann's password";
-
-/// A server on its own runtime, so that stopping it drops every task and socket at once, as a
-/// crash would; it can be started again on the same address with the same data.
-struct Server {
-    address: SocketAddr,
-    data_dir: tempfile::TempDir,
-    runtime: Option<tokio::runtime::Runtime>,
-    limits: ferry_core::model::Limits,
-}
-
-impl Server {
-    async fn start() -> Server {
-        Server::start_with(ferry_core::model::Limits::default()).await
-    }
-
-    async fn start_with(limits: ferry_core::model::Limits) -> Server {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut server = Server {
-            address: listener.local_addr().unwrap(),
-            data_dir: tempfile::tempdir().unwrap(),
-            runtime: None,
-            limits,
-        };
-        server.accounts().set_user(USER, PASSWORD, false).unwrap();
-        server.run(listener);
-        server
-    }
-
-    fn run(&mut self, listener: std::net::TcpListener) {
-        let config = ferry_server::ServerConfig {
-            data_dir: self.data_dir.path().to_owned(),
-            limits: self.limits.clone(),
-            ..ferry_server::ServerConfig::default()
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        listener.set_nonblocking(true).unwrap();
-        runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            ferry_server::serve_on(listener, config, std::future::pending()).await
-        });
-        self.runtime = Some(runtime);
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("http://{}/{db}", self.address)
-    }
-
-    /// The server's users and tokens, opened beside the running server (SQLite WAL).
-    fn accounts(&self) -> Auth {
-        Auth::open(self.data_dir.path(), AuthConfig::default()).unwrap()
-    }
-
-    /// The latest sequence of database `db`, read from the server's own file: one per stored
-    /// revision, so a revision stored twice would show.
-    fn update_seq(&self, db: &str) -> u64 {
-        let backend = ferry_store::sqlite::SqliteBackend::open(
-            self.data_dir.path(),
-            ferry_store::StoreConfig::default(),
-        )
-        .unwrap();
-        backend
-            .open_database(db)
-            .unwrap()
-            .info()
-            .unwrap()
-            .update_seq
-    }
-
-    fn stop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-
-    async fn restart(&mut self) {
-        self.stop();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match std::net::TcpListener::bind(self.address) {
-                Ok(listener) => break listener,
-                Err(error) => {
-                    assert!(tokio::time::Instant::now() < deadline, "rebind: {error}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        self.run(listener);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn client(dir: &Path, name: &str) -> Ferry {
-    Ferry::initialize_offline(dir.join(format!("{name}.ferry")), name).unwrap()
-}
-
-/// Sync options for `url` with the test user's password, quick reconnects, and a heartbeat
-/// that notices a server gone without closing its sockets within 2 s.
-fn options(url: &str) -> SyncOptions {
-    SyncOptions::new(url)
-        .credentials(Credentials::password(USER, PASSWORD))
-        .heartbeat(Duration::from_millis(200), Duration::from_secs(2))
-        .reconnect(ReconnectPolicy {
-            enabled: true,
-            initial_delay: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
-        })
-}
+mod support;
+use support::{Server, USER, client, eventually, options};
 
 /// Records every connection state `ferry` goes through.
 fn record_states(ferry: &Ferry) -> Arc<Mutex<Vec<ConnectionState>>> {
@@ -247,18 +127,6 @@ async fn pipe(
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
-    }
-}
-
-/// Waits until `probe` holds, checking whenever `ferry` changes (and at least every 100 ms).
-async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !probe() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -823,9 +691,12 @@ async fn a_deleted_and_recreated_document_is_not_confused_with_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syncs() {
-    let server = Server::start_with(ferry_core::model::Limits {
-        max_document_bytes: 200,
-        ..ferry_core::model::Limits::default()
+    let server = Server::start_with(ferry_server::ServerConfig {
+        limits: ferry_core::model::Limits {
+            max_document_bytes: 200,
+            ..ferry_core::model::Limits::default()
+        },
+        ..ferry_server::ServerConfig::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

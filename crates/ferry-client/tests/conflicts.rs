@@ -1,0 +1,259 @@
+//! The seeds' LoopBack scenario under every policy, against a real server on loopback: client 1
+//! goes offline, user 1 changes a document, user 2 changes the same document on client 2,
+//! client 1 comes back. The exact outcome is asserted on both clients and on the server.
+
+use std::time::Duration;
+
+use ferry_client::{ConflictEvent, ConflictPolicy, Ferry, Resolve};
+use ferry_core::resolve::{Policies, Policy};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+mod support;
+use support::{Server, client, options};
+
+const DB: &str = "loopback";
+
+/// What every replica must end with.
+#[derive(Clone, Debug, PartialEq)]
+struct Outcome {
+    value: Value,
+    conflicts: usize,
+}
+
+fn outcome(ferry: &Ferry) -> (String, Outcome) {
+    let doc = ferry
+        .collection::<Value>("todos")
+        .get("x")
+        .unwrap()
+        .expect("the document exists");
+    (
+        doc.rev.to_string(),
+        Outcome {
+            value: doc.value,
+            conflicts: doc.conflicts.len(),
+        },
+    )
+}
+
+/// Runs the scenario; `prepare` configures the clients. Returns both clients after they
+/// converged, and the server's view (read by a third client).
+async fn loopback_scenario(
+    server: &Server,
+    dir: &std::path::Path,
+    prepare: impl Fn(&Ferry),
+) -> [Ferry; 3] {
+    let (one, two) = (client(dir, "client-1"), client(dir, "client-2"));
+    prepare(&one);
+    prepare(&two);
+    let sync = options(&server.url(DB));
+    one.collection::<Value>("todos")
+        .insert_with_id("x", &json!({"title": "milk", "done": false, "qty": 1}))
+        .unwrap();
+    one.sync_once(&sync).await.unwrap();
+    two.sync_once(&sync).await.unwrap();
+
+    // Client 1 is offline; user 1 edits the title and the quantity.
+    one.collection::<Value>("todos")
+        .patch("x", &json!({"title": "oat milk", "qty": 3}))
+        .unwrap();
+    // Later, user 2 edits done and the quantity on client 2, which is online.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    two.collection::<Value>("todos")
+        .patch("x", &json!({"done": true, "qty": 2}))
+        .unwrap();
+    two.sync_once(&sync).await.unwrap();
+
+    // Client 1 comes back: push, pull; then everyone syncs until nothing moves.
+    for ferry in [&one, &two, &one, &two] {
+        ferry.sync_once(&sync).await.unwrap();
+    }
+    let observer = client(dir, "server-view");
+    observer.sync_once(&sync).await.unwrap();
+    [one, two, observer]
+}
+
+fn assert_same_everywhere(replicas: &[Ferry; 3], expected: &Outcome) {
+    let first = outcome(&replicas[0]);
+    assert_eq!(&first.1, expected);
+    for replica in &replicas[1..] {
+        assert_eq!(
+            outcome(replica),
+            first,
+            "same revision and content everywhere"
+        );
+    }
+}
+
+fn server_with(policy: Policy) -> ferry_server::ServerConfig {
+    ferry_server::ServerConfig {
+        conflict_policies: Policies::default().with("todos", policy),
+        ..ferry_server::ServerConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_exposes_both_versions_on_every_replica() {
+    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
+    let (_, seen) = outcome(&replicas[0]);
+    assert_eq!(seen.conflicts, 1);
+    let winner = seen.value.clone();
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: winner,
+            conflicts: 1,
+        },
+    );
+
+    let conflict = replicas[0]
+        .collection::<Value>("todos")
+        .conflict("x")
+        .unwrap()
+        .expect("in conflict");
+    let mut values: Vec<Value> = conflict.versions.iter().map(|v| v.value.clone()).collect();
+    values.sort_by_key(|value| value["qty"].as_u64());
+    assert_eq!(
+        values,
+        [
+            json!({"title": "milk", "done": true, "qty": 2}),
+            json!({"title": "oat milk", "done": false, "qty": 3}),
+        ]
+    );
+    let ancestor = conflict.ancestor.expect("a common ancestor");
+    assert_eq!(
+        ancestor.value,
+        Some(json!({"title": "milk", "done": false, "qty": 1}))
+    );
+    assert_eq!(
+        replicas[1]
+            .collection::<Value>("todos")
+            .conflicted()
+            .unwrap(),
+        ["x"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_write_wins_keeps_user_two_s_later_version_everywhere() {
+    let server = Server::start_with(server_with(Policy::LastWriteWins)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: json!({"title": "milk", "done": true, "qty": 2}),
+            conflicts: 0,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_keeps_both_users_fields_and_the_later_quantity() {
+    let server = Server::start_with(server_with(Policy::Merge)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: json!({"title": "oat milk", "done": true, "qty": 2}),
+            conflicts: 0,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_the_server_s_policy_write_the_same_resolution() {
+    // Clients merge on their own too: their resolutions are the server's revisions.
+    let server = Server::start_with(server_with(Policy::Merge)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |ferry| {
+        ferry.set_conflict_policy("todos", ConflictPolicy::Merge);
+    })
+    .await;
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: json!({"title": "oat milk", "done": true, "qty": 2}),
+            conflicts: 0,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
+    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |ferry| {
+        ferry.set_conflict_policy(
+            "todos",
+            ConflictPolicy::custom(|conflict| {
+                let latest = conflict.versions.iter().max_by_key(|v| v.hlc)?;
+                let mut value = latest.value.clone();
+                let total: u64 = conflict
+                    .versions
+                    .iter()
+                    .filter_map(|v| v.value["qty"].as_u64())
+                    .sum();
+                value["qty"] = json!(total);
+                Some(value)
+            }),
+        );
+    })
+    .await;
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: json!({"title": "milk", "done": true, "qty": 5}),
+            conflicts: 0,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_resolves_by_hand_and_hears_about_it() {
+    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (client(dir.path(), "one"), client(dir.path(), "two"));
+    let mut events = Box::pin(one.conflict_events());
+    let sync = options(&server.url("by-hand"));
+    let todos = one.collection::<Value>("todos");
+    todos.insert_with_id("x", &json!({"n": 0})).unwrap();
+    one.sync_once(&sync).await.unwrap();
+    two.sync_once(&sync).await.unwrap();
+    todos.patch("x", &json!({"n": 1})).unwrap();
+    two.collection::<Value>("todos")
+        .patch("x", &json!({"n": 2}))
+        .unwrap();
+    two.sync_once(&sync).await.unwrap();
+    one.sync_once(&sync).await.unwrap();
+
+    let appeared = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&appeared, ConflictEvent::Appeared { id, versions, .. } if id == "x" && versions.len() == 2),
+        "{appeared:?}"
+    );
+    let resolved = todos.resolve("x", Resolve::Value(json!({"n": 3}))).unwrap();
+    assert_eq!(resolved.value, json!({"n": 3}));
+    assert!(resolved.conflicts.is_empty());
+    let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&event, ConflictEvent::Resolved { policy, resolved: rev, .. } if policy == "application" && *rev == resolved.rev),
+        "{event:?}"
+    );
+    // A stale choice is refused: the versions it names are gone.
+    assert!(todos.resolve("x", Resolve::Value(json!({"n": 4}))).is_err());
+
+    one.sync_once(&sync).await.unwrap();
+    two.sync_once(&sync).await.unwrap();
+    let on_two = two.collection::<Value>("todos").get("x").unwrap().unwrap();
+    assert_eq!((on_two.value, on_two.conflicts.len()), (json!({"n": 3}), 0));
+}
