@@ -233,6 +233,12 @@ impl Ferry {
         *lock(&self.inner.conflicts.scanned) = 0;
     }
 
+    /// Compacts the local replica: drops the bodies of old ancestors and of versions superseded
+    /// by resolutions (see `ferry_store::Database::compact`); returns how many were dropped.
+    pub fn compact(&self) -> Result<u64, ClientError> {
+        Ok(self.database().compact()?)
+    }
+
     /// Conflict events from now on, as a stream (a subscriber more than 1,024 events behind
     /// skips the oldest).
     pub fn conflict_events(&self) -> impl Stream<Item = ConflictEvent> + Send + 'static {

@@ -352,6 +352,21 @@ impl RevTree {
             .collect()
     }
 
+    /// What compaction keeps: every leaf, and the revisions at most `depth` steps above a live
+    /// (not deleted) leaf. Versions superseded by a resolution hang below tombstones; they stay
+    /// in [`RevTree::body_window`] (readable after the resolution) but not in this one.
+    pub fn compaction_window(&self, depth: usize) -> BTreeSet<Rev> {
+        let mut keep = BTreeSet::new();
+        for leaf in self.leaves() {
+            if leaf.deleted {
+                keep.insert(leaf.rev);
+            } else {
+                keep.extend(self.ancestry(&leaf.rev, depth.saturating_add(1)));
+            }
+        }
+        keep
+    }
+
     /// Drops every revision more than `limit - 1` steps above all leaves (CouchDB's revs
     /// limit), and returns the dropped revisions. Leaves are never dropped; a `limit` of 0 is
     /// treated as 1.

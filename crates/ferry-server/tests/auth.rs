@@ -152,7 +152,7 @@ async fn basic_auth_bearer_tokens_and_session_cookies_identify_the_caller() {
 }
 
 #[tokio::test]
-async fn only_administrators_delete_databases() {
+async fn only_administrators_delete_and_compact_databases() {
     let server = start(AuthConfig::default()).await;
     let ann = |request: RequestBuilder| request.basic_auth("ann", Some("ann's password"));
     let root = |request: RequestBuilder| request.basic_auth("root", Some("root's password"));
@@ -164,6 +164,19 @@ async fn only_administrators_delete_databases() {
     );
     let (status, _) = answer(ann(server.get("/shared"))).await;
     assert_eq!(status, StatusCode::OK, "still there");
+    let (status, _) = answer(ann(
+        server.request(reqwest::Method::POST, "/shared/_compact")
+    ))
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = answer(root(
+        server.request(reqwest::Method::POST, "/shared/_compact"),
+    ))
+    .await;
+    assert_eq!(
+        (status, body["ok"].clone()),
+        (StatusCode::ACCEPTED, json!(true))
+    );
     let (status, _) = answer(root(server.request(reqwest::Method::DELETE, "/shared"))).await;
     assert_eq!(status, StatusCode::OK);
 }

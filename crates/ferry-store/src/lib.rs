@@ -376,6 +376,12 @@ pub trait Database: Send + Sync {
         resolution: &Resolution,
     ) -> Result<Option<Rev>, StoreError>;
 
+    /// Compaction: drops the bodies of revisions more than `Limits::ancestor_bodies` steps
+    /// above every live leaf, including versions a resolution superseded. Revision trees are
+    /// untouched, so replication goes on; merges whose common ancestor lost its body fall back
+    /// to last-write-wins. Returns how many bodies were dropped.
+    fn compact(&self) -> Result<u64, StoreError>;
+
     /// The resolutions this replica wrote for `doc_id`, oldest first.
     fn resolutions(&self, doc_id: &str) -> Result<Vec<ResolutionRecord>, StoreError>;
 

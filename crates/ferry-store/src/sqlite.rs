@@ -781,6 +781,50 @@ impl Database for SqliteDatabase {
         })
     }
 
+    fn compact(&self) -> Result<u64, StoreError> {
+        const CHUNK: i64 = 500;
+        let depth = self.config.limits.ancestor_bodies;
+        let mut dropped = 0;
+        let mut after = String::new();
+        loop {
+            // One short transaction per chunk of documents, so writers are not held up.
+            let (count, last) = self.with_write_transaction(|transaction| {
+                let documents: Vec<(String, String)> = transaction
+                    .prepare_cached(
+                        "SELECT doc_id, tree FROM docs WHERE doc_id > ?1 ORDER BY doc_id LIMIT ?2",
+                    )?
+                    .query_map(params![after, CHUNK], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut count = 0u64;
+                for (doc_id, tree) in &documents {
+                    let tree = RevTree::decode(tree).map_err(|error| StoreError::Corrupt {
+                        what: "docs.tree",
+                        detail: error.to_string(),
+                    })?;
+                    let keep = tree.compaction_window(depth);
+                    let stored: Vec<String> = transaction
+                        .prepare_cached("SELECT rev FROM revs WHERE doc_id = ?1")?
+                        .query_map(params![doc_id], |row| row.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    let mut delete = transaction
+                        .prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
+                    for rev in stored {
+                        if !keep.contains(&parse_rev(&rev)?) {
+                            delete.execute(params![doc_id, rev])?;
+                            count += 1;
+                        }
+                    }
+                }
+                Ok((count, documents.last().map(|(doc_id, _)| doc_id.clone())))
+            })?;
+            dropped += count;
+            match last {
+                Some(last) => after = last,
+                None => return Ok(dropped),
+            }
+        }
+    }
+
     fn resolutions(&self, doc_id: &str) -> Result<Vec<ResolutionRecord>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection

@@ -270,3 +270,98 @@ fn tracking_at(path: &std::path::Path) -> SqliteDatabase {
     };
     SqliteDatabase::open(path, "old", config).unwrap()
 }
+
+fn replicated(
+    doc_id: &str,
+    path: &[&str],
+    hlc: u64,
+    value: serde_json::Value,
+) -> ferry_core::model::Revision {
+    ferry_core::model::Revision {
+        doc_id: doc_id.to_owned(),
+        path: path.iter().map(|rev| rev.parse().unwrap()).collect(),
+        deleted: false,
+        body: body(value),
+        hlc: Some(ferry_core::hlc::Timestamp::new(hlc, 0)),
+    }
+}
+
+#[test]
+fn compaction_drops_superseded_and_old_bodies_and_merges_fall_back_to_last_write_wins() {
+    use ferry_core::resolve::{Method, Policy};
+    use ferry_store::Database;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("compact.sqlite");
+    let db = SqliteDatabase::open(&path, "compact", StoreConfig::default()).unwrap();
+    db.write_revisions(
+        vec![
+            replicated("d", &["1-a"], 1, serde_json::json!({"v": 0})),
+            replicated("d", &["2-b", "1-a"], 2, serde_json::json!({"v": "b"})),
+            replicated("d", &["2-c", "1-a"], 3, serde_json::json!({"v": "c"})),
+        ],
+        ferry_core::hlc::Timestamp::ZERO,
+    )
+    .unwrap();
+    let record = ferry_store::resolve_conflict(&db, "d", Policy::LastWriteWins)
+        .unwrap()
+        .unwrap();
+    let loser: ferry_core::rev::Rev = "2-b".parse().unwrap();
+    assert_eq!(record.overridden[0].rev, loser);
+    // Superseded, still readable until compaction.
+    assert!(
+        db.get_revision("d", &loser, 1)
+            .unwrap()
+            .unwrap()
+            .body
+            .is_some()
+    );
+    assert!(db.compact().unwrap() >= 1);
+    let after = db.get_revision("d", &loser, 5).unwrap().unwrap();
+    assert_eq!(after.body, None, "dropped by compaction");
+    assert_eq!(after.path.len(), 2, "its history is still known");
+    drop(db);
+
+    // With no ancestor bodies kept, a new conflict has no base to merge against.
+    let config = StoreConfig {
+        limits: ferry_core::model::Limits {
+            ancestor_bodies: 0,
+            ..ferry_core::model::Limits::default()
+        },
+        ..StoreConfig::default()
+    };
+    let db = SqliteDatabase::open(&path, "compact", config).unwrap();
+    db.compact().unwrap();
+    let resolved = record.resolved.to_string();
+    db.write_revisions(
+        vec![
+            replicated(
+                "d",
+                &["4-d", &resolved],
+                10,
+                serde_json::json!({"v": "d", "w": 1}),
+            ),
+            replicated(
+                "d",
+                &["4-e", &resolved],
+                11,
+                serde_json::json!({"v": "c", "w": 2}),
+            ),
+        ],
+        ferry_core::hlc::Timestamp::ZERO,
+    )
+    .unwrap();
+    let conflict = db.conflict("d").unwrap().unwrap();
+    assert_eq!(conflict.ancestor.as_ref().unwrap().1, None);
+    let record = ferry_store::resolve_conflict(&db, "d", Policy::Merge)
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(record.method, Method::LastWriteWinsWithoutAncestor { .. }),
+        "{record:?}"
+    );
+    let document = db.get_document("d").unwrap().unwrap();
+    assert_eq!(document.body, body(serde_json::json!({"v": "c", "w": 2})));
+    // Leaves can still be read whole for replication.
+    let leaf = db.get_revision("d", &document.rev, 100).unwrap().unwrap();
+    assert!(leaf.into_revision().is_some());
+}

@@ -158,6 +158,10 @@ struct ServeArgs {
     /// Revisions of history kept per document.
     #[arg(long, env = "FERRY_REVS_LIMIT", default_value_t = Limits::default().revs_limit)]
     revs_limit: usize,
+    /// How many levels of ancestors above each live version keep their bodies, for three-way
+    /// merges (`POST /{db}/_compact` drops the rest, including superseded versions).
+    #[arg(long, env = "FERRY_ANCESTOR_BODIES", default_value_t = Limits::default().ancestor_bodies)]
+    ancestor_bodies: usize,
     /// How a collection's conflicts are resolved, as COLLECTION=POLICY (keep, last-write-wins
     /// or merge); repeat for several collections, or separate them with commas.
     #[arg(long = "conflict-policy", env = "FERRY_CONFLICT_POLICIES", value_delimiter = ',', value_parser = parse_collection_policy)]
@@ -202,7 +206,7 @@ impl ServeArgs {
                 max_batch_docs: self.max_batch_docs,
                 max_page_rows: self.max_page_rows,
                 revs_limit: self.revs_limit,
-                ..Limits::default()
+                ancestor_bodies: self.ancestor_bodies,
             },
             auth: AuthConfig {
                 required: !self.insecure_no_auth,

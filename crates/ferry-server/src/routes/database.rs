@@ -68,3 +68,22 @@ pub(crate) async fn ensure_full_commit(
         Json(json!({"ok": true, "instance_start_time": "0"})),
     ))
 }
+
+/// `POST /{db}/_compact`: drops old and superseded revision bodies (administrators only, as in
+/// CouchDB). Runs to completion before answering 202, CouchDB's status for it.
+pub(crate) async fn compact(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+    Path(db): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if !identity.admin {
+        return Err(ApiError::forbidden(
+            "Only administrators may compact a database.",
+        ));
+    }
+    let dropped = state.with_db(&db, |db| db.compact()).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"ok": true, "bodies_dropped": dropped})),
+    ))
+}

@@ -38,6 +38,7 @@ pub(crate) fn routes() -> Router<AppState> {
         // PouchDB asks for `/{db}/` with the slash; both forms are the database.
         .route("/{db}", database.clone())
         .route("/{db}/", database)
+        .route("/{db}/_compact", post(database::compact))
         .route(
             "/{db}/_ensure_full_commit",
             post(database::ensure_full_commit),
