@@ -103,6 +103,7 @@ struct Inner {
     /// One permit per sync session that may be open.
     sessions: Arc<tokio::sync::Semaphore>,
     conflict_policies: Arc<ferry_core::resolve::Policies>,
+    max_clock_drift_ms: u64,
 }
 
 impl AppState {
@@ -125,6 +126,8 @@ impl AppState {
                 default_feed_timeout: config.default_feed_timeout,
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
                 conflict_policies: Arc::new(config.conflict_policies.clone()),
+                max_clock_drift_ms: u64::try_from(config.max_clock_drift.as_millis())
+                    .unwrap_or(u64::MAX),
             }),
             limits: Arc::new(config.limits.clone()),
         }
@@ -200,6 +203,28 @@ impl AppState {
     pub fn now(&self) -> Timestamp {
         let mut clock = self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
         clock.now(wall_ms())
+    }
+
+    /// Refuses a replicated revision whose clock is further ahead of the server's than the
+    /// allowed drift: under last-write-wins it would beat every other write until the real
+    /// time caught up. The device's clock must be fixed; the revision stays on the device.
+    pub fn check_clock(&self, hlc: Option<Timestamp>) -> ApiResult<()> {
+        let Some(hlc) = hlc else { return Ok(()) };
+        let now = wall_ms();
+        let ahead = hlc.wall_ms().saturating_sub(now);
+        if ahead > self.inner.max_clock_drift_ms {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "clock_ahead",
+                format!(
+                    "the revision's clock is {} s ahead of the server's (at most {} s allowed); \
+                     correct the device's clock",
+                    ahead / 1000,
+                    self.inner.max_clock_drift_ms / 1000
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Takes a replicated revision's clock into account (ignored if too far ahead).

@@ -363,9 +363,21 @@ async fn a_revision_over_a_limit_is_refused_alone_and_the_rest_is_stored() {
     let server = start(Limits::default()).await;
     let mut socket = open(&server, "partial").await;
     let long_id = "x".repeat(Limits::default().max_doc_id_bytes + 1);
+    let mut from_the_future = revision("future", "1-cc", json!(3));
+    let in_a_day = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+        + 86_400_000;
+    from_the_future["_ferry"] =
+        json!({"hlc": ferry_core::hlc::Timestamp::new(in_a_day, 0).as_u64()});
     let docs = json!([
         revision("fine", "1-aa", json!(1)),
         revision(&long_id, "1-bb", json!(2)),
+        from_the_future,
     ]);
     send(
         &mut socket,
@@ -377,6 +389,8 @@ async fn a_revision_over_a_limit_is_refused_alone_and_the_rest_is_stored() {
     assert_eq!(acks[0], json!({"id": "fine", "rev": "1-aa", "ok": true}));
     assert_eq!(acks[1]["error"], json!("illegal_docid"), "{response}");
     assert_eq!(acks[1]["rev"], json!("1-bb"));
+    // A clock a day ahead would win every last-write-wins conflict: refused.
+    assert_eq!(acks[2]["error"], json!("clock_ahead"), "{response}");
     send(
         &mut socket,
         json!({"type": "request", "id": 2, "op": "changes", "since": 0, "limit": 10}),

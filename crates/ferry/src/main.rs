@@ -169,6 +169,10 @@ struct ServeArgs {
     /// The policy of collections without their own.
     #[arg(long, env = "FERRY_DEFAULT_CONFLICT_POLICY", default_value = "keep")]
     default_conflict_policy: ferry_core::resolve::Policy,
+    /// How far ahead of the server's clock a replicated revision's clock may be, in seconds;
+    /// revisions further ahead are refused (they would win every last-write-wins conflict).
+    #[arg(long, env = "FERRY_MAX_CLOCK_DRIFT", default_value_t = ferry_server::ServerConfig::default().max_clock_drift.as_secs())]
+    max_clock_drift: u64,
     /// The most WebSocket sync sessions open at once.
     #[arg(long, env = "FERRY_MAX_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_sessions)]
     max_sessions: usize,
@@ -214,6 +218,7 @@ impl ServeArgs {
                 reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
             },
             max_sessions: self.max_sessions,
+            max_clock_drift: Duration::from_secs(self.max_clock_drift),
             conflict_policies: ferry_core::resolve::Policies {
                 default: self.default_conflict_policy,
                 collections: self.conflict_policies.iter().cloned().collect(),

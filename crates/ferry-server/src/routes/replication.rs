@@ -212,6 +212,8 @@ pub(crate) async fn bulk_docs(
 
     if !new_edits {
         let mut revisions = Vec::with_capacity(parsed.len());
+        // Revisions refused one by one (as CouchDB reports forbidden ones): the rest is stored.
+        let mut refused = Vec::new();
         for doc in parsed {
             let doc_id = doc
                 .id
@@ -221,6 +223,13 @@ pub(crate) async fn bulk_docs(
                 ApiError::bad_request(format!("{doc_id}: new_edits=false needs _rev"))
             })?;
             state.validate_document(&doc_id, &doc.body)?;
+            if let Err(error) = state.check_clock(doc.hlc) {
+                refused.push(json!({
+                    "id": doc_id, "rev": path[0].to_string(),
+                    "error": error.error, "reason": error.reason,
+                }));
+                continue;
+            }
             revisions.push(Revision {
                 doc_id,
                 path,
@@ -229,8 +238,10 @@ pub(crate) async fn bulk_docs(
                 hlc: doc.hlc,
             });
         }
-        store_revisions(&state, &db, revisions).await?;
-        return Ok((StatusCode::CREATED, Json(json!([]))));
+        if !revisions.is_empty() {
+            store_revisions(&state, &db, revisions).await?;
+        }
+        return Ok((StatusCode::CREATED, Json(Value::Array(refused))));
     }
 
     let mut edits = Vec::with_capacity(parsed.len());

@@ -437,7 +437,10 @@ async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value
                     .map_err(|error| ApiError::bad_request(error.to_string()))?;
                 let rev = revision.rev().to_string();
                 // One that breaks a limit is refused alone; the others are stored.
-                match state.validate_document(&revision.doc_id, &revision.body) {
+                let valid = state
+                    .validate_document(&revision.doc_id, &revision.body)
+                    .and_then(|()| state.check_clock(revision.hlc));
+                match valid {
                     Ok(()) => {
                         acks.push(json!({"id": revision.doc_id, "rev": rev, "ok": true}));
                         revisions.push(revision);
