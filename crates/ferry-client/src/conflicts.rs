@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, collection_of, doc_id_in};
-use ferry_core::resolve::{self, Overridden, Policy, resolve_with};
+use ferry_core::resolve::{self, Overridden, Policy, ResolutionRecord, resolve_with};
 use ferry_core::rev::Rev;
 use ferry_store::Database;
 use futures_util::Stream;
@@ -368,6 +368,15 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
             let ids = collection.conflicted()?;
             Ok((ids.clone(), ids))
         })
+    }
+
+    /// What this replica's resolutions of a document did, oldest first: the policy, the
+    /// revision written, and the versions and fields not kept.
+    pub fn resolutions(&self, id: &str) -> Result<Vec<ResolutionRecord>, ClientError> {
+        Ok(self
+            .ferry()
+            .database()
+            .resolutions(&doc_id_in(self.name(), id))?)
     }
 
     /// Every version of a conflicted document and their common ancestor; `None` if it is not

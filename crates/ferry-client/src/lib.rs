@@ -74,6 +74,7 @@ pub use conflicts::{
 pub use connection::{
     AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
 };
+pub use ferry_core::resolve::{Method as ResolutionMethod, Overridden, ResolutionRecord};
 pub use offline::OfflineSubscription;
 
 /// How often a replica looks for changes written by other processes on the same file.

@@ -148,6 +148,11 @@ async fn last_write_wins_keeps_user_two_s_later_version_everywhere() {
             conflicts: 0,
         },
     );
+    // One resolution, and it says which version lost.
+    let records = server.resolutions(DB, "todos:x");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].overridden.len(), 1);
+    assert_eq!(records[0].overridden[0].field, "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,12 +167,17 @@ async fn merge_keeps_both_users_fields_and_the_later_quantity() {
             conflicts: 0,
         },
     );
+    // The record names the one value not kept: user 1's quantity.
+    let records = server.resolutions(DB, "todos:x");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].overridden.len(), 1);
+    assert_eq!(records[0].overridden[0].field, "qty");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_with_the_server_s_policy_write_the_same_resolution() {
-    // Clients merge on their own too: their resolutions are the server's revisions.
-    let server = Server::start_with(server_with(Policy::Merge)).await;
+async fn clients_resolving_on_their_own_write_the_same_revisions() {
+    // The server keeps conflicts; each client merges the conflict when it pulls it, on its own.
+    let server = Server::start_with(server_with(Policy::Keep)).await;
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
         ferry.set_conflict_policy("todos", ConflictPolicy::Merge);
@@ -180,6 +190,19 @@ async fn clients_with_the_server_s_policy_write_the_same_resolution() {
             conflicts: 0,
         },
     );
+    // Both clients resolved independently and wrote the very same revision, so pushing both
+    // made no new conflict on the server.
+    let one = replicas[0]
+        .collection::<Value>("todos")
+        .resolutions("x")
+        .unwrap();
+    let two = replicas[1]
+        .collection::<Value>("todos")
+        .resolutions("x")
+        .unwrap();
+    assert_eq!((one.len(), two.len()), (1, 1), "{one:?} {two:?}");
+    assert_eq!(one[0].resolved, two[0].resolved);
+    assert!(server.resolutions(DB, "todos:x").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

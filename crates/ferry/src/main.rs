@@ -457,38 +457,40 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let db = open_replica(&replica)?;
             let doc_id = doc_id_in(&collection, &id);
-            let document = db
-                .get_document(&doc_id)?
-                .with_context(|| format!("{collection}/{id} does not exist"))?;
-            let keep: ferry_core::rev::Rev = match keep {
-                Some(rev) => rev.parse().context("invalid --keep")?,
-                None => document.rev.clone(),
+            let conflict = db
+                .conflict(&doc_id)?
+                .with_context(|| format!("{collection}/{id} is not in conflict"))?;
+            let body = match (data, keep) {
+                (Some(text), _) => parse_object(text.as_bytes(), Limits::default().max_json_depth)
+                    .context("--data is not a valid JSON object")?,
+                (None, keep) => {
+                    let keep: Option<ferry_core::rev::Rev> = keep
+                        .map(|rev| rev.parse())
+                        .transpose()
+                        .context("invalid --keep")?;
+                    let mut versions = conflict.versions.iter();
+                    let chosen = match &keep {
+                        Some(rev) => versions.find(|version| version.rev == *rev),
+                        // The current winner: the highest revision.
+                        None => versions.max_by(|a, b| a.rev.cmp(&b.rev)),
+                    };
+                    chosen
+                        .with_context(|| {
+                            format!(
+                                "{} is not a current version of {collection}/{id}",
+                                keep.map(|rev| rev.to_string()).unwrap_or_default()
+                            )
+                        })?
+                        .body
+                        .clone()
+                }
             };
-            let live: Vec<_> = std::iter::once(document.rev.clone())
-                .chain(document.conflicts.iter().cloned())
-                .collect();
-            if !live.contains(&keep) {
-                bail!("{keep} is not a current version of {collection}/{id}");
-            }
-            if live.len() < 2 && data.is_none() {
-                bail!("{collection}/{id} is not in conflict");
-            }
-            let hlc = local_now(&*db)?;
-            // One transaction: the losing leaves become tombstones and the kept one is
-            // (optionally) rewritten, so every replica that syncs sees the resolution at once.
-            let mut edits: Vec<Edit> = live
-                .iter()
-                .filter(|rev| **rev != keep)
-                .map(|rev| Edit::delete(doc_id.clone(), rev.clone()).with_hlc(hlc))
-                .collect();
-            if let Some(text) = data {
-                let body = parse_object(text.as_bytes(), Limits::default().max_json_depth)
-                    .context("--data is not a valid JSON object")?;
-                edits.push(Edit::put(doc_id.clone(), Some(keep.clone()), body).with_hlc(hlc));
-            }
-            for result in db.write_edits(edits)? {
-                result.context("the document changed meanwhile; run `ferry conflicts` again")?;
-            }
+            // One transaction: the chosen or merged body on the winning version, a tombstone on
+            // every other one, and a resolution record.
+            let mut resolution = ferry_core::resolve::resolve_with(&conflict, body);
+            resolution.hlc = resolution.hlc.max(local_now(&*db)?);
+            db.apply_resolution(&doc_id, &resolution)?
+                .context("the document changed meanwhile; run `ferry conflicts` again")?;
             let winner = db.get_document(&doc_id)?.context("document vanished")?;
             print(
                 json,

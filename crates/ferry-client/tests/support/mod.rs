@@ -87,6 +87,24 @@ impl Server {
             .update_seq
     }
 
+    /// The resolutions the server wrote for `doc_id` in `db`.
+    pub fn resolutions(
+        &self,
+        db: &str,
+        doc_id: &str,
+    ) -> Vec<ferry_core::resolve::ResolutionRecord> {
+        let backend = ferry_store::sqlite::SqliteBackend::open(
+            self.data_dir.path(),
+            ferry_store::StoreConfig::default(),
+        )
+        .unwrap();
+        backend
+            .open_database(db)
+            .unwrap()
+            .resolutions(doc_id)
+            .unwrap()
+    }
+
     pub fn stop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
