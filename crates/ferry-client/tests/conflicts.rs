@@ -209,7 +209,16 @@ async fn clients_resolving_on_their_own_write_the_same_revisions() {
 async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
     let server = Server::start_with(server_with(Policy::Keep)).await;
     let dir = tempfile::tempdir().unwrap();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
+        let stream = ferry.conflict_events();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                sink.lock().unwrap().push(event);
+            }
+        });
         ferry.set_conflict_policy(
             "todos",
             ConflictPolicy::custom(|conflict| {
@@ -233,6 +242,13 @@ async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
             conflicts: 0,
         },
     );
+    let resolved_events = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|event| matches!(event, ConflictEvent::Resolved { policy, id, .. } if policy == "custom" && id == "x"))
+        .count();
+    assert!(resolved_events >= 1, "{:?}", events.lock().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
