@@ -188,6 +188,48 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
         })
     }
 
+    /// Stores many new documents (fresh UUIDv7 ids) in one transaction: one disk flush for
+    /// the whole batch instead of one per document. All are stored, or none (on any invalid
+    /// value).
+    ///
+    /// ```
+    /// # let ferry = ferry_client::Ferry::temporary("ann").unwrap();
+    /// let notes = ferry.collection::<serde_json::Value>("notes");
+    /// let values: Vec<_> = (0..3).map(|n| serde_json::json!({"n": n})).collect();
+    /// assert_eq!(notes.insert_many(&values).unwrap().len(), 3);
+    /// assert_eq!(ferry.status().unwrap().pending, 3);
+    /// ```
+    pub fn insert_many(&self, values: &[T]) -> Result<Vec<Doc<T>>, ClientError> {
+        let mut edits = Vec::with_capacity(values.len());
+        let mut docs = Vec::with_capacity(values.len());
+        let hlc = self.ferry.now();
+        for value in values {
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            let doc_id = self.doc_id(&id);
+            let body = self.to_body(&doc_id, value)?;
+            let stored: T = serde_json::from_value(Value::Object(body.clone()))?;
+            edits.push(Edit::put(doc_id, None, body).with_hlc(hlc));
+            docs.push((id, stored));
+        }
+        let results = self.ferry.database().write_edits(edits)?;
+        self.ferry.notify_changed();
+        docs.into_iter()
+            .zip(results)
+            .map(|((id, value), result)| {
+                let rev = result.map_err(|_| ClientError::AlreadyExists {
+                    collection: self.name.clone(),
+                    id: id.clone(),
+                })?;
+                Ok(Doc {
+                    id,
+                    rev,
+                    value,
+                    conflicts: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
     /// The current version of a document, or `None` if it does not exist or was deleted.
     pub fn get(&self, id: &str) -> Result<Option<Doc<T>>, ClientError> {
         self.current(id)?

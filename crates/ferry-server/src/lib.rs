@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use ferry_core::hlc::{HlcClock, Timestamp};
 use ferry_core::json::{canonical_object, check_depth};
 use ferry_core::model::{Body, Limits, validate_doc_id};
@@ -383,6 +384,12 @@ pub async fn serve_on(
         data_dir = %config.data_dir.display(),
         "ferry server listening"
     );
+    // Sync sessions exchange small frames; Nagle's algorithm would delay each by up to 40 ms.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -187,7 +187,8 @@ impl WsPeer {
     async fn open(&self) -> Result<Connection, SyncError> {
         let (mut socket, _) = tokio::time::timeout(
             OPEN_TIMEOUT,
-            tokio_tungstenite::connect_async(self.session_url.as_str()),
+            // Nagle's algorithm would hold small frames back for tens of milliseconds.
+            tokio_tungstenite::connect_async_with_config(self.session_url.as_str(), None, true),
         )
         .await
         .map_err(|_| self.lost("timed out connecting"))?

@@ -1,0 +1,227 @@
+//! The Ferry side of each workload. Every function starts what it needs (a `ferry serve`
+//! process, replicas in a temporary directory), measures, and cleans up.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferry_client::{ConnectionState, Credentials, Ferry, SyncOptions};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::process::{FerryServer, PASSWORD, USER, memory_mib, reset_peak};
+
+/// A document of about 200 bytes, the same shape as the peer's.
+pub fn todo(n: usize) -> Value {
+    json!({
+        "title": format!("Todo item {n}: buy milk, call the plumber, write the weekly report"),
+        "done": n.is_multiple_of(3),
+        "tags": ["home", "errand", format!("p{}", n % 5)],
+        "n": n,
+        "note": "offline-first sync baseline payload xxxxxxxx",
+    })
+}
+
+/// Throughput of one replication, with the peak memory of both processes.
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    /// Documents per second.
+    pub docs_per_s: f64,
+    /// Peak resident memory of the client (this process), MiB.
+    pub client_peak_mib: f64,
+    /// Peak resident memory of the server, MiB.
+    pub server_peak_mib: f64,
+}
+
+fn options(server: &FerryServer, db: &str) -> SyncOptions {
+    SyncOptions::new(format!("{}/{db}", server.url))
+        .credentials(Credentials::password(USER, PASSWORD))
+}
+
+/// Writes `n` documents to `ferry` offline, in batches of 1,000 (one transaction each).
+pub fn fill(ferry: &Ferry, n: usize) -> Result<()> {
+    let todos = ferry.collection::<Value>("todos");
+    let mut start = 0;
+    while start < n {
+        let end = (start + 1000).min(n);
+        let batch: Vec<Value> = (start..end).map(todo).collect();
+        todos.insert_many(&batch)?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// Workloads 1 and 2: `n` documents created offline pushed to an empty server database, then
+/// pulled into an empty replica.
+pub async fn push_and_pull(n: usize) -> Result<(Transfer, Transfer)> {
+    let server = FerryServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let db = format!("push-{n}");
+    let pusher = Ferry::initialize_offline(dir.path().join("push.ferry"), USER)?;
+    fill(&pusher, n)?;
+    let me = std::process::id();
+
+    reset_peak(me);
+    reset_peak(server.pid());
+    let started = Instant::now();
+    let stats = pusher.sync_once(&options(&server, &db)).await?;
+    let push_time = started.elapsed();
+    if usize::try_from(stats.push.docs_written)? != n {
+        bail!("pushed {} documents, not {n}", stats.push.docs_written);
+    }
+    let push = Transfer {
+        docs_per_s: n as f64 / push_time.as_secs_f64(),
+        client_peak_mib: memory_mib(me)?.0,
+        server_peak_mib: memory_mib(server.pid())?.0,
+    };
+    drop(pusher);
+
+    let puller = Ferry::initialize_offline(dir.path().join("pull.ferry"), USER)?;
+    reset_peak(me);
+    reset_peak(server.pid());
+    let started = Instant::now();
+    let stats = puller.sync_once(&options(&server, &db)).await?;
+    let pull_time = started.elapsed();
+    if usize::try_from(stats.pull.docs_written)? != n {
+        bail!("pulled {} documents, not {n}", stats.pull.docs_written);
+    }
+    let pull = Transfer {
+        docs_per_s: n as f64 / pull_time.as_secs_f64(),
+        client_peak_mib: memory_mib(me)?.0,
+        server_peak_mib: memory_mib(server.pid())?.0,
+    };
+    Ok((push, pull))
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Clone, Debug)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+}
+
+/// The nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], percent: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (percent * (sorted.len() - 1) + 50) / 100;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+async fn wait_connected(ferry: &Ferry) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ferry.connection_state() != ConnectionState::Connected {
+        if Instant::now() > deadline {
+            bail!("a client did not connect: {:?}", ferry.connection_state());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Workload 3: client A writes `docs` documents one at a time; the time until each is visible
+/// in client B's local replica.
+pub async fn live(docs: usize) -> Result<Latency> {
+    let server = FerryServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let a = Ferry::initialize_offline(dir.path().join("a.ferry"), USER)?;
+    let b = Ferry::initialize_offline(dir.path().join("b.ferry"), USER)?;
+    let _sync_a = a.start_sync(options(&server, "live"))?;
+    let _sync_b = b.start_sync(options(&server, "live"))?;
+    wait_connected(&a).await?;
+    wait_connected(&b).await?;
+    let (writer, reader) = (
+        a.collection::<Value>("todos"),
+        b.collection::<Value>("todos"),
+    );
+    let mut latencies = Vec::with_capacity(docs);
+    for n in 0..docs {
+        let id = format!("live-{n:06}");
+        let mut seen = Box::pin(reader.watch(&id));
+        seen.next().await.context("watch ended")??;
+        let started = Instant::now();
+        writer.insert_with_id(&id, &todo(n))?;
+        loop {
+            let current = tokio::time::timeout(Duration::from_secs(30), seen.next())
+                .await
+                .context("a document never reached the other client")?
+                .context("watch ended")??;
+            if current.is_some() {
+                break;
+            }
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(Latency {
+        p50_ms: percentile(&latencies, 50),
+        p99_ms: percentile(&latencies, 99),
+    })
+}
+
+/// Workload 5: durable local writes per second, one per transaction and in batches, for Ferry
+/// and for raw `rusqlite` with the same durability (WAL, `synchronous=FULL`).
+#[derive(Clone, Debug)]
+pub struct LocalWrites {
+    /// Ferry, one insert per call.
+    pub ferry_single: f64,
+    /// rusqlite, one insert per transaction.
+    pub raw_single: f64,
+    /// Ferry, `insert_many` of 1,000.
+    pub ferry_batched: f64,
+    /// rusqlite, 1,000 inserts per transaction.
+    pub raw_batched: f64,
+}
+
+/// Runs workload 5 with `single` one-by-one writes and `batched` writes in batches of 1,000.
+pub fn local_writes(single: usize, batched: usize) -> Result<LocalWrites> {
+    let dir = tempfile::tempdir()?;
+    let ferry = Ferry::initialize_offline(dir.path().join("local.ferry"), USER)?;
+    let todos = ferry.collection::<Value>("todos");
+    let started = Instant::now();
+    for n in 0..single {
+        todos.insert(&todo(n))?;
+    }
+    let ferry_single = single as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    fill(&ferry, batched)?;
+    let ferry_batched = batched as f64 / started.elapsed().as_secs_f64();
+
+    let raw = rusqlite::Connection::open(dir.path().join("raw.sqlite"))?;
+    raw.pragma_update(None, "journal_mode", "WAL")?;
+    raw.pragma_update(None, "synchronous", "FULL")?;
+    raw.execute_batch("CREATE TABLE docs (id TEXT PRIMARY KEY, body TEXT NOT NULL)")?;
+    let started = Instant::now();
+    for n in 0..single {
+        raw.execute(
+            "INSERT INTO docs (id, body) VALUES (?1, ?2)",
+            (format!("single-{n}"), todo(n).to_string()),
+        )?;
+    }
+    let raw_single = single as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut raw = raw;
+    let mut start = 0;
+    while start < batched {
+        let end = (start + 1000).min(batched);
+        let transaction = raw.transaction()?;
+        {
+            let mut insert =
+                transaction.prepare_cached("INSERT INTO docs (id, body) VALUES (?1, ?2)")?;
+            for n in start..end {
+                insert.execute((format!("batch-{n}"), todo(n).to_string()))?;
+            }
+        }
+        transaction.commit()?;
+        start = end;
+    }
+    let raw_batched = batched as f64 / started.elapsed().as_secs_f64();
+    Ok(LocalWrites {
+        ferry_single,
+        raw_single,
+        ferry_batched,
+        raw_batched,
+    })
+}
