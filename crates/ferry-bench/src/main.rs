@@ -146,6 +146,11 @@ async fn main() -> Result<()> {
     } else {
         (2_000, 100_000)
     };
+    let (crowd, sessions) = if cli.quick {
+        (100, 500)
+    } else {
+        (1_000, 10_000)
+    };
 
     let peer = if cli.no_peer {
         None
@@ -177,7 +182,11 @@ async fn main() -> Result<()> {
     eprintln!("Ferry: push and pull {n}…");
     let (push, pull) = workloads::push_and_pull(n).await?;
     eprintln!("Ferry: live {live_docs}…");
-    let live = workloads::live(live_docs).await?;
+    let live = workloads::live(live_docs, 0).await?;
+    eprintln!("Ferry: live {live_docs} with {crowd} idle clients…");
+    let crowded = workloads::live(live_docs, crowd).await?;
+    eprintln!("Ferry: {sessions} idle sessions…");
+    let idle = workloads::idle_sessions(sessions).await?;
     eprintln!("Ferry: local writes…");
     let local = workloads::local_writes(single, batched)?;
 
@@ -240,6 +249,13 @@ async fn main() -> Result<()> {
             target: Some(Target::AtMost(10.0)),
         },
         Row {
+            workload: format!("3. live p99 (ms), {crowd} idle clients connected"),
+            ferry: crowded.p99_ms,
+            peer: None,
+            higher_is_better: false,
+            target: Some(Target::AtMost(10.0)),
+        },
+        Row {
             workload: "5. single durable writes/s (vs raw SQLite)".into(),
             ferry: local.ferry_single,
             peer: Some(local.raw_single),
@@ -252,6 +268,20 @@ async fn main() -> Result<()> {
             peer: Some(local.raw_batched),
             higher_is_better: true,
             target: Some(Target::TimesBetter(0.5)),
+        },
+        Row {
+            workload: format!("6. {} idle sessions: server RSS (MiB)", idle.count),
+            ferry: idle.server_rss_after_mib,
+            peer: None,
+            higher_is_better: false,
+            target: (idle.count >= 10_000).then_some(Target::AtMost(1024.0)),
+        },
+        Row {
+            workload: "6. server RSS per 1,000 idle sessions (MiB)".into(),
+            ferry: idle.per_thousand_mib(),
+            peer: None,
+            higher_is_better: false,
+            target: None,
         },
     ];
     println!();

@@ -37,6 +37,89 @@ fn options(server: &FerryServer, db: &str) -> SyncOptions {
         .credentials(Credentials::password(USER, PASSWORD))
 }
 
+/// An access token for the bench user (sessions opened with it skip the password check).
+async fn access_token(server: &FerryServer) -> Result<String> {
+    let login: Value = reqwest::Client::new()
+        .post(format!("{}/_ferry/login", server.url))
+        .json(&json!({"name": USER, "password": PASSWORD}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    login["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("login without a token")
+}
+
+type Session =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `count` authenticated sync sessions on `db`, each subscribed to its changes, that
+/// then stay idle (they never read, as a backgrounded app would not).
+async fn idle_sessions_on(server: &FerryServer, db: &str, count: usize) -> Result<Vec<Session>> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let token = access_token(server).await?;
+    let url = format!("{}/_ferry/sync", server.url.replacen("http://", "ws://", 1));
+    let mut sessions = Vec::with_capacity(count);
+    for n in 0..count {
+        let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+        let hello = json!({
+            "type": "hello", "versions": [1], "db": db, "create": true,
+            "replica_id": format!("idle-{n}"), "auth": {"token": token},
+        });
+        socket.send(Message::Text(hello.to_string().into())).await?;
+        let welcome = socket.next().await.context("no welcome")??;
+        if !welcome.to_text()?.contains("\"welcome\"") {
+            bail!("session refused: {welcome}");
+        }
+        let subscribe = json!({"type": "subscribe", "since": 0});
+        socket
+            .send(Message::Text(subscribe.to_string().into()))
+            .await?;
+        sessions.push(socket);
+    }
+    Ok(sessions)
+}
+
+/// Workload 6: what idle sessions cost the server.
+#[derive(Clone, Debug)]
+pub struct IdleSessions {
+    /// Sessions held.
+    pub count: usize,
+    /// Server resident memory with no session, MiB.
+    pub server_rss_before_mib: f64,
+    /// With all of them, MiB.
+    pub server_rss_after_mib: f64,
+}
+
+impl IdleSessions {
+    /// Resident memory per 1,000 sessions, MiB.
+    pub fn per_thousand_mib(&self) -> f64 {
+        (self.server_rss_after_mib - self.server_rss_before_mib) * 1000.0 / self.count as f64
+    }
+}
+
+/// Opens `count` authenticated, subscribed, idle sessions on one server.
+pub async fn idle_sessions(count: usize) -> Result<IdleSessions> {
+    let server = FerryServer::start(&[])?;
+    // A first session opens the database, so its cost is not counted per session.
+    let warm_up = idle_sessions_on(&server, "idle", 1).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let server_rss_before_mib = memory_mib(server.pid())?.1;
+    let sessions = idle_sessions_on(&server, "idle", count).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server_rss_after_mib = memory_mib(server.pid())?.1;
+    drop((sessions, warm_up));
+    Ok(IdleSessions {
+        count,
+        server_rss_before_mib,
+        server_rss_after_mib,
+    })
+}
+
 /// Writes `n` documents to `ferry` offline, in batches of 1,000 (one transaction each).
 pub fn fill(ferry: &Ferry, n: usize) -> Result<()> {
     let todos = ferry.collection::<Value>("todos");
@@ -122,9 +205,11 @@ async fn wait_connected(ferry: &Ferry) -> Result<()> {
 }
 
 /// Workload 3: client A writes `docs` documents one at a time; the time until each is visible
-/// in client B's local replica.
-pub async fn live(docs: usize) -> Result<Latency> {
+/// in client B's local replica, while `idle` other clients are connected and subscribed to
+/// the same database (each is told about every change).
+pub async fn live(docs: usize, idle: usize) -> Result<Latency> {
     let server = FerryServer::start(&[])?;
+    let _idle = idle_sessions_on(&server, "live", idle).await?;
     let dir = tempfile::tempdir()?;
     let a = Ferry::initialize_offline(dir.path().join("a.ferry"), USER)?;
     let b = Ferry::initialize_offline(dir.path().join("b.ferry"), USER)?;

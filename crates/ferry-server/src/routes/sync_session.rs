@@ -36,6 +36,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests nest one level deeper than `_bulk_docs` bodies: `{"op", "docs": [doc]}`.
 const REQUEST_DEPTH: usize = ENVELOPE_DEPTH;
 
+/// The initial read buffer and the write batching threshold of a session's socket.
+const SESSION_BUFFER_BYTES: usize = 4 * 1024;
+
 /// Replica ids are at most this long.
 const MAX_REPLICA_ID: usize = 128;
 
@@ -56,6 +59,10 @@ pub(crate) async fn upgrade(
     };
     upgrade
         .max_message_size(state.limits.max_request_bytes)
+        // Most sessions sit idle: small buffers (they grow for large frames) keep thousands
+        // of open sessions cheap, instead of 128 KiB of read buffer each.
+        .read_buffer_size(SESSION_BUFFER_BYTES)
+        .write_buffer_size(SESSION_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
             let mut session = Session {
