@@ -240,6 +240,29 @@ async fn subscribed_sessions_are_told_about_changes() {
     assert!(receive(&mut writer).await.unwrap()["result"]["acks"].is_array());
     let notice = receive(&mut watcher).await.unwrap();
     assert_eq!(notice, json!({"type": "changed", "seq": 1}));
+
+    // Until the watcher reads changes, further writes announce nothing more.
+    send(&mut writer, json!({"type": "request", "id": 2, "op": "bulk_docs", "docs": [revision("y", "1-cd", json!(2))]})).await;
+    receive(&mut writer).await.unwrap();
+    // Time for a (wrong) notification to go out before the ping is even sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut watcher, json!({"type": "ping"})).await;
+    assert_eq!(
+        receive(&mut watcher).await.unwrap(),
+        json!({"type": "pong"}),
+        "no second `changed` before a `changes` request"
+    );
+    // Reading re-arms: the write it has not been told about is announced.
+    send(
+        &mut watcher,
+        json!({"type": "request", "id": 3, "op": "changes", "since": 0}),
+    )
+    .await;
+    assert_eq!(receive(&mut watcher).await.unwrap()["id"], json!(3));
+    assert_eq!(
+        receive(&mut watcher).await.unwrap(),
+        json!({"type": "changed", "seq": 2})
+    );
 }
 
 #[tokio::test]

@@ -214,19 +214,27 @@ impl Session {
         let mut notifications = self.state.subscribe(&db, info.update_seq);
         // The last sequence announced to a subscribed client, or None when not subscribed.
         let mut announced: Option<u64> = None;
+        // After a `changed`, the next one waits for the client's next `changes` request: it is
+        // going to read everything up to then anyway, and a client that stopped reading (a
+        // backgrounded app) then costs nothing per write, however busy the database.
+        let mut armed = true;
         loop {
             tokio::select! {
                 frame = self.receive(IDLE_TIMEOUT) => {
                     let Some(frame) = frame? else { return Ok(()) };
                     match frame["type"].as_str() {
                         Some("request") => {
+                            if frame["op"] == "changes" {
+                                armed = true;
+                            }
                             let response = answer(&self.state, &db, &frame).await;
                             self.send(&response).await?;
                         }
                         Some("subscribe") => {
                             let since = frame["since"].as_u64().unwrap_or(0);
                             announced = Some(since);
-                            self.announce(&mut notifications, &mut announced).await?;
+                            armed = true;
+                            armed &= !self.announce(&mut notifications, &mut announced).await?;
                         }
                         Some("unsubscribe") => announced = None,
                         Some("ping") => self.send(&json!({"type": "pong"})).await?,
@@ -237,22 +245,22 @@ impl Session {
                         }
                     }
                 }
-                changed = notifications.changed(), if announced.is_some() => {
+                changed = notifications.changed(), if announced.is_some() && armed => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    self.announce(&mut notifications, &mut announced).await?;
+                    armed &= !self.announce(&mut notifications, &mut announced).await?;
                 }
             }
         }
     }
 
-    /// Sends `changed` if the database moved past what was last announced.
+    /// Sends `changed` if the database moved past what was last announced; whether it did.
     async fn announce(
         &mut self,
         notifications: &mut watch::Receiver<u64>,
         announced: &mut Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let latest = *notifications.borrow_and_update();
         if let Some(last) = *announced
             && latest > last
@@ -260,8 +268,9 @@ impl Session {
             *announced = Some(latest);
             self.send(&json!({"type": "changed", "seq": latest}))
                 .await?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
