@@ -41,6 +41,61 @@ struct Cli {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Internal: run one client workload in this process and print its result, so that the
+    /// client's peak memory is its own (the parent process has run other workloads).
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+/// Runs a client workload in a fresh process of this binary.
+fn in_child(kind: &str, n: usize) -> Result<Value> {
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args(["--child", kind, "--n", &n.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(output.status.success(), "the {kind} workload failed");
+    let text = String::from_utf8(output.stdout)?;
+    let line = text
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .ok_or_else(|| anyhow::anyhow!("the {kind} workload printed no result"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn transfer_json(transfer: &workloads::Transfer) -> Value {
+    json!({
+        "docs_per_s": transfer.docs_per_s,
+        "client_peak_mib": transfer.client_peak_mib,
+        "server_peak_mib": transfer.server_peak_mib,
+    })
+}
+
+fn transfer_from(value: &Value) -> workloads::Transfer {
+    workloads::Transfer {
+        docs_per_s: value["docs_per_s"].as_f64().unwrap_or(f64::NAN),
+        client_peak_mib: value["client_peak_mib"].as_f64().unwrap_or(f64::NAN),
+        server_peak_mib: value["server_peak_mib"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+async fn run_child(kind: &str, n: usize) -> Result<()> {
+    let result = match kind {
+        "push-pull" => {
+            let (push, pull) = workloads::push_and_pull(n).await?;
+            json!({"push": transfer_json(&push), "pull": transfer_json(&pull)})
+        }
+        "backlog" => {
+            let backlog = workloads::backlog(n).await?;
+            json!({
+                "pending": backlog.pending, "seconds": backlog.seconds,
+                "client_peak_mib": backlog.client_peak_mib,
+                "server_peak_mib": backlog.server_peak_mib,
+            })
+        }
+        other => anyhow::bail!("unknown child workload {other}"),
+    };
+    println!("RESULT {result}");
+    Ok(())
 }
 
 /// One line of the table.
@@ -59,6 +114,8 @@ enum Target {
     TimesBetter(f64),
     /// Ferry's figure at most this.
     AtMost(f64),
+    /// Ferry's figure at most this many times the baseline's (memory growth).
+    AtMostTimesBaseline(f64),
 }
 
 impl Row {
@@ -80,6 +137,10 @@ impl Row {
                 None => return "n/a",
             },
             Some(Target::AtMost(limit)) => self.ferry <= *limit,
+            Some(Target::AtMostTimesBaseline(times)) => match self.peer {
+                Some(baseline) => self.ferry <= baseline * times,
+                None => return "n/a",
+            },
         };
         if met { "met" } else { "MISSED" }
     }
@@ -89,6 +150,7 @@ impl Row {
             None => String::new(),
             Some(Target::TimesBetter(times)) => format!(">= {times}x"),
             Some(Target::AtMost(limit)) => format!("<= {limit}"),
+            Some(Target::AtMostTimesBaseline(times)) => format!("<= {times}x base"),
         }
     }
 
@@ -139,6 +201,9 @@ fn peer_result<'a>(peer: &'a Value, phase: &str, n: Option<usize>) -> Option<&'a
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(kind) = &cli.child {
+        return run_child(kind, cli.n.unwrap_or(1_000)).await;
+    }
     let n = cli.n.unwrap_or(if cli.quick { 2_000 } else { 100_000 });
     let live_docs = cli.live_docs.unwrap_or(if cli.quick { 100 } else { 1_000 });
     let (single, batched) = if cli.quick {
@@ -150,6 +215,11 @@ async fn main() -> Result<()> {
         (100, 500)
     } else {
         (1_000, 10_000)
+    };
+    let backlogs: &[usize] = if cli.quick {
+        &[1_000, 10_000]
+    } else {
+        &[10_000, 100_000, 1_000_000]
     };
 
     let peer = if cli.no_peer {
@@ -180,18 +250,33 @@ async fn main() -> Result<()> {
     };
 
     eprintln!("Ferry: push and pull {n}…");
-    let (push, pull) = workloads::push_and_pull(n).await?;
+    let transfers = in_child("push-pull", n)?;
+    let (push, pull) = (
+        transfer_from(&transfers["push"]),
+        transfer_from(&transfers["pull"]),
+    );
     eprintln!("Ferry: live {live_docs}…");
     let live = workloads::live(live_docs, 0).await?;
     eprintln!("Ferry: live {live_docs} with {crowd} idle clients…");
     let crowded = workloads::live(live_docs, crowd).await?;
     eprintln!("Ferry: {sessions} idle sessions…");
     let idle = workloads::idle_sessions(sessions).await?;
+    let mut backlog_results = Vec::new();
+    for &pending in backlogs {
+        eprintln!("Ferry: reconnect with {pending} pending…");
+        let result = in_child("backlog", pending)?;
+        backlog_results.push(workloads::Backlog {
+            pending,
+            seconds: result["seconds"].as_f64().unwrap_or(f64::NAN),
+            client_peak_mib: result["client_peak_mib"].as_f64().unwrap_or(f64::NAN),
+            server_peak_mib: result["server_peak_mib"].as_f64().unwrap_or(f64::NAN),
+        });
+    }
     eprintln!("Ferry: local writes…");
     let local = workloads::local_writes(single, batched)?;
 
     let live_key = ["latency_ms_A_write_to_B_visible"];
-    let rows = vec![
+    let mut rows = vec![
         Row {
             workload: format!("1. push {n} docs (docs/s)"),
             ferry: push.docs_per_s,
@@ -284,8 +369,35 @@ async fn main() -> Result<()> {
             target: None,
         },
     ];
+    // Memory must not grow with the backlog: each size against the smallest.
+    let smallest = backlog_results.first().cloned();
+    for result in &backlog_results {
+        let Some(smallest) = &smallest else { break };
+        rows.push(Row {
+            workload: format!("4. reconnect, {} pending: seconds", result.pending),
+            ferry: result.seconds,
+            peer: None,
+            higher_is_better: false,
+            target: None,
+        });
+        let last = result.pending == backlogs[backlogs.len() - 1];
+        for (side, ferry, baseline) in [
+            ("client", result.client_peak_mib, smallest.client_peak_mib),
+            ("server", result.server_peak_mib, smallest.server_peak_mib),
+        ] {
+            rows.push(Row {
+                workload: format!("   {side} peak RSS (MiB) vs {} pending", smallest.pending),
+                ferry,
+                peer: Some(baseline),
+                higher_is_better: false,
+                target: last.then_some(Target::AtMostTimesBaseline(1.2)),
+            });
+        }
+    }
     println!();
-    println!("baseline: the PouchDB peer, except rows 5 (raw rusqlite, same durability)");
+    println!(
+        "baseline: the PouchDB peer; rows 4: the smallest backlog; rows 5: raw rusqlite with the same durability"
+    );
     print_table(&rows);
     if let Some(path) = cli.out {
         let results: Vec<Value> = rows.iter().map(Row::json).collect();

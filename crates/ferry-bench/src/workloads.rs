@@ -65,7 +65,13 @@ async fn idle_sessions_on(server: &FerryServer, db: &str, count: usize) -> Resul
     let url = format!("{}/_ferry/sync", server.url.replacen("http://", "ws://", 1));
     let mut sessions = Vec::with_capacity(count);
     for n in 0..count {
-        let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+        // Small buffers, as an idle client would want: 10,000 sessions in this process must
+        // not cost gigabytes here.
+        let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+        config.read_buffer_size = 4096;
+        config.write_buffer_size = 4096;
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await?;
         let hello = json!({
             "type": "hello", "versions": [1], "db": db, "create": true,
             "replica_id": format!("idle-{n}"), "auth": {"token": token},
@@ -173,6 +179,48 @@ pub async fn push_and_pull(n: usize) -> Result<(Transfer, Transfer)> {
         server_peak_mib: memory_mib(server.pid())?.0,
     };
     Ok((push, pull))
+}
+
+/// Workload 4: a reconnecting client with a backlog.
+#[derive(Clone, Debug)]
+pub struct Backlog {
+    /// Pending changes.
+    pub pending: usize,
+    /// Seconds until the server acknowledged all of them.
+    pub seconds: f64,
+    /// Peak resident memory of the client (this process) meanwhile, MiB.
+    pub client_peak_mib: f64,
+    /// Peak resident memory of the server meanwhile, MiB.
+    pub server_peak_mib: f64,
+}
+
+/// Workload 4: `pending` changes written offline; the client then starts syncing and waits
+/// until every one is acknowledged.
+pub async fn backlog(pending: usize) -> Result<Backlog> {
+    let server = FerryServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let client = Ferry::initialize_offline(dir.path().join("backlog.ferry"), USER)?;
+    fill(&client, pending)?;
+    if usize::try_from(client.status()?.pending)? != pending {
+        bail!("the backlog is not {pending} pending changes");
+    }
+    let me = std::process::id();
+    reset_peak(me);
+    reset_peak(server.pid());
+    let started = Instant::now();
+    let _sync = client.start_sync(options(&server, "backlog"))?;
+    if !client
+        .wait_for_acknowledgement(Duration::from_secs(3600))
+        .await?
+    {
+        bail!("the backlog of {pending} was not acknowledged");
+    }
+    Ok(Backlog {
+        pending,
+        seconds: started.elapsed().as_secs_f64(),
+        client_peak_mib: memory_mib(me)?.0,
+        server_peak_mib: memory_mib(server.pid())?.0,
+    })
 }
 
 /// Latency percentiles in milliseconds.

@@ -1,0 +1,103 @@
+//! Micro-benchmarks of the core hot paths: revision-tree insertion, winner selection,
+//! canonical JSON and revision hashing, and the three-way merge.
+//!
+//! `cargo bench -p ferry-core` (BENCHMARKS.md lists the figures).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ferry_core::hlc::Timestamp;
+use ferry_core::json::canonical_object;
+use ferry_core::model::Body;
+use ferry_core::resolve::{Conflict, Policy, Version, resolve};
+use ferry_core::rev::Rev;
+use ferry_core::tree::RevTree;
+use serde_json::json;
+
+fn body(n: u64) -> Body {
+    json!({
+        "title": format!("Todo item {n}: buy milk, call the plumber, write the weekly report"),
+        "done": n.is_multiple_of(3),
+        "tags": ["home", "errand", format!("p{}", n % 5)],
+        "n": n,
+        "meta": {"owner": "ann", "list": "groceries", "order": n},
+    })
+    .as_object()
+    .expect("an object")
+    .clone()
+}
+
+/// A linear history of `depth` revisions with `branches` conflicting leaves on top.
+fn tree(depth: u64, branches: u64) -> (RevTree, Vec<Rev>) {
+    let mut tree = RevTree::new();
+    let mut parent: Option<Rev> = None;
+    for n in 0..depth {
+        let rev = Rev::compute(parent.as_ref(), false, &canonical_object(&body(n)));
+        tree.add_child(parent.as_ref(), rev.clone(), false);
+        parent = Some(rev);
+    }
+    let leaves = (0..branches)
+        .map(|b| {
+            let rev = Rev::compute(parent.as_ref(), false, &canonical_object(&body(1000 + b)));
+            tree.add_child(parent.as_ref(), rev.clone(), false);
+            rev
+        })
+        .collect();
+    (tree, leaves)
+}
+
+fn benches(c: &mut Criterion) {
+    let (base, _) = tree(100, 0);
+    let path: Vec<Rev> = {
+        let (other, leaves) = tree(100, 1);
+        other.ancestry(&leaves[0], usize::MAX)
+    };
+    c.bench_function(
+        "tree: merge a 101-revision path into a 100-revision tree",
+        |b| {
+            b.iter(|| {
+                let mut tree = base.clone();
+                black_box(tree.merge_path(black_box(&path), false).expect("valid"))
+            })
+        },
+    );
+    let (conflicted, _) = tree(100, 8);
+    c.bench_function("tree: winner among 8 leaves", |b| {
+        b.iter(|| black_box(conflicted.winner()))
+    });
+    c.bench_function("tree: encode and decode 108 revisions", |b| {
+        b.iter(|| RevTree::decode(&black_box(&conflicted).encode()).expect("valid"))
+    });
+    let document = body(7);
+    c.bench_function(
+        "json: canonical encoding and revision id of a 200-byte body",
+        |b| {
+            b.iter(|| {
+                let canonical = canonical_object(black_box(&document));
+                black_box(Rev::compute(None, false, &canonical))
+            })
+        },
+    );
+    let versions: Vec<Version> = (0..3)
+        .map(|n| {
+            let mut changed = body(7);
+            changed.insert("title".into(), json!(format!("edited by {n}")));
+            changed.insert(format!("field{n}"), json!(n));
+            Version {
+                rev: Rev::compute(None, false, &canonical_object(&changed)),
+                hlc: Timestamp::new(1000 + n, 0),
+                body: changed,
+            }
+        })
+        .collect();
+    let conflict = Conflict {
+        versions,
+        ancestor: Some((Rev::compute(None, false, b"{}"), Some(body(7)))),
+    };
+    c.bench_function("resolve: three-way merge of 3 versions", |b| {
+        b.iter(|| black_box(resolve(Policy::Merge, black_box(&conflict))))
+    });
+}
+
+criterion_group!(core, benches);
+criterion_main!(core);
