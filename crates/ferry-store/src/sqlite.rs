@@ -335,6 +335,63 @@ impl SqliteDatabase {
         transaction.commit()?;
         Ok(result)
     }
+
+    /// A write transaction that changes documents: the counters come loaded and are saved.
+    fn with_counted_transaction<T>(
+        &self,
+        write: impl FnOnce(&Transaction<'_>, &mut Counters) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let mut counters = Counters::load(transaction)?;
+            let result = write(transaction, &mut counters)?;
+            counters.save(transaction)?;
+            Ok(result)
+        })
+    }
+}
+
+/// The sequence and document counters, read once per writing transaction and written back at
+/// its end (instead of a read and a write per document).
+struct Counters {
+    update_seq: u64,
+    doc_count: u64,
+    deleted_count: u64,
+    changed: bool,
+}
+
+impl Counters {
+    const KEYS: [&'static str; 3] = ["update_seq", "doc_count", "deleted_count"];
+
+    fn load(connection: &Connection) -> Result<Counters, StoreError> {
+        Ok(Counters {
+            update_seq: read_meta(connection, "update_seq")?,
+            doc_count: read_meta(connection, "doc_count")?,
+            deleted_count: read_meta(connection, "deleted_count")?,
+            changed: false,
+        })
+    }
+
+    fn save(&self, connection: &Connection) -> Result<(), StoreError> {
+        if self.changed {
+            let values = [self.update_seq, self.doc_count, self.deleted_count];
+            for (key, value) in Self::KEYS.into_iter().zip(values) {
+                write_meta(connection, key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.update_seq += 1;
+        self.changed = true;
+        self.update_seq
+    }
+
+    fn adjust(&mut self, live_delta: i64, deleted_delta: i64) {
+        self.doc_count = self.doc_count.saturating_add_signed(live_delta);
+        self.deleted_count = self.deleted_count.saturating_add_signed(deleted_delta);
+        self.changed = true;
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -406,11 +463,10 @@ fn to_u64(value: i64) -> u64 {
 }
 
 fn read_meta(connection: &Connection, key: &str) -> Result<u64, StoreError> {
-    let text: String = connection.query_row(
-        "SELECT value FROM meta WHERE key = ?1",
-        params![key],
-        |row| row.get(0),
-    )?;
+    // Cached: this runs several times per written document.
+    let text: String = connection
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row(params![key], |row| row.get(0))?;
     text.parse().map_err(|_| StoreError::Corrupt {
         what: "meta",
         detail: format!("{key} = {text:?}"),
@@ -498,6 +554,7 @@ impl SqliteDatabase {
     fn store_update(
         &self,
         transaction: &Transaction<'_>,
+        counters: &mut Counters,
         doc_id: &str,
         before: Option<&RevTree>,
         mut tree: RevTree,
@@ -561,9 +618,7 @@ impl SqliteDatabase {
         let leaves_changed = before.is_none_or(|before| before.leaves() != leaves);
         let mut seq = None;
         if leaves_changed {
-            let next = read_meta(transaction, "update_seq")? + 1;
-            write_meta(transaction, "update_seq", next)?;
-            seq = Some(next);
+            seq = Some(counters.next_seq());
         }
         // A new document always gets a sequence; an existing one keeps its own when only its
         // tree changed (a parent filled in), since its leaves, and so its changes row, did not.
@@ -594,12 +649,7 @@ impl SqliteDatabase {
                 (Some(false), true) => (-1, 1),
                 _ => (0, 0),
             };
-            for (key, delta) in [("doc_count", live_delta), ("deleted_count", deleted_delta)] {
-                if delta != 0 {
-                    let current = read_meta(transaction, key)?;
-                    write_meta(transaction, key, current.saturating_add_signed(delta))?;
-                }
-            }
+            counters.adjust(live_delta, deleted_delta);
         }
         Ok(seq)
     }
@@ -639,7 +689,7 @@ impl Database for SqliteDatabase {
     }
 
     fn write_edits(&self, edits: Vec<Edit>) -> Result<Vec<Result<Rev, EditError>>, StoreError> {
-        self.with_write_transaction(|transaction| {
+        self.with_counted_transaction(|transaction, counters| {
             let mut results = Vec::with_capacity(edits.len());
             for edit in edits {
                 let before = load_tree(transaction, &edit.doc_id)?;
@@ -656,6 +706,7 @@ impl Database for SqliteDatabase {
                 if tree.add_child(parent.as_ref(), rev.clone(), edit.deleted) == Applied::Added {
                     let seq = self.store_update(
                         transaction,
+                        counters,
                         &edit.doc_id,
                         before.as_ref(),
                         tree,
@@ -681,7 +732,7 @@ impl Database for SqliteDatabase {
         revisions: Vec<Revision>,
         default_hlc: Timestamp,
     ) -> Result<WriteReport, StoreError> {
-        self.with_write_transaction(|transaction| {
+        self.with_counted_transaction(|transaction, counters| {
             let mut report = WriteReport::default();
             for revision in revisions {
                 let before = load_tree(transaction, &revision.doc_id)?;
@@ -702,6 +753,7 @@ impl Database for SqliteDatabase {
                 }
                 self.store_update(
                     transaction,
+                    counters,
                     &revision.doc_id,
                     before.as_ref(),
                     tree,
@@ -722,7 +774,7 @@ impl Database for SqliteDatabase {
         doc_id: &str,
         resolution: &Resolution,
     ) -> Result<Option<Rev>, StoreError> {
-        self.with_write_transaction(|transaction| {
+        self.with_counted_transaction(|transaction, counters| {
             let Some(mut current) = load_tree(transaction, doc_id)? else {
                 return Ok(None);
             };
@@ -754,6 +806,7 @@ impl Database for SqliteDatabase {
                 if tree.add_child(Some(parent), rev.clone(), deleted) == Applied::Added {
                     let seq = self.store_update(
                         transaction,
+                        counters,
                         doc_id,
                         Some(&current),
                         tree.clone(),
