@@ -252,16 +252,24 @@ async fn subscribed_sessions_are_told_about_changes() {
         json!({"type": "pong"}),
         "no second `changed` before a `changes` request"
     );
-    // Reading re-arms: the write it has not been told about is announced.
+    // Reading re-arms. What the read returned is not announced again (a wake-up for nothing
+    // that would disarm the session before the next write), the next write is.
     send(
         &mut watcher,
         json!({"type": "request", "id": 3, "op": "changes", "since": 0}),
     )
     .await;
-    assert_eq!(receive(&mut watcher).await.unwrap()["id"], json!(3));
+    let read = receive(&mut watcher).await.unwrap();
+    assert_eq!(
+        (read["id"].clone(), read["result"]["last_seq"].clone()),
+        (json!(3), json!(2))
+    );
+    send(&mut writer, json!({"type": "request", "id": 4, "op": "bulk_docs", "docs": [revision("z", "1-ef", json!(3))]})).await;
+    receive(&mut writer).await.unwrap();
     assert_eq!(
         receive(&mut watcher).await.unwrap(),
-        json!({"type": "changed", "seq": 2})
+        json!({"type": "changed", "seq": 3}),
+        "the write after the read is announced, and nothing before it"
     );
 }
 

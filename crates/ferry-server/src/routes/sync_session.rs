@@ -224,10 +224,18 @@ impl Session {
                     let Some(frame) = frame? else { return Ok(()) };
                     match frame["type"].as_str() {
                         Some("request") => {
+                            let response = answer(&self.state, &db, &frame).await;
                             if frame["op"] == "changes" {
                                 armed = true;
+                                // What the response carries needs no announcement: announcing
+                                // it would wake the client for nothing and disarm the session
+                                // before the write that matters.
+                                if let (Some(last), Some(read)) =
+                                    (announced, response["result"]["last_seq"].as_u64())
+                                {
+                                    announced = Some(last.max(read));
+                                }
                             }
-                            let response = answer(&self.state, &db, &frame).await;
                             self.send(&response).await?;
                         }
                         Some("subscribe") => {
