@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_json};
 use ferry_core::model::Revision;
-use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
+use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, rev_list};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// Requests other than waits for changes give up after this long.
@@ -262,32 +263,8 @@ impl Peer for HttpPeer {
             self.call(Method::POST, &path, Some(&Value::Object(body)))
                 .await?
         };
-        let results = response["results"]
-            .as_array()
-            .ok_or_else(|| self.invalid(&path, "no results array"))?;
-        let mut rows = Vec::with_capacity(results.len());
-        for result in results {
-            let doc_id = result["id"]
-                .as_str()
-                .ok_or_else(|| self.invalid(&path, "a change without an id"))?;
-            let revs = result["changes"]
-                .as_array()
-                .ok_or_else(|| self.invalid(&path, "a change without revisions"))?
-                .iter()
-                .map(|change| {
-                    change["rev"]
-                        .as_str()
-                        .and_then(|rev| rev.parse::<Rev>().ok())
-                        .ok_or_else(|| self.invalid(&path, "an invalid revision"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.push(ChangeRow {
-                doc_id: doc_id.to_owned(),
-                seq: result["seq"].clone(),
-                revs,
-                deleted: result["deleted"].as_bool().unwrap_or(false),
-            });
-        }
+        let rows =
+            change_rows(&response["results"]).map_err(|detail| self.invalid(&path, detail))?;
         let last_seq = match &response["last_seq"] {
             Value::Null => rows
                 .last()
@@ -306,14 +283,8 @@ impl Peer for HttpPeer {
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
         let request: Map<String, Value> = revs
-            .into_iter()
-            .map(|(doc_id, revs)| {
-                let revs = revs
-                    .iter()
-                    .map(|rev| Value::String(rev.to_string()))
-                    .collect();
-                (doc_id, Value::Array(revs))
-            })
+            .iter()
+            .map(|(doc_id, revs)| (doc_id.clone(), rev_list(revs)))
             .collect();
         let response = self
             .call(Method::POST, "_revs_diff", Some(&Value::Object(request)))
@@ -324,16 +295,8 @@ impl Peer for HttpPeer {
         answers
             .into_iter()
             .map(|(doc_id, answer)| {
-                let missing = answer["missing"]
-                    .as_array()
-                    .ok_or_else(|| self.invalid("_revs_diff", "no missing list"))?
-                    .iter()
-                    .map(|rev| {
-                        rev.as_str()
-                            .and_then(|rev| rev.parse().ok())
-                            .ok_or_else(|| self.invalid("_revs_diff", "an invalid revision"))
-                    })
-                    .collect::<Result<Vec<Rev>, _>>()?;
+                let missing = parse_rev_list(&answer["missing"])
+                    .ok_or_else(|| self.invalid("_revs_diff", "no valid missing list"))?;
                 Ok((doc_id, missing))
             })
             .collect()
@@ -343,13 +306,7 @@ impl Peer for HttpPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let docs: Vec<Value> = wanted
-            .iter()
-            .flat_map(|(doc_id, revs)| {
-                revs.iter()
-                    .map(move |rev| json!({"id": doc_id, "rev": rev.to_string()}))
-            })
-            .collect();
+        let docs = bulk_get_docs(&wanted);
         let path = if self.send_ferry_meta {
             "_bulk_get?revs=true&ferry=true"
         } else {

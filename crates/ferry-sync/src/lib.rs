@@ -48,6 +48,7 @@ use sha2::{Digest, Sha256};
 
 mod http;
 mod local;
+mod wire;
 mod ws;
 
 pub use ferry_core::replicate::Stats;

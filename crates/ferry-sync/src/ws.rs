@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_json};
 use ferry_core::model::Revision;
-use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
@@ -22,6 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, rev_list};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// The protocol versions this client speaks.
@@ -385,20 +386,6 @@ async fn run_connection(
     drop(changed);
 }
 
-fn revs_json(revs: &[Rev]) -> Value {
-    revs.iter()
-        .map(|rev| Value::String(rev.to_string()))
-        .collect()
-}
-
-fn parse_revs(value: &Value) -> Option<Vec<Rev>> {
-    value
-        .as_array()?
-        .iter()
-        .map(|rev| rev.as_str()?.parse().ok())
-        .collect()
-}
-
 impl Peer for WsPeer {
     fn describe(&self) -> String {
         self.database_url.clone()
@@ -447,24 +434,7 @@ impl Peer for WsPeer {
             frame.insert("selector".into(), selector.clone());
         }
         let result = self.request("changes", frame).await?;
-        let rows = result["results"]
-            .as_array()
-            .ok_or_else(|| self.invalid("changes without results"))?
-            .iter()
-            .map(|row| {
-                Some(ChangeRow {
-                    doc_id: row["id"].as_str()?.to_owned(),
-                    seq: row["seq"].clone(),
-                    revs: row["changes"]
-                        .as_array()?
-                        .iter()
-                        .map(|change| change["rev"].as_str()?.parse().ok())
-                        .collect::<Option<Vec<Rev>>>()?,
-                    deleted: row["deleted"].as_bool().unwrap_or(false),
-                })
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| self.invalid("a malformed change row"))?;
+        let rows = change_rows(&result["results"]).map_err(|detail| self.invalid(detail))?;
         Ok(ChangesPage {
             rows,
             last_seq: result["last_seq"].clone(),
@@ -478,7 +448,7 @@ impl Peer for WsPeer {
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
         let asked: Map<String, Value> = revs
             .iter()
-            .map(|(doc_id, revs)| (doc_id.clone(), revs_json(revs)))
+            .map(|(doc_id, revs)| (doc_id.clone(), rev_list(revs)))
             .collect();
         let mut frame = Map::new();
         frame.insert("revs".into(), Value::Object(asked));
@@ -489,7 +459,8 @@ impl Peer for WsPeer {
         missing
             .into_iter()
             .map(|(doc_id, revs)| {
-                let revs = parse_revs(&revs).ok_or_else(|| self.invalid("invalid revisions"))?;
+                let revs =
+                    parse_rev_list(&revs).ok_or_else(|| self.invalid("invalid revisions"))?;
                 Ok((doc_id, revs))
             })
             .collect()
@@ -499,15 +470,8 @@ impl Peer for WsPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let docs: Vec<Value> = wanted
-            .iter()
-            .flat_map(|(doc_id, revs)| {
-                revs.iter()
-                    .map(move |rev| json!({"id": doc_id, "rev": rev.to_string()}))
-            })
-            .collect();
         let mut frame = Map::new();
-        frame.insert("docs".into(), Value::Array(docs));
+        frame.insert("docs".into(), Value::Array(bulk_get_docs(&wanted)));
         let result = self.request("bulk_get", frame).await?;
         for missing in result["missing"].as_array().into_iter().flatten() {
             tracing::warn!(%missing, "revision not available on the server; skipped");

@@ -442,33 +442,46 @@ async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sen
     (url, dir, stop)
 }
 
+/// Replicas a and b share 40 documents through the server (each through its own remote), edit
+/// five of them concurrently, b deletes one, and they sync until they agree: the five are in
+/// conflict, with the same winner on both. Returns a's `todos:0`.
+async fn edit_concurrently_and_converge(
+    a: &Arc<dyn Database>,
+    b: &Arc<dyn Database>,
+    remote_a: &impl ferry_sync::Peer,
+    remote_b: &impl ferry_sync::Peer,
+) -> ferry_core::model::Document {
+    let create = ReplicationOptions {
+        create_target: true,
+        ..options(16)
+    };
+    for n in 0..40 {
+        put(&**a, &format!("todos:{n}"), json!({ "n": n }));
+    }
+    let (peer_a, peer_b) = (local(a).await, local(b).await);
+    sync(&peer_a, remote_a, &create).await.unwrap();
+    sync(&peer_b, remote_b, &create).await.unwrap();
+    for n in 0..5 {
+        put(&**a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
+        put(&**b, &format!("todos:{n}"), json!({"n": n, "by": "b"}));
+    }
+    delete(&**b, "todos:39");
+    sync(&peer_a, remote_a, &create).await.unwrap();
+    sync(&peer_b, remote_b, &create).await.unwrap();
+    sync(&peer_a, remote_a, &create).await.unwrap();
+    assert_eq!(digest(&**a), digest(&**b));
+    let document = a.get_document("todos:0").unwrap().unwrap();
+    assert_eq!(document.conflicts.len(), 1);
+    document
+}
+
 #[tokio::test]
 async fn two_replicas_converge_through_a_real_server_with_their_clocks() {
     let (url, _dir, _stop) = start_server().await;
     let replicas = Replicas::new();
     let (a, b) = (replicas.create("a"), replicas.create("b"));
     let remote = HttpPeer::new(&format!("{url}/shared")).unwrap();
-    let create = ReplicationOptions {
-        create_target: true,
-        ..options(16)
-    };
-    for n in 0..40 {
-        put(&*a, &format!("todos:{n}"), json!({ "n": n }));
-    }
-    let (peer_a, peer_b) = (local(&a).await, local(&b).await);
-    sync(&peer_a, &remote, &create).await.unwrap();
-    sync(&peer_b, &remote, &create).await.unwrap();
-    for n in 0..5 {
-        put(&*a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
-        put(&*b, &format!("todos:{n}"), json!({"n": n, "by": "b"}));
-    }
-    delete(&*b, "todos:39");
-    sync(&peer_a, &remote, &create).await.unwrap();
-    sync(&peer_b, &remote, &create).await.unwrap();
-    sync(&peer_a, &remote, &create).await.unwrap();
-    assert_eq!(digest(&*a), digest(&*b));
-    let document = a.get_document("todos:0").unwrap().unwrap();
-    assert_eq!(document.conflicts.len(), 1);
+    let document = edit_concurrently_and_converge(&a, &b, &remote, &remote).await;
     // Clocks travel with revisions: the revision made on b has b's timestamp on a.
     let from_b = b.get_document("todos:1").unwrap().unwrap();
     let on_b = b.get_revision("todos:1", &from_b.rev, 1).unwrap().unwrap();
@@ -536,28 +549,12 @@ async fn replicas_converge_over_websocket_sessions_and_live_pulls_are_woken_by_t
         HttpPeer::new(&db_url).unwrap().describe(),
         "switching transport keeps checkpoints"
     );
+    edit_concurrently_and_converge(&a, &b, &remote_a, &remote_b).await;
+    let (peer_a, peer_b) = (local(&a).await, local(&b).await);
     let create = ReplicationOptions {
         create_target: true,
         ..options(16)
     };
-    for n in 0..40 {
-        put(&*a, &format!("todos:{n}"), json!({ "n": n }));
-    }
-    let (peer_a, peer_b) = (local(&a).await, local(&b).await);
-    sync(&peer_a, &remote_a, &create).await.unwrap();
-    sync(&peer_b, &remote_b, &create).await.unwrap();
-    for n in 0..5 {
-        put(&*a, &format!("todos:{n}"), json!({"n": n, "by": "a"}));
-        put(&*b, &format!("todos:{n}"), json!({"n": n, "by": "b"}));
-    }
-    sync(&peer_a, &remote_a, &create).await.unwrap();
-    sync(&peer_b, &remote_b, &create).await.unwrap();
-    sync(&peer_a, &remote_a, &create).await.unwrap();
-    assert_eq!(digest(&*a), digest(&*b));
-    assert_eq!(
-        a.get_document("todos:0").unwrap().unwrap().conflicts.len(),
-        1
-    );
 
     // A continuous pull over the session: a change pushed by a reaches b without polling.
     let live = ReplicationOptions {
