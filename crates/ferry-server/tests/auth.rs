@@ -5,38 +5,32 @@
 use std::time::Duration;
 
 use ferry_server::ServerConfig;
-use ferry_server::auth::{Auth, AuthConfig};
+use ferry_server::auth::AuthConfig;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{Value, json};
+
+mod support;
 
 struct Server {
     url: String,
     client: reqwest::Client,
-    _dir: tempfile::TempDir,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    _server: support::TestServer,
 }
 
 async fn start(auth: AuthConfig) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let accounts = Auth::open(dir.path(), auth.clone()).unwrap();
-    accounts.set_user("ann", "ann's password", false).unwrap();
-    accounts.set_user("root", "root's password", true).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
         auth,
         ..ServerConfig::default()
     };
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(ferry_server::serve_on(listener, config, async move {
-        let _ = stop.await;
-    }));
+    let users = [
+        ("ann", "ann's password", false),
+        ("root", "root's password", true),
+    ];
+    let server = support::serve(config, &users).await;
     Server {
-        url,
+        url: server.url(),
         client: reqwest::Client::new(),
-        _dir: dir,
-        _shutdown: shutdown,
+        _server: server,
     }
 }
 
@@ -195,9 +189,10 @@ async fn access_tokens_expire() {
     )
     .await;
     let token = login["access_token"].as_str().unwrap().to_owned();
+    let expires_at = login["expires_at"].as_u64().unwrap();
     let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::wait_until_past(expires_at).await;
     let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

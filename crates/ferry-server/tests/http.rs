@@ -10,19 +10,16 @@ use ferry_server::auth::AuthConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+mod support;
+
 struct Server {
     url: String,
     client: reqwest::Client,
-    _dir: tempfile::TempDir,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    _server: support::TestServer,
 }
 
 async fn start(limits: Limits) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
         limits,
         default_feed_timeout: Duration::from_secs(5),
         // These tests are about the CouchDB endpoints; tests/auth.rs covers authentication.
@@ -32,15 +29,11 @@ async fn start(limits: Limits) -> Server {
         },
         ..ServerConfig::default()
     };
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(ferry_server::serve_on(listener, config, async move {
-        let _ = stop.await;
-    }));
+    let server = support::serve(config, &[]).await;
     Server {
-        url,
+        url: server.url(),
         client: reqwest::Client::new(),
-        _dir: dir,
-        _shutdown: shutdown,
+        _server: server,
     }
 }
 

@@ -11,14 +11,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+mod support;
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Server {
-    address: String,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+type Server = support::TestServer;
 
 const USER: &str = "ann";
 const PASSWORD: &str = "ann's password";
@@ -38,29 +36,13 @@ async fn start_with(limits: Limits, auth: AuthConfig) -> Server {
 }
 
 async fn start_configured(limits: Limits, auth: AuthConfig, max_sessions: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    Auth::open(dir.path(), auth.clone())
-        .unwrap()
-        .set_user(USER, PASSWORD, false)
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
     let config = ferry_server::ServerConfig {
-        data_dir: dir.path().to_owned(),
         limits,
         auth,
         max_sessions,
         ..ferry_server::ServerConfig::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(ferry_server::serve_on(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    Server {
-        address,
-        _dir: dir,
-        _stop: stop,
-    }
+    support::serve(config, &[(USER, PASSWORD, false)]).await
 }
 
 async fn connect(server: &Server) -> Socket {
@@ -244,8 +226,8 @@ async fn subscribed_sessions_are_told_about_changes() {
     // Until the watcher reads changes, further writes announce nothing more.
     send(&mut writer, json!({"type": "request", "id": 2, "op": "bulk_docs", "docs": [revision("y", "1-cd", json!(2))]})).await;
     receive(&mut writer).await.unwrap();
-    // Time for a (wrong) notification to go out before the ping is even sent.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The server looks at notifications before frames, so a (wrong) `changed` for the second
+    // write, known before its ack was sent, would come before the pong.
     send(&mut watcher, json!({"type": "ping"})).await;
     assert_eq!(
         receive(&mut watcher).await.unwrap(),
@@ -328,7 +310,7 @@ async fn reconnect_tokens_rotate_on_every_resume_and_are_bound_to_the_replica() 
     assert_eq!(retired["error"], json!("unauthorized"), "{retired}");
 
     // Revoked: refused.
-    let auth = Auth::open(server._dir.path(), AuthConfig::default()).unwrap();
+    let auth = Auth::open(server.data_dir.path(), AuthConfig::default()).unwrap();
     auth.accounts().revoke_tokens(USER, None).unwrap();
     let latest = third["reconnect_token"].as_str().unwrap();
     let (_, revoked) = say_hello(&server, resume(latest, REPLICA)).await;
@@ -347,15 +329,16 @@ async fn reconnect_tokens_expire_absolutely() {
     .await;
     let (_, welcome) = say_hello(&server, hello("expiry")).await;
     let mut token = welcome["reconnect_token"].as_str().unwrap().to_owned();
+    let expires_at = welcome["reconnect_expires_at"].as_u64().unwrap();
     // Rotation does not extend the chain's life.
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(150) {
+    for _ in 0..3 {
         let mut resume = hello("expiry");
         resume["auth"] = json!({"reconnect_token": token});
         let (_, resumed) = say_hello(&server, resume).await;
+        assert_eq!(resumed["reconnect_expires_at"], json!(expires_at));
         token = resumed["reconnect_token"].as_str().unwrap().to_owned();
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    support::wait_until_past(expires_at).await;
     let mut resume = hello("expiry");
     resume["auth"] = json!({"reconnect_token": token});
     let (_, expired) = say_hello(&server, resume).await;

@@ -220,6 +220,15 @@ impl Session {
         let mut armed = true;
         loop {
             tokio::select! {
+                // Notifications first: they are cheap, and a client should hear of a change
+                // before the session turns to its next (possibly large) request.
+                biased;
+                changed = notifications.changed(), if announced.is_some() && armed => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    armed &= !self.announce(&mut notifications, &mut announced).await?;
+                }
                 frame = self.receive(IDLE_TIMEOUT) => {
                     let Some(frame) = frame? else { return Ok(()) };
                     match frame["type"].as_str() {
@@ -241,8 +250,7 @@ impl Session {
                         Some("subscribe") => {
                             let since = frame["since"].as_u64().unwrap_or(0);
                             announced = Some(since);
-                            armed = true;
-                            armed &= !self.announce(&mut notifications, &mut announced).await?;
+                            armed = !self.announce(&mut notifications, &mut announced).await?;
                         }
                         Some("unsubscribe") => announced = None,
                         Some("ping") => self.send(&json!({"type": "pong"})).await?,
@@ -252,12 +260,6 @@ impl Session {
                                 .await;
                         }
                     }
-                }
-                changed = notifications.changed(), if announced.is_some() && armed => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    armed &= !self.announce(&mut notifications, &mut announced).await?;
                 }
             }
         }
