@@ -81,10 +81,20 @@ async fn idle_sessions_on(server: &FerryServer, db: &str, count: usize) -> Resul
         if !welcome.to_text()?.contains("\"welcome\"") {
             bail!("session refused: {welcome}");
         }
-        let subscribe = json!({"type": "subscribe", "since": 0});
-        socket
-            .send(Message::Text(subscribe.to_string().into()))
-            .await?;
+        // The pong proves the server has taken the subscription in (frames are handled in
+        // order), so the session is fully set up when this returns.
+        for frame in [
+            json!({"type": "subscribe", "since": 0}),
+            json!({"type": "ping"}),
+        ] {
+            socket.send(Message::Text(frame.to_string().into())).await?;
+        }
+        loop {
+            let frame = socket.next().await.context("closed before the pong")??;
+            if frame.to_text()?.contains("\"pong\"") {
+                break;
+            }
+        }
         sessions.push(socket);
     }
     Ok(sessions)
@@ -113,10 +123,8 @@ pub async fn idle_sessions(count: usize) -> Result<IdleSessions> {
     let server = FerryServer::start(&[])?;
     // A first session opens the database, so its cost is not counted per session.
     let warm_up = idle_sessions_on(&server, "idle", 1).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let server_rss_before_mib = memory_mib(server.pid())?.1;
     let sessions = idle_sessions_on(&server, "idle", count).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let server_rss_after_mib = memory_mib(server.pid())?.1;
     drop((sessions, warm_up));
     Ok(IdleSessions {

@@ -57,8 +57,9 @@ async fn loopback_scenario(
     one.collection::<Value>("todos")
         .patch("x", &json!({"title": "oat milk", "qty": 3}))
         .unwrap();
-    // Later, user 2 edits done and the quantity on client 2, which is online.
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Later (by the clock, so user 2's write carries the later timestamp), user 2 edits done
+    // and the quantity on client 2, which is online.
+    wait_for_the_next_millisecond().await;
     two.collection::<Value>("todos")
         .patch("x", &json!({"done": true, "qty": 2}))
         .unwrap();
@@ -71,6 +72,25 @@ async fn loopback_scenario(
     let observer = client(dir, "server-view");
     observer.sync_once(&sync).await.unwrap();
     [one, two, observer]
+}
+
+/// Returns once the wall clock shows a later millisecond than when it was called.
+async fn wait_for_the_next_millisecond() {
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let start = now_ms();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while now_ms() <= start {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+        tokio::task::yield_now().await;
+    }
 }
 
 fn assert_same_everywhere(replicas: &[Ferry; 3], expected: &Outcome) {

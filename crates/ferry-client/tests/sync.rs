@@ -457,6 +457,11 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
     let _sync_b = b.start_sync(options(&url)).unwrap();
     write_batch(&a, "shared", 10);
     eventually("b to receive the first batch", || contents(&b).len() == 10).await;
+    assert!(
+        a.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
 
     a.set_online(false);
     wait_for_state(&a, "offline", |s| *s == ConnectionState::Offline).await;
@@ -475,7 +480,18 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
     b.collection::<Value>("todos")
         .patch("shared-009", &json!({"title": "edited by b"}))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // b's edit makes a full round trip through the server while a is offline.
+    assert!(
+        b.wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    // Eight documents changed on a (five new, one patched, one deleted, one recreated).
+    assert_eq!(
+        a.status().unwrap().pending,
+        8,
+        "a's edits wait for it to come online"
+    );
     assert_eq!(
         b.collection::<Value>("todos").get("offline-000").unwrap(),
         None,
@@ -604,13 +620,28 @@ async fn offline_subscriptions_download_documents_that_stay_readable_without_the
         [OfflineSubscription::collection("todos"), pinned]
     );
 
-    // Unsubscribed: new todos stop coming, while pinned notes still do.
+    // Unsubscribed: new todos stop coming, while pinned notes still do. The session starts
+    // again with the new filter before anything more is written.
+    let mut states = Box::pin(reader.connection_events());
     assert!(
         reader
             .unsubscribe_offline(&OfflineSubscription::collection("todos"))
             .unwrap()
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resubscribed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut restarted = false;
+        while let Some(state) = states.next().await {
+            restarted |= state == ConnectionState::Connecting;
+            if restarted && state == ConnectionState::Connected {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        resubscribed.is_ok(),
+        "the session restarted with the new filter"
+    );
     todos.insert_with_id("todo-new", &json!({"n": 99})).unwrap();
     notes
         .insert_with_id("pinned-2", &json!({"pinned": true}))

@@ -56,37 +56,42 @@ async fn clients_survive_a_sigkill_of_the_server_mid_session() {
     let _sync_a = a.start_sync(options(&server)).unwrap();
     let _sync_b = b.start_sync(options(&server)).unwrap();
 
-    // a writes steadily; the server is killed while writes are in flight.
-    let writer = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            let todos = a.collection::<Value>("todos");
-            for n in 0..WRITES {
-                todos
-                    .insert_with_id(&format!("t{n:04}"), &json!({"n": n}))
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    // a writes one document at a time, each pushed as it comes; the server is killed while
+    // the first half is still being replicated, and the second half is written while it is
+    // down.
+    let todos = a.collection::<Value>("todos");
+    let write = |range: std::ops::Range<usize>| {
+        for n in range {
+            todos
+                .insert_with_id(&format!("t{n:04}"), &json!({"n": n}))
+                .unwrap();
+        }
+    };
+    write(0..WRITES / 2);
+    eventually("some writes to reach b", || ids(&b).len() >= WRITES / 4).await;
+    server.kill();
+    let mut wait_for = async |what: &str, matches: fn(&ConnectionState) -> bool| {
+        let seen = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(state) = a_events.next().await {
+                if matches(&state) {
+                    return;
+                }
             }
         })
+        .await;
+        assert!(seen.is_ok(), "{what}");
     };
-    eventually("some writes to be acknowledged", || {
-        ids(&b).len() >= WRITES / 4
+    wait_for("a noticed the server died", |state| {
+        matches!(state, ConnectionState::Interrupted { .. })
     })
     .await;
-    server.kill();
-    let interrupted = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(state) = a_events.next().await {
-            if matches!(state, ConnectionState::Interrupted { .. }) {
-                return true;
-            }
-        }
-        false
-    })
+    write(WRITES / 2..WRITES);
+    wait_for(
+        "a tried to reconnect and failed",
+        |state| matches!(state, ConnectionState::Reconnecting { attempt, .. } if *attempt >= 2),
+    )
     .await;
-    assert_eq!(interrupted, Ok(true), "a noticed the server died");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart();
-    writer.await.unwrap();
 
     assert!(
         a.wait_for_acknowledgement(Duration::from_secs(60))
