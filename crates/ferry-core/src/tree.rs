@@ -129,6 +129,16 @@ impl RevTree {
             .collect()
     }
 
+    /// The revisions of the leaves that are not deleted, in revision order: the versions of the
+    /// document (more than one is a conflict).
+    pub fn live_leaves(&self) -> Vec<Rev> {
+        self.leaves()
+            .into_iter()
+            .filter(|leaf| !leaf.deleted)
+            .map(|leaf| leaf.rev)
+            .collect()
+    }
+
     /// Whether `rev` is a leaf.
     pub fn is_leaf(&self, rev: &Rev) -> bool {
         self.contains(rev)

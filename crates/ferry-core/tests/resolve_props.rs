@@ -72,13 +72,7 @@ impl Replica {
     }
 
     fn conflict(&self, resolver: Resolver) -> Option<Conflict> {
-        let live: Vec<Rev> = self
-            .tree
-            .leaves()
-            .into_iter()
-            .filter(|leaf| !leaf.deleted)
-            .map(|leaf| leaf.rev)
-            .collect();
+        let live: Vec<Rev> = self.tree.live_leaves();
         if live.len() < 2 {
             return None;
         }

@@ -327,12 +327,7 @@ pub trait Database: Send + Sync {
         let Some(tree) = self.get_tree(doc_id)? else {
             return Ok(None);
         };
-        let live: Vec<Rev> = tree
-            .leaves()
-            .into_iter()
-            .filter(|leaf| !leaf.deleted)
-            .map(|leaf| leaf.rev)
-            .collect();
+        let live: Vec<Rev> = tree.live_leaves();
         if live.len() < 2 {
             return Ok(None);
         }

@@ -547,7 +547,53 @@ struct NewRevision<'a> {
     hlc: Timestamp,
 }
 
+/// A local edit's new revision, before its id is computed: a child of `parent`.
+struct Child<'a> {
+    parent: Option<&'a Rev>,
+    deleted: bool,
+    body: &'a Body,
+    hlc: Timestamp,
+}
+
+/// What adding a child changed: the document's new tree, and its new sequence if its leaves
+/// changed.
+struct Added {
+    tree: RevTree,
+    seq: Option<u64>,
+}
+
 impl SqliteDatabase {
+    /// Adds `child` to the document's tree (`None`: a new document) and stores it. Returns its
+    /// revision and, unless the tree had it already, the new tree and the sequence it got.
+    fn add_child(
+        &self,
+        transaction: &Transaction<'_>,
+        counters: &mut Counters,
+        doc_id: &str,
+        before: Option<&RevTree>,
+        child: Child<'_>,
+    ) -> Result<(Rev, Option<Added>), StoreError> {
+        let rev = Rev::compute(child.parent, child.deleted, &canonical_object(child.body));
+        let mut tree = before.cloned().unwrap_or_default();
+        if tree.add_child(child.parent, rev.clone(), child.deleted) != Applied::Added {
+            return Ok((rev, None));
+        }
+        let seq = self.store_update(
+            transaction,
+            counters,
+            doc_id,
+            before,
+            tree.clone(),
+            NewRevision {
+                rev: &rev,
+                deleted: child.deleted,
+                body: child.body,
+                hlc: child.hlc,
+            },
+        )?;
+        Ok((rev, Some(Added { tree, seq })))
+    }
+
     /// Stores the result of changing one document's tree inside an open write transaction:
     /// the new revision's body, the stemmed tree, the bodies that fell out of the window, the
     /// winner, a new sequence and the counters.
@@ -693,33 +739,27 @@ impl Database for SqliteDatabase {
             let mut results = Vec::with_capacity(edits.len());
             for edit in edits {
                 let before = load_tree(transaction, &edit.doc_id)?;
-                let mut tree = before.clone().unwrap_or_default();
-                let parent = match tree.edit_parent(edit.base.as_ref()) {
+                let parent = match before
+                    .as_ref()
+                    .unwrap_or(&RevTree::new())
+                    .edit_parent(edit.base.as_ref())
+                {
                     Ok(parent) => parent,
                     Err(err) => {
                         results.push(Err(err));
                         continue;
                     }
                 };
-                let rev =
-                    Rev::compute(parent.as_ref(), edit.deleted, &canonical_object(&edit.body));
-                if tree.add_child(parent.as_ref(), rev.clone(), edit.deleted) == Applied::Added {
-                    let seq = self.store_update(
-                        transaction,
-                        counters,
-                        &edit.doc_id,
-                        before.as_ref(),
-                        tree,
-                        NewRevision {
-                            rev: &rev,
-                            deleted: edit.deleted,
-                            body: &edit.body,
-                            hlc: edit.hlc,
-                        },
-                    )?;
-                    if let Some(seq) = seq {
-                        self.record_pending(transaction, &edit.doc_id, seq)?;
-                    }
+                let child = Child {
+                    parent: parent.as_ref(),
+                    deleted: edit.deleted,
+                    body: &edit.body,
+                    hlc: edit.hlc,
+                };
+                let (rev, added) =
+                    self.add_child(transaction, counters, &edit.doc_id, before.as_ref(), child)?;
+                if let Some(Added { seq: Some(seq), .. }) = added {
+                    self.record_pending(transaction, &edit.doc_id, seq)?;
                 }
                 results.push(Ok(rev));
             }
@@ -778,12 +818,7 @@ impl Database for SqliteDatabase {
             let Some(mut current) = load_tree(transaction, doc_id)? else {
                 return Ok(None);
             };
-            let live: BTreeSet<Rev> = current
-                .leaves()
-                .into_iter()
-                .filter(|leaf| !leaf.deleted)
-                .map(|leaf| leaf.rev)
-                .collect();
+            let live: BTreeSet<Rev> = current.live_leaves().into_iter().collect();
             let stale = !live.contains(&resolution.parent)
                 || resolution
                     .superseded
@@ -801,24 +836,17 @@ impl Database for SqliteDatabase {
             );
             let mut last_seq = None;
             for (parent, deleted, body) in writes {
-                let rev = Rev::compute(Some(parent), deleted, &canonical_object(body));
-                let mut tree = current.clone();
-                if tree.add_child(Some(parent), rev.clone(), deleted) == Applied::Added {
-                    let seq = self.store_update(
-                        transaction,
-                        counters,
-                        doc_id,
-                        Some(&current),
-                        tree.clone(),
-                        NewRevision {
-                            rev: &rev,
-                            deleted,
-                            body,
-                            hlc: resolution.hlc,
-                        },
-                    )?;
-                    last_seq = seq.or(last_seq);
-                    current = tree;
+                let child = Child {
+                    parent: Some(parent),
+                    deleted,
+                    body,
+                    hlc: resolution.hlc,
+                };
+                let (_, added) =
+                    self.add_child(transaction, counters, doc_id, Some(&current), child)?;
+                if let Some(added) = added {
+                    last_seq = added.seq.or(last_seq);
+                    current = added.tree;
                 }
             }
             if let Some(seq) = last_seq {
