@@ -10,7 +10,7 @@ use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
-use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, rev_list};
+use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// Requests other than waits for changes give up after this long.
@@ -282,12 +282,8 @@ impl Peer for HttpPeer {
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
-        let request: Map<String, Value> = revs
-            .iter()
-            .map(|(doc_id, revs)| (doc_id.clone(), rev_list(revs)))
-            .collect();
         let response = self
-            .call(Method::POST, "_revs_diff", Some(&Value::Object(request)))
+            .call(Method::POST, "_revs_diff", Some(&revs_diff_request(&revs)))
             .await?;
         let Value::Object(answers) = response else {
             return Err(self.invalid("_revs_diff", "not an object"));

@@ -6,10 +6,19 @@ use ferry_core::rev::Rev;
 use serde_json::{Value, json};
 
 /// Revisions as a JSON array of strings.
-pub(crate) fn rev_list(revs: &[Rev]) -> Value {
+fn rev_list(revs: &[Rev]) -> Value {
     revs.iter()
         .map(|rev| Value::String(rev.to_string()))
         .collect()
+}
+
+/// A revs-diff request body: each document id with the revisions asked about.
+pub(crate) fn revs_diff_request(revs: &[(String, Vec<Rev>)]) -> Value {
+    Value::Object(
+        revs.iter()
+            .map(|(doc_id, revs)| (doc_id.clone(), rev_list(revs)))
+            .collect(),
+    )
 }
 
 /// A JSON array of revision strings; `None` if it is not one.

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, rev_list};
+use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// The protocol versions this client speaks.
@@ -446,12 +446,8 @@ impl Peer for WsPeer {
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
-        let asked: Map<String, Value> = revs
-            .iter()
-            .map(|(doc_id, revs)| (doc_id.clone(), rev_list(revs)))
-            .collect();
         let mut frame = Map::new();
-        frame.insert("revs".into(), Value::Object(asked));
+        frame.insert("revs".into(), revs_diff_request(&revs));
         let result = self.request("revs_diff", frame).await?;
         let Value::Object(missing) = result else {
             return Err(self.invalid("revs_diff result is not an object"));
