@@ -242,16 +242,7 @@ impl Ferry {
     /// Conflict events from now on, as a stream (a subscriber more than 1,024 events behind
     /// skips the oldest).
     pub fn conflict_events(&self) -> impl Stream<Item = ConflictEvent> + Send + 'static {
-        let receiver = self.inner.conflicts.events.subscribe();
-        futures_util::stream::unfold(receiver, |mut receiver| async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(event) => return Some((event, receiver)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
+        crate::broadcast_stream(self.inner.conflicts.events.subscribe())
     }
 
     /// Examines the changes not examined yet: resolves conflicts by their collection's policy

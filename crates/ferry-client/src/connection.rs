@@ -457,16 +457,7 @@ impl Ferry {
     /// # }
     /// ```
     pub fn connection_events(&self) -> impl Stream<Item = ConnectionState> + Send + 'static {
-        let receiver = self.inner.connection.events.subscribe();
-        futures_util::stream::unfold(receiver, |mut receiver| async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(state) => return Some((state, receiver)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
+        crate::broadcast_stream(self.inner.connection.events.subscribe())
     }
 
     /// Switches syncing on (`true`, the default) or off. Off closes the session at once and

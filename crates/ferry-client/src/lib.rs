@@ -181,6 +181,23 @@ struct Inner {
     _temporary: Option<tempfile::TempDir>,
 }
 
+/// A broadcast channel's messages as a stream; a subscriber that falls behind the channel's
+/// capacity skips the oldest messages instead of failing.
+pub(crate) fn broadcast_stream<T: Clone + Send + 'static>(
+    receiver: tokio::sync::broadcast::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    use tokio::sync::broadcast::error::RecvError;
+    futures_util::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(message) => return Some((message, receiver)),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
 pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -279,16 +279,31 @@ impl Auth {
     /// Checks a name and password and issues an access token.
     pub fn login(&self, name: &str, password: &str) -> Result<(Identity, IssuedToken), AuthError> {
         let identity = self.verify_password(name, password)?;
-        let token = new_token(ACCESS_PREFIX);
-        let expires_ms = now_ms().saturating_add(millis(self.config.access_token_ttl));
+        let issued = self.issue(TokenKind::Access, name, None)?;
+        Ok((identity, issued))
+    }
+
+    /// Stores a new token of `kind` for `user` (and `replica`), valid for the kind's lifetime.
+    fn issue(
+        &self,
+        kind: TokenKind,
+        user: &str,
+        replica: Option<&str>,
+    ) -> Result<IssuedToken, AuthError> {
+        let (prefix, ttl) = match kind {
+            TokenKind::Access => (ACCESS_PREFIX, self.config.access_token_ttl),
+            TokenKind::Reconnect => (RECONNECT_PREFIX, self.config.reconnect_token_ttl),
+        };
+        let token = new_token(prefix);
+        let expires_ms = now_ms().saturating_add(millis(ttl));
         self.accounts.insert_token(&TokenRecord {
             hash: token_hash(&token),
-            kind: TokenKind::Access,
-            user: name.to_owned(),
-            replica: None,
+            kind,
+            user: user.to_owned(),
+            replica: replica.map(str::to_owned),
             expires_ms,
         })?;
-        Ok((identity, IssuedToken { token, expires_ms }))
+        Ok(IssuedToken { token, expires_ms })
     }
 
     /// Checks an access token.
@@ -313,16 +328,7 @@ impl Auth {
         user: &str,
         replica: &str,
     ) -> Result<IssuedToken, AuthError> {
-        let token = new_token(RECONNECT_PREFIX);
-        let expires_ms = now_ms().saturating_add(millis(self.config.reconnect_token_ttl));
-        self.accounts.insert_token(&TokenRecord {
-            hash: token_hash(&token),
-            kind: TokenKind::Reconnect,
-            user: user.to_owned(),
-            replica: Some(replica.to_owned()),
-            expires_ms,
-        })?;
-        Ok(IssuedToken { token, expires_ms })
+        self.issue(TokenKind::Reconnect, user, Some(replica))
     }
 
     /// Resumes with a reconnect token presented by `replica`: the caller's identity and the
