@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 mod support;
-use support::{Server, USER, client, eventually, options};
+use support::{Server, USER, assert_acknowledged, client, eventually, options};
 
 /// Records every connection state `ferry` goes through.
 fn record_states(ferry: &Ferry) -> Arc<Mutex<Vec<ConnectionState>>> {
@@ -181,11 +181,7 @@ async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
         .unwrap()
         .expect("present");
     assert_eq!(arrived.value["title"], json!("milk"));
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
     assert_eq!(
         a.document_status("todos", "first").unwrap(),
         Some(DocumentStatus::Acknowledged)
@@ -302,11 +298,7 @@ async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
     let _sync = a.start_sync(sync).unwrap();
     wait_for_state(&a, "connected", |s| *s == ConnectionState::Connected).await;
     write_batch(&a, "before", 20);
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
 
     // From now on the password no longer works: only the reconnect token can get back in.
     server
@@ -325,11 +317,7 @@ async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
     .await;
     assert_eq!(a.status().unwrap().pending, 20);
     proxy.set(Mode::Forward);
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
     wait_for_state(&a, "connected again", |s| *s == ConnectionState::Connected).await;
 
     // Stall: the connection stays open but nothing moves; only the heartbeat notices.
@@ -341,11 +329,7 @@ async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
     })
     .await;
     proxy.set(Mode::Forward);
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
 
     // Nothing lost, nothing stored twice: 60 documents, 60 revisions on the server.
     assert_eq!(server.update_seq("resilient"), 60);
@@ -424,11 +408,7 @@ async fn refused_credentials_ask_the_fallback_and_the_outbox_drains() {
         async { Some(Credentials::password(USER, "the new password")) }
     });
     let _sync = a.start_sync(sync).unwrap();
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(server.update_seq("fallback"), 5);
 
@@ -457,11 +437,7 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
     let _sync_b = b.start_sync(options(&url)).unwrap();
     write_batch(&a, "shared", 10);
     eventually("b to receive the first batch", || contents(&b).len() == 10).await;
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
 
     a.set_online(false);
     wait_for_state(&a, "offline", |s| *s == ConnectionState::Offline).await;
@@ -481,11 +457,7 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
         .patch("shared-009", &json!({"title": "edited by b"}))
         .unwrap();
     // b's edit makes a full round trip through the server while a is offline.
-    assert!(
-        b.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&b).await;
     // Eight documents changed on a (five new, one patched, one deleted, one recreated).
     assert_eq!(
         a.status().unwrap().pending,
@@ -499,16 +471,8 @@ async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
     );
 
     a.set_online(true);
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
-    assert!(
-        b.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
+    assert_acknowledged(&b).await;
     eventually("both replicas to converge", || {
         full_state(&a) == full_state(&b) && full_state(&a).len() == 14
     })
@@ -740,11 +704,7 @@ async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syn
     todos.insert_with_id("small-2", &json!({"n": 2})).unwrap();
     let _sync = a.start_sync(options(&server.url("refusing"))).unwrap();
 
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
     assert_eq!(
         a.status().unwrap(),
         ferry_client::SyncCounts {
@@ -777,11 +737,7 @@ async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syn
     todos
         .replace("huge", &json!({"text": "short now"}))
         .unwrap();
-    assert!(
-        a.wait_for_acknowledgement(Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert_acknowledged(&a).await;
     assert_eq!(
         a.status().unwrap(),
         ferry_client::SyncCounts {

@@ -95,6 +95,22 @@ async fn open(server: &Server, db: &str) -> Socket {
     socket
 }
 
+/// The ids in the database's changes feed, read with request `id`.
+async fn changed_ids(socket: &mut Socket, id: u64) -> Vec<String> {
+    send(
+        socket,
+        json!({"type": "request", "id": id, "op": "changes", "since": 0, "limit": 10}),
+    )
+    .await;
+    let changes = receive(socket).await.unwrap();
+    changes["result"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn revision(id: &str, rev: &str, value: Value) -> Value {
     let (start, hash) = rev.split_once('-').unwrap();
     json!({"_id": id, "_rev": rev, "_revisions": {"start": start.parse::<u64>().unwrap(), "ids": [hash]}, "v": value})
@@ -174,19 +190,7 @@ async fn writes_are_acknowledged_per_revision_or_refused_whole() {
     assert_eq!(refused["error"]["error"], json!("bad_request"));
     // The status the same failure has over HTTP, so clients know 4xx from 5xx.
     assert_eq!(refused["error"]["status"], json!(400));
-    send(
-        &mut socket,
-        json!({"type": "request", "id": 3, "op": "changes", "since": 0, "limit": 10}),
-    )
-    .await;
-    let changes = receive(&mut socket).await.unwrap();
-    let ids: Vec<&str> = changes["result"]["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(changed_ids(&mut socket, 3).await, ["a", "b"]);
     // Pipelined requests are answered in order; unknown operations are errors, not closes.
     send(
         &mut socket,
@@ -405,17 +409,5 @@ async fn a_revision_over_a_limit_is_refused_alone_and_the_rest_is_stored() {
     assert_eq!(acks[1]["rev"], json!("1-bb"));
     // A clock a day ahead would win every last-write-wins conflict: refused.
     assert_eq!(acks[2]["error"], json!("clock_ahead"), "{response}");
-    send(
-        &mut socket,
-        json!({"type": "request", "id": 2, "op": "changes", "since": 0, "limit": 10}),
-    )
-    .await;
-    let changes = receive(&mut socket).await.unwrap();
-    let ids: Vec<&str> = changes["result"]["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["fine"]);
+    assert_eq!(changed_ids(&mut socket, 2).await, ["fine"]);
 }

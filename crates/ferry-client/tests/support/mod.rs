@@ -71,20 +71,21 @@ impl Server {
         Auth::open(self.data_dir.path(), AuthConfig::default()).unwrap()
     }
 
-    /// The latest sequence of database `db`, read from the server's own file: one per stored
-    /// revision, so a revision stored twice would show.
-    pub fn update_seq(&self, db: &str) -> u64 {
-        let backend = ferry_store::sqlite::SqliteBackend::open(
+    /// The server's database `db`, opened beside the running server (SQLite WAL).
+    fn database(&self, db: &str) -> std::sync::Arc<dyn ferry_store::Database> {
+        ferry_store::sqlite::SqliteBackend::open(
             self.data_dir.path(),
             ferry_store::StoreConfig::default(),
         )
-        .unwrap();
-        backend
-            .open_database(db)
-            .unwrap()
-            .info()
-            .unwrap()
-            .update_seq
+        .unwrap()
+        .open_database(db)
+        .unwrap()
+    }
+
+    /// The latest sequence of database `db`, read from the server's own file: one per stored
+    /// revision, so a revision stored twice would show.
+    pub fn update_seq(&self, db: &str) -> u64 {
+        self.database(db).info().unwrap().update_seq
     }
 
     /// The resolutions the server wrote for `doc_id` in `db`.
@@ -93,16 +94,7 @@ impl Server {
         db: &str,
         doc_id: &str,
     ) -> Vec<ferry_core::resolve::ResolutionRecord> {
-        let backend = ferry_store::sqlite::SqliteBackend::open(
-            self.data_dir.path(),
-            ferry_store::StoreConfig::default(),
-        )
-        .unwrap();
-        backend
-            .open_database(db)
-            .unwrap()
-            .resolutions(doc_id)
-            .unwrap()
+        self.database(db).resolutions(doc_id).unwrap()
     }
 
     pub fn stop(&mut self) {
@@ -160,4 +152,16 @@ pub async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Asserts that the server acknowledges every pending change of `ferry` within 30 s.
+pub async fn assert_acknowledged(ferry: &Ferry) {
+    assert!(
+        ferry
+            .wait_for_acknowledgement(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        "{:?} still pending",
+        ferry.status().unwrap()
+    );
 }
