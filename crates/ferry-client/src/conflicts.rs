@@ -277,6 +277,17 @@ impl Ferry {
         Ok(resolved)
     }
 
+    /// Tells conflict event subscribers about a resolution this replica wrote.
+    fn announce_resolution(&self, collection: String, id: String, record: ResolutionRecord) {
+        let _ = self.inner.conflicts.events.send(ConflictEvent::Resolved {
+            collection,
+            id,
+            policy: record.policy,
+            resolved: record.resolved,
+            overridden: record.overridden,
+        });
+    }
+
     /// Resolves one conflicted document by its collection's policy; whether it did.
     fn resolve_automatically(&self, doc_id: &str) -> Result<bool, ClientError> {
         let collection = collection_of(doc_id).to_owned();
@@ -314,13 +325,7 @@ impl Ferry {
         let id = own_id(&collection, doc_id);
         match record {
             Some(record) => {
-                let _ = self.inner.conflicts.events.send(ConflictEvent::Resolved {
-                    collection,
-                    id,
-                    policy: record.policy,
-                    resolved: record.resolved,
-                    overridden: record.overridden,
-                });
+                self.announce_resolution(collection, id, record);
                 Ok(true)
             }
             None => {
@@ -416,18 +421,8 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
             });
         }
         self.ferry().notify_changed();
-        let _ = self
-            .ferry()
-            .inner
-            .conflicts
-            .events
-            .send(ConflictEvent::Resolved {
-                collection: self.name().to_owned(),
-                id: id.to_owned(),
-                policy: record.policy,
-                resolved: record.resolved,
-                overridden: record.overridden,
-            });
+        self.ferry()
+            .announce_resolution(self.name().to_owned(), id.to_owned(), record);
         self.get(id)?.ok_or_else(|| ClientError::NotFound {
             collection: self.name().to_owned(),
             id: id.to_owned(),
