@@ -220,17 +220,7 @@ impl WsPeer {
             }
         };
         if welcome["type"] == "error" {
-            return Err(SyncError::Http {
-                url: self.session_url.to_string(),
-                status: match welcome["error"].as_str() {
-                    Some("not_found") => 404,
-                    Some("unauthorized") => 401,
-                    Some("forbidden") => 403,
-                    _ => 400,
-                },
-                error: welcome["error"].as_str().unwrap_or("error").to_owned(),
-                reason: welcome["reason"].as_str().unwrap_or_default().to_owned(),
-            });
+            return Err(self.refused(&welcome));
         }
         if welcome["type"] != "welcome" {
             return Err(self.lost("expected welcome"));
@@ -275,19 +265,23 @@ impl WsPeer {
             .map_err(|_| self.lost(format!("no answer to {op}")))?
             .map_err(|_| self.lost("the session ended"))??;
         if let Some(error) = response.get("error") {
-            return Err(SyncError::Http {
-                url: self.session_url.to_string(),
-                // The HTTP status the same failure would have had, which says whether retrying
-                // can help (5xx) or not (4xx).
-                status: error["status"]
-                    .as_u64()
-                    .and_then(|status| u16::try_from(status).ok())
-                    .unwrap_or(400),
-                error: error["error"].as_str().unwrap_or("error").to_owned(),
-                reason: error["reason"].as_str().unwrap_or_default().to_owned(),
-            });
+            return Err(self.refused(error));
         }
         Ok(response.get("result").cloned().unwrap_or(Value::Null))
+    }
+
+    /// A refusal from the server (`{"error", "reason", "status"}`), typed like an HTTP error
+    /// with the status the same failure has over HTTP, which says whether retrying can help.
+    fn refused(&self, error: &Value) -> SyncError {
+        SyncError::Http {
+            url: self.session_url.to_string(),
+            status: error["status"]
+                .as_u64()
+                .and_then(|status| u16::try_from(status).ok())
+                .unwrap_or(400),
+            error: error["error"].as_str().unwrap_or("error").to_owned(),
+            reason: error["reason"].as_str().unwrap_or_default().to_owned(),
+        }
     }
 
     fn invalid(&self, detail: impl Into<String>) -> SyncError {

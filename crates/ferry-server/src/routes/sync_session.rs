@@ -83,8 +83,17 @@ struct Session {
     identity: Option<Identity>,
 }
 
+/// An error as the session sends it: CouchDB's `error` and `reason`, and the HTTP status the
+/// same failure would have (which tells a client whether retrying can help).
+fn error_json(error: &ApiError) -> Value {
+    json!({"error": error.error, "reason": error.reason, "status": error.status.as_u16()})
+}
+
+/// The frame refusing a session.
 fn error_frame(error: &ApiError) -> Value {
-    json!({"type": "error", "error": error.error, "reason": error.reason})
+    let mut frame = error_json(error);
+    frame["type"] = json!("error");
+    frame
 }
 
 impl Session {
@@ -330,11 +339,7 @@ async fn answer(state: &AppState, db: &str, frame: &Value) -> Value {
     let id = frame["id"].clone();
     match operation(state, db, frame).await {
         Ok(result) => json!({"type": "response", "id": id, "result": result}),
-        Err(error) => json!({
-            "type": "response",
-            "id": id,
-            "error": {"error": error.error, "reason": error.reason, "status": error.status.as_u16()},
-        }),
+        Err(error) => json!({"type": "response", "id": id, "error": error_json(&error)}),
     }
 }
 
