@@ -20,6 +20,11 @@ use serde_json::{Value, json};
 mod process;
 mod workloads;
 
+// The bench's client side is an app embedding the SDK, with the allocator BENCHMARKS.md
+// recommends to apps (the `ferry` binary uses the same).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ferry-bench",
@@ -67,6 +72,8 @@ fn transfer_json(transfer: &workloads::Transfer) -> Value {
         "docs_per_s": transfer.docs_per_s,
         "client_peak_mib": transfer.client_peak_mib,
         "server_peak_mib": transfer.server_peak_mib,
+        "client_cpu_s": transfer.client_cpu_s,
+        "server_cpu_s": transfer.server_cpu_s,
     })
 }
 
@@ -75,6 +82,8 @@ fn transfer_from(value: &Value) -> workloads::Transfer {
         docs_per_s: value["docs_per_s"].as_f64().unwrap_or(f64::NAN),
         client_peak_mib: value["client_peak_mib"].as_f64().unwrap_or(f64::NAN),
         server_peak_mib: value["server_peak_mib"].as_f64().unwrap_or(f64::NAN),
+        client_cpu_s: value["client_cpu_s"].as_f64().unwrap_or(f64::NAN),
+        server_cpu_s: value["server_cpu_s"].as_f64().unwrap_or(f64::NAN),
     }
 }
 
@@ -299,6 +308,20 @@ async fn main() -> Result<()> {
             target: None,
         },
         Row {
+            workload: "   push: client CPU (s)".into(),
+            ferry: push.client_cpu_s,
+            peer: None,
+            higher_is_better: false,
+            target: None,
+        },
+        Row {
+            workload: "   push: server CPU (s)".into(),
+            ferry: push.server_cpu_s,
+            peer: None,
+            higher_is_better: false,
+            target: None,
+        },
+        Row {
             workload: format!("2. pull {n} docs (docs/s)"),
             ferry: pull.docs_per_s,
             peer: peer_value("pull", Some(n), &["docs_per_s"]),
@@ -316,6 +339,20 @@ async fn main() -> Result<()> {
             workload: "   pull: server peak RSS (MiB)".into(),
             ferry: pull.server_peak_mib,
             peer: peer_value("pull", Some(n), &["server_peak_rss_mb"]),
+            higher_is_better: false,
+            target: None,
+        },
+        Row {
+            workload: "   pull: client CPU (s)".into(),
+            ferry: pull.client_cpu_s,
+            peer: None,
+            higher_is_better: false,
+            target: None,
+        },
+        Row {
+            workload: "   pull: server CPU (s)".into(),
+            ferry: pull.server_cpu_s,
+            peer: None,
             higher_is_better: false,
             target: None,
         },

@@ -32,6 +32,23 @@ pub fn memory_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmHWM:"), field("VmRSS:")))
 }
 
+/// CPU time `pid` has used so far (user + system), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading the CPU time of process {pid}"))?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis,
+    // where utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<f64>().ok())
+        .sum();
+    // Linux reports them in USER_HZ, 100 on every architecture it exports to user space.
+    Ok(ticks / 100.0)
+}
+
 /// Resets the peak of `pid` to its current resident memory (Linux ≥ 4.0), so a workload's peak
 /// is its own.
 pub fn reset_peak(pid: u32) {

@@ -8,7 +8,7 @@ use ferry_client::{ConnectionState, Credentials, Ferry, SyncOptions};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::process::{FerryServer, PASSWORD, USER, memory_mib, reset_peak};
+use crate::process::{FerryServer, PASSWORD, USER, cpu_seconds, memory_mib, reset_peak};
 
 /// A document of about 200 bytes, the same shape as the peer's.
 pub fn todo(n: usize) -> Value {
@@ -30,6 +30,10 @@ pub struct Transfer {
     pub client_peak_mib: f64,
     /// Peak resident memory of the server, MiB.
     pub server_peak_mib: f64,
+    /// CPU time the client used (user + system), seconds.
+    pub client_cpu_s: f64,
+    /// CPU time the server used, seconds.
+    pub server_cpu_s: f64,
 }
 
 fn options(server: &FerryServer, db: &str) -> SyncOptions {
@@ -155,38 +159,44 @@ pub async fn push_and_pull(n: usize) -> Result<(Transfer, Transfer)> {
     let db = format!("push-{n}");
     let pusher = Ferry::initialize_offline(dir.path().join("push.ferry"), USER)?;
     fill(&pusher, n)?;
-    let me = std::process::id();
 
-    reset_peak(me);
-    reset_peak(server.pid());
-    let started = Instant::now();
-    let stats = pusher.sync_once(&options(&server, &db)).await?;
-    let push_time = started.elapsed();
+    let (push, stats) =
+        measure_transfer(&server, n, pusher.sync_once(&options(&server, &db))).await?;
     if usize::try_from(stats.push.docs_written)? != n {
         bail!("pushed {} documents, not {n}", stats.push.docs_written);
     }
-    let push = Transfer {
-        docs_per_s: n as f64 / push_time.as_secs_f64(),
-        client_peak_mib: memory_mib(me)?.0,
-        server_peak_mib: memory_mib(server.pid())?.0,
-    };
     drop(pusher);
 
     let puller = Ferry::initialize_offline(dir.path().join("pull.ferry"), USER)?;
-    reset_peak(me);
-    reset_peak(server.pid());
-    let started = Instant::now();
-    let stats = puller.sync_once(&options(&server, &db)).await?;
-    let pull_time = started.elapsed();
+    let (pull, stats) =
+        measure_transfer(&server, n, puller.sync_once(&options(&server, &db))).await?;
     if usize::try_from(stats.pull.docs_written)? != n {
         bail!("pulled {} documents, not {n}", stats.pull.docs_written);
     }
-    let pull = Transfer {
-        docs_per_s: n as f64 / pull_time.as_secs_f64(),
+    Ok((push, pull))
+}
+
+/// Runs one replication of `n` documents, with its rate, both processes' peak memory and CPU.
+async fn measure_transfer<T, E: Into<anyhow::Error>>(
+    server: &FerryServer,
+    n: usize,
+    replication: impl Future<Output = Result<T, E>>,
+) -> Result<(Transfer, T)> {
+    let me = std::process::id();
+    reset_peak(me);
+    reset_peak(server.pid());
+    let cpu_before = (cpu_seconds(me)?, cpu_seconds(server.pid())?);
+    let started = Instant::now();
+    let outcome = replication.await.map_err(Into::into)?;
+    let elapsed = started.elapsed();
+    let transfer = Transfer {
+        docs_per_s: n as f64 / elapsed.as_secs_f64(),
         client_peak_mib: memory_mib(me)?.0,
         server_peak_mib: memory_mib(server.pid())?.0,
+        client_cpu_s: cpu_seconds(me)? - cpu_before.0,
+        server_cpu_s: cpu_seconds(server.pid())? - cpu_before.1,
     };
-    Ok((push, pull))
+    Ok((transfer, outcome))
 }
 
 /// Workload 4: a reconnecting client with a backlog.

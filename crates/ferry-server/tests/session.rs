@@ -3,6 +3,7 @@
 //! notifications, heartbeats and limits; authentication in `hello` and reconnect tokens
 //! (rotation, binding to the replica, revocation, expiry).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_core::model::Limits;
@@ -191,7 +192,8 @@ async fn writes_are_acknowledged_per_revision_or_refused_whole() {
     // The status the same failure has over HTTP, so clients know 4xx from 5xx.
     assert_eq!(refused["error"]["status"], json!(400));
     assert_eq!(changed_ids(&mut socket, 3).await, ["a", "b"]);
-    // Pipelined requests are answered in order; unknown operations are errors, not closes.
+    // Pipelined requests are all answered, each with its id, in whatever order they finish;
+    // unknown operations are errors, not closes.
     send(
         &mut socket,
         json!({"type": "request", "id": 4, "op": "revs_diff", "revs": {"a": ["1-aa", "2-zz"]}}),
@@ -203,17 +205,62 @@ async fn writes_are_acknowledged_per_revision_or_refused_whole() {
     )
     .await;
     send(&mut socket, json!({"type": "ping"})).await;
-    let diff = receive(&mut socket).await.unwrap();
-    assert_eq!(
-        (diff["id"].clone(), diff["result"].clone()),
-        (json!(4), json!({"a": ["2-zz"]}))
-    );
-    let unknown = receive(&mut socket).await.unwrap();
-    assert_eq!(
-        (unknown["id"].clone(), unknown["error"]["error"].clone()),
-        (json!(5), json!("bad_request"))
-    );
-    assert_eq!(receive(&mut socket).await.unwrap()["type"], json!("pong"));
+    let mut answers = BTreeMap::new();
+    for _ in 0..3 {
+        let frame = receive(&mut socket).await.unwrap();
+        let key = frame["id"]
+            .as_u64()
+            .map_or("pong".to_owned(), |id| id.to_string());
+        answers.insert(key, frame);
+    }
+    assert_eq!(answers["4"]["result"], json!({"a": ["2-zz"]}));
+    assert_eq!(answers["5"]["error"]["error"], json!("bad_request"));
+    assert_eq!(answers["pong"]["type"], json!("pong"));
+}
+
+#[tokio::test]
+async fn more_pipelined_requests_than_a_session_answers_at_once_are_all_answered() {
+    let server = start(Limits::default()).await;
+    let mut socket = open(&server, "pipelined").await;
+    // Writes and reads interleaved, far more than the session works on at once: the session
+    // stops reading until it has answered some, and every request gets its own answer.
+    for id in 0..40_u64 {
+        let frame = if id % 2 == 0 {
+            let docs = json!([revision(&format!("doc{id}"), "1-aa", json!(id))]);
+            json!({"type": "request", "id": id, "op": "bulk_docs", "docs": docs})
+        } else {
+            json!({"type": "request", "id": id, "op": "revs_diff", "revs": {format!("doc{}", id - 1): ["1-aa"]}})
+        };
+        send(&mut socket, frame).await;
+    }
+    let mut answered = BTreeMap::new();
+    while answered.len() < 40 {
+        let response = receive(&mut socket).await.unwrap();
+        let id = response["id"].as_u64().unwrap();
+        assert!(
+            answered.insert(id, response).is_none(),
+            "{id} answered twice"
+        );
+    }
+    for (id, response) in &answered {
+        if id % 2 == 0 {
+            assert_eq!(
+                response["result"]["acks"][0]["ok"],
+                json!(true),
+                "{response}"
+            );
+        } else {
+            // The write before it may or may not have been stored yet: either answer is right.
+            let missing = &response["result"];
+            let doc = format!("doc{}", id - 1);
+            assert!(
+                *missing == json!({}) || *missing == json!({ (doc.clone()): ["1-aa"] }),
+                "{response}"
+            );
+        }
+    }
+    let ids = changed_ids(&mut socket, 100).await;
+    assert_eq!(ids.len(), 10, "the first page of 20 writes");
 }
 
 #[tokio::test]

@@ -48,6 +48,7 @@ use sha2::{Digest, Sha256};
 
 mod http;
 mod local;
+mod read_ahead;
 mod wire;
 mod ws;
 
@@ -188,7 +189,7 @@ impl ChangesFilter {
 }
 
 /// One page of a peer's changes feed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ChangesPage {
     /// The rows, in sequence order.
     pub rows: Vec<ChangeRow>,
@@ -380,6 +381,9 @@ async fn replicate_once<S: Peer, T: Peer>(
         batch_size: options.batch_size.max(1),
         continuous: options.continuous,
     });
+    // The page after the current one, read while the current one is written.
+    let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
+    let mut prepared: Option<read_ahead::Prepared> = None;
     loop {
         let response = match replication.next_action() {
             Action::ReadCheckpoints => {
@@ -393,19 +397,53 @@ async fn replicate_once<S: Peer, T: Peer>(
                 }
             }
             Action::ReadChanges { since, limit } => {
-                let page = source.changes(&since, limit, &options.filter).await?;
+                let read_ahead = match ahead.take() {
+                    Some(ahead) => ahead.finish(&since, limit).await,
+                    None => None,
+                };
+                let mut next = match read_ahead {
+                    Some(next) => next?,
+                    None => {
+                        read_ahead::prepare(source, target, &options.filter, since, limit).await?
+                    }
+                };
+                if next.page.rows.len() >= limit {
+                    let since = next.page.last_seq.clone();
+                    let work =
+                        read_ahead::prepare(source, target, &options.filter, since.clone(), limit);
+                    ahead = Some(read_ahead::ReadAhead::start(since, limit, work));
+                }
+                let page = std::mem::take(&mut next.page);
+                prepared = Some(next);
                 Response::Changes {
                     rows: page.rows,
                     last_seq: page.last_seq,
                     pending: page.pending,
                 }
             }
-            Action::RevsDiff { revs } => Response::Missing(target.revs_diff(revs).await?),
+            Action::RevsDiff { revs } => {
+                let known = prepared.as_mut().and_then(|next| next.take_missing(&revs));
+                match known {
+                    Some(missing) => Response::Missing(missing),
+                    None => Response::Missing(
+                        read_ahead::alongside(target.revs_diff(revs), &mut ahead).await?,
+                    ),
+                }
+            }
             Action::FetchRevisions { wanted } => {
-                Response::Revisions(source.fetch_revisions(wanted).await?)
+                let known = prepared
+                    .as_mut()
+                    .and_then(|next| next.take_revisions(&wanted));
+                match known {
+                    Some(revisions) => Response::Revisions(revisions),
+                    None => Response::Revisions(
+                        read_ahead::alongside(source.fetch_revisions(wanted), &mut ahead).await?,
+                    ),
+                }
             }
             Action::WriteRevisions { revisions } => {
-                let rejected = target.write_revisions(revisions).await?;
+                let rejected =
+                    read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?;
                 rejected.iter().for_each(&mut *on_rejected);
                 Response::Written {
                     rejected: rejected.len() as u64,
@@ -414,8 +452,13 @@ async fn replicate_once<S: Peer, T: Peer>(
             Action::WriteCheckpoint { checkpoint } => {
                 // The target's checkpoint matters most: it is written first. A source that
                 // refuses the write (read-only) only costs a fuller comparison next time.
-                target.put_checkpoint(&replication_id, &checkpoint).await?;
-                if let Err(error) = source.put_checkpoint(&replication_id, &checkpoint).await {
+                read_ahead::alongside(
+                    target.put_checkpoint(&replication_id, &checkpoint),
+                    &mut ahead,
+                )
+                .await?;
+                let source_checkpoint = source.put_checkpoint(&replication_id, &checkpoint);
+                if let Err(error) = read_ahead::alongside(source_checkpoint, &mut ahead).await {
                     tracing::warn!(%error, "could not store the checkpoint on the source");
                 }
                 Response::CheckpointWritten

@@ -3,6 +3,8 @@
 //! 3), memory bounded by the batch (invariant 6), continuous and filtered replication.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -154,14 +156,20 @@ async fn concurrent_edits_on_two_replicas_converge_through_a_hub() {
     assert_eq!(expected.len(), 22);
 }
 
+/// Runs before the n-th write of revisions (counted from 0).
+type BeforeWrite = Box<dyn Fn(usize) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// A peer that fails the `fail_at`-th write (of revisions or checkpoints), and records the
-/// largest batch it saw and where each changes read started.
+/// largest batch it saw, where each changes read started and how many fetches it answered.
 struct Flaky<P> {
     inner: P,
     writes: AtomicUsize,
+    revision_writes: AtomicUsize,
     fail_at: usize,
     largest_batch: AtomicUsize,
     first_since: std::sync::Mutex<Vec<Value>>,
+    fetches: Arc<AtomicUsize>,
+    before_write: Option<BeforeWrite>,
 }
 
 impl<P: Peer> Flaky<P> {
@@ -170,8 +178,11 @@ impl<P: Peer> Flaky<P> {
             inner,
             writes: AtomicUsize::new(0),
             fail_at,
+            revision_writes: AtomicUsize::new(0),
             largest_batch: AtomicUsize::new(0),
             first_since: std::sync::Mutex::new(Vec::new()),
+            fetches: Arc::new(AtomicUsize::new(0)),
+            before_write: None,
         }
     }
 
@@ -219,12 +230,18 @@ impl<P: Peer> Peer for Flaky<P> {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        self.inner.fetch_revisions(wanted).await
+        let revisions = self.inner.fetch_revisions(wanted).await?;
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        Ok(revisions)
     }
     async fn write_revisions(
         &self,
         revisions: Vec<Revision>,
     ) -> Result<Vec<ferry_sync::RejectedRevision>, SyncError> {
+        let write = self.revision_writes.fetch_add(1, Ordering::SeqCst);
+        if let Some(before_write) = &self.before_write {
+            before_write(write).await;
+        }
         self.largest_batch
             .fetch_max(revisions.len(), Ordering::SeqCst);
         self.count_write()?;
@@ -342,6 +359,69 @@ async fn batches_bound_what_is_held_in_memory() {
     assert_eq!(watched_source.largest_batch.load(Ordering::SeqCst), 100);
     assert_eq!(watched_target.largest_batch.load(Ordering::SeqCst), 100);
     assert!(progress_calls >= 50);
+}
+
+#[tokio::test]
+async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    for n in 0..300 {
+        put(&*source, &format!("d{n:03}"), json!({ "n": n }));
+    }
+    let source_peer = Flaky::new(local(&source).await, usize::MAX);
+    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
+    // During each write, wait for the next page to be fetched from the source (read ahead),
+    // then edit and delete documents of that page on the source, so the revisions read ahead
+    // are stale by the time they are written.
+    let fetches = source_peer.fetches.clone();
+    let read_ahead_seen = Arc::new(AtomicUsize::new(0));
+    let seen = read_ahead_seen.clone();
+    let edited = source.clone();
+    target_peer.before_write = Some(Box::new(move |write| {
+        let (fetches, seen, source) = (fetches.clone(), seen.clone(), edited.clone());
+        Box::pin(async move {
+            let next_page = (write + 1) * 40;
+            if next_page + 2 >= 300 {
+                return;
+            }
+            // Page `write` was the `write + 1`-th fetch; the next one is the read-ahead.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while fetches.load(Ordering::SeqCst) < write + 2
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if fetches.load(Ordering::SeqCst) >= write + 2 {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            put(
+                &*source,
+                &format!("d{next_page:03}"),
+                json!({"edited": write}),
+            );
+            put(
+                &*source,
+                &format!("d{:03}", next_page + 1),
+                json!({"edited": write}),
+            );
+            delete(&*source, &format!("d{:03}", next_page + 2));
+        })
+    }));
+    let stats = replicate(&source_peer, &target_peer, &options(40), |_| {})
+        .await
+        .unwrap();
+    // Pages 1 to 7 were fetched while the page before them was being written.
+    assert_eq!(read_ahead_seen.load(Ordering::SeqCst), 7);
+    // The stale revisions were written, and the edits made meanwhile came in later pages,
+    // except those made while the last page (read ahead before them) was written: like any
+    // change made after a one-shot replication read its last page, they wait for the next.
+    assert!(stats.docs_written > 300, "{stats:?}");
+    let next = replicate(&source_peer, &target_peer, &options(40), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(next.docs_written, 3, "{next:?}");
+    assert_eq!(digest(&*target), digest(&*source));
+    assert_eq!(target.info().unwrap().deleted_count, 7);
 }
 
 #[tokio::test]

@@ -24,6 +24,12 @@ use serde_json::{Value, json};
 mod sync;
 mod users;
 
+// glibc's allocator spends a quarter of a replication's CPU in malloc and free (many small
+// JSON values, and batch-sized buffers whose release consolidates its free lists); mimalloc's
+// thread-local pages cost a fraction of that (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ferry",

@@ -1,8 +1,9 @@
 //! `GET /_ferry/sync`: the WebSocket sync session (`docs/protocol.md`).
 //!
-//! A session is a loop over one socket: requests are answered in order, each by the same store
-//! calls the HTTP endpoints make; between requests, a subscribed session is told when its
-//! database's sequence moves. The session holds no replication state of its own: checkpoints
+//! A session is a loop over one socket: requests are answered concurrently (up to
+//! [`MAX_IN_FLIGHT`]), each by the same store calls the HTTP endpoints make, and each response
+//! carries its request's id; meanwhile, a subscribed session is told when its database's
+//! sequence moves. The session holds no replication state of its own: checkpoints
 //! are `_local` documents, so a session lost at any point is simply opened again.
 
 use std::collections::BTreeSet;
@@ -16,6 +17,8 @@ use ferry_core::couch::revision_from_json;
 use ferry_core::json::parse_strict;
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
@@ -33,6 +36,10 @@ const VERSIONS: &[u64] = &[1];
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that sends nothing (not even a ping) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests a session answers at once. A client pipelines (a push writes one batch while it
+/// reads the next); past this many, the session reads no further frame until one is answered,
+/// which bounds what one session holds in memory.
+const MAX_IN_FLIGHT: usize = 4;
 /// Requests nest one level deeper than `_bulk_docs` bodies: `{"op", "docs": [doc]}`.
 const REQUEST_DEPTH: usize = ENVELOPE_DEPTH;
 
@@ -104,12 +111,16 @@ impl Session {
             .map_err(|error| error.to_string())
     }
 
-    /// The next JSON frame; `None` when the client closed the session.
-    async fn receive(&mut self, timeout: Duration) -> Result<Option<Value>, String> {
+    /// The next JSON frame; `None` when the client closed the session. Cancel-safe: a frame is
+    /// either returned or left unread.
+    async fn receive(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, String> {
         loop {
-            let message = tokio::time::timeout(timeout, self.socket.recv())
-                .await
-                .map_err(|_| "idle timeout".to_owned())?;
+            let message = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, self.socket.recv())
+                    .await
+                    .map_err(|_| "idle timeout".to_owned())?,
+                None => self.socket.recv().await,
+            };
             let Some(message) = message else {
                 return Ok(None);
             };
@@ -136,7 +147,7 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<(), String> {
-        let Some(hello) = self.receive(HELLO_TIMEOUT).await? else {
+        let Some(hello) = self.receive(Some(HELLO_TIMEOUT)).await? else {
             return Ok(());
         };
         if hello["type"] != "hello" {
@@ -227,7 +238,11 @@ impl Session {
         // going to read everything up to then anyway, and a client that stopped reading (a
         // backgrounded app) then costs nothing per write, however busy the database.
         let mut armed = true;
+        // Requests being answered: whether each is a `changes` read, and its response.
+        let mut in_flight = FuturesUnordered::new();
         loop {
+            // A session waiting on its own requests is not idle.
+            let idle_timeout = in_flight.is_empty().then_some(IDLE_TIMEOUT);
             tokio::select! {
                 // Notifications first: they are cheap, and a client should hear of a change
                 // before the session turns to its next (possibly large) request.
@@ -238,23 +253,31 @@ impl Session {
                     }
                     armed &= !self.announce(&mut notifications, &mut announced).await?;
                 }
-                frame = self.receive(IDLE_TIMEOUT) => {
+                Some((read_changes, response)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let response: Value = response;
+                    if read_changes {
+                        armed = true;
+                        // What the response carries needs no announcement: announcing it
+                        // would wake the client for nothing and disarm the session before the
+                        // write that matters.
+                        if let (Some(last), Some(read)) =
+                            (announced, response["result"]["last_seq"].as_u64())
+                        {
+                            announced = Some(last.max(read));
+                        }
+                    }
+                    self.send(&response).await?;
+                }
+                frame = self.receive(idle_timeout), if in_flight.len() < MAX_IN_FLIGHT => {
                     let Some(frame) = frame? else { return Ok(()) };
                     match frame["type"].as_str() {
                         Some("request") => {
-                            let response = answer(&self.state, &db, &frame).await;
-                            if frame["op"] == "changes" {
-                                armed = true;
-                                // What the response carries needs no announcement: announcing
-                                // it would wake the client for nothing and disarm the session
-                                // before the write that matters.
-                                if let (Some(last), Some(read)) =
-                                    (announced, response["result"]["last_seq"].as_u64())
-                                {
-                                    announced = Some(last.max(read));
-                                }
-                            }
-                            self.send(&response).await?;
+                            let state = self.state.clone();
+                            let db = db.clone();
+                            in_flight.push(async move {
+                                let response = answer(&state, &db, &frame).await;
+                                (frame["op"] == "changes", response)
+                            });
                         }
                         Some("subscribe") => {
                             let since = frame["since"].as_u64().unwrap_or(0);
