@@ -331,6 +331,7 @@ impl Ferry {
 
     pub(crate) fn acknowledge(&self, last_seq: &serde_json::Value) {
         if let Some(seq) = last_seq.as_u64() {
+            ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_RECORDING_ACK);
             match self.inner.db.acknowledge_through(seq) {
                 Ok(count) if count > 0 => self.notify_changed(),
                 Ok(_) => {}
@@ -379,5 +380,21 @@ impl Ferry {
             }
         });
         self.inner.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_store::{Database, Durability};
+
+    use super::*;
+
+    /// A local write the app was told is saved survives power loss: the replica commits with
+    /// fsync (which no crash test can observe).
+    #[test]
+    fn replicas_commit_with_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let ferry = Ferry::initialize_offline(dir.path().join("app.ferry"), "someone").unwrap();
+        assert_eq!(ferry.database().durability().unwrap(), Durability::Full);
     }
 }

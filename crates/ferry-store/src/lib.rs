@@ -33,6 +33,7 @@ use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
 
 pub mod accounts;
 pub mod conformance;
+pub mod failpoint;
 pub mod sqlite;
 
 /// Settings shared by every store implementation.
@@ -297,6 +298,10 @@ pub struct Query {
 /// Architecture Invariant: every method that writes commits one transaction before it returns,
 /// with the durability of [`StoreConfig::durability`]; nothing written is visible before then.
 pub trait Database: Send + Sync {
+    /// The durability its commits actually have, read from the live connection (what the
+    /// crash tests cannot see: a missing fsync survives SIGKILL and loses data on power loss).
+    fn durability(&self) -> Result<Durability, StoreError>;
+
     /// Counters and identity.
     fn info(&self) -> Result<DatabaseInfo, StoreError>;
 

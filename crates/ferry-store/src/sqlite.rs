@@ -296,11 +296,6 @@ impl SqliteDatabase {
         })
     }
 
-    /// SQLite's `synchronous` setting of the write connection (2 = FULL, 1 = NORMAL).
-    pub fn synchronous(&self) -> Result<i64, StoreError> {
-        Ok(lock(&self.writer).query_row("PRAGMA synchronous", [], |row| row.get(0))?)
-    }
-
     /// The file this database lives in.
     pub fn path(&self) -> &Path {
         &self.path
@@ -722,6 +717,19 @@ impl SqliteDatabase {
 }
 
 impl Database for SqliteDatabase {
+    fn durability(&self) -> Result<Durability, StoreError> {
+        let synchronous: i64 =
+            lock(&self.writer).query_row("PRAGMA synchronous", [], |row| row.get(0))?;
+        match synchronous {
+            2 => Ok(Durability::Full),
+            1 => Ok(Durability::Normal),
+            other => Err(StoreError::Corrupt {
+                what: "connection settings",
+                detail: format!("synchronous is {other}, neither FULL nor NORMAL"),
+            }),
+        }
+    }
+
     fn info(&self) -> Result<DatabaseInfo, StoreError> {
         self.with_reader(|connection| {
             Ok(DatabaseInfo {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ferry_store::sqlite::{SqliteBackend, SqliteDatabase};
-use ferry_store::{Backend, Durability, Edit, StoreConfig, StoreError};
+use ferry_store::{Backend, Database, Durability, Edit, StoreConfig, StoreError};
 
 /// A fresh backend in its own temporary directory, kept alive as long as the backend.
 struct TempBackend {
@@ -75,7 +75,7 @@ fn full_durability_sets_synchronous_full_and_wal() {
     // synchronous is per connection: read it through the database's own connection settings
     // by opening a second handle the same way the store does.
     let db2 = SqliteDatabase::open(&path, "d", StoreConfig::default()).unwrap();
-    assert_eq!(db2.synchronous().unwrap(), 2, "2 is FULL");
+    assert_eq!(db2.durability().unwrap(), Durability::Full);
     let normal = SqliteDatabase::open(
         &path,
         "d",
@@ -85,7 +85,7 @@ fn full_durability_sets_synchronous_full_and_wal() {
         },
     )
     .unwrap();
-    assert_eq!(normal.synchronous().unwrap(), 1, "1 is NORMAL");
+    assert_eq!(normal.durability().unwrap(), Durability::Normal);
 }
 
 #[test]

@@ -652,3 +652,42 @@ fn local_now(db: &dyn Database) -> Result<Timestamp> {
         });
     Ok(clock.now(wall_ms))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// SIGKILL cannot reveal a missing fsync, so the setting itself is checked: from the
+    /// command line `ferry serve` runs with, through the server's state, to the SQLite
+    /// connection of a database it opens; and the same for CLI replicas.
+    #[test]
+    fn the_server_and_cli_replicas_commit_with_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("server");
+        let cli = Cli::try_parse_from([
+            "ferry",
+            "serve",
+            "--insecure-no-auth",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("parsed as serve")
+        };
+        let config = args.config().unwrap();
+        let state = ferry_server::open_state(&config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let durability = runtime
+            .block_on(state.run(|backend| backend.create_database("durable")?.durability()))
+            .unwrap();
+        assert_eq!(durability, Durability::Full);
+
+        let replica = open_replica_allow_new(&dir.path().join("replica.sqlite")).unwrap();
+        assert_eq!(replica.durability().unwrap(), Durability::Full);
+    }
+}

@@ -178,6 +178,7 @@ pub(crate) async fn store_revisions(
             Ok(db.info()?.update_seq)
         })
         .await?;
+    ferry_store::failpoint::reached(ferry_store::failpoint::AFTER_COMMIT_BEFORE_ACK);
     state.notify(db, seq);
     Ok(())
 }

@@ -375,6 +375,7 @@ async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value
             Ok(local.map_or(Value::Null, |local| Value::Object(local.body)))
         }
         "put_checkpoint" => {
+            ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_CHECKPOINT);
             let id = checkpoint_id(frame)?;
             let Some(Value::Object(body)) = frame.get("checkpoint").cloned() else {
                 return Err(ApiError::bad_request(
