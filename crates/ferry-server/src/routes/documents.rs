@@ -502,6 +502,8 @@ pub(crate) async fn put_local(
             .transpose()?,
     };
     state.validate_document(&format!("local-{id}"), &body)?;
+    // Replicators store their checkpoints as `_local` documents.
+    ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_CHECKPOINT);
     let doc_id = format!("_local/{id}");
     let new_rev = state
         .with_db(&db, move |db| db.put_local(&id, rev, Some(body)))

@@ -3,10 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 /// The `ferry` binary built for these tests.
@@ -41,17 +42,46 @@ pub struct ServerProcess {
     extra_args: Vec<String>,
 }
 
-fn spawn_server(data_dir: &Path, listen: &str, extra_args: &[&str]) -> Child {
-    Command::new(ferry_bin())
+/// Starts `ferry serve`; with a `failpoint` (`docs/testing.md`), its standard error is read
+/// here (and passed on) so the returned receiver fires when the server freezes there.
+fn spawn_server(
+    data_dir: &Path,
+    listen: &str,
+    extra_args: &[&str],
+    failpoint: Option<&str>,
+) -> (Child, mpsc::Receiver<()>) {
+    let mut command = Command::new(ferry_bin());
+    command
         .args(["serve", "--data-dir"])
         .arg(data_dir)
         .args(["--listen", listen])
         .args(extra_args)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::null());
+    let (froze, frozen) = mpsc::channel();
+    let Some(failpoint) = failpoint else {
+        let child = command
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferry serve");
+        return (child, frozen);
+    };
+    let mut child = command
+        .env(ferry_store::failpoint::VARIABLE, failpoint)
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn ferry serve")
+        .expect("spawn ferry serve");
+    let stderr = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if line.starts_with("FERRY_FAILPOINT ") {
+                let _ = froze.send(());
+            }
+        }
+    });
+    (child, frozen)
 }
 
 impl ServerProcess {
@@ -67,7 +97,7 @@ impl ServerProcess {
         assert!(added.status.success(), "{added:?}");
         let listen = format!("127.0.0.1:{}", free_port());
         let server = ServerProcess {
-            child: spawn_server(data_dir, &listen, extra_args),
+            child: spawn_server(data_dir, &listen, extra_args, None).0,
             url: format!("http://{TEST_USER}:{TEST_PASSWORD}@{listen}"),
             bare_url: format!("http://{listen}"),
             data_dir: data_dir.to_owned(),
@@ -79,11 +109,19 @@ impl ServerProcess {
 
     /// Starts the server again on the same address and data (after [`ServerProcess::kill`]).
     pub fn restart(&mut self) {
+        self.restart_armed(None);
+    }
+
+    /// Restarts it with `FERRY_FAILPOINT` set to `failpoint`; the receiver fires when the
+    /// server has frozen there.
+    pub fn restart_armed(&mut self, failpoint: Option<&str>) -> mpsc::Receiver<()> {
         self.kill();
         let listen = self.bare_url.trim_start_matches("http://").to_owned();
         let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        self.child = spawn_server(&self.data_dir, &listen, &extra);
+        let (child, frozen) = spawn_server(&self.data_dir, &listen, &extra, failpoint);
+        self.child = child;
         self.wait_until_up();
+        frozen
     }
 
     fn wait_until_up(&self) {
