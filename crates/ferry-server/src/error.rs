@@ -94,6 +94,14 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidRevision { .. } | StoreError::InvalidQuery(_) => {
                 ApiError::bad_request(error.to_string())
             }
+            StoreError::StorageFull(_) => {
+                tracing::error!(%error, "a write failed for lack of storage");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "The server could not store the request: its disk is full. Nothing of it was stored; retry later.",
+                )
+            }
             other => ApiError::internal(other),
         }
     }

@@ -105,12 +105,46 @@ pub enum StoreError {
         /// The newest version this build knows.
         supported: i64,
     },
+    /// Storage refused a write: the disk is full, a file size limit was reached, or the
+    /// device failed. The transaction was rolled back: nothing of it is stored, what was
+    /// stored before is intact, and the database is usable (reads work; writes work again
+    /// once there is room).
+    #[error("cannot write to storage (disk full, file size limit or device error): {0}")]
+    StorageFull(String),
     /// The underlying SQLite call failed.
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// A file operation failed.
     #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        // SQLITE_FULL on ENOSPC; SQLITE_IOERR_WRITE (778) on other failed writes, among them
+        // EFBIG past a file size limit.
+        const SQLITE_IOERR_WRITE: std::ffi::c_int = 778;
+        match &error {
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == rusqlite::ErrorCode::DiskFull
+                    || failure.extended_code == SQLITE_IOERR_WRITE =>
+            {
+                StoreError::StorageFull(error.to_string())
+            }
+            _ => StoreError::Sqlite(error),
+        }
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> StoreError {
+        match error.kind() {
+            std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::FileTooLarge
+            | std::io::ErrorKind::QuotaExceeded => StoreError::StorageFull(error.to_string()),
+            _ => StoreError::Io(error),
+        }
+    }
 }
 
 /// A collection of named databases.
