@@ -1,0 +1,342 @@
+//! The properties the fuzz targets check (`fuzz/`, run with `cargo fuzz`), kept here so that
+//! the committed corpora replay as ordinary tests (`tests/corpus.rs`) on the stable toolchain.
+//!
+//! Every check takes raw fuzzer bytes, must never panic on input it rejects, and panics (the
+//! fuzzer's signal) when a property breaks. `docs/testing.md` says what each one proves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write;
+
+use arbitrary::{Arbitrary, Unstructured};
+use ferry_core::couch::{parse_revisions, revision_from_json, revision_json, revisions_json};
+use ferry_core::hlc::Timestamp;
+use ferry_core::json::{canonical, parse_strict};
+use ferry_core::model::Body;
+use ferry_core::resolve::{Version, merge};
+use ferry_core::rev::Rev;
+use ferry_core::tree::RevTree;
+use serde_json::{Map, Value};
+
+/// The depth the server accepts for a sync frame (documents nest one level below it).
+const FRAME_DEPTH: usize = 64;
+
+/// A check over one fuzz input.
+pub type Check = fn(&[u8]);
+
+/// The checks by name, as the fuzz targets and their corpus directories are named.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("protocol_frame", protocol_frame),
+    ("revision_ids", revision_ids),
+    ("tree_insert", tree_insert),
+    ("merge_laws", merge_laws),
+    ("canonical_json", canonical_json),
+    ("query_params", query_params),
+];
+
+/// A sync-session frame as the server decodes it: strict JSON, then every document in it as a
+/// replicated revision. Whatever decodes must encode and decode to the same thing.
+pub fn protocol_frame(data: &[u8]) {
+    let Ok(frame) = parse_strict(data, FRAME_DEPTH) else {
+        return;
+    };
+    let text = frame.to_string();
+    let again = parse_strict(text.as_bytes(), FRAME_DEPTH).expect("an encoded frame decodes");
+    assert_eq!(again, frame, "frame round trip");
+    let documents: Vec<Value> = match &frame {
+        Value::Object(map) => match map.get("docs") {
+            Some(Value::Array(docs)) => docs.clone(),
+            _ => vec![frame.clone()],
+        },
+        _ => Vec::new(),
+    };
+    for document in documents {
+        let Ok(revision) = revision_from_json(document) else {
+            continue;
+        };
+        for with_hlc in [true, false] {
+            let encoded = revision_json(&revision, with_hlc);
+            let decoded = revision_from_json(encoded).expect("an encoded revision decodes");
+            assert_eq!(decoded.doc_id, revision.doc_id);
+            assert_eq!(decoded.path, revision.path);
+            assert_eq!(decoded.deleted, revision.deleted);
+            assert_eq!(decoded.body, revision.body);
+            if with_hlc {
+                assert_eq!(decoded.hlc, revision.hlc);
+            }
+        }
+    }
+}
+
+/// Revision ids (`N-hash`) and `_revisions` ancestries: what parses prints back to itself.
+pub fn revision_ids(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(rev) = text.parse::<Rev>()
+    {
+        let printed = rev.to_string();
+        assert_eq!(printed.parse::<Rev>().as_ref(), Ok(&rev), "{printed}");
+        assert_eq!(rev.generation().to_string(), printed.split('-').next().unwrap());
+    }
+    if let Ok(value) = parse_strict(data, FRAME_DEPTH)
+        && let Ok(path) = parse_revisions(&value)
+    {
+        for pair in path.windows(2) {
+            assert_eq!(pair[0].generation(), pair[1].generation() + 1);
+        }
+        let again = parse_revisions(&revisions_json(&path)).expect("printed ancestry parses");
+        assert_eq!(again, path);
+    }
+}
+
+/// A node of the fuzzed revision forest: the choices leading to it from a root. Its id is a
+/// function of them, so one id always has one parent, as content-addressed revisions do.
+fn rev_of(choices: &[u8]) -> Rev {
+    let mut hash = String::new();
+    for choice in choices {
+        write!(hash, "{:02x}", choice % 4).expect("writing to a String");
+    }
+    let hash = format!("{hash:0>32}");
+    Rev::new(choices.len() as u64, &hash[hash.len() - 32..]).expect("a valid revision id")
+}
+
+/// One path merged into a tree: the leaf's choices from the root, how many of its newest
+/// revisions the path carries (stemmed paths lose their oldest ones), and whether the leaf is a
+/// deletion.
+#[derive(Arbitrary, Debug)]
+struct PathInput {
+    choices: Vec<u8>,
+    keep: u8,
+    deleted: bool,
+}
+
+/// Revision-tree insertion against a naive model: a map from revision to parent, leaves
+/// computed by scanning for children, the winner by CouchDB's rule.
+pub fn tree_insert(data: &[u8]) {
+    let Ok(inputs) = Vec::<PathInput>::arbitrary_take_rest(Unstructured::new(data)) else {
+        return;
+    };
+    let mut tree = RevTree::new();
+    let mut parents: BTreeMap<Rev, Option<Rev>> = BTreeMap::new();
+    let mut deleted: BTreeSet<Rev> = BTreeSet::new();
+    for input in inputs.iter().take(64) {
+        let choices: Vec<u8> = input.choices.iter().take(12).copied().collect();
+        if choices.is_empty() {
+            continue;
+        }
+        let keep = usize::from(input.keep).clamp(1, choices.len());
+        let path: Vec<Rev> = (0..keep)
+            .map(|back| rev_of(&choices[..choices.len() - back]))
+            .collect();
+        tree.merge_path(&path, input.deleted)
+            .expect("consecutive paths merge");
+        for (index, rev) in path.iter().enumerate() {
+            let parent = path.get(index + 1).cloned();
+            let known = parents.entry(rev.clone()).or_insert(None);
+            if known.is_none() {
+                *known = parent;
+            }
+        }
+        if input.deleted {
+            deleted.insert(path[0].clone());
+        }
+    }
+    let revs: Vec<&Rev> = tree.revs().collect();
+    assert_eq!(revs, parents.keys().collect::<Vec<_>>());
+    for (rev, parent) in &parents {
+        assert_eq!(tree.parent(rev), parent.as_ref(), "parent of {rev}");
+        assert_eq!(tree.is_deleted(rev), deleted.contains(rev), "{rev} deleted");
+    }
+    let with_children: BTreeSet<&Rev> = parents.values().flatten().collect();
+    let leaves: Vec<(Rev, bool)> = parents
+        .keys()
+        .filter(|rev| !with_children.contains(rev))
+        .map(|rev| (rev.clone(), deleted.contains(rev)))
+        .collect();
+    let tree_leaves: Vec<(Rev, bool)> = tree
+        .leaves()
+        .into_iter()
+        .map(|leaf| (leaf.rev, leaf.deleted))
+        .collect();
+    assert_eq!(tree_leaves, leaves);
+    // CouchDB's winner: live before deleted, then the longest branch, then the highest id.
+    let winner = leaves
+        .iter()
+        .max_by_key(|(rev, is_deleted)| (!is_deleted, rev.generation(), rev.hash().to_owned()))
+        .map(|(rev, _)| rev.clone());
+    assert_eq!(tree.winner().map(|leaf| leaf.rev), winner);
+    let decoded = RevTree::decode(&tree.encode()).expect("an encoded tree decodes");
+    assert_eq!(decoded, tree);
+}
+
+/// A small JSON value drawn from the fuzzer's bytes.
+fn arbitrary_value(input: &mut Unstructured<'_>, depth: usize) -> arbitrary::Result<Value> {
+    let kind = if depth == 0 {
+        input.int_in_range(0..=3)?
+    } else {
+        input.int_in_range(0..=5)?
+    };
+    Ok(match kind {
+        0 => Value::Null,
+        1 => Value::Bool(input.arbitrary()?),
+        2 => Value::from(input.int_in_range(-3..=3)?),
+        3 => Value::String(["a", "b", "", "é"][input.choose_index(4)?].to_owned()),
+        4 => {
+            let len = input.int_in_range(0..=3)?;
+            Value::Array(
+                (0..len)
+                    .map(|_| arbitrary_value(input, depth - 1))
+                    .collect::<arbitrary::Result<_>>()?,
+            )
+        }
+        _ => Value::Object(arbitrary_object(input, depth - 1)?),
+    })
+}
+
+fn arbitrary_object(input: &mut Unstructured<'_>, depth: usize) -> arbitrary::Result<Body> {
+    let len = input.int_in_range(0..=4)?;
+    let mut map = Map::new();
+    for _ in 0..len {
+        let key = ["x", "y", "z", "w"][input.choose_index(4)?].to_owned();
+        map.insert(key, arbitrary_value(input, depth)?);
+    }
+    Ok(map)
+}
+
+/// Version number `index` of a conflict: the versions of a conflict are distinct leaves, so
+/// their revision ids differ (the clocks, drawn from few values, often tie).
+fn version(input: &mut Unstructured<'_>, index: u8, body: Body) -> arbitrary::Result<Version> {
+    let hash = format!("{:030x}{index:02x}", input.arbitrary::<u128>()? >> 8);
+    Ok(Version {
+        rev: Rev::new(input.int_in_range(1..=4)?, &hash).expect("valid"),
+        hlc: Timestamp::new(input.int_in_range(0..=3)?, input.int_in_range(0..=2)?),
+        body,
+    })
+}
+
+/// The laws of the three-way merge: unchanged sides change nothing (`merge(b, b, x) = x`),
+/// identical changes are one change (`merge(b, a, a) = a`), and the order of the versions does
+/// not matter.
+pub fn merge_laws(data: &[u8]) {
+    let mut input = Unstructured::new(data);
+    let draw = |input: &mut Unstructured<'_>| -> arbitrary::Result<_> {
+        let base = arbitrary_object(input, 3)?;
+        let a = arbitrary_object(input, 3)?;
+        let x = arbitrary_object(input, 3)?;
+        let versions = [
+            version(input, 0, a.clone())?,
+            version(input, 1, a.clone())?,
+            version(input, 2, base.clone())?,
+            version(input, 3, x.clone())?,
+        ];
+        Ok((base, a, x, versions))
+    };
+    let Ok((base, a, x, [a1, a2, unchanged, changed])) = draw(&mut input) else {
+        return;
+    };
+    assert_eq!(merge(&base, &[a1.clone(), a2]).0, a, "merge(b, a, a) = a");
+    assert_eq!(
+        merge(&base, &[unchanged.clone(), changed.clone()]).0,
+        x,
+        "merge(b, b, x) = x"
+    );
+    assert_eq!(
+        merge(&base, &[changed.clone(), a1.clone()]),
+        merge(&base, &[a1, changed]),
+        "symmetry"
+    );
+}
+
+/// Writes `value` with keys in reverse order and whitespace everywhere it is allowed.
+fn write_scrambled(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            out.push_str("{ \n");
+            for (index, (key, value)) in map.iter().rev().enumerate() {
+                if index > 0 {
+                    out.push_str(" ,\t");
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push_str(" :\r\n ");
+                write_scrambled(value, out);
+            }
+            out.push_str("\n}");
+        }
+        Value::Array(items) => {
+            out.push_str("[ ");
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push_str(" , ");
+                }
+                write_scrambled(item, out);
+            }
+            out.push_str(" ]");
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Canonical JSON, and so revision ids: any key order or whitespace gives the same bytes.
+pub fn canonical_json(data: &[u8]) {
+    let Ok(value) = parse_strict(data, FRAME_DEPTH) else {
+        return;
+    };
+    let mut scrambled = String::new();
+    write_scrambled(&value, &mut scrambled);
+    let reread = parse_strict(scrambled.as_bytes(), FRAME_DEPTH).expect("scrambled JSON parses");
+    let bytes = canonical(&value);
+    assert_eq!(canonical(&reread), bytes, "{scrambled}");
+    let pretty = serde_json::to_string_pretty(&value).expect("serializes");
+    let reread = parse_strict(pretty.as_bytes(), FRAME_DEPTH).expect("pretty JSON parses");
+    assert_eq!(canonical(&reread), bytes);
+    // Canonical bytes are JSON for the same value, and canonical again.
+    let back = parse_strict(&bytes, FRAME_DEPTH).expect("canonical JSON parses");
+    assert_eq!(back, value);
+    assert_eq!(canonical(&back), bytes);
+    if let Value::Object(body) = &value {
+        let canonical_body = ferry_core::json::canonical_object(body);
+        let rev = Rev::compute(None, false, &canonical_body);
+        let reread_body = parse_strict(scrambled.as_bytes(), FRAME_DEPTH)
+            .ok()
+            .and_then(|value| value.as_object().cloned())
+            .expect("an object");
+        let again = Rev::compute(
+            None,
+            false,
+            &ferry_core::json::canonical_object(&reread_body),
+        );
+        assert_eq!(rev, again);
+    }
+}
+
+/// CouchDB query parameters as the server reads them: every value either parses or is refused
+/// with a 400, never a panic or a 500.
+pub fn query_params(data: &[u8]) {
+    let Ok(query) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(map) = serde_urlencoded::from_str::<HashMap<String, String>>(query) else {
+        return;
+    };
+    let params = ferry_server::params::Params(map);
+    let bad_request = |status: u16| assert_eq!(status, 400);
+    for name in ["descending", "include_docs", "conflicts", "revs", "inclusive_end"] {
+        if let Err(error) = params.flag(name, false) {
+            bad_request(error.status.as_u16());
+        }
+    }
+    for name in ["limit", "skip", "since", "heartbeat", "timeout"] {
+        if let Err(error) = params.number(name) {
+            bad_request(error.status.as_u16());
+        }
+    }
+    for names in [&["key"][..], &["startkey", "start_key"], &["endkey", "end_key"]] {
+        if let Err(error) = params.json(names) {
+            bad_request(error.status.as_u16());
+        }
+        if let Err(error) = params.key(names) {
+            bad_request(error.status.as_u16());
+        }
+    }
+    if let Err(error) = params.rev("rev") {
+        bad_request(error.status.as_u16());
+    }
+}
