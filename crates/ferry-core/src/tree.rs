@@ -355,6 +355,11 @@ impl RevTree {
     /// The revisions at most `depth` steps above some leaf: the ones whose bodies a store
     /// keeps (leaves are depth 0), so that three-way merges find recent common ancestors.
     pub fn body_window(&self, depth: usize) -> BTreeSet<Rev> {
+        // No revision is further from a leaf than the tree has revisions: a small tree is all
+        // inside the window (the common case, which then skips the walk).
+        if self.nodes.len() <= depth.saturating_add(1) {
+            return self.nodes.keys().cloned().collect();
+        }
         self.leaf_distances()
             .into_iter()
             .filter(|(_, distance)| *distance <= depth)
@@ -382,6 +387,9 @@ impl RevTree {
     /// treated as 1.
     pub fn stem(&mut self, limit: usize) -> Vec<Rev> {
         let keep_depth = limit.max(1) - 1;
+        if self.nodes.len() <= limit.max(1) {
+            return Vec::new();
+        }
         let distances = self.leaf_distances();
         let dropped: Vec<Rev> = self
             .nodes

@@ -74,7 +74,10 @@ pub fn revision_ids(data: &[u8]) {
     {
         let printed = rev.to_string();
         assert_eq!(printed.parse::<Rev>().as_ref(), Ok(&rev), "{printed}");
-        assert_eq!(rev.generation().to_string(), printed.split('-').next().unwrap());
+        assert_eq!(
+            rev.generation().to_string(),
+            printed.split('-').next().unwrap()
+        );
     }
     if let Ok(value) = parse_strict(data, FRAME_DEPTH)
         && let Ok(path) = parse_revisions(&value)
@@ -318,7 +321,13 @@ pub fn query_params(data: &[u8]) {
     };
     let params = ferry_server::params::Params(map);
     let bad_request = |status: u16| assert_eq!(status, 400);
-    for name in ["descending", "include_docs", "conflicts", "revs", "inclusive_end"] {
+    for name in [
+        "descending",
+        "include_docs",
+        "conflicts",
+        "revs",
+        "inclusive_end",
+    ] {
         if let Err(error) = params.flag(name, false) {
             bad_request(error.status.as_u16());
         }
@@ -328,7 +337,11 @@ pub fn query_params(data: &[u8]) {
             bad_request(error.status.as_u16());
         }
     }
-    for names in [&["key"][..], &["startkey", "start_key"], &["endkey", "end_key"]] {
+    for names in [
+        &["key"][..],
+        &["startkey", "start_key"],
+        &["endkey", "end_key"],
+    ] {
         if let Err(error) = params.json(names) {
             bad_request(error.status.as_u16());
         }

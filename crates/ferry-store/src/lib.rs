@@ -34,6 +34,7 @@ use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
 pub mod accounts;
 pub mod conformance;
 pub mod failpoint;
+pub mod memory;
 pub mod sqlite;
 
 /// Settings shared by every store implementation.

@@ -697,6 +697,23 @@ impl SqliteDatabase {
 }
 
 impl SqliteDatabase {
+    /// A document waiting in the outbox moved to sequence `seq` (replicated revisions changed
+    /// its leaves): its local edit now goes out with the page that holds `seq`, so that page,
+    /// not the one its edit first had, acknowledges it.
+    fn move_pending(
+        &self,
+        transaction: &Transaction<'_>,
+        doc_id: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        if self.config.track_pending {
+            transaction
+                .prepare_cached("UPDATE outbox SET seq = ?2 WHERE doc_id = ?1")?
+                .execute(params![doc_id, to_i64(seq)])?;
+        }
+        Ok(())
+    }
+
     /// Records a local edit in the outbox (client replicas only).
     fn record_pending(
         &self,
@@ -799,7 +816,7 @@ impl Database for SqliteDatabase {
                     Applied::Added => report.added += 1,
                     Applied::AlreadyPresent => report.already_present += 1,
                 }
-                self.store_update(
+                let seq = self.store_update(
                     transaction,
                     counters,
                     &revision.doc_id,
@@ -812,6 +829,9 @@ impl Database for SqliteDatabase {
                         hlc: revision.hlc.unwrap_or(default_hlc),
                     },
                 )?;
+                if let Some(seq) = seq {
+                    self.move_pending(transaction, &revision.doc_id, seq)?;
+                }
             }
             Ok(report)
         })

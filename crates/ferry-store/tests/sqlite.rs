@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ferry_store::sqlite::{SqliteBackend, SqliteDatabase};
+use ferry_store::sqlite::{PendingState, SqliteBackend, SqliteDatabase};
 use ferry_store::{Backend, Database, Durability, Edit, StoreConfig, StoreError};
 
 /// A fresh backend in its own temporary directory, kept alive as long as the backend.
@@ -150,7 +150,7 @@ fn tracking(dir: &tempfile::TempDir) -> SqliteDatabase {
 #[test]
 fn local_edits_stay_pending_until_acknowledged() {
     use ferry_store::Database;
-    use ferry_store::sqlite::{PendingState, PendingSummary};
+    use ferry_store::sqlite::PendingSummary;
     let dir = tempfile::tempdir().unwrap();
     let db = tracking(&dir);
     let put = |doc_id: &str, base: Option<ferry_core::rev::Rev>| {
@@ -218,6 +218,52 @@ fn local_edits_stay_pending_until_acknowledged() {
             rejected: 1
         }
     );
+}
+
+/// Found by the simulator (seed 427): a local edit waits at sequence 1; a pull then brings a
+/// concurrent revision of the same document, which moves the document to a later sequence. A
+/// push that committed a page ending before that sequence has not carried the edit, and must
+/// not acknowledge it.
+#[test]
+fn a_pending_edit_moved_by_a_pull_waits_for_the_page_that_carries_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = tracking(&dir);
+    db.write_edits(vec![Edit::put(
+        "a",
+        None,
+        body(serde_json::json!({"mine": 1})),
+    )])
+    .unwrap();
+    db.write_edits(vec![Edit::put(
+        "b",
+        None,
+        body(serde_json::json!({"other": 1})),
+    )])
+    .unwrap();
+    db.write_revisions(
+        vec![replicated(
+            "a",
+            &["1-0000000000000000000000000000ffff"],
+            5,
+            serde_json::json!({"theirs": 1}),
+        )],
+        ferry_core::hlc::Timestamp::new(6, 0),
+    )
+    .unwrap();
+    let moved_to = db.get_document("a").unwrap().unwrap().seq;
+    assert_eq!(moved_to, 3);
+    // A push whose page ended at b (sequence 2) did not carry a.
+    db.acknowledge_through(2).unwrap();
+    assert!(
+        matches!(
+            db.pending_state("a").unwrap(),
+            Some(PendingState::Pending { seq: 3 })
+        ),
+        "{:?}",
+        db.pending_state("a").unwrap()
+    );
+    assert_eq!(db.acknowledge_through(3).unwrap(), 1);
+    assert_eq!(db.pending_state("a").unwrap(), None);
 }
 
 #[test]

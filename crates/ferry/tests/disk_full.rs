@@ -75,11 +75,7 @@ fn a_local_write_past_the_storage_limit_fails_clearly_and_the_replica_stays_usab
         .iter()
         .map(|doc| doc["_id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        ["small"],
-        "nothing of the refused write is stored"
-    );
+    assert_eq!(ids, ["small"], "nothing of the refused write is stored");
     // Under the same limit, writes that fit still work.
     assert!(put("after", r#"{"n": 2}"#).status.success());
     assert_eq!(integrity(&replica), "ok");

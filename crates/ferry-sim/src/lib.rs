@@ -1,0 +1,1248 @@
+//! A deterministic simulation of one server and 2 to 8 clients syncing through faults.
+//!
+//! One seed decides everything: how many clients, which documents, which conflict policies,
+//! every operation (edits, deletions, recreations, manual resolutions, compactions, going
+//! offline and online, syncing, live mode, clock skew) and every fault (dropped, duplicated,
+//! delayed and reordered messages, one-way and two-way partitions, client and server crashes
+//! that lose what was in flight and keep what was committed). The replication is the real
+//! `ferry_core::replicate::Replication` state machine; replicas are `ferry_store` in-memory
+//! databases (the same conformance suite as SQLite); conflicts are resolved by the real
+//! `ferry_store::resolve_conflict`. There is no thread, no clock but a counter, no I/O: the
+//! same seed replays exactly.
+//!
+//! While it runs, and once faults stop and every replica has synced to quiescence, it checks:
+//! - no acknowledged write is lost: a document a client no longer counts as pending has all
+//!   its leaves on the server (checked after every step);
+//! - reads never go backwards: a client never shows, as a document's winner, an ancestor of a
+//!   winner it showed before;
+//! - liveness: once faults stop, every outbox empties and syncing reaches quiescence within a
+//!   bounded number of rounds (a stuck queue fails the run);
+//! - convergence: every replica has the same documents, trees, winners, bodies and conflicts;
+//! - no silent loss: every tree equals the oracle, the union of every revision any replica
+//!   ever held;
+//! - nothing applied twice: the server's changes feed lists each document once.
+//!
+//! `docs/testing.md` says how to replay a seed and how to soak.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use ferry_core::hlc::HlcClock;
+use ferry_core::model::{Body, Limits, Revision};
+use ferry_core::replicate::{
+    Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, Response, Stats,
+};
+use ferry_core::resolve::{Policies, Policy};
+use ferry_core::rev::Rev;
+use ferry_core::tree::RevTree;
+use ferry_store::memory::MemoryDatabase;
+use ferry_store::{Database, Edit, StoreConfig, resolve_conflict};
+use serde_json::{Value, json};
+
+/// A run that broke an invariant, with what replays it.
+#[derive(Debug)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// What broke.
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {}: {} (replay: cargo run -p ferry-sim --release -- --seed {})",
+            self.seed, self.message, self.seed
+        )
+    }
+}
+
+/// What a run did, for soak statistics.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Clients simulated.
+    pub clients: usize,
+    /// Operations applied.
+    pub operations: usize,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Messages dropped, duplicated or cut by a crash.
+    pub faults: u64,
+    /// Documents in conflict at the end (kept by the `keep` policy).
+    pub conflicted: usize,
+    /// Sync rounds the healing phase needed.
+    pub healing_rounds: usize,
+}
+
+/// SplitMix64: small, fast, and the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound.max(1)
+    }
+
+    fn index(&mut self, len: usize) -> usize {
+        usize::try_from(self.below(len as u64)).unwrap_or(0)
+    }
+
+    fn chance(&mut self, per_thousand: u64) -> bool {
+        self.below(1000) < per_thousand
+    }
+}
+
+type DocRevs = Vec<(String, Vec<Rev>)>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Push,
+    Pull,
+}
+
+/// A request a client sends the server.
+#[derive(Clone, Debug)]
+enum Request {
+    GetCheckpoint(String),
+    PutCheckpoint(String, Checkpoint),
+    Changes { since: u64, limit: usize },
+    RevsDiff(DocRevs),
+    Fetch(DocRevs),
+    Write(Vec<Revision>),
+}
+
+/// The server's answer.
+#[derive(Clone, Debug)]
+enum Reply {
+    Checkpoint(Option<Checkpoint>),
+    Done,
+    Changes { rows: Vec<ChangeRow>, last_seq: u64 },
+    Missing(DocRevs),
+    Revisions(Vec<Revision>),
+}
+
+#[derive(Clone, Debug)]
+enum Payload {
+    Request(Request),
+    Reply(Reply),
+}
+
+#[derive(Clone, Debug)]
+struct Message {
+    client: usize,
+    to_server: bool,
+    /// Identifies the request, and the replication run waiting for the reply.
+    request: u64,
+    deliver_at: u64,
+    payload: Payload,
+}
+
+/// What a replication run waits for from the server.
+#[derive(Clone, Debug)]
+enum Waiting {
+    Checkpoints { local: Option<Checkpoint> },
+    Changes,
+    Missing,
+    Revisions,
+    Written { revisions: Vec<(String, Rev)> },
+    TargetCheckpoint { checkpoint: Checkpoint },
+    SourceCheckpoint,
+}
+
+struct Run {
+    machine: Replication,
+    replication_id: String,
+    waiting: Option<(u64, Waiting, u64)>,
+    stats: Stats,
+}
+
+struct Client {
+    db: Arc<MemoryDatabase>,
+    clock: HlcClock,
+    skew_ms: i64,
+    online: bool,
+    live: bool,
+    push: Option<Run>,
+    pull: Option<Run>,
+    /// Winners shown so far, per document (reads must not go backwards).
+    shown: BTreeMap<String, BTreeSet<Rev>>,
+    /// Partitions: messages to the server dropped until, and from it.
+    cut_up_until: u64,
+    cut_down_until: u64,
+    /// Whether both directions finished a run that wrote nothing since the last local change.
+    quiet: (bool, bool),
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    server: Arc<MemoryDatabase>,
+    server_clock: HlcClock,
+    policies: Policies,
+    clients: Vec<Client>,
+    network: Vec<Message>,
+    next_request: u64,
+    next_session: u64,
+    /// Every revision any replica ever held, per document.
+    oracle: BTreeMap<String, RevTree>,
+    /// Every revision the server acknowledged.
+    acknowledged: Vec<(String, Rev)>,
+    docs: Vec<String>,
+    faults_on: bool,
+    drop_rate: u64,
+    dup_rate: u64,
+    reorder: bool,
+    outcome: Outcome,
+}
+
+const BATCH: usize = 3;
+const REQUEST_TIMEOUT_MS: u64 = 2_000;
+const HEALING_ROUNDS: usize = 60;
+
+fn limits() -> Limits {
+    Limits {
+        revs_limit: 10_000,
+        ..Limits::default()
+    }
+}
+
+fn fail(seed: u64, message: impl Into<String>) -> Failure {
+    Failure {
+        seed,
+        message: message.into(),
+    }
+}
+
+/// Prints a step when `SIM_TRACE` is set, to follow a failing seed.
+fn trace(step: impl FnOnce() -> String) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SIM_TRACE").is_some()) {
+        eprintln!("{}", step());
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let client_count = 2 + rng.index(7);
+        let doc_count = 1 + rng.index(5);
+        let collections = ["a", "b"];
+        let docs: Vec<String> = (0..doc_count)
+            .map(|n| format!("{}:{n}", collections[n % 2]))
+            .collect();
+        let policy_of = |rng: &mut Rng| match rng.below(3) {
+            0 => Policy::Keep,
+            1 => Policy::LastWriteWins,
+            _ => Policy::Merge,
+        };
+        let policies = Policies::default()
+            .with("a", policy_of(&mut rng))
+            .with("b", policy_of(&mut rng));
+        let config = |track_pending| StoreConfig {
+            limits: limits(),
+            track_pending,
+            ..StoreConfig::default()
+        };
+        let clients = (0..client_count)
+            .map(|n| Client {
+                db: Arc::new(MemoryDatabase::new(
+                    "local",
+                    &format!("client{n}"),
+                    config(true),
+                )),
+                clock: HlcClock::new(u64::MAX),
+                skew_ms: 0,
+                online: true,
+                live: rng.chance(500),
+                push: None,
+                pull: None,
+                shown: BTreeMap::new(),
+                cut_up_until: 0,
+                cut_down_until: 0,
+                quiet: (false, false),
+            })
+            .collect();
+        World {
+            seed,
+            server: Arc::new(MemoryDatabase::new("db", "server", config(false))),
+            server_clock: HlcClock::new(u64::MAX),
+            policies,
+            clients,
+            network: Vec::new(),
+            next_request: 0,
+            next_session: 0,
+            oracle: BTreeMap::new(),
+            acknowledged: Vec::new(),
+            docs,
+            faults_on: true,
+            drop_rate: rng.below(80),
+            dup_rate: rng.below(80),
+            reorder: rng.chance(500),
+            rng,
+            now: 1_000_000,
+            outcome: Outcome {
+                clients: client_count,
+                ..Outcome::default()
+            },
+        }
+    }
+
+    fn fail(&self, message: impl Into<String>) -> Failure {
+        fail(self.seed, message)
+    }
+
+    fn client_wall(&self, client: usize) -> u64 {
+        self.now.saturating_add_signed(self.clients[client].skew_ms)
+    }
+
+    /// Adds what `db` holds of `doc_id` to the oracle.
+    fn observe(&mut self, db: &MemoryDatabase, doc_id: &str) -> Result<(), Failure> {
+        let Some(tree) = db.get_tree(doc_id).map_err(|e| self.fail(e.to_string()))? else {
+            return Ok(());
+        };
+        let oracle = self.oracle.entry(doc_id.to_owned()).or_default();
+        for leaf in tree.leaves() {
+            let path = tree.ancestry(&leaf.rev, usize::MAX);
+            oracle
+                .merge_path(&path, leaf.deleted)
+                .map_err(|e| fail(self.seed, e.to_string()))?;
+        }
+        // Interior revisions deleted flags come with their leaves' paths; a tree's own nodes
+        // are all on some leaf's path.
+        Ok(())
+    }
+
+    // ---- operations ----------------------------------------------------------------------
+
+    fn random_body(&mut self) -> Body {
+        let mut body = Body::new();
+        for field in ["f", "g", "h"] {
+            if self.rng.chance(700) {
+                body.insert(field.to_owned(), json!(self.rng.below(4)));
+            }
+        }
+        body
+    }
+
+    fn edit(&mut self, client: usize, edit: Edit) -> Result<(), Failure> {
+        let wall = self.client_wall(client);
+        let hlc = self.clients[client].clock.now(wall);
+        let doc_id = edit.doc_id.clone();
+        let edit = Edit { hlc, ..edit };
+        let db = self.clients[client].db.clone();
+        let result = db
+            .write_edits(vec![edit])
+            .map_err(|e| self.fail(format!("edit: {e}")))?;
+        trace(|| {
+            format!(
+                "t{} client {client} edit {doc_id} -> {:?} pending {:?}",
+                self.now,
+                result,
+                db.pending()
+            )
+        });
+        self.clients[client].quiet = (false, false);
+        self.observe(&db, &doc_id)
+    }
+
+    fn operate(&mut self) -> Result<(), Failure> {
+        let client = self.rng.index(self.clients.len());
+        let doc_id = self.docs[self.rng.index(self.docs.len())].clone();
+        let db = self.clients[client].db.clone();
+        let current = db
+            .get_document(&doc_id)
+            .map_err(|e| self.fail(e.to_string()))?;
+        match self.rng.below(100) {
+            // Create, update, patch.
+            0..=39 => {
+                let (base, mut body) = match &current {
+                    Some(document) if !document.deleted => {
+                        (Some(document.rev.clone()), document.body.clone())
+                    }
+                    _ => (None, Body::new()),
+                };
+                if self.rng.chance(500) {
+                    body = self.random_body();
+                } else {
+                    let field = ["f", "g", "h"][self.rng.index(3)];
+                    body.insert(field.to_owned(), json!(self.rng.below(6)));
+                }
+                self.edit(client, Edit::put(doc_id, base, body))?;
+            }
+            // Delete, or recreate a deleted document.
+            40..=49 => match &current {
+                Some(document) if !document.deleted => {
+                    self.edit(client, Edit::delete(doc_id, document.rev.clone()))?;
+                }
+                _ => {
+                    let body = self.random_body();
+                    self.edit(client, Edit::put(doc_id, None, body))?;
+                }
+            },
+            // Resolve by hand with an automatic policy.
+            50..=54 => {
+                let policy = if self.rng.chance(500) {
+                    Policy::LastWriteWins
+                } else {
+                    Policy::Merge
+                };
+                if resolve_conflict(&*db, &doc_id, policy)
+                    .map_err(|e| self.fail(e.to_string()))?
+                    .is_some()
+                {
+                    trace(|| {
+                        format!(
+                            "t{} client {client} resolved {doc_id} by hand; pending {:?}",
+                            self.now,
+                            db.pending()
+                        )
+                    });
+                    self.clients[client].quiet = (false, false);
+                    self.observe(&db, &doc_id)?;
+                }
+            }
+            55..=57 => {
+                if self.rng.chance(300) {
+                    self.server
+                        .compact()
+                        .map_err(|e| self.fail(e.to_string()))?;
+                } else {
+                    db.compact().map_err(|e| self.fail(e.to_string()))?;
+                }
+            }
+            58..=63 => {
+                let online = !self.clients[client].online;
+                self.clients[client].online = online;
+                if !online {
+                    self.disconnect(client);
+                }
+            }
+            64..=79 => self.start_sync(client),
+            80..=82 => self.clients[client].live = !self.clients[client].live,
+            83..=85 => {
+                self.clients[client].skew_ms = self.rng.below(60_000).cast_signed() - 30_000;
+            }
+            86..=88 => {
+                // Partition: one way or both, for a while.
+                let until = self.now + 100 + self.rng.below(3_000);
+                match self.rng.below(3) {
+                    0 => self.clients[client].cut_up_until = until,
+                    1 => self.clients[client].cut_down_until = until,
+                    _ => {
+                        self.clients[client].cut_up_until = until;
+                        self.clients[client].cut_down_until = until;
+                    }
+                }
+            }
+            89..=92 => self.crash_client(client),
+            93..=94 => self.crash_server(),
+            _ => {
+                // Let time pass.
+                self.now += self.rng.below(500);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loses what the client held in memory: its replications and their requests.
+    fn disconnect(&mut self, client: usize) {
+        self.clients[client].push = None;
+        self.clients[client].pull = None;
+        let before = self.network.len();
+        self.network.retain(|message| message.client != client);
+        self.outcome.faults += (before - self.network.len()) as u64;
+    }
+
+    fn crash_client(&mut self, client: usize) {
+        trace(|| format!("t{} client {client} crash", self.now));
+        self.disconnect(client);
+        self.clients[client].shown.clear();
+    }
+
+    /// The server loses every session and every message in flight; its store keeps what it
+    /// committed.
+    fn crash_server(&mut self) {
+        let before = self.network.len();
+        self.network.clear();
+        self.outcome.faults += before as u64;
+        for client in &mut self.clients {
+            client.push = None;
+            client.pull = None;
+        }
+    }
+
+    fn start_sync(&mut self, client: usize) {
+        if !self.clients[client].online {
+            return;
+        }
+        for direction in [Direction::Push, Direction::Pull] {
+            let running = match direction {
+                Direction::Push => self.clients[client].push.is_some(),
+                Direction::Pull => self.clients[client].pull.is_some(),
+            };
+            if running {
+                continue;
+            }
+            self.next_session += 1;
+            let replication_id = format!("client{client}-{direction:?}");
+            let run = Run {
+                machine: Replication::new(ReplicationConfig {
+                    replication_id: replication_id.clone(),
+                    session_id: format!("s{}", self.next_session),
+                    batch_size: BATCH,
+                    continuous: false,
+                }),
+                replication_id,
+                waiting: None,
+                stats: Stats::default(),
+            };
+            match direction {
+                Direction::Push => self.clients[client].push = Some(run),
+                Direction::Pull => self.clients[client].pull = Some(run),
+            }
+        }
+    }
+
+    // ---- replication ---------------------------------------------------------------------
+
+    fn run_mut(&mut self, client: usize, direction: Direction) -> Option<&mut Run> {
+        match direction {
+            Direction::Push => self.clients[client].push.as_mut(),
+            Direction::Pull => self.clients[client].pull.as_mut(),
+        }
+    }
+
+    fn send(&mut self, client: usize, request: Request) -> u64 {
+        self.next_request += 1;
+        let id = self.next_request;
+        self.enqueue(Message {
+            client,
+            to_server: true,
+            request: id,
+            deliver_at: self.now,
+            payload: Payload::Request(request),
+        });
+        id
+    }
+
+    /// Puts a message on the network, through the faults in force.
+    fn enqueue(&mut self, mut message: Message) {
+        let client = &self.clients[message.client];
+        let cut = if message.to_server {
+            client.cut_up_until > self.now
+        } else {
+            client.cut_down_until > self.now
+        };
+        if self.faults_on && (cut || self.rng.chance(self.drop_rate)) {
+            self.outcome.faults += 1;
+            return;
+        }
+        message.deliver_at = self.now + self.rng.below(if self.faults_on { 60 } else { 5 });
+        if self.faults_on && self.rng.chance(self.dup_rate) {
+            self.outcome.faults += 1;
+            let mut copy = message.clone();
+            copy.deliver_at += self.rng.below(100);
+            self.network.push(copy);
+        }
+        self.network.push(message);
+    }
+
+    /// Moves every idle replication of `client` forward until it waits for the server or ends.
+    fn advance(&mut self, client: usize) -> Result<(), Failure> {
+        for direction in [Direction::Push, Direction::Pull] {
+            while let Some(run) = self.run_mut(client, direction) {
+                if run.waiting.is_some() {
+                    break;
+                }
+                let action = run.machine.next_action();
+                if !self.act(client, direction, action)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one action: locally (and hands the response back), or by sending a request.
+    /// Returns whether the run can go on at once.
+    fn act(
+        &mut self,
+        client: usize,
+        direction: Direction,
+        action: Action,
+    ) -> Result<bool, Failure> {
+        let db = self.clients[client].db.clone();
+        let local_is_source = direction == Direction::Push;
+        let seed = self.seed;
+        let store = |e: ferry_store::StoreError| fail(seed, format!("store: {e}"));
+        let replication_id = self
+            .run_mut(client, direction)
+            .map(|run| run.replication_id.clone())
+            .unwrap_or_default();
+        let wait = |world: &mut World, request: Request, waiting: Waiting| {
+            let id = world.send(client, request);
+            let now = world.now;
+            if let Some(run) = world.run_mut(client, direction) {
+                run.waiting = Some((id, waiting, now));
+            }
+        };
+        let response = match action {
+            Action::ReadCheckpoints => {
+                let local = read_checkpoint(&*db, &replication_id).map_err(store)?;
+                wait(
+                    self,
+                    Request::GetCheckpoint(replication_id),
+                    Waiting::Checkpoints { local },
+                );
+                return Ok(false);
+            }
+            Action::ReadChanges { since, limit } => {
+                let since = since.as_u64().unwrap_or(0);
+                if local_is_source {
+                    let (rows, last_seq) = changes(&*db, since, limit).map_err(store)?;
+                    Response::Changes {
+                        rows,
+                        last_seq: json!(last_seq),
+                        pending: None,
+                    }
+                } else {
+                    wait(self, Request::Changes { since, limit }, Waiting::Changes);
+                    return Ok(false);
+                }
+            }
+            Action::RevsDiff { revs } => {
+                if local_is_source {
+                    wait(self, Request::RevsDiff(revs), Waiting::Missing);
+                    return Ok(false);
+                }
+                Response::Missing(revs_diff(&*db, &revs).map_err(store)?)
+            }
+            Action::FetchRevisions { wanted } => {
+                if local_is_source {
+                    Response::Revisions(fetch(&*db, &wanted).map_err(store)?)
+                } else {
+                    wait(self, Request::Fetch(wanted), Waiting::Revisions);
+                    return Ok(false);
+                }
+            }
+            Action::WriteRevisions { revisions } => {
+                if local_is_source {
+                    let written = revisions
+                        .iter()
+                        .map(|revision| (revision.doc_id.clone(), revision.path[0].clone()))
+                        .collect();
+                    wait(
+                        self,
+                        Request::Write(revisions),
+                        Waiting::Written { revisions: written },
+                    );
+                    return Ok(false);
+                }
+                self.pull_write(client, revisions)?;
+                Response::Written { rejected: 0 }
+            }
+            Action::WriteCheckpoint { checkpoint } => {
+                if local_is_source {
+                    // The target's (the server's) first, then the source's.
+                    wait(
+                        self,
+                        Request::PutCheckpoint(replication_id, checkpoint.clone()),
+                        Waiting::TargetCheckpoint { checkpoint },
+                    );
+                } else {
+                    write_checkpoint(&*db, &replication_id, &checkpoint).map_err(store)?;
+                    wait(
+                        self,
+                        Request::PutCheckpoint(replication_id, checkpoint),
+                        Waiting::SourceCheckpoint,
+                    );
+                }
+                return Ok(false);
+            }
+            Action::WaitForChanges { .. } => {
+                return Err(self.fail("a one-shot replication asked to wait"));
+            }
+            Action::Finished(stats) => {
+                self.finish(client, direction, &stats);
+                return Ok(false);
+            }
+        };
+        self.respond(client, direction, response)?;
+        Ok(true)
+    }
+
+    fn respond(
+        &mut self,
+        client: usize,
+        direction: Direction,
+        response: Response,
+    ) -> Result<(), Failure> {
+        let committed = matches!(response, Response::CheckpointWritten);
+        let seed = self.seed;
+        let Some(run) = self.run_mut(client, direction) else {
+            return Ok(());
+        };
+        run.machine
+            .handle(response)
+            .map_err(|e| fail(seed, format!("replication: {e}")))?;
+        run.stats = run.machine.stats().clone();
+        if committed && direction == Direction::Push {
+            // The SDK records acknowledgements after each committed batch.
+            let through = run.machine.checkpointed_seq().as_u64().unwrap_or(0);
+            let n = self.clients[client].db.acknowledge_through(through);
+            trace(|| {
+                format!(
+                    "t{} client {client} ack through {through}: {n} left the outbox; pending {:?}",
+                    self.now,
+                    self.clients[client].db.pending()
+                )
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, client: usize, direction: Direction, stats: &Stats) {
+        let quiet = stats.docs_written == 0;
+        let state = &mut self.clients[client];
+        match direction {
+            Direction::Push => {
+                state.push = None;
+                state.quiet.0 = quiet;
+            }
+            Direction::Pull => {
+                state.pull = None;
+                state.quiet.1 = quiet;
+            }
+        }
+    }
+
+    /// A pull writes into the client: then its policies resolve what conflicts, and what it
+    /// shows must not go backwards.
+    fn pull_write(&mut self, client: usize, revisions: Vec<Revision>) -> Result<(), Failure> {
+        let db = self.clients[client].db.clone();
+        let wall = self.client_wall(client);
+        for revision in &revisions {
+            if let Some(hlc) = revision.hlc {
+                let _ = self.clients[client].clock.observe(hlc, wall);
+            }
+        }
+        let touched: BTreeSet<String> = revisions.iter().map(|r| r.doc_id.clone()).collect();
+        let default_hlc = self.clients[client].clock.now(wall);
+        trace(|| {
+            format!(
+                "t{} client {client} pull write {:?}",
+                self.now,
+                revisions
+                    .iter()
+                    .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
+                    .collect::<Vec<_>>()
+            )
+        });
+        db.write_revisions(revisions, default_hlc)
+            .map_err(|e| self.fail(format!("pull write: {e}")))?;
+        for doc_id in &touched {
+            let policy = self.policies.for_doc(doc_id);
+            if resolve_conflict(&*db, doc_id, policy)
+                .map_err(|e| self.fail(e.to_string()))?
+                .is_some()
+            {
+                trace(|| {
+                    format!(
+                        "t{} client {client} auto-resolved {doc_id}; pending {:?}",
+                        self.now,
+                        db.pending()
+                    )
+                });
+                self.clients[client].quiet = (false, false);
+            }
+            self.observe(&db, doc_id)?;
+            self.check_not_backwards(client, doc_id)?;
+        }
+        Ok(())
+    }
+
+    fn check_not_backwards(&mut self, client: usize, doc_id: &str) -> Result<(), Failure> {
+        let db = self.clients[client].db.clone();
+        let seed = self.seed;
+        let (Some(document), Some(tree)) = (
+            db.get_document(doc_id)
+                .map_err(|e| fail(seed, e.to_string()))?,
+            db.get_tree(doc_id).map_err(|e| fail(seed, e.to_string()))?,
+        ) else {
+            return Ok(());
+        };
+        let shown = self.clients[client]
+            .shown
+            .entry(doc_id.to_owned())
+            .or_default();
+        for earlier in shown.iter() {
+            if *earlier != document.rev && tree.is_ancestor_or_self(&document.rev, earlier) {
+                return Err(fail(
+                    seed,
+                    format!(
+                        "client {client} read backwards on {doc_id}: {} after {earlier}",
+                        document.rev
+                    ),
+                ));
+            }
+        }
+        shown.insert(document.rev);
+        Ok(())
+    }
+
+    // ---- the server ----------------------------------------------------------------------
+
+    fn serve(&mut self, request: Request) -> Result<Reply, Failure> {
+        let db = self.server.clone();
+        let seed = self.seed;
+        let store = |e: ferry_store::StoreError| fail(seed, format!("server store: {e}"));
+        Ok(match request {
+            Request::GetCheckpoint(id) => {
+                Reply::Checkpoint(read_checkpoint(&*db, &id).map_err(store)?)
+            }
+            Request::PutCheckpoint(id, checkpoint) => {
+                write_checkpoint(&*db, &id, &checkpoint).map_err(store)?;
+                Reply::Done
+            }
+            Request::Changes { since, limit } => {
+                let (rows, last_seq) = changes(&*db, since, limit).map_err(store)?;
+                Reply::Changes { rows, last_seq }
+            }
+            Request::RevsDiff(revs) => Reply::Missing(revs_diff(&*db, &revs).map_err(store)?),
+            Request::Fetch(wanted) => Reply::Revisions(fetch(&*db, &wanted).map_err(store)?),
+            Request::Write(revisions) => {
+                let touched: BTreeSet<String> =
+                    revisions.iter().map(|r| r.doc_id.clone()).collect();
+                let default_hlc = self.server_clock.now(self.now);
+                trace(|| {
+                    format!(
+                        "t{} server write {:?}",
+                        self.now,
+                        revisions
+                            .iter()
+                            .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
+                            .collect::<Vec<_>>()
+                    )
+                });
+                db.write_revisions(revisions, default_hlc).map_err(store)?;
+                for doc_id in &touched {
+                    resolve_conflict(&*db, doc_id, self.policies.for_doc(doc_id)).map_err(store)?;
+                    self.observe(&db, doc_id)?;
+                }
+                Reply::Done
+            }
+        })
+    }
+
+    /// Delivers one message (the earliest due, or any due one when reordering).
+    fn deliver(&mut self) -> Result<bool, Failure> {
+        if self.network.is_empty() {
+            return Ok(false);
+        }
+        let earliest = self
+            .network
+            .iter()
+            .map(|message| message.deliver_at)
+            .min()
+            .unwrap_or(self.now);
+        self.now = self.now.max(earliest);
+        let due: Vec<usize> = (0..self.network.len())
+            .filter(|&index| self.network[index].deliver_at <= self.now)
+            .collect();
+        let pick = if self.faults_on && self.reorder {
+            due[self.rng.index(due.len())]
+        } else {
+            due[0]
+        };
+        let message = self.network.remove(pick);
+        self.outcome.delivered += 1;
+        match message.payload {
+            Payload::Request(request) => {
+                trace(|| {
+                    format!(
+                        "t{} server gets from client {}: {}",
+                        self.now,
+                        message.client,
+                        format!("{request:?}").chars().take(400).collect::<String>()
+                    )
+                });
+                let reply = self.serve(request)?;
+                self.enqueue(Message {
+                    client: message.client,
+                    to_server: false,
+                    request: message.request,
+                    deliver_at: self.now,
+                    payload: Payload::Reply(reply),
+                });
+            }
+            Payload::Reply(reply) => self.receive(message.client, message.request, reply)?,
+        }
+        Ok(true)
+    }
+
+    /// A reply reaches a client: the run waiting for it goes on; anything else (a duplicate, a
+    /// reply to a run that was lost) is ignored.
+    fn receive(&mut self, client: usize, request: u64, reply: Reply) -> Result<(), Failure> {
+        for direction in [Direction::Push, Direction::Pull] {
+            let Some(run) = self.run_mut(client, direction) else {
+                continue;
+            };
+            let matches = run
+                .waiting
+                .as_ref()
+                .is_some_and(|(id, _, _)| *id == request);
+            if !matches {
+                continue;
+            }
+            let (_, waiting, _) = run.waiting.take().expect("matched");
+            let response = match (waiting, reply) {
+                (Waiting::Checkpoints { local }, Reply::Checkpoint(remote)) => {
+                    let (source, target) = match direction {
+                        Direction::Push => (local, remote),
+                        Direction::Pull => (remote, local),
+                    };
+                    Response::Checkpoints { source, target }
+                }
+                (Waiting::Changes, Reply::Changes { rows, last_seq }) => Response::Changes {
+                    rows,
+                    last_seq: json!(last_seq),
+                    pending: None,
+                },
+                (Waiting::Missing, Reply::Missing(missing)) => Response::Missing(missing),
+                (Waiting::Revisions, Reply::Revisions(revisions)) => Response::Revisions(revisions),
+                (Waiting::Written { revisions }, Reply::Done) => {
+                    self.acknowledged.extend(revisions);
+                    Response::Written { rejected: 0 }
+                }
+                (Waiting::TargetCheckpoint { checkpoint }, Reply::Done) => {
+                    let db = self.clients[client].db.clone();
+                    let id = self
+                        .run_mut(client, direction)
+                        .map(|run| run.replication_id.clone())
+                        .unwrap_or_default();
+                    write_checkpoint(&*db, &id, &checkpoint)
+                        .map_err(|e| self.fail(e.to_string()))?;
+                    Response::CheckpointWritten
+                }
+                (Waiting::SourceCheckpoint, Reply::Done) => Response::CheckpointWritten,
+                (waiting, reply) => {
+                    return Err(self.fail(format!("reply {reply:?} to {waiting:?}")));
+                }
+            };
+            self.respond(client, direction, response)?;
+            return self.advance(client);
+        }
+        Ok(())
+    }
+
+    /// Runs waiting too long for a reply are given up, as a client gives up a dead session.
+    fn expire(&mut self) {
+        let now = self.now;
+        for client in &mut self.clients {
+            for run in [&mut client.push, &mut client.pull] {
+                if run
+                    .as_ref()
+                    .and_then(|run| run.waiting.as_ref())
+                    .is_some_and(|(_, _, since)| now.saturating_sub(*since) > REQUEST_TIMEOUT_MS)
+                {
+                    *run = None;
+                }
+            }
+        }
+    }
+
+    // ---- checks --------------------------------------------------------------------------
+
+    /// A document a client no longer counts as pending has all its leaves on the server.
+    fn check_acknowledged(&self) -> Result<(), Failure> {
+        for (index, client) in self.clients.iter().enumerate() {
+            let pending: BTreeSet<String> = client
+                .db
+                .pending()
+                .into_iter()
+                .map(|(doc, _)| doc)
+                .collect();
+            for doc_id in &self.docs {
+                if pending.contains(doc_id) {
+                    continue;
+                }
+                let Some(tree) = client
+                    .db
+                    .get_tree(doc_id)
+                    .map_err(|e| self.fail(e.to_string()))?
+                else {
+                    continue;
+                };
+                let server = self
+                    .server
+                    .get_tree(doc_id)
+                    .map_err(|e| self.fail(e.to_string()))?
+                    .unwrap_or_default();
+                for leaf in tree.leaves() {
+                    if !server.contains(&leaf.rev) {
+                        return Err(self.fail(format!(
+                            "client {index} counts {doc_id} {} as acknowledged; the server lacks it",
+                            leaf.rev
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn digest(&self, db: &MemoryDatabase) -> Result<BTreeMap<String, Value>, Failure> {
+        let mut all = BTreeMap::new();
+        for doc_id in &self.docs {
+            let (Some(document), Some(tree)) = (
+                db.get_document(doc_id)
+                    .map_err(|e| self.fail(e.to_string()))?,
+                db.get_tree(doc_id).map_err(|e| self.fail(e.to_string()))?,
+            ) else {
+                continue;
+            };
+            all.insert(
+                doc_id.clone(),
+                json!({
+                    "rev": document.rev.to_string(),
+                    "deleted": document.deleted,
+                    "body": document.body,
+                    "conflicts": document.conflicts.iter().map(Rev::to_string).collect::<Vec<_>>(),
+                    "tree": shape(&tree),
+                }),
+            );
+        }
+        Ok(all)
+    }
+
+    fn check_converged(&mut self) -> Result<(), Failure> {
+        let server = self.digest(&self.server)?;
+        for (index, client) in self.clients.iter().enumerate() {
+            let digest = self.digest(&client.db)?;
+            if digest != server {
+                let differing: Vec<&String> = server
+                    .keys()
+                    .chain(digest.keys())
+                    .filter(|doc| server.get(*doc) != digest.get(*doc))
+                    .collect();
+                let doc = differing[0];
+                return Err(self.fail(format!(
+                    "client {index} did not converge with the server on {differing:?}: {doc} is {} there and {} here",
+                    server.get(doc).unwrap_or(&Value::Null),
+                    digest.get(doc).unwrap_or(&Value::Null)
+                )));
+            }
+        }
+        for (doc_id, oracle) in &self.oracle {
+            let tree = self
+                .server
+                .get_tree(doc_id)
+                .map_err(|e| self.fail(e.to_string()))?
+                .unwrap_or_default();
+            if shape(&tree) != shape(oracle) {
+                return Err(self.fail(format!(
+                    "{doc_id}: the server's tree differs from every revision ever made"
+                )));
+            }
+        }
+        for (doc_id, rev) in &self.acknowledged {
+            let tree = self
+                .server
+                .get_tree(doc_id)
+                .map_err(|e| self.fail(e.to_string()))?
+                .unwrap_or_default();
+            if !tree.contains(rev) {
+                return Err(self.fail(format!(
+                    "the server acknowledged {doc_id} {rev} and lost it"
+                )));
+            }
+        }
+        let changes = self
+            .server
+            .changes(0, usize::MAX, false)
+            .map_err(|e| self.fail(e.to_string()))?;
+        let unique: BTreeSet<&String> = changes.iter().map(|change| &change.doc_id).collect();
+        if unique.len() != changes.len() {
+            return Err(self.fail("the server's changes feed lists a document twice"));
+        }
+        self.outcome.conflicted = server
+            .values()
+            .filter(|doc| doc["conflicts"].as_array().is_some_and(|c| !c.is_empty()))
+            .count();
+        Ok(())
+    }
+
+    /// Faults stop; every client comes online and syncs until nothing moves.
+    fn heal(&mut self) -> Result<(), Failure> {
+        self.faults_on = false;
+        for client in &mut self.clients {
+            client.online = true;
+            client.cut_up_until = 0;
+            client.cut_down_until = 0;
+            client.quiet = (false, false);
+        }
+        // What is still in flight arrives; runs whose replies were lost give up on them.
+        while self.deliver()? {}
+        self.now += REQUEST_TIMEOUT_MS + 1;
+        self.expire();
+        for round in 0..HEALING_ROUNDS {
+            for client in 0..self.clients.len() {
+                self.start_sync(client);
+                self.advance(client)?;
+                let mut steps = 0;
+                while self.deliver()? {
+                    steps += 1;
+                    if steps > 100_000 {
+                        return Err(self.fail("a replication never finished"));
+                    }
+                }
+                if self.clients[client].push.is_some() || self.clients[client].pull.is_some() {
+                    return Err(self.fail(format!(
+                        "client {client}'s replication is stuck with nothing in flight"
+                    )));
+                }
+                self.check_acknowledged()?;
+            }
+            let quiet = self
+                .clients
+                .iter()
+                .all(|client| client.quiet == (true, true));
+            let empty = self
+                .clients
+                .iter()
+                .all(|client| client.db.pending().is_empty());
+            if quiet && empty {
+                self.outcome.healing_rounds = round + 1;
+                return Ok(());
+            }
+        }
+        let pending: Vec<usize> = self
+            .clients
+            .iter()
+            .map(|client| client.db.pending().len())
+            .collect();
+        Err(self.fail(format!(
+            "not quiescent after {HEALING_ROUNDS} rounds without faults (pending per client: {pending:?})"
+        )))
+    }
+}
+
+/// What replicas must agree on about a tree: every revision with its parent, and the leaves
+/// with their deleted flags. (Whether an inner revision was a deletion is known only to the
+/// replicas that had it as a leaf: `_revisions` ancestries do not carry it, as in CouchDB, and
+/// nothing depends on it.)
+fn shape(tree: &RevTree) -> Value {
+    let nodes: Vec<Value> = tree
+        .revs()
+        .map(|rev| json!([rev.to_string(), tree.parent(rev).map(Rev::to_string)]))
+        .collect();
+    let leaves: Vec<Value> = tree
+        .leaves()
+        .into_iter()
+        .map(|leaf| json!([leaf.rev.to_string(), leaf.deleted]))
+        .collect();
+    json!({"nodes": nodes, "leaves": leaves})
+}
+
+fn read_checkpoint(
+    db: &dyn Database,
+    id: &str,
+) -> Result<Option<Checkpoint>, ferry_store::StoreError> {
+    Ok(db
+        .get_local(id)?
+        .and_then(|local| serde_json::from_value(Value::Object(local.body)).ok()))
+}
+
+fn write_checkpoint(
+    db: &dyn Database,
+    id: &str,
+    checkpoint: &Checkpoint,
+) -> Result<(), ferry_store::StoreError> {
+    let Value::Object(body) = serde_json::to_value(checkpoint).expect("checkpoints serialize")
+    else {
+        unreachable!("a checkpoint is an object")
+    };
+    let current = db.get_local(id)?.map(|local| local.rev);
+    db.put_local(id, current, Some(body))?;
+    Ok(())
+}
+
+fn changes(
+    db: &dyn Database,
+    since: u64,
+    limit: usize,
+) -> Result<(Vec<ChangeRow>, u64), ferry_store::StoreError> {
+    let changes = db.changes(since, limit, false)?;
+    let last_seq = changes.last().map_or(since, |change| change.seq);
+    let rows = changes
+        .into_iter()
+        .map(|change| ChangeRow {
+            doc_id: change.doc_id,
+            seq: json!(change.seq),
+            revs: change.leaves.into_iter().map(|leaf| leaf.rev).collect(),
+            deleted: change.deleted,
+        })
+        .collect();
+    Ok((rows, last_seq))
+}
+
+fn revs_diff(db: &dyn Database, revs: &DocRevs) -> Result<DocRevs, ferry_store::StoreError> {
+    Ok(db
+        .revs_diff(revs)?
+        .into_iter()
+        .map(|(doc_id, diff)| (doc_id, diff.missing))
+        .collect())
+}
+
+fn fetch(db: &dyn Database, wanted: &DocRevs) -> Result<Vec<Revision>, ferry_store::StoreError> {
+    let mut revisions = Vec::new();
+    for (doc_id, revs) in wanted {
+        for rev in revs {
+            if let Some(revision) = db
+                .get_revision(doc_id, rev, usize::MAX)?
+                .and_then(|stored| stored.into_revision())
+            {
+                revisions.push(revision);
+            }
+        }
+    }
+    Ok(revisions)
+}
+
+/// Runs the simulation for `seed` and checks every invariant.
+pub fn run(seed: u64) -> Result<Outcome, Failure> {
+    let mut world = World::new(seed);
+    let operations = 50 + world.rng.index(351);
+    for _ in 0..operations {
+        world.operate()?;
+        world.outcome.operations += 1;
+        // The network and the live clients move between operations.
+        for client in 0..world.clients.len() {
+            if world.clients[client].live {
+                world.start_sync(client);
+            }
+            world.advance(client)?;
+        }
+        for _ in 0..world.rng.below(6) {
+            if !world.deliver()? {
+                break;
+            }
+        }
+        world.now += world.rng.below(50);
+        world.expire();
+        world.check_acknowledged()?;
+    }
+    world.heal()?;
+    world.check_converged()?;
+    Ok(world.outcome)
+}
