@@ -246,7 +246,7 @@ enum State {
 }
 
 /// The replication state machine (see the module documentation).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Replication {
     config: ReplicationConfig,
     state: State,

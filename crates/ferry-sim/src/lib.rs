@@ -40,6 +40,10 @@ use ferry_store::memory::MemoryDatabase;
 use ferry_store::{Database, Edit, StoreConfig, resolve_conflict};
 use serde_json::{Value, json};
 
+mod exhaustive;
+
+pub use exhaustive::{Exploration, explore};
+
 /// A run that broke an invariant, with what replays it.
 #[derive(Debug)]
 pub struct Failure {
@@ -49,8 +53,18 @@ pub struct Failure {
     pub message: String,
 }
 
+/// The `seed` of a failure found by the exhaustive exploration, which has none.
+pub const EXHAUSTIVE: u64 = u64::MAX;
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.seed == EXHAUSTIVE {
+            return write!(
+                f,
+                "exhaustive small scope: {} (replay: cargo run -p ferry-sim --release -- --exhaustive N --faults F)",
+                self.message
+            );
+        }
         write!(
             f,
             "seed {}: {} (replay: cargo run -p ferry-sim --release -- --seed {})",
@@ -77,6 +91,7 @@ pub struct Outcome {
 }
 
 /// SplitMix64: small, fast, and the same everywhere.
+#[derive(Clone)]
 struct Rng(u64);
 
 impl Rng {
@@ -158,6 +173,7 @@ enum Waiting {
     SourceCheckpoint,
 }
 
+#[derive(Clone)]
 struct Run {
     machine: Replication,
     replication_id: String,
@@ -180,6 +196,10 @@ struct Client {
     cut_down_until: u64,
     /// Whether both directions finished a run that wrote nothing since the last local change.
     quiet: (bool, bool),
+    /// Local edits made, and replications started per direction (they name the sessions, so
+    /// the same history gives the same names whatever the interleaving).
+    edits: u64,
+    runs_started: [u64; 2],
 }
 
 struct World {
@@ -192,7 +212,6 @@ struct World {
     clients: Vec<Client>,
     network: Vec<Message>,
     next_request: u64,
-    next_session: u64,
     /// Every revision any replica ever held, per document.
     oracle: BTreeMap<String, RevTree>,
     /// Every revision the server acknowledged.
@@ -202,7 +221,57 @@ struct World {
     drop_rate: u64,
     dup_rate: u64,
     reorder: bool,
+    /// Explored exhaustively (`exhaustive.rs`): no random faults or delays, and clocks that
+    /// depend on each client's own history only.
+    exhaustive: bool,
     outcome: Outcome,
+}
+
+impl Clone for Client {
+    /// A copy with a store of its own.
+    fn clone(&self) -> Client {
+        Client {
+            db: Arc::new(self.db.snapshot()),
+            clock: self.clock.clone(),
+            skew_ms: self.skew_ms,
+            online: self.online,
+            live: self.live,
+            push: self.push.clone(),
+            pull: self.pull.clone(),
+            shown: self.shown.clone(),
+            cut_up_until: self.cut_up_until,
+            cut_down_until: self.cut_down_until,
+            quiet: self.quiet,
+            edits: self.edits,
+            runs_started: self.runs_started,
+        }
+    }
+}
+
+impl Clone for World {
+    /// A copy with stores of its own, which then goes its own way.
+    fn clone(&self) -> World {
+        World {
+            seed: self.seed,
+            rng: self.rng.clone(),
+            now: self.now,
+            server: Arc::new(self.server.snapshot()),
+            server_clock: self.server_clock.clone(),
+            policies: self.policies.clone(),
+            clients: self.clients.clone(),
+            network: self.network.clone(),
+            next_request: self.next_request,
+            oracle: self.oracle.clone(),
+            acknowledged: self.acknowledged.clone(),
+            docs: self.docs.clone(),
+            faults_on: self.faults_on,
+            drop_rate: self.drop_rate,
+            dup_rate: self.dup_rate,
+            reorder: self.reorder,
+            exhaustive: self.exhaustive,
+            outcome: self.outcome.clone(),
+        }
+    }
 }
 
 const BATCH: usize = 3;
@@ -270,6 +339,8 @@ impl World {
                 cut_up_until: 0,
                 cut_down_until: 0,
                 quiet: (false, false),
+                edits: 0,
+                runs_started: [0, 0],
             })
             .collect();
         World {
@@ -280,7 +351,6 @@ impl World {
             clients,
             network: Vec::new(),
             next_request: 0,
-            next_session: 0,
             oracle: BTreeMap::new(),
             acknowledged: Vec::new(),
             docs,
@@ -288,6 +358,7 @@ impl World {
             drop_rate: rng.below(80),
             dup_rate: rng.below(80),
             reorder: rng.chance(500),
+            exhaustive: false,
             rng,
             now: 1_000_000,
             outcome: Outcome {
@@ -302,6 +373,9 @@ impl World {
     }
 
     fn client_wall(&self, client: usize) -> u64 {
+        if self.exhaustive {
+            return 1_000_000 + self.clients[client].edits * 1_000 + client as u64;
+        }
         self.now.saturating_add_signed(self.clients[client].skew_ms)
     }
 
@@ -339,6 +413,7 @@ impl World {
         let hlc = self.clients[client].clock.now(wall);
         let doc_id = edit.doc_id.clone();
         let edit = Edit { hlc, ..edit };
+        self.clients[client].edits += 1;
         let db = self.clients[client].db.clone();
         let result = db
             .write_edits(vec![edit])
@@ -482,34 +557,36 @@ impl World {
     }
 
     fn start_sync(&mut self, client: usize) {
-        if !self.clients[client].online {
+        self.start_run(client, Direction::Push);
+        // The exhaustive scope syncs as `Ferry::sync_once` does: the pull after the push.
+        if !self.exhaustive {
+            self.start_run(client, Direction::Pull);
+        }
+    }
+
+    /// Starts a replication in `direction`, unless one runs or the client is offline.
+    fn start_run(&mut self, client: usize, direction: Direction) {
+        if !self.clients[client].online || self.run_mut(client, direction).is_some() {
             return;
         }
-        for direction in [Direction::Push, Direction::Pull] {
-            let running = match direction {
-                Direction::Push => self.clients[client].push.is_some(),
-                Direction::Pull => self.clients[client].pull.is_some(),
-            };
-            if running {
-                continue;
-            }
-            self.next_session += 1;
-            let replication_id = format!("client{client}-{direction:?}");
-            let run = Run {
-                machine: Replication::new(ReplicationConfig {
-                    replication_id: replication_id.clone(),
-                    session_id: format!("s{}", self.next_session),
-                    batch_size: BATCH,
-                    continuous: false,
-                }),
-                replication_id,
-                waiting: None,
-                stats: Stats::default(),
-            };
-            match direction {
-                Direction::Push => self.clients[client].push = Some(run),
-                Direction::Pull => self.clients[client].pull = Some(run),
-            }
+        let started = &mut self.clients[client].runs_started[direction as usize];
+        *started += 1;
+        let session_id = format!("c{client}-{direction:?}-{started}");
+        let replication_id = format!("client{client}-{direction:?}");
+        let run = Run {
+            machine: Replication::new(ReplicationConfig {
+                replication_id: replication_id.clone(),
+                session_id,
+                batch_size: BATCH,
+                continuous: false,
+            }),
+            replication_id,
+            waiting: None,
+            stats: Stats::default(),
+        };
+        match direction {
+            Direction::Push => self.clients[client].push = Some(run),
+            Direction::Pull => self.clients[client].pull = Some(run),
         }
     }
 
@@ -537,6 +614,10 @@ impl World {
 
     /// Puts a message on the network, through the faults in force.
     fn enqueue(&mut self, mut message: Message) {
+        if self.exhaustive {
+            self.network.push(message);
+            return;
+        }
         let client = &self.clients[message.client];
         let cut = if message.to_server {
             client.cut_up_until > self.now
@@ -718,6 +799,9 @@ impl World {
             Direction::Push => {
                 state.push = None;
                 state.quiet.0 = quiet;
+                if self.exhaustive {
+                    self.start_run(client, Direction::Pull);
+                }
             }
             Direction::Pull => {
                 state.pull = None;
@@ -864,7 +948,13 @@ impl World {
         } else {
             due[0]
         };
-        let message = self.network.remove(pick);
+        self.deliver_message(pick)?;
+        Ok(true)
+    }
+
+    /// Delivers the message at `index` of the network.
+    fn deliver_message(&mut self, index: usize) -> Result<(), Failure> {
+        let message = self.network.remove(index);
         self.outcome.delivered += 1;
         match message.payload {
             Payload::Request(request) => {
@@ -887,7 +977,7 @@ impl World {
             }
             Payload::Reply(reply) => self.receive(message.client, message.request, reply)?,
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A reply reaches a client: the run waiting for it goes on; anything else (a duplicate, a

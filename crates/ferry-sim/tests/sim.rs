@@ -34,3 +34,11 @@ fn a_hundred_seeds_pass() {
     assert!(faults > 500, "{faults} faults");
     assert!(conflicted > 0, "no conflict was kept by any seed");
 }
+
+#[test]
+fn the_small_scope_with_one_operation_each_is_explored_whole() {
+    let exploration = ferry_sim::explore(1, 1).unwrap_or_else(|failure| panic!("{failure}"));
+    // Every interleaving of one operation per client with the syncs' messages and one fault.
+    assert!(exploration.schedules > 30, "{exploration:?}");
+    assert!(exploration.states > 500, "{exploration:?}");
+}

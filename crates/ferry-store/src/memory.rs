@@ -132,6 +132,14 @@ struct NewRevision<'a> {
     hlc: Timestamp,
 }
 
+/// The whole stored state, in a canonical order: two databases with the same contents print
+/// the same (the simulator fingerprints states with it).
+impl std::fmt::Debug for MemoryDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {:?}", self.name, *lock(&self.state))
+    }
+}
+
 impl MemoryDatabase {
     /// An empty database.
     pub fn new(name: &str, replica_id: &str, config: StoreConfig) -> MemoryDatabase {
@@ -140,6 +148,16 @@ impl MemoryDatabase {
             replica_id: replica_id.to_owned(),
             config,
             state: Mutex::new(State::default()),
+        }
+    }
+
+    /// An independent copy of this database as it is now.
+    pub fn snapshot(&self) -> MemoryDatabase {
+        MemoryDatabase {
+            name: self.name.clone(),
+            replica_id: self.replica_id.clone(),
+            config: self.config.clone(),
+            state: Mutex::new(lock(&self.state).clone()),
         }
     }
 

@@ -32,6 +32,13 @@ struct Cli {
     /// How many seeds to run.
     #[arg(long, default_value_t = 10_000)]
     seeds: u64,
+    /// Explore the small scope exhaustively instead: 2 clients, 1 document, up to this many
+    /// operations each.
+    #[arg(long, conflicts_with_all = ["seed", "from", "seeds"])]
+    exhaustive: Option<usize>,
+    /// Faults per schedule in the exhaustive exploration.
+    #[arg(long, default_value_t = 1)]
+    faults: usize,
 }
 
 /// What one thread of a soak saw.
@@ -63,6 +70,23 @@ fn soak(first: u64, end: u64, step: u64) -> Tally {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(operations) = cli.exhaustive {
+        let started = Instant::now();
+        return match ferry_sim::explore(operations, cli.faults) {
+            Ok(exploration) => {
+                println!(
+                    "small scope, {operations} operations per client, {} fault(s): {exploration:?} in {:.1} s",
+                    cli.faults,
+                    started.elapsed().as_secs_f64()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(failure) => {
+                eprintln!("{failure}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(seed) = cli.seed {
         return match ferry_sim::run(seed) {
             Ok(outcome) => {
