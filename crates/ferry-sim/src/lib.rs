@@ -391,8 +391,8 @@ impl World {
                 .merge_path(&path, leaf.deleted)
                 .map_err(|e| fail(self.seed, e.to_string()))?;
         }
-        // Interior revisions deleted flags come with their leaves' paths; a tree's own nodes
-        // are all on some leaf's path.
+        // Every revision of a tree is on the path of one of its leaves, so merging the leaves'
+        // paths copies the whole tree.
         Ok(())
     }
 
