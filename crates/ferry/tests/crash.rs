@@ -1,6 +1,7 @@
-//! `ferry serve` killed with SIGKILL 100 times while clients push to it: 80 times at random
-//! moments, 10 times frozen right after a batch's commit and before its acknowledgement, and
-//! 10 times when a checkpoint arrives for a committed batch and is not stored yet. The clients
+//! `ferry serve` killed with SIGKILL 100 times while clients push to it: 80 times at a random
+//! point of the pushes (once it has stored a random number of the cycle's documents), 10 times
+//! frozen right after a batch's commit and before its acknowledgement, and 10 times when a
+//! checkpoint arrives for a committed batch and is not stored yet. The clients
 //! are two `ferry sync` processes (HTTP) and one SDK replica in this process (WebSocket
 //! session, reconnecting by itself). After every kill the server's SQLite file passes the
 //! integrity check, holds each document once (one sequence per document: no batch applied
@@ -98,6 +99,31 @@ fn finish(mut push: Child) -> bool {
     }
 }
 
+/// How many documents the server's file holds, read beside the running server (WAL allows it).
+fn stored_documents(data_dir: &Path) -> u64 {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let Ok(connection) =
+        rusqlite::Connection::open_with_flags(data_dir.join(format!("{DB}.sqlite")), flags)
+    else {
+        return 0;
+    };
+    connection
+        .query_row("SELECT COUNT(*) FROM docs", [], |row| row.get(0))
+        .unwrap_or(0)
+}
+
+/// Waits (60 s at most) until the server has stored at least `count` documents.
+fn wait_until_stored(data_dir: &Path, count: u64, cycle: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_documents(data_dir) < count {
+        assert!(
+            Instant::now() < deadline,
+            "cycle {cycle}: the server never stored {count} documents"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Checks the server's file while the server is dead: integrity, each document stored once,
 /// and `acknowledged` documents present with their revision (`None`: any revision).
 fn check_server_files(data_dir: &Path, acknowledged: &[(String, Option<String>)], cycle: u64) {
@@ -183,6 +209,7 @@ async fn a_server_killed_anywhere_keeps_every_acknowledged_write_once() {
             7 => Some(format!("{BEFORE_CHECKPOINT}:{}", 1 + random.below(4))),
             _ => None,
         };
+        let stored_before = stored_documents(server_dir.path());
         let frozen = server.restart_armed(failpoint.as_deref());
         // What each CLI replica held when its push started: all of it is stored if it succeeds.
         let mut pushes = Vec::new();
@@ -210,7 +237,13 @@ async fn a_server_killed_anywhere_keeps_every_acknowledged_write_once() {
             Some(point) => frozen
                 .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|_| panic!("cycle {cycle}: {point} was never reached")),
-            None => std::thread::sleep(Duration::from_millis(random.below(200))),
+            // A random point of the cycle's progress: once the server has stored a random
+            // number of its documents, while the rest are being pushed.
+            None => {
+                let new_documents = replicas.len() as u64 * DOCS_PER_CLIENT + DOCS_PER_CLIENT;
+                let target = stored_before + random.below(new_documents + 1);
+                wait_until_stored(server_dir.path(), target, cycle);
+            }
         }
         server.kill();
         let mut acknowledged = acknowledged_by_the_server(&app);

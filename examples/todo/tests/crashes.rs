@@ -1,6 +1,7 @@
 //! A client process (`ferry-todo live`, writing todos as fast as it reads them and pushing
-//! them as it goes) killed with SIGKILL, 100 times: at random moments (during local writes,
-//! during pushes) and, every third cycle, frozen at the named point between receiving the
+//! them as it goes) killed with SIGKILL, 100 times: at a random point of its progress (after a
+//! random number of the cycle's todos are on screen: during the next local write, or the push
+//! of those before it) and, every third cycle, frozen at the named point between receiving the
 //! server's acknowledgement and recording it. After every kill, the replica file passes
 //! SQLite's integrity check, every todo the process had shown is still there, and every todo
 //! the replica counts as acknowledged is on the server with the same revision. At the end one
@@ -105,7 +106,26 @@ fn a_client_killed_anywhere_loses_nothing_and_its_server_gets_everything_once() 
                     .unwrap_or_else(|_| panic!("cycle {cycle}: {point} was never reached"));
                 frozen_kills += 1;
             }
-            None => std::thread::sleep(Duration::from_millis(random.below(60))),
+            None => {
+                // A random point of the cycle's progress: once `shown` of its todos are on
+                // screen, the process is writing the next one or pushing those before it.
+                let shown = random.below(TODOS_PER_CYCLE + 1);
+                let prefix = format!("c{cycle:03}-");
+                let cycle_todos = |line: &Value| -> u64 {
+                    line["todos"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|todo| todo["title"].as_str())
+                        .filter(|title| title.starts_with(&prefix))
+                        .count() as u64
+                };
+                if shown > 0 {
+                    client.expect(&format!("{shown} todos of cycle {cycle}"), |line| {
+                        cycle_todos(line) >= shown
+                    });
+                }
+            }
         }
         client.child.kill().unwrap();
         client.child.wait().unwrap();

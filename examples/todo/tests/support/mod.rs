@@ -98,13 +98,19 @@ impl TodoProcess {
         let stdout = child.stdout.take().unwrap();
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
+            let mut stdout = BufReader::new(stdout);
+            let mut line = String::new();
+            while matches!(stdout.read_line(&mut line), Ok(read) if read > 0) {
+                // A last line without its newline was cut by a kill: not output to check.
+                if !line.ends_with('\n') {
+                    break;
+                }
                 let value = serde_json::from_str(&line)
                     .unwrap_or_else(|_| panic!("not a JSON line: {line}"));
                 if sender.send(value).is_err() {
                     break;
                 }
+                line.clear();
             }
         });
         TodoProcess {
