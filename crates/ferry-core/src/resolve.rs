@@ -31,6 +31,7 @@ use crate::hlc::Timestamp;
 use crate::json::canonical_object;
 use crate::model::Body;
 use crate::rev::Rev;
+use crate::tree::RevTree;
 
 /// How a collection's conflicts are resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -220,6 +221,26 @@ impl Resolution {
     /// The tombstone written on top of a superseded leaf.
     pub fn tombstone(leaf: &Rev) -> Rev {
         Rev::compute(Some(leaf), true, &canonical_object(&Map::new()))
+    }
+
+    /// Whether `tree` still has the conflict this resolves: its parent and every superseded
+    /// leaf are live leaves. A store writes nothing otherwise (the document changed since).
+    pub fn applies_to(&self, tree: &RevTree) -> bool {
+        let live: BTreeSet<Rev> = tree.live_leaves().into_iter().collect();
+        live.contains(&self.parent) && self.superseded.iter().all(|leaf| live.contains(leaf))
+    }
+
+    /// The children a store adds, in order, as (parent, deleted, body): the resolved body on
+    /// the parent, then an empty tombstone on each superseded leaf.
+    pub fn children<'a>(
+        &'a self,
+        tombstone: &'a Body,
+    ) -> impl Iterator<Item = (&'a Rev, bool, &'a Body)> {
+        std::iter::once((&self.parent, false, &self.body)).chain(
+            self.superseded
+                .iter()
+                .map(move |leaf| (leaf, true, tombstone)),
+        )
     }
 }
 

@@ -467,6 +467,45 @@ pub trait Database: Send + Sync {
     fn ensure_index(&self, collection: &str, field: &str) -> Result<(), StoreError>;
 }
 
+/// What every store drops after an update brought `new_rev` into `tree` (`before` is the tree
+/// it had): `tree` is stemmed to the revs limit, and the revisions whose bodies are no longer
+/// kept are returned (stemmed away, fallen out of the body window, or the new revision itself
+/// when it is outside the window).
+pub(crate) fn bodies_to_drop(
+    limits: &Limits,
+    before: Option<&RevTree>,
+    tree: &mut RevTree,
+    new_rev: &Rev,
+) -> std::collections::BTreeSet<Rev> {
+    let dropped = tree.stem(limits.revs_limit);
+    let window = tree.body_window(limits.ancestor_bodies);
+    let mut unkept: std::collections::BTreeSet<Rev> = dropped.into_iter().collect();
+    if let Some(before) = before {
+        unkept.extend(
+            before
+                .body_window(limits.ancestor_bodies)
+                .into_iter()
+                .filter(|rev| !window.contains(rev)),
+        );
+    }
+    if !window.contains(new_rev) {
+        unkept.insert(new_rev.clone());
+    }
+    unkept
+}
+
+/// How the counts of live and deleted documents change when a document's winner goes from
+/// `was_deleted` (`None`: a new document) to `deleted`.
+pub(crate) fn count_change(was_deleted: Option<bool>, deleted: bool) -> (i64, i64) {
+    match (was_deleted, deleted) {
+        (None, false) => (1, 0),
+        (None, true) => (0, 1),
+        (Some(true), false) => (1, -1),
+        (Some(false), true) => (-1, 1),
+        _ => (0, 0),
+    }
+}
+
 /// Resolves the conflict on `doc_id` (if any) by `policy`, retrying if the document changes
 /// meanwhile; returns the record of what was written, or `None` when there was nothing to do
 /// (no conflict, or [`Policy::Keep`]).

@@ -208,20 +208,7 @@ impl MemoryDatabase {
                 hlc: new.hlc,
                 body: new.body.clone(),
             });
-        let dropped = tree.stem(limits.revs_limit);
-        let window = tree.body_window(limits.ancestor_bodies);
-        let mut unkept: BTreeSet<Rev> = dropped.into_iter().collect();
-        if let Some(before) = before {
-            unkept.extend(
-                before
-                    .body_window(limits.ancestor_bodies)
-                    .into_iter()
-                    .filter(|rev| !window.contains(rev)),
-            );
-        }
-        if !window.contains(new.rev) {
-            unkept.insert(new.rev.clone());
-        }
+        let unkept = crate::bodies_to_drop(limits, before, &mut tree, new.rev);
         for rev in unkept {
             state.revs.remove(&(doc_id.to_owned(), rev));
         }
@@ -264,19 +251,9 @@ impl MemoryDatabase {
                 body,
             },
         );
-        match (was_deleted, deleted) {
-            (None, false) => state.doc_count += 1,
-            (None, true) => state.deleted_count += 1,
-            (Some(true), false) => {
-                state.doc_count += 1;
-                state.deleted_count -= 1;
-            }
-            (Some(false), true) => {
-                state.doc_count -= 1;
-                state.deleted_count += 1;
-            }
-            _ => {}
-        }
+        let (live_delta, deleted_delta) = crate::count_change(was_deleted, deleted);
+        state.doc_count = state.doc_count.saturating_add_signed(live_delta);
+        state.deleted_count = state.deleted_count.saturating_add_signed(deleted_delta);
         Ok(seq)
     }
 
@@ -445,27 +422,15 @@ impl Database for MemoryDatabase {
         resolution: &Resolution,
     ) -> Result<Option<Rev>, StoreError> {
         self.transaction(|state| {
-            let Some(row) = state.docs.get(doc_id) else {
-                return Ok(None);
-            };
-            let live: BTreeSet<Rev> = row.tree.live_leaves().into_iter().collect();
-            let stale = !live.contains(&resolution.parent)
-                || resolution
-                    .superseded
-                    .iter()
-                    .any(|leaf| !live.contains(leaf));
-            if stale {
+            if !state
+                .docs
+                .get(doc_id)
+                .is_some_and(|row| resolution.applies_to(&row.tree))
+            {
                 return Ok(None);
             }
-            let tombstone = Body::new();
-            let writes = std::iter::once((&resolution.parent, false, &resolution.body)).chain(
-                resolution
-                    .superseded
-                    .iter()
-                    .map(|leaf| (leaf, true, &tombstone)),
-            );
             let mut last_seq = None;
-            for (parent, deleted, body) in writes {
+            for (parent, deleted, body) in resolution.children(&Body::new()) {
                 let (_, added) =
                     self.add_child(state, doc_id, Some(parent), deleted, body, resolution.hlc)?;
                 if let Some(seq) = added {

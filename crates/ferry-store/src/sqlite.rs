@@ -17,7 +17,7 @@
 //! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
 //! SIGKILL at any moment leaves the last committed transaction intact (SQLite's WAL recovery).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -613,20 +613,7 @@ impl SqliteDatabase {
                 to_i64(new.hlc.as_u64()),
                 body_text(new.body)
             ])?;
-        let dropped = tree.stem(limits.revs_limit);
-        let window = tree.body_window(limits.ancestor_bodies);
-        let mut unkept: BTreeSet<Rev> = dropped.into_iter().collect();
-        if let Some(before) = before {
-            unkept.extend(
-                before
-                    .body_window(limits.ancestor_bodies)
-                    .into_iter()
-                    .filter(|rev| !window.contains(rev)),
-            );
-        }
-        if !window.contains(new.rev) {
-            unkept.insert(new.rev.clone());
-        }
+        let unkept = crate::bodies_to_drop(limits, before, &mut tree, new.rev);
         let mut delete =
             transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
         for rev in &unkept {
@@ -683,13 +670,7 @@ impl SqliteDatabase {
                 tree.encode()
             ])?;
         if was_deleted != Some(winner.deleted) {
-            let (live_delta, deleted_delta): (i64, i64) = match (was_deleted, winner.deleted) {
-                (None, false) => (1, 0),
-                (None, true) => (0, 1),
-                (Some(true), false) => (1, -1),
-                (Some(false), true) => (-1, 1),
-                _ => (0, 0),
-            };
+            let (live_delta, deleted_delta) = crate::count_change(was_deleted, winner.deleted);
             counters.adjust(live_delta, deleted_delta);
         }
         Ok(seq)
@@ -846,24 +827,11 @@ impl Database for SqliteDatabase {
             let Some(mut current) = load_tree(transaction, doc_id)? else {
                 return Ok(None);
             };
-            let live: BTreeSet<Rev> = current.live_leaves().into_iter().collect();
-            let stale = !live.contains(&resolution.parent)
-                || resolution
-                    .superseded
-                    .iter()
-                    .any(|leaf| !live.contains(leaf));
-            if stale {
+            if !resolution.applies_to(&current) {
                 return Ok(None);
             }
-            let tombstone = Body::new();
-            let writes = std::iter::once((&resolution.parent, false, &resolution.body)).chain(
-                resolution
-                    .superseded
-                    .iter()
-                    .map(|leaf| (leaf, true, &tombstone)),
-            );
             let mut last_seq = None;
-            for (parent, deleted, body) in writes {
+            for (parent, deleted, body) in resolution.children(&Body::new()) {
                 let child = Child {
                     parent: Some(parent),
                     deleted,
