@@ -385,14 +385,23 @@ impl World {
             return Ok(());
         };
         let oracle = self.oracle.entry(doc_id.to_owned()).or_default();
-        for leaf in tree.leaves() {
-            let path = tree.ancestry(&leaf.rev, usize::MAX);
+        let deleted_leaves: BTreeSet<Rev> = tree
+            .leaves()
+            .into_iter()
+            .filter(|leaf| leaf.deleted)
+            .map(|leaf| leaf.rev)
+            .collect();
+        // Each revision with its parent: the whole tree, one step per revision (merging each
+        // leaf's whole ancestry would walk shared ancestors once per leaf).
+        for rev in tree.revs() {
+            let path: Vec<Rev> = std::iter::once(rev)
+                .chain(tree.parent(rev))
+                .cloned()
+                .collect();
             oracle
-                .merge_path(&path, leaf.deleted)
+                .merge_path(&path, deleted_leaves.contains(rev))
                 .map_err(|e| fail(self.seed, e.to_string()))?;
         }
-        // Every revision of a tree is on the path of one of its leaves, so merging the leaves'
-        // paths copies the whole tree.
         Ok(())
     }
 
