@@ -101,6 +101,15 @@ async fn run_child(kind: &str, n: usize) -> Result<()> {
                 "server_peak_mib": backlog.server_peak_mib,
             })
         }
+        // Not used by the table: workload 5 alone, for profiling (`--child local-writes --n N`
+        // writes N documents in batches and N / 10 one by one).
+        "local-writes" => {
+            let local = workloads::local_writes(n / 10, n)?;
+            json!({
+                "ferry_single": local.ferry_single, "raw_single": local.raw_single,
+                "ferry_batched": local.ferry_batched, "raw_batched": local.raw_batched,
+            })
+        }
         other => anyhow::bail!("unknown child workload {other}"),
     };
     println!("RESULT {result}");

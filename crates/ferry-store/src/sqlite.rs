@@ -1,17 +1,22 @@
 //! The SQLite implementation of the store: one file per database, WAL mode.
 //!
-//! Schema (version 3, recorded in `PRAGMA user_version`; `MIGRATIONS` upgrades older files):
+//! Schema (version 4, recorded in `PRAGMA user_version`; `MIGRATIONS` upgrades older files):
 //!
-//! - `docs`: one row per document: its collection, the sequence of its latest change, the
-//!   winner (revision, deleted flag, clock, body), its leaves and the encoded revision tree.
-//!   The winner's body is kept here so reads, `_all_docs` and queries never parse trees.
-//! - `revs`: bodies of leaves and of recent ancestors (`Limits::ancestor_bodies` levels above
-//!   each leaf), with their deleted flag and clock.
+//! - `docs`: one row per document, keyed by the sequence of its latest change (so the changes
+//!   feed reads the table in order): its id and collection, the winner (revision, deleted
+//!   flag, clock, body), its leaves, the encoded revision tree, and on client replicas whether
+//!   a local edit waits for the server (`pending`, with the server's reason in `rejected` if it
+//!   refused it). The winner's body lives only here, so reads, `_all_docs` and queries never
+//!   parse trees, and writing a new document writes its body once.
+//! - `revs`: bodies of the other kept revisions: leaves and recent ancestors
+//!   (`Limits::ancestor_bodies` levels above each leaf), with their deleted flag and clock. It
+//!   may also hold the winner's body (a revision that won later); readers look in `docs` first.
 //! - `local_docs`: checkpoints and other local documents, never replicated.
 //! - `meta`: the replica id, the last sequence and document counters.
-//! - `outbox` (version 2): on client replicas, every document with a local edit that no push
-//!   has acknowledged yet, with the sequence of that edit, or why the server refused it.
 //! - `resolutions` (version 3): the record of every conflict resolution this replica wrote.
+//!
+//! Version 4 folded the separate `outbox` table (version 2) into `docs.pending`: an edit waits
+//! for the page that carries the document's current sequence, which is the `docs` row's own.
 //!
 //! Durability: with [`Durability::Full`] every commit runs `fsync` on the WAL before it
 //! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
@@ -24,7 +29,9 @@ use std::time::Duration;
 
 use ferry_core::hlc::Timestamp;
 use ferry_core::json::canonical_object;
-use ferry_core::model::{Body, Document, LOCAL_PREFIX, Revision, collection_of};
+use ferry_core::model::{
+    Body, COLLECTION_SEPARATOR, Document, LOCAL_PREFIX, Revision, collection_of,
+};
 use ferry_core::resolve::{Resolution, ResolutionRecord};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
@@ -38,7 +45,7 @@ use crate::{
     StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
 };
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Each entry upgrades the schema from its index to the next version.
 const MIGRATIONS: &[&str] = &[
@@ -83,6 +90,32 @@ CREATE TABLE resolutions (
     record TEXT NOT NULL
 );
 CREATE INDEX resolutions_by_doc ON resolutions(doc_id, id);
+"#,
+    // Fewer b-trees per written document: the sequence is the row id (no index of its own),
+    // the outbox is a flag with a partial index, and the collection index is gone (the
+    // collection is the id's prefix, so the id index serves it).
+    r#"
+CREATE TABLE docs_v4 (
+    seq INTEGER PRIMARY KEY,
+    doc_id TEXT NOT NULL UNIQUE,
+    collection TEXT NOT NULL,
+    rev TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    leaves TEXT NOT NULL,
+    tree TEXT NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0,
+    rejected TEXT
+);
+INSERT INTO docs_v4 (seq, doc_id, collection, rev, deleted, hlc, body, leaves, tree, pending, rejected)
+    SELECT docs.seq, docs.doc_id, docs.collection, docs.rev, docs.deleted, docs.hlc, docs.body,
+           docs.leaves, docs.tree, outbox.doc_id IS NOT NULL, outbox.rejected
+    FROM docs LEFT JOIN outbox ON outbox.doc_id = docs.doc_id;
+DROP TABLE docs;
+DROP TABLE outbox;
+ALTER TABLE docs_v4 RENAME TO docs;
+CREATE INDEX docs_pending ON docs(seq) WHERE pending;
 "#,
 ];
 
@@ -249,7 +282,7 @@ impl SqliteDatabase {
     pub fn pending_summary(&self) -> Result<PendingSummary, StoreError> {
         self.with_reader(|connection| {
             let (pending, rejected): (i64, i64) = connection.query_row(
-                "SELECT COUNT(*), COUNT(rejected) FROM outbox",
+                "SELECT COUNT(*), COUNT(rejected) FROM docs WHERE pending",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
@@ -264,7 +297,7 @@ impl SqliteDatabase {
     pub fn pending_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
         self.with_reader(|connection| {
             let row: Option<(i64, Option<String>)> = connection
-                .prepare_cached("SELECT seq, rejected FROM outbox WHERE doc_id = ?1")?
+                .prepare_cached("SELECT seq, rejected FROM docs WHERE doc_id = ?1 AND pending")?
                 .query_row(params![doc_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?;
             Ok(row.map(|(seq, rejected)| match rejected {
@@ -279,7 +312,9 @@ impl SqliteDatabase {
     pub fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
         self.with_write_transaction(|transaction| {
             let removed = transaction
-                .prepare_cached("DELETE FROM outbox WHERE seq <= ?1 AND rejected IS NULL")?
+                .prepare_cached(
+                    "UPDATE docs SET pending = 0 WHERE pending AND seq <= ?1 AND rejected IS NULL",
+                )?
                 .execute(params![to_i64(seq)])?;
             Ok(removed as u64)
         })
@@ -290,7 +325,7 @@ impl SqliteDatabase {
     pub fn reject_pending(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
         self.with_write_transaction(|transaction| {
             transaction
-                .prepare_cached("UPDATE outbox SET rejected = ?2 WHERE doc_id = ?1")?
+                .prepare_cached("UPDATE docs SET rejected = ?2 WHERE doc_id = ?1 AND pending")?
                 .execute(params![doc_id, reason])?;
             Ok(())
         })
@@ -433,8 +468,22 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
         what: "schema version",
         detail: version.to_string(),
     })?;
+    // Version 4 rebuilds `docs`, which drops the query indexes made by `ensure_index`: they
+    // are made again on the new table.
+    let query_indexes: Vec<String> = transaction
+        .prepare(
+            "SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'docs' \
+             AND name LIKE 'ix_%'",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
     for migration in &MIGRATIONS[start..] {
         transaction.execute_batch(migration)?;
+    }
+    if start < 4 {
+        for index in &query_indexes {
+            transaction.execute_batch(index)?;
+        }
     }
     if version == 0 {
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
@@ -534,12 +583,50 @@ fn load_tree(connection: &Connection, doc_id: &str) -> Result<Option<RevTree>, S
     .transpose()
 }
 
+/// What a writer reads of a document before changing it: its tree, and its winner's body and
+/// clock, which move to `revs` if another revision wins while it is still kept.
+struct Current {
+    tree: RevTree,
+    winner: Leaf,
+    hlc: Timestamp,
+    body: String,
+}
+
+fn load_current(connection: &Connection, doc_id: &str) -> Result<Option<Current>, StoreError> {
+    let row: Option<(String, i64, String)> = connection
+        .prepare_cached("SELECT tree, hlc, body FROM docs WHERE doc_id = ?1")?
+        .query_row(params![doc_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    let Some((tree, hlc, body)) = row else {
+        return Ok(None);
+    };
+    let tree = RevTree::decode(&tree).map_err(|err| StoreError::Corrupt {
+        what: "revision tree",
+        detail: err.to_string(),
+    })?;
+    let winner = tree.winner().ok_or_else(|| StoreError::Corrupt {
+        what: "revision tree",
+        detail: format!("{doc_id} has an empty tree"),
+    })?;
+    Ok(Some(Current {
+        tree,
+        winner,
+        hlc: Timestamp::from_u64(to_u64(hlc)),
+        body,
+    }))
+}
+
 /// The new revision an update brings, with what must be stored for it.
 struct NewRevision<'a> {
     rev: &'a Rev,
     deleted: bool,
     body: &'a Body,
     hlc: Timestamp,
+    /// Written on this replica (an edit or a resolution), not received from another: on
+    /// client replicas it waits for the server.
+    local: bool,
 }
 
 /// A local edit's new revision, before its id is computed: a child of `parent`.
@@ -550,84 +637,99 @@ struct Child<'a> {
     hlc: Timestamp,
 }
 
-/// What adding a child changed: the document's new tree, and its new sequence if its leaves
-/// changed.
-struct Added {
-    tree: RevTree,
-    seq: Option<u64>,
-}
-
 impl SqliteDatabase {
-    /// Adds `child` to the document's tree (`None`: a new document) and stores it. Returns its
-    /// revision and, unless the tree had it already, the new tree and the sequence it got.
+    /// Adds `child` to the document (`before`: what it was, `None` for a new one) and stores
+    /// it. Returns its revision and whether the tree did not have it already.
     fn add_child(
         &self,
         transaction: &Transaction<'_>,
         counters: &mut Counters,
         doc_id: &str,
-        before: Option<&RevTree>,
+        before: Option<&Current>,
         child: Child<'_>,
-    ) -> Result<(Rev, Option<Added>), StoreError> {
+    ) -> Result<(Rev, bool), StoreError> {
         let rev = Rev::compute(child.parent, child.deleted, &canonical_object(child.body));
-        let mut tree = before.cloned().unwrap_or_default();
+        let mut tree = before
+            .map(|current| current.tree.clone())
+            .unwrap_or_default();
         if tree.add_child(child.parent, rev.clone(), child.deleted) != Applied::Added {
-            return Ok((rev, None));
+            return Ok((rev, false));
         }
-        let seq = self.store_update(
+        self.store_update(
             transaction,
             counters,
             doc_id,
             before,
-            tree.clone(),
+            tree,
             NewRevision {
                 rev: &rev,
                 deleted: child.deleted,
                 body: child.body,
                 hlc: child.hlc,
+                local: true,
             },
         )?;
-        Ok((rev, Some(Added { tree, seq })))
+        Ok((rev, true))
     }
 
     /// Stores the result of changing one document's tree inside an open write transaction:
-    /// the new revision's body, the stemmed tree, the bodies that fell out of the window, the
-    /// winner, a new sequence and the counters.
+    /// the stemmed tree, the bodies of kept revisions other than the winner (in `revs`), the
+    /// winner, a new sequence if the leaves changed, the outbox flag and the counters.
     fn store_update(
         &self,
         transaction: &Transaction<'_>,
         counters: &mut Counters,
         doc_id: &str,
-        before: Option<&RevTree>,
+        before: Option<&Current>,
         mut tree: RevTree,
         new: NewRevision<'_>,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
-        transaction
-            .prepare_cached(
-                "INSERT OR IGNORE INTO revs (doc_id, rev, deleted, hlc, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
+        let unkept = crate::bodies_to_drop(
+            limits,
+            before.map(|current| &current.tree),
+            &mut tree,
+            new.rev,
+        );
+        let winner = tree
+            .winner()
+            .expect("a tree with a new revision has a winner");
+        let mut insert_body = transaction.prepare_cached(
+            "INSERT OR IGNORE INTO revs (doc_id, rev, deleted, hlc, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        if &winner.rev != new.rev && !unkept.contains(new.rev) {
+            insert_body.execute(params![
                 doc_id,
                 new.rev.to_string(),
                 new.deleted,
                 to_i64(new.hlc.as_u64()),
                 body_text(new.body)
             ])?;
-        let unkept = crate::bodies_to_drop(limits, before, &mut tree, new.rev);
+        }
+        // The previous winner's body was only in `docs`: keep it in `revs` if it is still
+        // kept (a parent within the body window, or a losing leaf).
+        if let Some(before) = before
+            && before.winner.rev != winner.rev
+            && !unkept.contains(&before.winner.rev)
+        {
+            insert_body.execute(params![
+                doc_id,
+                before.winner.rev.to_string(),
+                before.winner.deleted,
+                to_i64(before.hlc.as_u64()),
+                before.body
+            ])?;
+        }
         let mut delete =
             transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
         for rev in &unkept {
             delete.execute(params![doc_id, rev.to_string()])?;
         }
 
-        let leaves = tree.leaves();
-        let winner = tree
-            .winner()
-            .expect("a tree with a new revision has a winner");
-        let (body, hlc) = if &winner.rev == new.rev {
-            (body_text(new.body), new.hlc)
-        } else {
-            transaction
+        let (body, hlc) = match before {
+            _ if &winner.rev == new.rev => (body_text(new.body), new.hlc),
+            Some(before) if before.winner.rev == winner.rev => (before.body.clone(), before.hlc),
+            _ => transaction
                 .prepare_cached("SELECT body, hlc FROM revs WHERE doc_id = ?1 AND rev = ?2")?
                 .query_row(params![doc_id, winner.rev.to_string()], |row| {
                     Ok((
@@ -639,76 +741,64 @@ impl SqliteDatabase {
                 .ok_or_else(|| StoreError::Corrupt {
                     what: "revs",
                     detail: format!("no body for winning leaf {doc_id} {}", winner.rev),
-                })?
+                })?,
         };
 
-        let was_deleted = before.map(|before| before.winner().is_some_and(|leaf| leaf.deleted));
-        let leaves_changed = before.is_none_or(|before| before.leaves() != leaves);
-        let mut seq = None;
-        if leaves_changed {
-            seq = Some(counters.next_seq());
-        }
+        let leaves = tree.leaves();
         // A new document always gets a sequence; an existing one keeps its own when only its
         // tree changed (a parent filled in), since its leaves, and so its changes row, did not.
-        transaction
-            .prepare_cached(
-                "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT (doc_id) DO UPDATE SET seq = COALESCE(excluded.seq, docs.seq), \
-                 rev = excluded.rev, deleted = excluded.deleted, hlc = excluded.hlc, \
-                 body = excluded.body, leaves = excluded.leaves, tree = excluded.tree",
-            )?
-            .execute(params![
-                doc_id,
-                collection_of(doc_id),
-                seq.map(to_i64),
-                winner.rev.to_string(),
-                winner.deleted,
-                to_i64(hlc.as_u64()),
-                body,
-                encode_leaves(&leaves),
-                tree.encode()
-            ])?;
+        let leaves_changed = before.is_none_or(|before| before.tree.leaves() != leaves);
+        let seq = leaves_changed.then(|| to_i64(counters.next_seq()));
+        // A pending document's edit goes out with the page holding its current sequence, so
+        // moving the row to a new sequence moves its place in the outbox too.
+        let pending = new.local && self.config.track_pending;
+        let (rev, leaves, tree) = (
+            winner.rev.to_string(),
+            encode_leaves(&leaves),
+            tree.encode(),
+        );
+        let hlc = to_i64(hlc.as_u64());
+        if before.is_none() {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree, pending) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?
+                .execute(params![
+                    doc_id,
+                    collection_of(doc_id),
+                    seq,
+                    rev,
+                    winner.deleted,
+                    hlc,
+                    body,
+                    leaves,
+                    tree,
+                    pending
+                ])?;
+        } else {
+            transaction
+                .prepare_cached(
+                    "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
+                     body = ?6, leaves = ?7, tree = ?8, pending = (pending OR ?9), \
+                     rejected = CASE WHEN ?9 THEN NULL ELSE rejected END WHERE doc_id = ?1",
+                )?
+                .execute(params![
+                    doc_id,
+                    seq,
+                    rev,
+                    winner.deleted,
+                    hlc,
+                    body,
+                    leaves,
+                    tree,
+                    pending
+                ])?;
+        }
+        let was_deleted = before.map(|before| before.winner.deleted);
         if was_deleted != Some(winner.deleted) {
             let (live_delta, deleted_delta) = crate::count_change(was_deleted, winner.deleted);
             counters.adjust(live_delta, deleted_delta);
-        }
-        Ok(seq)
-    }
-}
-
-impl SqliteDatabase {
-    /// A document waiting in the outbox moved to sequence `seq` (replicated revisions changed
-    /// its leaves): its local edit now goes out with the page that holds `seq`, so that page,
-    /// not the one its edit first had, acknowledges it.
-    fn move_pending(
-        &self,
-        transaction: &Transaction<'_>,
-        doc_id: &str,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        if self.config.track_pending {
-            transaction
-                .prepare_cached("UPDATE outbox SET seq = ?2 WHERE doc_id = ?1")?
-                .execute(params![doc_id, to_i64(seq)])?;
-        }
-        Ok(())
-    }
-
-    /// Records a local edit in the outbox (client replicas only).
-    fn record_pending(
-        &self,
-        transaction: &Transaction<'_>,
-        doc_id: &str,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        if self.config.track_pending {
-            transaction
-                .prepare_cached(
-                    "INSERT INTO outbox (doc_id, seq, rejected) VALUES (?1, ?2, NULL) \
-                     ON CONFLICT (doc_id) DO UPDATE SET seq = excluded.seq, rejected = NULL",
-                )?
-                .execute(params![doc_id, to_i64(seq)])?;
         }
         Ok(())
     }
@@ -744,10 +834,10 @@ impl Database for SqliteDatabase {
         self.with_counted_transaction(|transaction, counters| {
             let mut results = Vec::with_capacity(edits.len());
             for edit in edits {
-                let before = load_tree(transaction, &edit.doc_id)?;
+                let before = load_current(transaction, &edit.doc_id)?;
                 let parent = match before
                     .as_ref()
-                    .unwrap_or(&RevTree::new())
+                    .map_or(&RevTree::new(), |current| &current.tree)
                     .edit_parent(edit.base.as_ref())
                 {
                     Ok(parent) => parent,
@@ -762,11 +852,8 @@ impl Database for SqliteDatabase {
                     body: &edit.body,
                     hlc: edit.hlc,
                 };
-                let (rev, added) =
+                let (rev, _) =
                     self.add_child(transaction, counters, &edit.doc_id, before.as_ref(), child)?;
-                if let Some(Added { seq: Some(seq), .. }) = added {
-                    self.record_pending(transaction, &edit.doc_id, seq)?;
-                }
                 results.push(Ok(rev));
             }
             Ok(results)
@@ -781,15 +868,18 @@ impl Database for SqliteDatabase {
         self.with_counted_transaction(|transaction, counters| {
             let mut report = WriteReport::default();
             for revision in revisions {
-                let before = load_tree(transaction, &revision.doc_id)?;
-                let mut tree = before.clone().unwrap_or_default();
+                let before = load_current(transaction, &revision.doc_id)?;
+                let mut tree = before
+                    .as_ref()
+                    .map(|current| current.tree.clone())
+                    .unwrap_or_default();
                 let applied = tree
                     .merge_path(&revision.path, revision.deleted)
                     .map_err(|err| StoreError::InvalidRevision {
                         doc_id: revision.doc_id.clone(),
                         reason: err.to_string(),
                     })?;
-                if before.as_ref() == Some(&tree) {
+                if before.as_ref().is_some_and(|current| current.tree == tree) {
                     report.already_present += 1;
                     continue;
                 }
@@ -797,7 +887,7 @@ impl Database for SqliteDatabase {
                     Applied::Added => report.added += 1,
                     Applied::AlreadyPresent => report.already_present += 1,
                 }
-                let seq = self.store_update(
+                self.store_update(
                     transaction,
                     counters,
                     &revision.doc_id,
@@ -808,11 +898,9 @@ impl Database for SqliteDatabase {
                         deleted: revision.deleted,
                         body: &revision.body,
                         hlc: revision.hlc.unwrap_or(default_hlc),
+                        local: false,
                     },
                 )?;
-                if let Some(seq) = seq {
-                    self.move_pending(transaction, &revision.doc_id, seq)?;
-                }
             }
             Ok(report)
         })
@@ -824,13 +912,12 @@ impl Database for SqliteDatabase {
         resolution: &Resolution,
     ) -> Result<Option<Rev>, StoreError> {
         self.with_counted_transaction(|transaction, counters| {
-            let Some(mut current) = load_tree(transaction, doc_id)? else {
+            let Some(mut current) = load_current(transaction, doc_id)? else {
                 return Ok(None);
             };
-            if !resolution.applies_to(&current) {
+            if !resolution.applies_to(&current.tree) {
                 return Ok(None);
             }
-            let mut last_seq = None;
             for (parent, deleted, body) in resolution.children(&Body::new()) {
                 let child = Child {
                     parent: Some(parent),
@@ -840,13 +927,13 @@ impl Database for SqliteDatabase {
                 };
                 let (_, added) =
                     self.add_child(transaction, counters, doc_id, Some(&current), child)?;
-                if let Some(added) = added {
-                    last_seq = added.seq.or(last_seq);
-                    current = added.tree;
+                if added {
+                    current =
+                        load_current(transaction, doc_id)?.ok_or_else(|| StoreError::Corrupt {
+                            what: "docs",
+                            detail: format!("{doc_id} vanished while being resolved"),
+                        })?;
                 }
-            }
-            if let Some(seq) = last_seq {
-                self.record_pending(transaction, doc_id, seq)?;
             }
             let record = serde_json::to_string(&resolution.record).expect("records serialize");
             transaction
@@ -956,31 +1043,40 @@ impl Database for SqliteDatabase {
         max_path: usize,
     ) -> Result<Option<StoredRevision>, StoreError> {
         self.with_reader(|connection| {
-            let Some(tree) = load_tree(connection, doc_id)? else {
+            let Some(current) = load_current(connection, doc_id)? else {
                 return Ok(None);
             };
+            let tree = &current.tree;
             if !tree.contains(rev) {
                 return Ok(None);
             }
-            let stored = connection
-                .prepare_cached(
-                    "SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2",
-                )?
-                .query_row(params![doc_id, rev.to_string()], |row| {
-                    Ok((
-                        row.get::<_, bool>(0)?,
-                        row.get::<_, i64>(1)?,
-                        row.get::<_, String>(2)?,
-                    ))
-                })
-                .optional()?;
-            let (deleted, hlc, body) = match stored {
-                Some((deleted, hlc, body)) => (
-                    deleted,
-                    Timestamp::from_u64(to_u64(hlc)),
-                    Some(parse_body(&body)?),
-                ),
-                None => (tree.is_deleted(rev), Timestamp::ZERO, None),
+            let (deleted, hlc, body) = if &current.winner.rev == rev {
+                (
+                    current.winner.deleted,
+                    current.hlc,
+                    Some(parse_body(&current.body)?),
+                )
+            } else {
+                let stored = connection
+                    .prepare_cached(
+                        "SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2",
+                    )?
+                    .query_row(params![doc_id, rev.to_string()], |row| {
+                        Ok((
+                            row.get::<_, bool>(0)?,
+                            row.get::<_, i64>(1)?,
+                            row.get::<_, String>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                match stored {
+                    Some((deleted, hlc, body)) => (
+                        deleted,
+                        Timestamp::from_u64(to_u64(hlc)),
+                        Some(parse_body(&body)?),
+                    ),
+                    None => (tree.is_deleted(rev), Timestamp::ZERO, None),
+                }
             };
             Ok(Some(StoredRevision {
                 doc_id: doc_id.to_owned(),
@@ -1152,8 +1248,23 @@ impl Database for SqliteDatabase {
             ));
         }
         order.push_str("doc_id ASC");
-        let (prefilter, mut values) = sql_prefilter(&query.selector);
+        let (mut prefilter, mut values) = sql_prefilter(&query.selector);
         values.insert(0, rusqlite::types::Value::Text(query.collection.clone()));
+        if !query.collection.is_empty() {
+            // A collection's documents are the ids between `name:` and `name;` (the next
+            // character), so the id index finds them.
+            let low = format!("{}{COLLECTION_SEPARATOR}", query.collection);
+            let after_separator = char::from_u32(u32::from(COLLECTION_SEPARATOR) + 1)
+                .expect("the separator is ASCII");
+            let high = format!("{}{after_separator}", query.collection);
+            prefilter.push_str(&format!(
+                " AND doc_id >= ?{} AND doc_id < ?{}",
+                values.len() + 1,
+                values.len() + 2
+            ));
+            values.push(rusqlite::types::Value::Text(low));
+            values.push(rusqlite::types::Value::Text(high));
+        }
         let sql = format!(
             "SELECT doc_id, rev, deleted, body, hlc, seq, leaves FROM docs \
              WHERE collection = ?1 AND deleted = 0{prefilter} ORDER BY {order}"

@@ -266,47 +266,125 @@ fn a_pending_edit_moved_by_a_pull_waits_for_the_page_that_carries_it() {
     assert_eq!(db.pending_state("a").unwrap(), None);
 }
 
-#[test]
-fn version_one_files_are_migrated_and_keep_their_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("old.sqlite");
-    let rev = {
-        let db = SqliteDatabase::open(&path, "old", StoreConfig::default()).unwrap();
-        use ferry_store::Database;
-        db.write_edits(vec![Edit::put(
-            "a",
-            None,
-            body(serde_json::json!({"v": 1})),
-        )])
-        .unwrap()
-        .remove(0)
-        .unwrap()
-    };
-    // Make the file exactly what version 1 wrote: no outbox, no resolutions, user_version 1.
-    let connection = rusqlite::Connection::open(&path).unwrap();
+/// The schema versions 1 to 3 wrote, as they wrote it (version 2 added `outbox`, version 3
+/// `resolutions`), with document `a` at revision 1 and, from version 2, pending.
+fn old_file(path: &std::path::Path, version: i64) -> ferry_core::rev::Rev {
+    let connection = rusqlite::Connection::open(path).unwrap();
     connection
-        .execute_batch("DROP TABLE outbox; DROP TABLE resolutions; PRAGMA user_version = 1;")
+        .execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE docs (doc_id TEXT PRIMARY KEY, collection TEXT NOT NULL,
+                 seq INTEGER NOT NULL, rev TEXT NOT NULL, deleted INTEGER NOT NULL,
+                 hlc INTEGER NOT NULL, body TEXT NOT NULL, leaves TEXT NOT NULL,
+                 tree TEXT NOT NULL);
+             CREATE UNIQUE INDEX docs_by_seq ON docs(seq);
+             CREATE INDEX docs_by_collection ON docs(collection, deleted, doc_id);
+             CREATE TABLE revs (doc_id TEXT NOT NULL, rev TEXT NOT NULL,
+                 deleted INTEGER NOT NULL, hlc INTEGER NOT NULL, body TEXT NOT NULL,
+                 PRIMARY KEY (doc_id, rev)) WITHOUT ROWID;
+             CREATE TABLE local_docs (id TEXT PRIMARY KEY, rev INTEGER NOT NULL,
+                 body TEXT NOT NULL) WITHOUT ROWID;
+             INSERT INTO meta (key, value) VALUES ('replica_id', 'old-replica'),
+                 ('update_seq', '1'), ('doc_count', '1'), ('deleted_count', '0');
+             CREATE INDEX ix_old ON docs(collection, json_extract(body, '$.v')) WHERE deleted = 0;",
+        )
         .unwrap();
-    drop(connection);
-    let db = tracking_at(&path);
-    use ferry_store::Database;
-    assert_eq!(db.get_document("a").unwrap().unwrap().rev, rev);
-    db.write_edits(vec![Edit::put("b", None, body(serde_json::json!({})))])
+    let body = r#"{"v":1}"#;
+    let rev = ferry_core::rev::Rev::compute(None, false, body.as_bytes());
+    let mut tree = ferry_core::tree::RevTree::new();
+    tree.add_child(None, rev.clone(), false);
+    let leaves = serde_json::json!([[rev.to_string(), false]]).to_string();
+    connection
+        .execute(
+            "INSERT INTO docs VALUES ('a', '', 1, ?1, 0, 7, ?2, ?3, ?4)",
+            rusqlite::params![rev.to_string(), body, leaves, tree.encode()],
+        )
         .unwrap();
-    assert_eq!(
-        db.pending_summary().unwrap().pending,
-        1,
-        "the outbox exists after migration"
-    );
-    assert!(
-        db.resolutions("a").unwrap().is_empty(),
-        "the resolutions table exists"
-    );
-    let version: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
+    connection
+        .execute(
+            "INSERT INTO revs VALUES ('a', ?1, 0, 7, ?2)",
+            rusqlite::params![rev.to_string(), body],
+        )
         .unwrap();
-    assert_eq!(version, 3);
+    if version >= 2 {
+        connection
+            .execute_batch(
+                "CREATE TABLE outbox (doc_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, rejected TEXT)
+                     WITHOUT ROWID;
+                 CREATE INDEX outbox_by_seq ON outbox(seq);
+                 INSERT INTO outbox VALUES ('a', 1, NULL);",
+            )
+            .unwrap();
+    }
+    if version >= 3 {
+        connection
+            .execute_batch(
+                "CREATE TABLE resolutions (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                     doc_id TEXT NOT NULL, rev TEXT NOT NULL, record TEXT NOT NULL);
+                 CREATE INDEX resolutions_by_doc ON resolutions(doc_id, id);",
+            )
+            .unwrap();
+    }
+    connection
+        .pragma_update(None, "user_version", version)
+        .unwrap();
+    rev
+}
+
+#[test]
+fn files_of_every_older_version_are_migrated_and_keep_their_data() {
+    for version in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        let rev = old_file(&path, version);
+        let db = tracking_at(&path);
+        let document = db.get_document("a").unwrap().unwrap();
+        assert_eq!(
+            (document.rev, document.seq),
+            (rev.clone(), 1),
+            "version {version}"
+        );
+        assert_eq!(document.body["v"], 1);
+        let stored = db.get_revision("a", &rev, 1).unwrap().unwrap();
+        assert_eq!(stored.body.unwrap()["v"], 1);
+        let pending = db.pending_state("a").unwrap();
+        if version >= 2 {
+            assert_eq!(
+                pending,
+                Some(PendingState::Pending { seq: 1 }),
+                "version {version}"
+            );
+        } else {
+            assert_eq!(pending, None);
+        }
+        db.write_edits(vec![Edit::put("b", None, body(serde_json::json!({})))])
+            .unwrap();
+        let expected_pending = if version >= 2 { 2 } else { 1 };
+        assert_eq!(db.pending_summary().unwrap().pending, expected_pending);
+        assert_eq!(db.changes(0, 10, false).unwrap().len(), 2);
+        assert!(db.resolutions("a").unwrap().is_empty());
+        drop(db);
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 4);
+        let query_index: i64 = connection
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'ix_old' AND tbl_name = 'docs'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            query_index, 1,
+            "the query index is made again on the new table"
+        );
+        let integrity: String = connection
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
+    }
 }
 
 fn tracking_at(path: &std::path::Path) -> SqliteDatabase {
