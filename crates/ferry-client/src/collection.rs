@@ -171,7 +171,7 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
         let body = self.to_body(&doc_id, value)?;
         // The returned value is read back from what was stored, so it is exactly what every
         // replica will see (serde round trip included), and `T` need not be `Clone`.
-        let stored: T = serde_json::from_value(Value::Object(body.clone()))?;
+        let stored = T::deserialize(&body)?;
         let rev = self
             .write(Edit::put(doc_id, None, body))
             .map_err(|error| match error {
@@ -207,7 +207,7 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
             let id = uuid::Uuid::now_v7().simple().to_string();
             let doc_id = self.doc_id(&id);
             let body = self.to_body(&doc_id, value)?;
-            let stored: T = serde_json::from_value(Value::Object(body.clone()))?;
+            let stored = T::deserialize(&body)?;
             edits.push(Edit::put(doc_id, None, body).with_hlc(hlc));
             docs.push((id, stored));
         }

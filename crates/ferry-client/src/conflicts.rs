@@ -202,7 +202,7 @@ fn typed_conflict<T: DeserializeOwned>(
             Ok(Version {
                 rev: version.rev.clone(),
                 hlc: version.hlc,
-                value: serde_json::from_value(Value::Object(version.body.clone()))?,
+                value: T::deserialize(&version.body)?,
             })
         })
         .collect::<Result<Vec<_>, ClientError>>()?;
@@ -210,10 +210,7 @@ fn typed_conflict<T: DeserializeOwned>(
     let ancestor = match &conflict.ancestor {
         Some((rev, body)) => Some(Ancestor {
             rev: rev.clone(),
-            value: body
-                .as_ref()
-                .map(|body| serde_json::from_value(Value::Object(body.clone())))
-                .transpose()?,
+            value: body.as_ref().map(T::deserialize).transpose()?,
         }),
         None => None,
     };

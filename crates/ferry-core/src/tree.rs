@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::rev::Rev;
 
@@ -419,56 +419,90 @@ impl RevTree {
         dropped
     }
 
-    /// Encodes the tree for storage (see [`EncodedTree`] for the format).
+    /// Encodes the tree for storage: nodes in revision order separated by spaces, each its
+    /// revision, then `<` and its parent's position in that order if it has one, then `!` if
+    /// it is a tombstone: `1-a 2-b<0 3-c<1!`. Revision ids never contain these characters.
+    /// (Version 1 was JSON; [`RevTree::decode`] reads both.)
     pub fn encode(&self) -> String {
-        let index: HashMap<&Rev, usize> = self
-            .nodes
-            .keys()
-            .enumerate()
-            .map(|(position, rev)| (rev, position))
-            .collect();
-        let nodes = self
-            .nodes
-            .iter()
-            .map(|(rev, node)| EncodedNode {
-                rev: rev.clone(),
-                parent: node.parent.as_ref().map(|parent| index[parent]),
-                deleted: node.deleted,
-            })
-            .collect();
-        serde_json::to_string(&EncodedTree {
-            version: ENCODING_VERSION,
-            nodes,
-        })
-        .expect("tree serialization")
+        use std::fmt::Write;
+        let order: Vec<&Rev> = self.nodes.keys().collect();
+        let mut text = String::with_capacity(self.nodes.len() * 40);
+        for (rev, node) in &self.nodes {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            write!(text, "{rev}").expect("writing to a String");
+            if let Some(parent) = &node.parent {
+                let position = order
+                    .binary_search(&parent)
+                    .expect("a parent is a node of its tree");
+                write!(text, "<{position}").expect("writing to a String");
+            }
+            if node.deleted {
+                text.push('!');
+            }
+        }
+        text
     }
 
-    /// Decodes a tree written by [`RevTree::encode`].
+    /// Decodes a tree written by [`RevTree::encode`] (or by version 1, as JSON).
     pub fn decode(text: &str) -> Result<RevTree, TreeDecodeError> {
+        if text.starts_with('{') {
+            return RevTree::decode_json(text);
+        }
+        let mut parsed = Vec::new();
+        for token in text.split(' ').filter(|token| !token.is_empty()) {
+            let (token, deleted) = match token.strip_suffix('!') {
+                Some(token) => (token, true),
+                None => (token, false),
+            };
+            let (rev, parent) = match token.split_once('<') {
+                Some((rev, parent)) => {
+                    let position: usize = parent.parse().map_err(|_| {
+                        TreeDecodeError(format!("parent position {parent:?} is not a number"))
+                    })?;
+                    (rev, Some(position))
+                }
+                None => (token, None),
+            };
+            let rev: Rev = rev
+                .parse()
+                .map_err(|error: crate::rev::RevParseError| TreeDecodeError(error.to_string()))?;
+            parsed.push((rev, parent, deleted));
+        }
+        RevTree::from_positions(parsed)
+    }
+
+    fn decode_json(text: &str) -> Result<RevTree, TreeDecodeError> {
         let encoded: EncodedTree =
             serde_json::from_str(text).map_err(|err| TreeDecodeError(err.to_string()))?;
-        if encoded.version != ENCODING_VERSION {
+        if encoded.version != 1 {
             return Err(TreeDecodeError(format!(
                 "unknown tree encoding version {}",
                 encoded.version
             )));
         }
-        let revs: Vec<Rev> = encoded.nodes.iter().map(|node| node.rev.clone()).collect();
+        RevTree::from_positions(
+            encoded
+                .nodes
+                .into_iter()
+                .map(|node| (node.rev, node.parent, node.deleted))
+                .collect(),
+        )
+    }
+
+    /// A tree from its nodes, each with its parent's position in the list.
+    fn from_positions(parsed: Vec<(Rev, Option<usize>, bool)>) -> Result<RevTree, TreeDecodeError> {
+        let revs: Vec<Rev> = parsed.iter().map(|(rev, _, _)| rev.clone()).collect();
         let mut nodes = BTreeMap::new();
-        for node in encoded.nodes {
-            let parent = match node.parent {
+        for (rev, parent, deleted) in parsed {
+            let parent = match parent {
                 Some(position) => Some(revs.get(position).cloned().ok_or_else(|| {
                     TreeDecodeError(format!("parent index {position} out of range"))
                 })?),
                 None => None,
             };
-            nodes.insert(
-                node.rev,
-                Node {
-                    parent,
-                    deleted: node.deleted,
-                },
-            );
+            nodes.insert(rev, Node { parent, deleted });
         }
         Ok(RevTree { nodes })
     }
@@ -488,11 +522,8 @@ pub struct RevsDiff {
 #[error("cannot decode revision tree: {0}")]
 pub struct TreeDecodeError(String);
 
-const ENCODING_VERSION: u32 = 1;
-
-/// The stored form of a tree: `{"v":1,"n":[["1-a",null,false],["2-b",0,false]]}`, nodes in
-/// revision order, each with the index of its parent in that list.
-#[derive(Serialize, Deserialize)]
+/// Version 1 of the stored form of a tree (JSON), still read from older files.
+#[derive(Deserialize)]
 struct EncodedTree {
     #[serde(rename = "v")]
     version: u32,
@@ -500,7 +531,7 @@ struct EncodedTree {
     nodes: Vec<EncodedNode>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EncodedNode {
     rev: Rev,
     parent: Option<usize>,
@@ -539,6 +570,29 @@ mod tests {
         assert_eq!(tree.winner().unwrap().rev, rev("2-b"));
         assert!(tree.conflicts().is_empty());
         assert_eq!(tree.deleted_conflicts(), path(&["3-z"]));
+    }
+
+    #[test]
+    fn the_stored_form_is_compact_and_version_1_still_reads() {
+        let mut tree = RevTree::new();
+        tree.merge_path(&path(&["2-b", "1-a"]), false).unwrap();
+        tree.merge_path(&path(&["3-c", "2-c", "1-a"]), true)
+            .unwrap();
+        let text = tree.encode();
+        assert_eq!(text, "1-a 2-b<0 2-c<0 3-c<2!");
+        assert_eq!(RevTree::decode(&text).unwrap(), tree);
+        // A stemmed tree: several roots.
+        let mut stemmed = RevTree::new();
+        stemmed.merge_path(&path(&["5-e", "4-d"]), false).unwrap();
+        stemmed.merge_path(&path(&["9-x"]), true).unwrap();
+        assert_eq!(RevTree::decode(&stemmed.encode()).unwrap(), stemmed);
+        let version_1 = r#"{"v":1,"n":[{"rev":"1-a","parent":null,"deleted":false},
+            {"rev":"2-b","parent":0,"deleted":false},{"rev":"2-c","parent":0,"deleted":false},
+            {"rev":"3-c","parent":2,"deleted":true}]}"#;
+        assert_eq!(RevTree::decode(version_1).unwrap(), tree);
+        for bad in ["1-a<1", "1-a<x", "zz", r#"{"v":7,"n":[]}"#] {
+            assert!(RevTree::decode(bad).is_err(), "{bad:?} is refused");
+        }
     }
 
     #[test]

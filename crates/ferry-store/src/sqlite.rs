@@ -4,7 +4,8 @@
 //!
 //! - `docs`: one row per document, keyed by the sequence of its latest change (so the changes
 //!   feed reads the table in order): its id and collection, the winner (revision, deleted
-//!   flag, clock, body), its leaves, the encoded revision tree, and on client replicas whether
+//!   flag, clock, body), its leaves (`NULL` when the winner is the only one, as it is without
+//!   conflicts), the encoded revision tree, and on client replicas whether
 //!   a local edit waits for the server (`pending`, with the server's reason in `rejected` if it
 //!   refused it). The winner's body lives only here, so reads, `_all_docs` and queries never
 //!   parse trees, and writing a new document writes its body once.
@@ -103,7 +104,7 @@ CREATE TABLE docs_v4 (
     deleted INTEGER NOT NULL,
     hlc INTEGER NOT NULL,
     body TEXT NOT NULL,
-    leaves TEXT NOT NULL,
+    leaves TEXT,
     tree TEXT NOT NULL,
     pending INTEGER NOT NULL DEFAULT 0,
     rejected TEXT
@@ -544,15 +545,26 @@ fn parse_rev(text: &str) -> Result<Rev, StoreError> {
         })
 }
 
-fn encode_leaves(leaves: &[Leaf]) -> String {
+/// `None` when the winner is the only leaf (most documents): the column is then `NULL`.
+fn encode_leaves(leaves: &[Leaf]) -> Option<String> {
+    if leaves.len() == 1 {
+        return None;
+    }
     let encoded: Vec<(String, bool)> = leaves
         .iter()
         .map(|leaf| (leaf.rev.to_string(), leaf.deleted))
         .collect();
-    serde_json::to_string(&encoded).expect("leaves serialization")
+    Some(serde_json::to_string(&encoded).expect("leaves serialization"))
 }
 
-fn decode_leaves(text: &str) -> Result<Vec<Leaf>, StoreError> {
+/// The leaves stored beside a winner (`text` is `None` when the winner is the only one).
+fn decode_leaves(text: Option<&str>, winner: &Rev, deleted: bool) -> Result<Vec<Leaf>, StoreError> {
+    let Some(text) = text else {
+        return Ok(vec![Leaf {
+            rev: winner.clone(),
+            deleted,
+        }]);
+    };
     let encoded: Vec<(String, bool)> =
         serde_json::from_str(text).map_err(|err| StoreError::Corrupt {
             what: "leaves",
@@ -622,7 +634,8 @@ fn load_current(connection: &Connection, doc_id: &str) -> Result<Option<Current>
 struct NewRevision<'a> {
     rev: &'a Rev,
     deleted: bool,
-    body: &'a Body,
+    /// The body's canonical text (computed once: it is also what the revision id hashes).
+    body: String,
     hlc: Timestamp,
     /// Written on this replica (an edit or a resolution), not received from another: on
     /// client replicas it waits for the server.
@@ -648,7 +661,8 @@ impl SqliteDatabase {
         before: Option<&Current>,
         child: Child<'_>,
     ) -> Result<(Rev, bool), StoreError> {
-        let rev = Rev::compute(child.parent, child.deleted, &canonical_object(child.body));
+        let body = body_text(child.body);
+        let rev = Rev::compute(child.parent, child.deleted, body.as_bytes());
         let mut tree = before
             .map(|current| current.tree.clone())
             .unwrap_or_default();
@@ -664,7 +678,7 @@ impl SqliteDatabase {
             NewRevision {
                 rev: &rev,
                 deleted: child.deleted,
-                body: child.body,
+                body,
                 hlc: child.hlc,
                 local: true,
             },
@@ -703,7 +717,7 @@ impl SqliteDatabase {
                 new.rev.to_string(),
                 new.deleted,
                 to_i64(new.hlc.as_u64()),
-                body_text(new.body)
+                new.body
             ])?;
         }
         // The previous winner's body was only in `docs`: keep it in `revs` if it is still
@@ -727,7 +741,7 @@ impl SqliteDatabase {
         }
 
         let (body, hlc) = match before {
-            _ if &winner.rev == new.rev => (body_text(new.body), new.hlc),
+            _ if &winner.rev == new.rev => (new.body, new.hlc),
             Some(before) if before.winner.rev == winner.rev => (before.body.clone(), before.hlc),
             _ => transaction
                 .prepare_cached("SELECT body, hlc FROM revs WHERE doc_id = ?1 AND rev = ?2")?
@@ -896,7 +910,7 @@ impl Database for SqliteDatabase {
                     NewRevision {
                         rev: &revision.path[0],
                         deleted: revision.deleted,
-                        body: &revision.body,
+                        body: body_text(&revision.body),
                         hlc: revision.hlc.unwrap_or(default_hlc),
                         local: false,
                     },
@@ -1021,12 +1035,20 @@ impl Database for SqliteDatabase {
                         row.get::<_, String>(2)?,
                         row.get::<_, i64>(3)?,
                         row.get::<_, i64>(4)?,
-                        row.get::<_, String>(5)?,
+                        row.get::<_, Option<String>>(5)?,
                     ))
                 })
                 .optional()?;
             row.map(|(rev, deleted, body, hlc, seq, leaves)| {
-                document_from_row(doc_id.to_owned(), &rev, deleted, &body, hlc, seq, &leaves)
+                document_from_row(
+                    doc_id.to_owned(),
+                    &rev,
+                    deleted,
+                    &body,
+                    hlc,
+                    seq,
+                    leaves.as_deref(),
+                )
             })
             .transpose()
         })
@@ -1107,12 +1129,15 @@ impl Database for SqliteDatabase {
             let mut changes = Vec::new();
             while let Some(row) = rows.next()? {
                 let body: Option<String> = row.get(5)?;
+                let rev = parse_rev(&row.get::<_, String>(2)?)?;
+                let deleted = row.get(3)?;
+                let leaves: Option<String> = row.get(4)?;
                 changes.push(Change {
                     seq: to_u64(row.get(0)?),
                     doc_id: row.get(1)?,
-                    rev: parse_rev(&row.get::<_, String>(2)?)?,
-                    deleted: row.get(3)?,
-                    leaves: decode_leaves(&row.get::<_, String>(4)?)?,
+                    leaves: decode_leaves(leaves.as_deref(), &rev, deleted)?,
+                    rev,
+                    deleted,
                     body: body.as_deref().map(parse_body).transpose()?,
                 });
             }
@@ -1391,10 +1416,10 @@ fn document_from_row(
     body: &str,
     hlc: i64,
     seq: i64,
-    leaves: &str,
+    leaves: Option<&str>,
 ) -> Result<Document, StoreError> {
     let rev = parse_rev(rev)?;
-    let mut conflicts: Vec<Rev> = decode_leaves(leaves)?
+    let mut conflicts: Vec<Rev> = decode_leaves(leaves, &rev, deleted)?
         .into_iter()
         .filter(|leaf| !leaf.deleted && leaf.rev != rev)
         .map(|leaf| leaf.rev)
@@ -1422,7 +1447,7 @@ fn document_from_sql_row(row: &rusqlite::Row<'_>) -> Result<Document, StoreError
         &row.get::<_, String>(3)?,
         row.get(4)?,
         row.get(5)?,
-        &row.get::<_, String>(6)?,
+        row.get::<_, Option<String>>(6)?.as_deref(),
     )
 }
 
