@@ -5,10 +5,10 @@
 //! - `docs`: one row per document, keyed by the sequence of its latest change (so the changes
 //!   feed reads the table in order): its id and collection, the winner (revision, deleted
 //!   flag, clock, body), its leaves (`NULL` when the winner is the only one, as it is without
-//!   conflicts), the encoded revision tree, and on client replicas whether
-//!   a local edit waits for the server (`pending`, with the server's reason in `rejected` if it
-//!   refused it). The winner's body lives only here, so reads, `_all_docs` and queries never
-//!   parse trees, and writing a new document writes its body once.
+//!   conflicts), the encoded revision tree (`NULL` when it is the winner alone), and on client
+//!   replicas whether a local edit waits for the server (`pending`, with the server's reason
+//!   in `rejected` if it refused it). The winner's body lives only here, so reads, `_all_docs`
+//!   and queries never parse trees, and writing a new document writes its body once.
 //! - `revs`: bodies of the other kept revisions: leaves and recent ancestors
 //!   (`Limits::ancestor_bodies` levels above each leaf), with their deleted flag and clock. It
 //!   may also hold the winner's body (a revision that won later); readers look in `docs` first.
@@ -105,7 +105,7 @@ CREATE TABLE docs_v4 (
     hlc INTEGER NOT NULL,
     body TEXT NOT NULL,
     leaves TEXT,
-    tree TEXT NOT NULL,
+    tree TEXT,
     pending INTEGER NOT NULL DEFAULT 0,
     rejected TEXT
 );
@@ -581,18 +581,36 @@ fn decode_leaves(text: Option<&str>, winner: &Rev, deleted: bool) -> Result<Vec<
         .collect()
 }
 
-fn load_tree(connection: &Connection, doc_id: &str) -> Result<Option<RevTree>, StoreError> {
-    let text: Option<String> = connection
-        .prepare_cached("SELECT tree FROM docs WHERE doc_id = ?1")?
-        .query_row(params![doc_id], |row| row.get(0))
-        .optional()?;
-    text.map(|text| {
-        RevTree::decode(&text).map_err(|err| StoreError::Corrupt {
+/// `None` when the tree is the winner alone (a document never edited): the column is then
+/// `NULL`, and the row's own revision and deleted flag are the tree.
+fn encode_tree(tree: &RevTree) -> Option<String> {
+    tree.revs().nth(1).is_some().then(|| tree.encode())
+}
+
+/// The tree stored in a `docs` row (see [`encode_tree`]).
+fn decode_tree(text: Option<&str>, winner: &str, deleted: bool) -> Result<RevTree, StoreError> {
+    match text {
+        Some(text) => RevTree::decode(text).map_err(|err| StoreError::Corrupt {
             what: "revision tree",
             detail: err.to_string(),
+        }),
+        None => {
+            let mut tree = RevTree::new();
+            tree.add_child(None, parse_rev(winner)?, deleted);
+            Ok(tree)
+        }
+    }
+}
+
+fn load_tree(connection: &Connection, doc_id: &str) -> Result<Option<RevTree>, StoreError> {
+    let row: Option<(Option<String>, String, bool)> = connection
+        .prepare_cached("SELECT tree, rev, deleted FROM docs WHERE doc_id = ?1")?
+        .query_row(params![doc_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
-    })
-    .transpose()
+        .optional()?;
+    row.map(|(tree, rev, deleted)| decode_tree(tree.as_deref(), &rev, deleted))
+        .transpose()
 }
 
 /// What a writer reads of a document before changing it: its tree, and its winner's body and
@@ -605,19 +623,23 @@ struct Current {
 }
 
 fn load_current(connection: &Connection, doc_id: &str) -> Result<Option<Current>, StoreError> {
-    let row: Option<(String, i64, String)> = connection
-        .prepare_cached("SELECT tree, hlc, body FROM docs WHERE doc_id = ?1")?
+    type Row = (Option<String>, String, bool, i64, String);
+    let row: Option<Row> = connection
+        .prepare_cached("SELECT tree, rev, deleted, hlc, body FROM docs WHERE doc_id = ?1")?
         .query_row(params![doc_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })
         .optional()?;
-    let Some((tree, hlc, body)) = row else {
+    let Some((tree, rev, deleted, hlc, body)) = row else {
         return Ok(None);
     };
-    let tree = RevTree::decode(&tree).map_err(|err| StoreError::Corrupt {
-        what: "revision tree",
-        detail: err.to_string(),
-    })?;
+    let tree = decode_tree(tree.as_deref(), &rev, deleted)?;
     let winner = tree.winner().ok_or_else(|| StoreError::Corrupt {
         what: "revision tree",
         detail: format!("{doc_id} has an empty tree"),
@@ -708,17 +730,22 @@ impl SqliteDatabase {
         let winner = tree
             .winner()
             .expect("a tree with a new revision has a winner");
-        let mut insert_body = transaction.prepare_cached(
-            "INSERT OR IGNORE INTO revs (doc_id, rev, deleted, hlc, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
+        // Statements are prepared only when needed: a new document needs none of these.
+        let insert_body = |rev: &Rev, deleted: bool, hlc: Timestamp, body: &str| {
+            transaction
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO revs (doc_id, rev, deleted, hlc, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    doc_id,
+                    rev.to_string(),
+                    deleted,
+                    to_i64(hlc.as_u64()),
+                    body
+                ])
+        };
         if &winner.rev != new.rev && !unkept.contains(new.rev) {
-            insert_body.execute(params![
-                doc_id,
-                new.rev.to_string(),
-                new.deleted,
-                to_i64(new.hlc.as_u64()),
-                new.body
-            ])?;
+            insert_body(new.rev, new.deleted, new.hlc, &new.body)?;
         }
         // The previous winner's body was only in `docs`: keep it in `revs` if it is still
         // kept (a parent within the body window, or a losing leaf).
@@ -726,18 +753,19 @@ impl SqliteDatabase {
             && before.winner.rev != winner.rev
             && !unkept.contains(&before.winner.rev)
         {
-            insert_body.execute(params![
-                doc_id,
-                before.winner.rev.to_string(),
+            insert_body(
+                &before.winner.rev,
                 before.winner.deleted,
-                to_i64(before.hlc.as_u64()),
-                before.body
-            ])?;
+                before.hlc,
+                &before.body,
+            )?;
         }
-        let mut delete =
-            transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
-        for rev in &unkept {
-            delete.execute(params![doc_id, rev.to_string()])?;
+        if !unkept.is_empty() {
+            let mut delete =
+                transaction.prepare_cached("DELETE FROM revs WHERE doc_id = ?1 AND rev = ?2")?;
+            for rev in &unkept {
+                delete.execute(params![doc_id, rev.to_string()])?;
+            }
         }
 
         let (body, hlc) = match before {
@@ -769,7 +797,7 @@ impl SqliteDatabase {
         let (rev, leaves, tree) = (
             winner.rev.to_string(),
             encode_leaves(&leaves),
-            tree.encode(),
+            encode_tree(&tree),
         );
         let hlc = to_i64(hlc.as_u64());
         if before.is_none() {
@@ -967,18 +995,18 @@ impl Database for SqliteDatabase {
         loop {
             // One short transaction per chunk of documents, so writers are not held up.
             let (count, last) = self.with_write_transaction(|transaction| {
-                let documents: Vec<(String, String)> = transaction
+                let documents: Vec<(String, Option<String>, String, bool)> = transaction
                     .prepare_cached(
-                        "SELECT doc_id, tree FROM docs WHERE doc_id > ?1 ORDER BY doc_id LIMIT ?2",
+                        "SELECT doc_id, tree, rev, deleted FROM docs WHERE doc_id > ?1 \
+                         ORDER BY doc_id LIMIT ?2",
                     )?
-                    .query_map(params![after, CHUNK], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .query_map(params![after, CHUNK], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    })?
                     .collect::<Result<_, _>>()?;
                 let mut count = 0u64;
-                for (doc_id, tree) in &documents {
-                    let tree = RevTree::decode(tree).map_err(|error| StoreError::Corrupt {
-                        what: "docs.tree",
-                        detail: error.to_string(),
-                    })?;
+                for (doc_id, tree, rev, deleted) in &documents {
+                    let tree = decode_tree(tree.as_deref(), rev, *deleted)?;
                     let keep = tree.compaction_window(depth);
                     let stored: Vec<String> = transaction
                         .prepare_cached("SELECT rev FROM revs WHERE doc_id = ?1")?
@@ -993,7 +1021,7 @@ impl Database for SqliteDatabase {
                         }
                     }
                 }
-                Ok((count, documents.last().map(|(doc_id, _)| doc_id.clone())))
+                Ok((count, documents.last().map(|(doc_id, ..)| doc_id.clone())))
             })?;
             dropped += count;
             match last {
