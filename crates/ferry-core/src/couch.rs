@@ -231,17 +231,24 @@ pub fn document_json(
 
 /// A replicated revision in CouchDB form, with `_revisions` (and `_ferry` when `with_hlc`).
 pub fn revision_json(revision: &Revision, with_hlc: bool) -> Value {
-    document_json(
-        &revision.doc_id,
-        revision.rev(),
-        revision.deleted,
-        &revision.body,
-        &DocExtras {
-            revisions: Some(&revision.path),
-            conflicts: None,
-            hlc: revision.hlc.filter(|_| with_hlc),
-        },
-    )
+    revision_into_json(revision.clone(), with_hlc)
+}
+
+/// [`revision_json`] taking the revision, so that its body becomes the document without a
+/// copy (the body's members and the special `_` members never share a name).
+pub fn revision_into_json(revision: Revision, with_hlc: bool) -> Value {
+    let rev = revision.rev().clone();
+    let mut map = revision.body;
+    map.insert("_id".into(), Value::String(revision.doc_id));
+    map.insert("_rev".into(), Value::String(rev.to_string()));
+    if revision.deleted {
+        map.insert("_deleted".into(), Value::Bool(true));
+    }
+    map.insert("_revisions".into(), revisions_json(&revision.path));
+    if let Some(hlc) = revision.hlc.filter(|_| with_hlc) {
+        map.insert("_ferry".into(), json!({ "hlc": hlc.as_u64() }));
+    }
+    Value::Object(map)
 }
 
 /// A replicated revision from its CouchDB form (as `_bulk_docs` with `new_edits=false` or
@@ -276,6 +283,21 @@ mod tests {
         assert_eq!(revision_from_json(value).unwrap(), revision);
         let without_clock = revision_from_json(revision_json(&revision, false)).unwrap();
         assert_eq!(without_clock.hlc, None);
+        assert_eq!(
+            revision_into_json(revision.clone(), true),
+            document_json(
+                &revision.doc_id,
+                revision.rev(),
+                revision.deleted,
+                &revision.body,
+                &DocExtras {
+                    revisions: Some(&revision.path),
+                    conflicts: None,
+                    hlc: revision.hlc,
+                },
+            ),
+            "the same document as document_json writes"
+        );
     }
 
     #[test]

@@ -429,6 +429,19 @@ pub trait Database: Send + Sync {
         max_path: usize,
     ) -> Result<Option<StoredRevision>, StoreError>;
 
+    /// [`Database::get_revision`] for many revisions at once, answered in order; a store may
+    /// read them with fewer queries than one each.
+    fn get_revisions(
+        &self,
+        wanted: &[(String, Rev)],
+        max_path: usize,
+    ) -> Result<Vec<Option<StoredRevision>>, StoreError> {
+        wanted
+            .iter()
+            .map(|(doc_id, rev)| self.get_revision(doc_id, rev, max_path))
+            .collect()
+    }
+
     /// Changes after `since`, at most `limit` rows, in sequence order.
     fn changes(
         &self,

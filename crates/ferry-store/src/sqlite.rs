@@ -587,29 +587,28 @@ fn encode_tree(tree: &RevTree) -> Option<String> {
     tree.revs().nth(1).is_some().then(|| tree.encode())
 }
 
-/// The tree stored in a `docs` row (see [`encode_tree`]).
-fn decode_tree(text: Option<&str>, winner: &str, deleted: bool) -> Result<RevTree, StoreError> {
-    match text {
-        Some(text) => RevTree::decode(text).map_err(|err| StoreError::Corrupt {
+/// The tree of a `docs` row (see [`encode_tree`]), read from the columns `tree, rev, deleted`
+/// starting at `first`.
+fn tree_from_row(row: &rusqlite::Row<'_>, first: usize) -> Result<RevTree, StoreError> {
+    match row.get::<_, Option<String>>(first)? {
+        Some(text) => RevTree::decode(&text).map_err(|err| StoreError::Corrupt {
             what: "revision tree",
             detail: err.to_string(),
         }),
         None => {
             let mut tree = RevTree::new();
-            tree.add_child(None, parse_rev(winner)?, deleted);
+            let winner = parse_rev(&row.get::<_, String>(first + 1)?)?;
+            tree.add_child(None, winner, row.get(first + 2)?);
             Ok(tree)
         }
     }
 }
 
 fn load_tree(connection: &Connection, doc_id: &str) -> Result<Option<RevTree>, StoreError> {
-    let row: Option<(Option<String>, String, bool)> = connection
+    connection
         .prepare_cached("SELECT tree, rev, deleted FROM docs WHERE doc_id = ?1")?
-        .query_row(params![doc_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
-    row.map(|(tree, rev, deleted)| decode_tree(tree.as_deref(), &rev, deleted))
+        .query_and_then(params![doc_id], |row| tree_from_row(row, 0))?
+        .next()
         .transpose()
 }
 
@@ -623,32 +622,134 @@ struct Current {
 }
 
 fn load_current(connection: &Connection, doc_id: &str) -> Result<Option<Current>, StoreError> {
-    type Row = (Option<String>, String, bool, i64, String);
-    let row: Option<Row> = connection
-        .prepare_cached("SELECT tree, rev, deleted, hlc, body FROM docs WHERE doc_id = ?1")?
-        .query_row(params![doc_id], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            ))
-        })
-        .optional()?;
-    let Some((tree, rev, deleted, hlc, body)) = row else {
-        return Ok(None);
-    };
-    let tree = decode_tree(tree.as_deref(), &rev, deleted)?;
+    connection
+        .prepare_cached("SELECT doc_id, tree, rev, deleted, hlc, body FROM docs WHERE doc_id = ?1")?
+        .query_and_then(params![doc_id], current_from_row)?
+        .next()
+        .transpose()
+}
+
+/// A [`Current`] from a row of `SELECT doc_id, tree, rev, deleted, hlc, body`.
+fn current_from_row(row: &rusqlite::Row<'_>) -> Result<Current, StoreError> {
+    let doc_id: String = row.get(0)?;
+    let tree = tree_from_row(row, 1)?;
     let winner = tree.winner().ok_or_else(|| StoreError::Corrupt {
         what: "revision tree",
         detail: format!("{doc_id} has an empty tree"),
     })?;
-    Ok(Some(Current {
+    Ok(Current {
         tree,
         winner,
-        hlc: Timestamp::from_u64(to_u64(hlc)),
+        hlc: Timestamp::from_u64(to_u64(row.get(4)?)),
+        body: row.get(5)?,
+    })
+}
+
+/// How many ids one batched lookup binds. Unused places are bound to NULL, which matches
+/// nothing, so one prepared statement serves every chunk.
+const LOOKUP_CHUNK: usize = 128;
+
+/// Runs `select`, a query whose `{ids}` stands for a list of document ids, for `doc_ids` in
+/// chunks, calling `each` with every row: one statement per chunk instead of one per document.
+fn select_by_ids(
+    connection: &Connection,
+    select: &str,
+    doc_ids: &[&str],
+    mut each: impl FnMut(&rusqlite::Row<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let sql = select.replace("{ids}", &vec!["?"; LOOKUP_CHUNK].join(", "));
+    let mut statement = connection.prepare_cached(&sql)?;
+    for chunk in doc_ids.chunks(LOOKUP_CHUNK) {
+        let values = (0..LOOKUP_CHUNK).map(|position| chunk.get(position).copied());
+        let mut rows = statement.query(rusqlite::params_from_iter(values))?;
+        while let Some(row) = rows.next()? {
+            each(row)?;
+        }
+    }
+    Ok(())
+}
+
+/// The documents a batch writes, read up front with a few queries. Taking a document out
+/// hands over what it was before the batch; once taken (the batch changed it), taking it
+/// again reads it anew.
+struct BatchDocs(HashMap<String, Option<Current>>);
+
+impl BatchDocs {
+    fn load(connection: &Connection, doc_ids: &[&str]) -> Result<BatchDocs, StoreError> {
+        let mut docs: HashMap<String, Option<Current>> = doc_ids
+            .iter()
+            .map(|doc_id| ((*doc_id).to_owned(), None))
+            .collect();
+        select_by_ids(
+            connection,
+            "SELECT doc_id, tree, rev, deleted, hlc, body FROM docs WHERE doc_id IN ({ids})",
+            doc_ids,
+            |row| {
+                let current = current_from_row(row)?;
+                docs.insert(row.get(0)?, Some(current));
+                Ok(())
+            },
+        )?;
+        Ok(BatchDocs(docs))
+    }
+
+    fn take(
+        &mut self,
+        connection: &Connection,
+        doc_id: &str,
+    ) -> Result<Option<Current>, StoreError> {
+        match self.0.remove(doc_id) {
+            Some(before) => Ok(before),
+            None => load_current(connection, doc_id),
+        }
+    }
+}
+
+/// Revision `rev` of a document whose row is `current`, with up to `max_path` entries of its
+/// path; its body comes from the row if it is the winner, from `revs` otherwise.
+fn stored_revision(
+    connection: &Connection,
+    doc_id: &str,
+    current: &Current,
+    rev: &Rev,
+    max_path: usize,
+) -> Result<Option<StoredRevision>, StoreError> {
+    let tree = &current.tree;
+    if !tree.contains(rev) {
+        return Ok(None);
+    }
+    let (deleted, hlc, body) = if &current.winner.rev == rev {
+        (
+            current.winner.deleted,
+            current.hlc,
+            Some(parse_body(&current.body)?),
+        )
+    } else {
+        let stored = connection
+            .prepare_cached("SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2")?
+            .query_row(params![doc_id, rev.to_string()], |row| {
+                Ok((
+                    row.get::<_, bool>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })
+            .optional()?;
+        match stored {
+            Some((deleted, hlc, body)) => (
+                deleted,
+                Timestamp::from_u64(to_u64(hlc)),
+                Some(parse_body(&body)?),
+            ),
+            None => (tree.is_deleted(rev), Timestamp::ZERO, None),
+        }
+    };
+    Ok(Some(StoredRevision {
+        doc_id: doc_id.to_owned(),
+        path: tree.ancestry(rev, max_path.max(1)),
+        deleted,
         body,
+        hlc,
     }))
 }
 
@@ -875,8 +976,10 @@ impl Database for SqliteDatabase {
     fn write_edits(&self, edits: Vec<Edit>) -> Result<Vec<Result<Rev, EditError>>, StoreError> {
         self.with_counted_transaction(|transaction, counters| {
             let mut results = Vec::with_capacity(edits.len());
-            for edit in edits {
-                let before = load_current(transaction, &edit.doc_id)?;
+            let doc_ids: Vec<&str> = edits.iter().map(|edit| edit.doc_id.as_str()).collect();
+            let mut docs = BatchDocs::load(transaction, &doc_ids)?;
+            for edit in &edits {
+                let before = docs.take(transaction, &edit.doc_id)?;
                 let parent = match before
                     .as_ref()
                     .map_or(&RevTree::new(), |current| &current.tree)
@@ -909,8 +1012,13 @@ impl Database for SqliteDatabase {
     ) -> Result<WriteReport, StoreError> {
         self.with_counted_transaction(|transaction, counters| {
             let mut report = WriteReport::default();
-            for revision in revisions {
-                let before = load_current(transaction, &revision.doc_id)?;
+            let doc_ids: Vec<&str> = revisions
+                .iter()
+                .map(|revision| revision.doc_id.as_str())
+                .collect();
+            let mut docs = BatchDocs::load(transaction, &doc_ids)?;
+            for revision in &revisions {
+                let before = docs.take(transaction, &revision.doc_id)?;
                 let mut tree = before
                     .as_ref()
                     .map(|current| current.tree.clone())
@@ -995,18 +1103,17 @@ impl Database for SqliteDatabase {
         loop {
             // One short transaction per chunk of documents, so writers are not held up.
             let (count, last) = self.with_write_transaction(|transaction| {
-                let documents: Vec<(String, Option<String>, String, bool)> = transaction
+                let documents: Vec<(String, RevTree)> = transaction
                     .prepare_cached(
                         "SELECT doc_id, tree, rev, deleted FROM docs WHERE doc_id > ?1 \
                          ORDER BY doc_id LIMIT ?2",
                     )?
-                    .query_map(params![after, CHUNK], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    .query_and_then(params![after, CHUNK], |row| {
+                        Ok::<_, StoreError>((row.get(0)?, tree_from_row(row, 1)?))
                     })?
                     .collect::<Result<_, _>>()?;
                 let mut count = 0u64;
-                for (doc_id, tree, rev, deleted) in &documents {
-                    let tree = decode_tree(tree.as_deref(), rev, *deleted)?;
+                for (doc_id, tree) in &documents {
                     let keep = tree.compaction_window(depth);
                     let stored: Vec<String> = transaction
                         .prepare_cached("SELECT rev FROM revs WHERE doc_id = ?1")?
@@ -1096,45 +1203,27 @@ impl Database for SqliteDatabase {
             let Some(current) = load_current(connection, doc_id)? else {
                 return Ok(None);
             };
-            let tree = &current.tree;
-            if !tree.contains(rev) {
-                return Ok(None);
-            }
-            let (deleted, hlc, body) = if &current.winner.rev == rev {
-                (
-                    current.winner.deleted,
-                    current.hlc,
-                    Some(parse_body(&current.body)?),
-                )
-            } else {
-                let stored = connection
-                    .prepare_cached(
-                        "SELECT deleted, hlc, body FROM revs WHERE doc_id = ?1 AND rev = ?2",
-                    )?
-                    .query_row(params![doc_id, rev.to_string()], |row| {
-                        Ok((
-                            row.get::<_, bool>(0)?,
-                            row.get::<_, i64>(1)?,
-                            row.get::<_, String>(2)?,
-                        ))
-                    })
-                    .optional()?;
-                match stored {
-                    Some((deleted, hlc, body)) => (
-                        deleted,
-                        Timestamp::from_u64(to_u64(hlc)),
-                        Some(parse_body(&body)?),
-                    ),
-                    None => (tree.is_deleted(rev), Timestamp::ZERO, None),
-                }
-            };
-            Ok(Some(StoredRevision {
-                doc_id: doc_id.to_owned(),
-                path: tree.ancestry(rev, max_path.max(1)),
-                deleted,
-                body,
-                hlc,
-            }))
+            stored_revision(connection, doc_id, &current, rev, max_path)
+        })
+    }
+
+    fn get_revisions(
+        &self,
+        wanted: &[(String, Rev)],
+        max_path: usize,
+    ) -> Result<Vec<Option<StoredRevision>>, StoreError> {
+        self.with_reader(|connection| {
+            let doc_ids: Vec<&str> = wanted.iter().map(|(doc_id, _)| doc_id.as_str()).collect();
+            let docs = BatchDocs::load(connection, &doc_ids)?;
+            wanted
+                .iter()
+                .map(|(doc_id, rev)| match docs.0.get(doc_id) {
+                    Some(Some(current)) => {
+                        stored_revision(connection, doc_id, current, rev, max_path)
+                    }
+                    _ => Ok(None),
+                })
+                .collect()
         })
     }
 
@@ -1178,15 +1267,25 @@ impl Database for SqliteDatabase {
         revs: &[(String, Vec<Rev>)],
     ) -> Result<Vec<(String, RevsDiff)>, StoreError> {
         self.with_reader(|connection| {
-            let mut answers = Vec::with_capacity(revs.len());
-            for (doc_id, asked) in revs {
-                let diff = match load_tree(connection, doc_id)? {
-                    Some(tree) => tree.revs_diff(asked),
-                    None => RevTree::new().revs_diff(asked),
-                };
-                answers.push((doc_id.clone(), diff));
-            }
-            Ok(answers)
+            let doc_ids: Vec<&str> = revs.iter().map(|(doc_id, _)| doc_id.as_str()).collect();
+            let mut trees = HashMap::with_capacity(revs.len());
+            select_by_ids(
+                connection,
+                "SELECT doc_id, tree, rev, deleted FROM docs WHERE doc_id IN ({ids})",
+                &doc_ids,
+                |row| {
+                    trees.insert(row.get::<_, String>(0)?, tree_from_row(row, 1)?);
+                    Ok(())
+                },
+            )?;
+            let empty = RevTree::new();
+            Ok(revs
+                .iter()
+                .map(|(doc_id, asked)| {
+                    let tree = trees.get(doc_id).unwrap_or(&empty);
+                    (doc_id.clone(), tree.revs_diff(asked))
+                })
+                .collect())
         })
     }
 

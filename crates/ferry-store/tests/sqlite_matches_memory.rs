@@ -16,11 +16,13 @@ const DOCS: [&str; 3] = ["todos:a", "todos:b", "notes:c"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// A local edit of the winner (or a creation), or its deletion.
+    /// A local edit of the winner (or a creation), or its deletion; `twice`: the same edit
+    /// again in the same batch (refused, as its base is no longer a leaf).
     Edit {
         doc: usize,
         value: u8,
         delete: bool,
+        twice: bool,
     },
     /// A local edit of any leaf, by index (a conflict's losing side too).
     EditLeaf {
@@ -29,13 +31,15 @@ enum Op {
         value: u8,
     },
     /// Revisions from another replica: `length` new revisions on top of any revision of the
-    /// tree (by index), the last one possibly a tombstone.
+    /// tree (by index), the last one possibly a tombstone; `extended`: in the same batch, the
+    /// same branch one revision longer.
     Branch {
         doc: usize,
         from: usize,
         length: usize,
         value: u8,
         delete: bool,
+        extended: bool,
     },
     Resolve {
         doc: usize,
@@ -51,12 +55,12 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let doc = 0..DOCS.len();
     prop_oneof![
-        4 => (doc.clone(), any::<u8>(), proptest::bool::weighted(0.2))
-            .prop_map(|(doc, value, delete)| Op::Edit { doc, value, delete }),
+        4 => (doc.clone(), any::<u8>(), proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
+            .prop_map(|(doc, value, delete, twice)| Op::Edit { doc, value, delete, twice }),
         1 => (doc.clone(), 0..4usize, any::<u8>())
             .prop_map(|(doc, leaf, value)| Op::EditLeaf { doc, leaf, value }),
-        3 => (doc.clone(), 0..16usize, 1..4usize, any::<u8>(), proptest::bool::weighted(0.2))
-            .prop_map(|(doc, from, length, value, delete)| Op::Branch { doc, from, length, value, delete }),
+        3 => (doc.clone(), 0..16usize, 1..4usize, any::<u8>(), proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
+            .prop_map(|(doc, from, length, value, delete, extended)| Op::Branch { doc, from, length, value, delete, extended }),
         1 => (doc.clone(), any::<bool>()).prop_map(|(doc, merge)| Op::Resolve { doc, merge }),
         1 => Just(Op::Compact),
         1 => (0..=8u64).prop_map(|eighths| Op::Acknowledge { eighths }),
@@ -110,7 +114,12 @@ impl Pair {
 
     fn apply(&mut self, op: &Op, step: usize) {
         match *op {
-            Op::Edit { doc, value, delete } => {
+            Op::Edit {
+                doc,
+                value,
+                delete,
+                twice,
+            } => {
                 let hlc = self.tick();
                 let doc_id = DOCS[doc];
                 let current = self.sqlite.get_document(doc_id).unwrap();
@@ -122,8 +131,10 @@ impl Pair {
                         Edit::put(doc_id, Some(document.rev), body(value, step))
                     }
                     _ => Edit::put(doc_id, None, body(value, step)),
-                };
-                self.write_edit(edit.with_hlc(hlc));
+                }
+                .with_hlc(hlc);
+                let copies = if twice { 2 } else { 1 };
+                self.write_edits(vec![edit; copies]);
             }
             Op::EditLeaf { doc, leaf, value } => {
                 let hlc = self.tick();
@@ -138,7 +149,7 @@ impl Pair {
                 } else {
                     Edit::put(doc_id, Some(leaf.rev.clone()), body(value, step))
                 };
-                self.write_edit(edit.with_hlc(hlc));
+                self.write_edits(vec![edit.with_hlc(hlc)]);
             }
             Op::Branch {
                 doc,
@@ -146,6 +157,7 @@ impl Pair {
                 length,
                 value,
                 delete,
+                extended,
             } => {
                 let hlc = self.tick();
                 let doc_id = DOCS[doc];
@@ -175,9 +187,18 @@ impl Pair {
                     },
                     hlc: Some(hlc),
                 };
+                let mut batch = vec![revision.clone()];
+                if extended {
+                    let mut longer = revision;
+                    let next = Rev::compute(longer.path.first(), false, b"extended");
+                    longer.path.insert(0, next);
+                    longer.deleted = false;
+                    longer.body = body(value.wrapping_add(1), step);
+                    batch.push(longer);
+                }
                 let reports = self
                     .stores()
-                    .map(|db| db.write_revisions(vec![revision.clone()], hlc).unwrap());
+                    .map(|db| db.write_revisions(batch.clone(), hlc).unwrap());
                 assert_eq!(reports[0], reports[1], "write report of {op:?}");
             }
             Op::Resolve { doc, merge } => {
@@ -204,11 +225,11 @@ impl Pair {
         }
     }
 
-    fn write_edit(&self, edit: Edit) {
+    fn write_edits(&self, edits: Vec<Edit>) {
         let results = self
             .stores()
-            .map(|db| db.write_edits(vec![edit.clone()]).unwrap());
-        assert_eq!(results[0], results[1], "edit {edit:?}");
+            .map(|db| db.write_edits(edits.clone()).unwrap());
+        assert_eq!(results[0], results[1], "edits {edits:?}");
     }
 
     fn assert_same(&self, after: &Op) {
@@ -244,6 +265,22 @@ impl Pair {
                 "{doc_id} conflict after {after:?}"
             );
         }
+        let mut wanted: Vec<(String, Rev)> = Vec::new();
+        for doc_id in DOCS.iter().chain(&["todos:missing"]) {
+            let tree = sqlite.get_tree(doc_id).unwrap().unwrap_or_default();
+            wanted.extend(tree.revs().map(|rev| ((*doc_id).to_owned(), rev.clone())));
+            wanted.push((
+                (*doc_id).to_owned(),
+                Rev::compute(None, false, b"never written"),
+            ));
+        }
+        let batched = sqlite.get_revisions(&wanted, 10).unwrap();
+        assert_eq!(batched, memory.get_revisions(&wanted, 10).unwrap());
+        let one_by_one: Vec<_> = wanted
+            .iter()
+            .map(|(doc_id, rev)| sqlite.get_revision(doc_id, rev, 10).unwrap())
+            .collect();
+        assert_eq!(batched, one_by_one, "get_revisions after {after:?}");
         // (Refusals are the SQLite store's alone; `tests/sqlite.rs` covers them.)
         let mut pending: Vec<(String, u64)> = DOCS
             .iter()

@@ -177,15 +177,17 @@ impl Peer for LocalPeer {
     ) -> Result<Vec<Revision>, SyncError> {
         let revs_limit = self.revs_limit;
         self.blocking(move |db| {
-            let mut revisions = Vec::new();
-            for (doc_id, revs) in wanted {
-                for rev in revs {
-                    let stored = db.get_revision(&doc_id, &rev, revs_limit)?;
-                    match stored.and_then(|stored| stored.into_revision()) {
-                        Some(revision) => revisions.push(revision),
-                        None => {
-                            tracing::warn!(%doc_id, %rev, "revision no longer available; skipped")
-                        }
+            let wanted: Vec<(String, Rev)> = wanted
+                .into_iter()
+                .flat_map(|(doc_id, revs)| revs.into_iter().map(move |rev| (doc_id.clone(), rev)))
+                .collect();
+            let stored = db.get_revisions(&wanted, revs_limit)?;
+            let mut revisions = Vec::with_capacity(wanted.len());
+            for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
+                match stored.and_then(|stored| stored.into_revision()) {
+                    Some(revision) => revisions.push(revision),
+                    None => {
+                        tracing::warn!(%doc_id, %rev, "revision no longer available; skipped")
                     }
                 }
             }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_core::couch::{revision_from_json, revision_json};
+use ferry_core::couch::{revision_from_json, revision_into_json};
 use ferry_core::model::Revision;
 use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
@@ -480,9 +480,13 @@ impl Peer for WsPeer {
         &self,
         revisions: Vec<Revision>,
     ) -> Result<Vec<RejectedRevision>, SyncError> {
-        let docs: Vec<Value> = revisions
+        let sent: Vec<(String, Rev)> = revisions
             .iter()
-            .map(|revision| revision_json(revision, true))
+            .map(|revision| (revision.doc_id.clone(), revision.rev().clone()))
+            .collect();
+        let docs: Vec<Value> = revisions
+            .into_iter()
+            .map(|revision| revision_into_json(revision, true))
             .collect();
         let mut frame = Map::new();
         frame.insert("docs".into(), Value::Array(docs));
@@ -491,21 +495,20 @@ impl Peer for WsPeer {
             .as_array()
             .ok_or_else(|| self.invalid("bulk_docs without acks"))?;
         // One answer per revision sent, in order: stored, or refused with a reason.
-        if acks.len() != revisions.len() {
+        if acks.len() != sent.len() {
             return Err(self.invalid("the server did not answer for every revision"));
         }
         let mut rejected = Vec::new();
-        for (ack, revision) in acks.iter().zip(&revisions) {
-            let rev = revision.rev().to_string();
-            if ack["id"] != json!(revision.doc_id) || ack["rev"] != json!(rev) {
+        for (ack, (doc_id, rev)) in acks.iter().zip(sent) {
+            if ack["id"] != json!(doc_id) || ack["rev"] != json!(rev.to_string()) {
                 return Err(self.invalid("acknowledgements out of order"));
             }
             if ack["ok"] == json!(true) {
                 continue;
             }
             rejected.push(RejectedRevision {
-                doc_id: revision.doc_id.clone(),
-                rev: revision.rev().clone(),
+                doc_id,
+                rev,
                 error: ack["error"].as_str().unwrap_or("unknown").to_owned(),
                 reason: ack["reason"].as_str().unwrap_or_default().to_owned(),
             });

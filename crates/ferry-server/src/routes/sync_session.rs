@@ -274,9 +274,9 @@ impl Session {
                         Some("request") => {
                             let state = self.state.clone();
                             let db = db.clone();
+                            let read_changes = frame["op"] == "changes";
                             in_flight.push(async move {
-                                let response = answer(&state, &db, &frame).await;
-                                (frame["op"] == "changes", response)
+                                (read_changes, answer(&state, &db, frame).await)
                             });
                         }
                         Some("subscribe") => {
@@ -358,7 +358,7 @@ async fn authenticate(
 }
 
 /// The response to one request frame.
-async fn answer(state: &AppState, db: &str, frame: &Value) -> Value {
+async fn answer(state: &AppState, db: &str, frame: Value) -> Value {
     let id = frame["id"].clone();
     match operation(state, db, frame).await {
         Ok(result) => json!({"type": "response", "id": id, "result": result}),
@@ -367,7 +367,8 @@ async fn answer(state: &AppState, db: &str, frame: &Value) -> Value {
 }
 
 /// Carries out one request: the same store calls as the HTTP endpoints.
-async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value> {
+async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Value> {
+    let frame = &mut frame;
     match frame["op"].as_str().unwrap_or_default() {
         "get_checkpoint" => {
             let id = checkpoint_id(frame)?;
@@ -460,13 +461,16 @@ async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value
             let revs_limit = state.limits.revs_limit;
             let found = state
                 .with_db(db, move |db| {
-                    wanted
-                        .into_iter()
-                        .map(|(id, rev)| {
-                            let stored = db.get_revision(&id, &rev, revs_limit)?;
-                            Ok((id, rev, stored.filter(|stored| stored.body.is_some())))
-                        })
-                        .collect::<Result<Vec<_>, ferry_store::StoreError>>()
+                    let stored = db.get_revisions(&wanted, revs_limit)?;
+                    Ok::<_, ferry_store::StoreError>(
+                        wanted
+                            .into_iter()
+                            .zip(stored)
+                            .map(|((id, rev), stored)| {
+                                (id, rev, stored.filter(|stored| stored.body.is_some()))
+                            })
+                            .collect::<Vec<_>>(),
+                    )
                 })
                 .await?;
             let mut docs = Vec::new();
@@ -480,15 +484,16 @@ async fn operation(state: &AppState, db: &str, frame: &Value) -> ApiResult<Value
             Ok(json!({"docs": docs, "missing": missing}))
         }
         "bulk_docs" => {
-            let docs = frame["docs"]
-                .as_array()
-                .ok_or_else(|| ApiError::bad_request("bulk_docs needs docs"))?;
+            // Taken out of the frame, not copied: the bodies become the stored revisions.
+            let Value::Array(docs) = frame["docs"].take() else {
+                return Err(ApiError::bad_request("bulk_docs needs docs"));
+            };
             check_batch(state, docs.len(), "documents")?;
             let mut revisions = Vec::with_capacity(docs.len());
             let mut acks = Vec::with_capacity(docs.len());
             for doc in docs {
                 // A revision that cannot be read is a broken client: refuse the request.
-                let revision = revision_from_json(doc.clone())
+                let revision = revision_from_json(doc)
                     .map_err(|error| ApiError::bad_request(error.to_string()))?;
                 let rev = revision.rev().to_string();
                 // One that breaks a limit is refused alone; the others are stored.
