@@ -5,19 +5,20 @@
 //! - `docs`: one row per document, keyed by the sequence of its latest change (so the changes
 //!   feed reads the table in order): its id and collection, the winner (revision, deleted
 //!   flag, clock, body), its leaves (`NULL` when the winner is the only one, as it is without
-//!   conflicts), the encoded revision tree (`NULL` when it is the winner alone), and on client
-//!   replicas whether a local edit waits for the server (`pending`, with the server's reason
-//!   in `rejected` if it refused it). The winner's body lives only here, so reads, `_all_docs`
-//!   and queries never parse trees, and writing a new document writes its body once.
+//!   conflicts) and the encoded revision tree (`NULL` when it is the winner alone). The
+//!   winner's body lives only here, so reads, `_all_docs` and queries never parse trees, and
+//!   writing a new document writes its body once.
 //! - `revs`: bodies of the other kept revisions: leaves and recent ancestors
 //!   (`Limits::ancestor_bodies` levels above each leaf), with their deleted flag and clock. It
 //!   may also hold the winner's body (a revision that won later); readers look in `docs` first.
 //! - `local_docs`: checkpoints and other local documents, never replicated.
 //! - `meta`: the replica id, the last sequence and document counters.
+//! - `outbox` (version 2, keyed by sequence since version 4): on client replicas, the sequence
+//!   of every document with a local edit no push has acknowledged yet, or why the server
+//!   refused it. A pending document's row moves with its `docs` row when its sequence changes,
+//!   so its edit waits for the page that carries the document as it is now; an acknowledgement
+//!   deletes a range of these small rows.
 //! - `resolutions` (version 3): the record of every conflict resolution this replica wrote.
-//!
-//! Version 4 folded the separate `outbox` table (version 2) into `docs.pending`: an edit waits
-//! for the page that carries the document's current sequence, which is the `docs` row's own.
 //!
 //! Durability: with [`Durability::Full`] every commit runs `fsync` on the WAL before it
 //! returns (`synchronous=FULL`), so a write acknowledged over HTTP survives power loss; a
@@ -93,8 +94,8 @@ CREATE TABLE resolutions (
 CREATE INDEX resolutions_by_doc ON resolutions(doc_id, id);
 "#,
     // Fewer b-trees per written document: the sequence is the row id (no index of its own),
-    // the outbox is a flag with a partial index, and the collection index is gone (the
-    // collection is the id's prefix, so the id index serves it).
+    // the outbox is keyed by sequence (no index of its own), and the collection index is gone
+    // (the collection is the id's prefix, so the id index serves it).
     r#"
 CREATE TABLE docs_v4 (
     seq INTEGER PRIMARY KEY,
@@ -105,18 +106,17 @@ CREATE TABLE docs_v4 (
     hlc INTEGER NOT NULL,
     body TEXT NOT NULL,
     leaves TEXT,
-    tree TEXT,
-    pending INTEGER NOT NULL DEFAULT 0,
-    rejected TEXT
+    tree TEXT
 );
-INSERT INTO docs_v4 (seq, doc_id, collection, rev, deleted, hlc, body, leaves, tree, pending, rejected)
-    SELECT docs.seq, docs.doc_id, docs.collection, docs.rev, docs.deleted, docs.hlc, docs.body,
-           docs.leaves, docs.tree, outbox.doc_id IS NOT NULL, outbox.rejected
-    FROM docs LEFT JOIN outbox ON outbox.doc_id = docs.doc_id;
+INSERT INTO docs_v4 (seq, doc_id, collection, rev, deleted, hlc, body, leaves, tree)
+    SELECT seq, doc_id, collection, rev, deleted, hlc, body, leaves, tree FROM docs;
+CREATE TABLE outbox_v4 (seq INTEGER PRIMARY KEY, rejected TEXT);
+INSERT INTO outbox_v4 (seq, rejected)
+    SELECT docs.seq, outbox.rejected FROM outbox JOIN docs ON docs.doc_id = outbox.doc_id;
 DROP TABLE docs;
 DROP TABLE outbox;
 ALTER TABLE docs_v4 RENAME TO docs;
-CREATE INDEX docs_pending ON docs(seq) WHERE pending;
+ALTER TABLE outbox_v4 RENAME TO outbox;
 "#,
 ];
 
@@ -283,7 +283,7 @@ impl SqliteDatabase {
     pub fn pending_summary(&self) -> Result<PendingSummary, StoreError> {
         self.with_reader(|connection| {
             let (pending, rejected): (i64, i64) = connection.query_row(
-                "SELECT COUNT(*), COUNT(rejected) FROM docs WHERE pending",
+                "SELECT COUNT(*), COUNT(rejected) FROM outbox",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
@@ -298,7 +298,10 @@ impl SqliteDatabase {
     pub fn pending_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
         self.with_reader(|connection| {
             let row: Option<(i64, Option<String>)> = connection
-                .prepare_cached("SELECT seq, rejected FROM docs WHERE doc_id = ?1 AND pending")?
+                .prepare_cached(
+                    "SELECT outbox.seq, outbox.rejected FROM docs \
+                     JOIN outbox ON outbox.seq = docs.seq WHERE docs.doc_id = ?1",
+                )?
                 .query_row(params![doc_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?;
             Ok(row.map(|(seq, rejected)| match rejected {
@@ -313,9 +316,7 @@ impl SqliteDatabase {
     pub fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
         self.with_write_transaction(|transaction| {
             let removed = transaction
-                .prepare_cached(
-                    "UPDATE docs SET pending = 0 WHERE pending AND seq <= ?1 AND rejected IS NULL",
-                )?
+                .prepare_cached("DELETE FROM outbox WHERE seq <= ?1 AND rejected IS NULL")?
                 .execute(params![to_i64(seq)])?;
             Ok(removed as u64)
         })
@@ -326,7 +327,10 @@ impl SqliteDatabase {
     pub fn reject_pending(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
         self.with_write_transaction(|transaction| {
             transaction
-                .prepare_cached("UPDATE docs SET rejected = ?2 WHERE doc_id = ?1 AND pending")?
+                .prepare_cached(
+                    "UPDATE outbox SET rejected = ?2 \
+                     WHERE seq = (SELECT seq FROM docs WHERE doc_id = ?1)",
+                )?
                 .execute(params![doc_id, reason])?;
             Ok(())
         })
@@ -619,17 +623,20 @@ struct Current {
     winner: Leaf,
     hlc: Timestamp,
     body: String,
+    seq: u64,
 }
 
 fn load_current(connection: &Connection, doc_id: &str) -> Result<Option<Current>, StoreError> {
     connection
-        .prepare_cached("SELECT doc_id, tree, rev, deleted, hlc, body FROM docs WHERE doc_id = ?1")?
+        .prepare_cached(
+            "SELECT doc_id, tree, rev, deleted, hlc, body, seq FROM docs WHERE doc_id = ?1",
+        )?
         .query_and_then(params![doc_id], current_from_row)?
         .next()
         .transpose()
 }
 
-/// A [`Current`] from a row of `SELECT doc_id, tree, rev, deleted, hlc, body`.
+/// A [`Current`] from a row of `SELECT doc_id, tree, rev, deleted, hlc, body, seq`.
 fn current_from_row(row: &rusqlite::Row<'_>) -> Result<Current, StoreError> {
     let doc_id: String = row.get(0)?;
     let tree = tree_from_row(row, 1)?;
@@ -642,6 +649,7 @@ fn current_from_row(row: &rusqlite::Row<'_>) -> Result<Current, StoreError> {
         winner,
         hlc: Timestamp::from_u64(to_u64(row.get(4)?)),
         body: row.get(5)?,
+        seq: to_u64(row.get(6)?),
     })
 }
 
@@ -682,7 +690,7 @@ impl BatchDocs {
             .collect();
         select_by_ids(
             connection,
-            "SELECT doc_id, tree, rev, deleted, hlc, body FROM docs WHERE doc_id IN ({ids})",
+            "SELECT doc_id, tree, rev, deleted, hlc, body, seq FROM docs WHERE doc_id IN ({ids})",
             doc_ids,
             |row| {
                 let current = current_from_row(row)?;
@@ -892,9 +900,9 @@ impl SqliteDatabase {
         // tree changed (a parent filled in), since its leaves, and so its changes row, did not.
         let leaves_changed = before.is_none_or(|before| before.tree.leaves() != leaves);
         let seq = leaves_changed.then(|| to_i64(counters.next_seq()));
-        // A pending document's edit goes out with the page holding its current sequence, so
-        // moving the row to a new sequence moves its place in the outbox too.
-        let pending = new.local && self.config.track_pending;
+        if self.config.track_pending {
+            self.update_outbox(transaction, before, seq, new.local)?;
+        }
         let (rev, leaves, tree) = (
             winner.rev.to_string(),
             encode_leaves(&leaves),
@@ -904,8 +912,8 @@ impl SqliteDatabase {
         if before.is_none() {
             transaction
                 .prepare_cached(
-                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree, pending) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![
                     doc_id,
@@ -916,15 +924,13 @@ impl SqliteDatabase {
                     hlc,
                     body,
                     leaves,
-                    tree,
-                    pending
+                    tree
                 ])?;
         } else {
             transaction
                 .prepare_cached(
                     "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
-                     body = ?6, leaves = ?7, tree = ?8, pending = (pending OR ?9), \
-                     rejected = CASE WHEN ?9 THEN NULL ELSE rejected END WHERE doc_id = ?1",
+                     body = ?6, leaves = ?7, tree = ?8 WHERE doc_id = ?1",
                 )?
                 .execute(params![
                     doc_id,
@@ -934,14 +940,49 @@ impl SqliteDatabase {
                     hlc,
                     body,
                     leaves,
-                    tree,
-                    pending
+                    tree
                 ])?;
         }
         let was_deleted = before.map(|before| before.winner.deleted);
         if was_deleted != Some(winner.deleted) {
             let (live_delta, deleted_delta) = crate::count_change(was_deleted, winner.deleted);
             counters.adjust(live_delta, deleted_delta);
+        }
+        Ok(())
+    }
+}
+
+impl SqliteDatabase {
+    /// Keeps the outbox in step with a document that got sequence `seq` (`None`: it kept its
+    /// own): a local edit makes it pending at its new sequence (clearing a refusal); a
+    /// replicated change moves a pending document to its new sequence, so its edit waits for
+    /// the page that carries the document as it is now.
+    fn update_outbox(
+        &self,
+        transaction: &Transaction<'_>,
+        before: Option<&Current>,
+        seq: Option<i64>,
+        local: bool,
+    ) -> Result<(), StoreError> {
+        let old = before.map(|before| to_i64(before.seq));
+        let Some(new) = seq.or(old) else {
+            return Ok(());
+        };
+        if let Some(old) = old.filter(|old| *old != new) {
+            if local {
+                transaction
+                    .prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                    .execute(params![old])?;
+            } else {
+                transaction
+                    .prepare_cached("UPDATE outbox SET seq = ?1 WHERE seq = ?2")?
+                    .execute(params![new, old])?;
+            }
+        }
+        if local {
+            transaction
+                .prepare_cached("INSERT OR REPLACE INTO outbox (seq, rejected) VALUES (?1, NULL)")?
+                .execute(params![new])?;
         }
         Ok(())
     }
