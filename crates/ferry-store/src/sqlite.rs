@@ -371,6 +371,29 @@ impl SqliteDatabase {
         Ok(result)
     }
 
+    /// A transaction of local edits (see [`SqliteDatabase::with_counted_transaction`]): on
+    /// client replicas every document it gives a sequence waits in the outbox at that sequence.
+    /// The sequences it gave are those past the last one before it, so one statement at the end
+    /// records them all.
+    fn with_local_edits<T>(
+        &self,
+        write: impl FnOnce(&Transaction<'_>, &mut Counters) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with_counted_transaction(|transaction, counters| {
+            let first = to_i64(counters.update_seq + 1);
+            let result = write(transaction, counters)?;
+            if self.config.track_pending {
+                transaction
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO outbox (seq, rejected) \
+                         SELECT seq, NULL FROM docs WHERE seq >= ?1",
+                    )?
+                    .execute(params![first])?;
+            }
+            Ok(result)
+        })
+    }
+
     /// A write transaction that changes documents: the counters come loaded and are saved.
     fn with_counted_transaction<T>(
         &self,
@@ -954,9 +977,9 @@ impl SqliteDatabase {
 
 impl SqliteDatabase {
     /// Keeps the outbox in step with a document that got sequence `seq` (`None`: it kept its
-    /// own): a local edit makes it pending at its new sequence (clearing a refusal); a
-    /// replicated change moves a pending document to its new sequence, so its edit waits for
-    /// the page that carries the document as it is now.
+    /// own): a local edit drops its old place (the transaction records the new one, see
+    /// [`SqliteDatabase::with_local_edits`]); a replicated change moves a pending document to
+    /// its new sequence, so its edit waits for the page that carries the document as it is now.
     fn update_outbox(
         &self,
         transaction: &Transaction<'_>,
@@ -978,11 +1001,6 @@ impl SqliteDatabase {
                     .prepare_cached("UPDATE outbox SET seq = ?1 WHERE seq = ?2")?
                     .execute(params![new, old])?;
             }
-        }
-        if local {
-            transaction
-                .prepare_cached("INSERT OR REPLACE INTO outbox (seq, rejected) VALUES (?1, NULL)")?
-                .execute(params![new])?;
         }
         Ok(())
     }
@@ -1015,7 +1033,7 @@ impl Database for SqliteDatabase {
     }
 
     fn write_edits(&self, edits: Vec<Edit>) -> Result<Vec<Result<Rev, EditError>>, StoreError> {
-        self.with_counted_transaction(|transaction, counters| {
+        self.with_local_edits(|transaction, counters| {
             let mut results = Vec::with_capacity(edits.len());
             let doc_ids: Vec<&str> = edits.iter().map(|edit| edit.doc_id.as_str()).collect();
             let mut docs = BatchDocs::load(transaction, &doc_ids)?;
@@ -1102,7 +1120,7 @@ impl Database for SqliteDatabase {
         doc_id: &str,
         resolution: &Resolution,
     ) -> Result<Option<Rev>, StoreError> {
-        self.with_counted_transaction(|transaction, counters| {
+        self.with_local_edits(|transaction, counters| {
             let Some(mut current) = load_current(transaction, doc_id)? else {
                 return Ok(None);
             };
