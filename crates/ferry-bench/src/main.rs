@@ -279,15 +279,28 @@ async fn main() -> Result<()> {
     let crowded = workloads::live(live_docs, crowd).await?;
     eprintln!("Ferry: {sessions} idle sessions…");
     let idle = workloads::idle_sessions(sessions).await?;
+    // Peak RSS varies by a fifth from one process to the next (allocator arenas, how many
+    // blocking threads ran), so each size runs several times and every figure is the median.
+    let backlog_runs = if cli.quick { 1 } else { 3 };
     let mut backlog_results = Vec::new();
     for &pending in backlogs {
-        eprintln!("Ferry: reconnect with {pending} pending…");
-        let result = in_child("backlog", pending)?;
+        eprintln!("Ferry: reconnect with {pending} pending (median of {backlog_runs})…");
+        let runs = (0..backlog_runs)
+            .map(|_| in_child("backlog", pending))
+            .collect::<Result<Vec<_>>>()?;
+        let median = |field: &str| {
+            let mut values: Vec<f64> = runs
+                .iter()
+                .map(|run| run[field].as_f64().unwrap_or(f64::NAN))
+                .collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
         backlog_results.push(workloads::Backlog {
             pending,
-            seconds: result["seconds"].as_f64().unwrap_or(f64::NAN),
-            client_peak_mib: result["client_peak_mib"].as_f64().unwrap_or(f64::NAN),
-            server_peak_mib: result["server_peak_mib"].as_f64().unwrap_or(f64::NAN),
+            seconds: median("seconds"),
+            client_peak_mib: median("client_peak_mib"),
+            server_peak_mib: median("server_peak_mib"),
         });
     }
     eprintln!("Ferry: local writes…");
