@@ -932,40 +932,25 @@ impl SqliteDatabase {
             encode_tree(&tree),
         );
         let hlc = to_i64(hlc.as_u64());
-        if before.is_none() {
-            transaction
-                .prepare_cached(
-                    "INSERT INTO docs (doc_id, collection, seq, rev, deleted, hlc, body, leaves, tree) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?
-                .execute(params![
-                    doc_id,
-                    collection_of(doc_id),
-                    seq,
-                    rev,
-                    winner.deleted,
-                    hlc,
-                    body,
-                    leaves,
-                    tree
-                ])?;
+        // The same values for both statements; an update sets the collection it already has.
+        let sql = if before.is_none() {
+            "INSERT INTO docs (doc_id, seq, rev, deleted, hlc, body, leaves, tree, collection) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         } else {
-            transaction
-                .prepare_cached(
-                    "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
-                     body = ?6, leaves = ?7, tree = ?8 WHERE doc_id = ?1",
-                )?
-                .execute(params![
-                    doc_id,
-                    seq,
-                    rev,
-                    winner.deleted,
-                    hlc,
-                    body,
-                    leaves,
-                    tree
-                ])?;
-        }
+            "UPDATE docs SET seq = COALESCE(?2, seq), rev = ?3, deleted = ?4, hlc = ?5, \
+             body = ?6, leaves = ?7, tree = ?8, collection = ?9 WHERE doc_id = ?1"
+        };
+        transaction.prepare_cached(sql)?.execute(params![
+            doc_id,
+            seq,
+            rev,
+            winner.deleted,
+            hlc,
+            body,
+            leaves,
+            tree,
+            collection_of(doc_id)
+        ])?;
         let was_deleted = before.map(|before| before.winner.deleted);
         if was_deleted != Some(winner.deleted) {
             let (live_delta, deleted_delta) = crate::count_change(was_deleted, winner.deleted);
