@@ -5,7 +5,10 @@
 mod support;
 
 use serde_json::json;
-use support::{ServerProcess, ferry, ferry_json};
+use support::{ServerProcess, ferry, ferry_json, wait_until};
+
+/// How often the live-sync test looks again.
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn path(dir: &tempfile::TempDir, name: &str) -> String {
     dir.path().join(name).to_str().unwrap().to_owned()
@@ -197,18 +200,6 @@ fn acknowledged_writes_survive_a_sigkill_of_the_server() {
     assert_eq!(listed.as_array().unwrap().len(), 50);
 }
 
-/// Polls `probe` every 20 ms until it returns true; fails after `seconds`.
-fn wait_until(seconds: u64, what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
-    while !probe() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn live_sync_carries_changes_both_ways_while_another_process_writes() {
     let server_dir = tempfile::tempdir().unwrap();
@@ -236,7 +227,7 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
         })
     };
     // The live push creates the database on the server.
-    wait_until(20, "the database", || status(url.clone()) == 200);
+    wait_until(20, POLL, "the database", || status(url.clone()) == 200);
     let created = runtime.block_on(async {
         client
             .put(format!("{url}/todos:from-server"))
@@ -248,7 +239,7 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
             .as_u16()
     });
     assert_eq!(created, 201);
-    wait_until(20, "the server's change in the replica", || {
+    wait_until(20, POLL, "the server's change in the replica", || {
         ferry(&["get", &replica, "todos", "from-server"])
             .status
             .success()
@@ -262,7 +253,7 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
         "-d",
         r#"{"title": "written locally"}"#,
     ]);
-    wait_until(20, "the local change on the server", || {
+    wait_until(20, POLL, "the local change on the server", || {
         status(format!("{url}/todos:from-cli")) == 200
     });
     live.kill().unwrap();

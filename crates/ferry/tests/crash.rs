@@ -21,7 +21,7 @@ use ferry_store::failpoint::{AFTER_COMMIT_BEFORE_ACK, BEFORE_CHECKPOINT};
 use ferry_store::sqlite::SqliteDatabase;
 use ferry_store::{Database, Edit, StoreConfig};
 use serde_json::{Value, json};
-use support::{ServerProcess, TEST_PASSWORD, TEST_USER, ferry, ferry_bin};
+use support::{ServerProcess, TEST_PASSWORD, TEST_USER, ferry, ferry_bin, wait_until};
 
 const CYCLES: u64 = 100;
 const DOCS_PER_CLIENT: u64 = 8;
@@ -110,18 +110,6 @@ fn stored_documents(data_dir: &Path) -> u64 {
     connection
         .query_row("SELECT COUNT(*) FROM docs", [], |row| row.get(0))
         .unwrap_or(0)
-}
-
-/// Waits (60 s at most) until the server has stored at least `count` documents.
-fn wait_until_stored(data_dir: &Path, count: u64, cycle: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stored_documents(data_dir) < count {
-        assert!(
-            Instant::now() < deadline,
-            "cycle {cycle}: the server never stored {count} documents"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Checks the server's file while the server is dead: integrity, each document stored once,
@@ -242,7 +230,13 @@ async fn a_server_killed_anywhere_keeps_every_acknowledged_write_once() {
             None => {
                 let new_documents = replicas.len() as u64 * DOCS_PER_CLIENT + DOCS_PER_CLIENT;
                 let target = stored_before + random.below(new_documents + 1);
-                wait_until_stored(server_dir.path(), target, cycle);
+                // Polled often: the kill should land close to the chosen point.
+                wait_until(
+                    60,
+                    Duration::from_millis(2),
+                    &format!("cycle {cycle}: the server storing {target} documents"),
+                    || stored_documents(server_dir.path()) >= target,
+                );
             }
         }
         server.kill();

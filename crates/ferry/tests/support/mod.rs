@@ -24,6 +24,15 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
+/// Polls `probe` every `poll` until it returns true; fails after `seconds`.
+pub fn wait_until(seconds: u64, poll: Duration, what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !probe() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(poll);
+    }
+}
+
 /// The user every test server has (an administrator).
 pub const TEST_USER: &str = "tester";
 /// Its password.
