@@ -10,7 +10,7 @@
 //! (the revision's hybrid logical clock). It is only sent to clients that ask for it (`ferry=true`
 //! in the query), because PouchDB refuses documents with unknown `_` members.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::hlc::Timestamp;
 use crate::model::{Body, Revision};
@@ -202,7 +202,17 @@ pub fn document_json(
     body: &Body,
     extras: &DocExtras<'_>,
 ) -> Value {
-    let mut map = Map::with_capacity(body.len() + 4);
+    with_special_members(body.clone(), doc_id, rev, deleted, extras)
+}
+
+/// `body` with the special `_` members added (a body's own members never start with `_`).
+fn with_special_members(
+    mut map: Body,
+    doc_id: &str,
+    rev: &Rev,
+    deleted: bool,
+    extras: &DocExtras<'_>,
+) -> Value {
     map.insert("_id".into(), Value::String(doc_id.to_owned()));
     map.insert("_rev".into(), Value::String(rev.to_string()));
     if deleted {
@@ -223,9 +233,6 @@ pub fn document_json(
     if let Some(hlc) = extras.hlc {
         map.insert("_ferry".into(), json!({ "hlc": hlc.as_u64() }));
     }
-    for (key, value) in body {
-        map.insert(key.clone(), value.clone());
-    }
     Value::Object(map)
 }
 
@@ -235,20 +242,22 @@ pub fn revision_json(revision: &Revision, with_hlc: bool) -> Value {
 }
 
 /// [`revision_json`] taking the revision, so that its body becomes the document without a
-/// copy (the body's members and the special `_` members never share a name).
+/// copy.
 pub fn revision_into_json(revision: Revision, with_hlc: bool) -> Value {
     let rev = revision.rev().clone();
-    let mut map = revision.body;
-    map.insert("_id".into(), Value::String(revision.doc_id));
-    map.insert("_rev".into(), Value::String(rev.to_string()));
-    if revision.deleted {
-        map.insert("_deleted".into(), Value::Bool(true));
-    }
-    map.insert("_revisions".into(), revisions_json(&revision.path));
-    if let Some(hlc) = revision.hlc.filter(|_| with_hlc) {
-        map.insert("_ferry".into(), json!({ "hlc": hlc.as_u64() }));
-    }
-    Value::Object(map)
+    let Revision {
+        doc_id,
+        path,
+        deleted,
+        body,
+        hlc,
+    } = revision;
+    let extras = DocExtras {
+        revisions: Some(&path),
+        conflicts: None,
+        hlc: hlc.filter(|_| with_hlc),
+    };
+    with_special_members(body, &doc_id, &rev, deleted, &extras)
 }
 
 /// A replicated revision from its CouchDB form (as `_bulk_docs` with `new_edits=false` or
