@@ -498,20 +498,23 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     })?;
     // Version 4 rebuilds `docs`, which drops the query indexes made by `ensure_index`: they
     // are made again on the new table.
-    let query_indexes: Vec<String> = transaction
-        .prepare(
-            "SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'docs' \
-             AND name LIKE 'ix_%'",
-        )?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+    let rebuilds_docs = (1..4).contains(&start);
+    let query_indexes: Vec<String> = if rebuilds_docs {
+        transaction
+            .prepare(
+                "SELECT sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'docs' \
+                 AND name LIKE 'ix_%'",
+            )?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     for migration in &MIGRATIONS[start..] {
         transaction.execute_batch(migration)?;
     }
-    if start < 4 {
-        for index in &query_indexes {
-            transaction.execute_batch(index)?;
-        }
+    for index in &query_indexes {
+        transaction.execute_batch(index)?;
     }
     if version == 0 {
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
