@@ -138,15 +138,13 @@ pub async fn idle_sessions(count: usize) -> Result<IdleSessions> {
     })
 }
 
-/// Writes `n` documents to `ferry` offline, in batches of 1,000 (one transaction each).
-pub fn fill(ferry: &Ferry, n: usize) -> Result<()> {
+/// Writes documents `todo(n)` for every `n` of `range` to `ferry` offline, in batches of 1,000
+/// (one transaction each).
+pub fn fill(ferry: &Ferry, range: std::ops::Range<usize>) -> Result<()> {
     let todos = ferry.collection::<Value>("todos");
-    let mut start = 0;
-    while start < n {
-        let end = (start + 1000).min(n);
-        let batch: Vec<Value> = (start..end).map(todo).collect();
+    for start in range.clone().step_by(1000) {
+        let batch: Vec<Value> = (start..(start + 1000).min(range.end)).map(todo).collect();
         todos.insert_many(&batch)?;
-        start = end;
     }
     Ok(())
 }
@@ -158,7 +156,7 @@ pub async fn push_and_pull(n: usize) -> Result<(Transfer, Transfer)> {
     let dir = tempfile::tempdir()?;
     let db = format!("push-{n}");
     let pusher = Ferry::initialize_offline(dir.path().join("push.ferry"), USER)?;
-    fill(&pusher, n)?;
+    fill(&pusher, 0..n)?;
 
     let (push, stats) =
         measure_transfer(&server, n, pusher.sync_once(&options(&server, &db))).await?;
@@ -218,7 +216,7 @@ pub async fn backlog(pending: usize) -> Result<Backlog> {
     let server = FerryServer::start(&[])?;
     let dir = tempfile::tempdir()?;
     let client = Ferry::initialize_offline(dir.path().join("backlog.ferry"), USER)?;
-    fill(&client, pending)?;
+    fill(&client, 0..pending)?;
     if usize::try_from(client.status()?.pending)? != pending {
         bail!("the backlog is not {pending} pending changes");
     }
@@ -363,10 +361,7 @@ pub fn local_writes(single: usize, batched: usize) -> Result<LocalWrites> {
         elapsed[1] += started.elapsed();
 
         let started = Instant::now();
-        for chunk in batches.clone().step_by(1000) {
-            let values: Vec<Value> = (chunk..(chunk + 1000).min(batches.end)).map(todo).collect();
-            todos.insert_many(&values)?;
-        }
+        fill(&ferry, batches.clone())?;
         elapsed[2] += started.elapsed();
         let started = Instant::now();
         for chunk in batches.clone().step_by(1000) {
