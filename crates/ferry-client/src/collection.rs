@@ -3,10 +3,11 @@
 
 use std::marker::PhantomData;
 
-use ferry_core::json::{canonical_object, check_depth, merge_patch};
-use ferry_core::model::{Body, Document, doc_id_in, validate_doc_id};
+use ferry_core::json::merge_patch;
+use ferry_core::model::{Body, Document, doc_id_in};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
+use ferry_store::endpoint::{Batch, Refusal};
 use ferry_store::{Database, Edit};
 use futures_util::Stream;
 use serde::Serialize;
@@ -82,31 +83,15 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
         doc_id_in(&self.name, id)
     }
 
-    pub(crate) fn to_body(&self, doc_id: &str, value: &T) -> Result<Body, ClientError> {
-        let limits = self.ferry.limits();
-        validate_doc_id(doc_id, limits)
-            .map_err(|error| ClientError::InvalidDocument(error.to_string()))?;
-        let json = serde_json::to_value(value)?;
-        check_depth(&json, limits.max_json_depth)
-            .map_err(|error| ClientError::InvalidDocument(error.to_string()))?;
-        let Value::Object(body) = json else {
-            return Err(ClientError::InvalidDocument(
+    /// The value as a document body. The rules a body must follow are checked where every
+    /// write enters the store (`ferry_store::endpoint`).
+    pub(crate) fn to_body(value: &T) -> Result<Body, ClientError> {
+        match serde_json::to_value(value)? {
+            Value::Object(body) => Ok(body),
+            _ => Err(ClientError::InvalidDocument(
                 "a document must serialize to a JSON object".into(),
-            ));
-        };
-        if let Some(key) = body.keys().find(|key| key.starts_with('_')) {
-            return Err(ClientError::InvalidDocument(format!(
-                "field {key:?} starts with '_', which is reserved"
-            )));
+            )),
         }
-        let size = canonical_object(&body).len();
-        if size > limits.max_document_bytes {
-            return Err(ClientError::InvalidDocument(format!(
-                "document is {size} bytes, more than the {} allowed",
-                limits.max_document_bytes
-            )));
-        }
-        Ok(body)
     }
 
     fn to_doc(&self, document: Document) -> Result<Doc<T>, ClientError> {
@@ -128,17 +113,18 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
         let base = edit.base.clone();
         let result = self
             .ferry
-            .database()
-            .write_edits(vec![edit.with_hlc(self.ferry.now())])?
+            .endpoint(|endpoint| endpoint.write_edits(vec![edit]))?
             .remove(0);
-        self.ferry.notify_changed();
-        result.map_err(|_| ClientError::Conflict {
-            collection: self.name.clone(),
-            id: doc_id
-                .split_once(':')
-                .map_or(doc_id.as_str(), |(_, id)| id)
-                .to_owned(),
-            expected: base.map_or_else(|| "none".to_owned(), |rev| rev.to_string()),
+        result.map_err(|refusal| match refusal {
+            Refusal::Conflict(_) => ClientError::Conflict {
+                collection: self.name.clone(),
+                id: doc_id
+                    .split_once(':')
+                    .map_or(doc_id.as_str(), |(_, id)| id)
+                    .to_owned(),
+                expected: base.map_or_else(|| "none".to_owned(), |rev| rev.to_string()),
+            },
+            other => ClientError::InvalidDocument(other.to_string()),
         })
     }
 
@@ -168,7 +154,7 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
     /// deletion, so every replica can tell it from the old one.
     pub fn insert_with_id(&self, id: &str, value: &T) -> Result<Doc<T>, ClientError> {
         let doc_id = self.doc_id(id);
-        let body = self.to_body(&doc_id, value)?;
+        let body = Self::to_body(value)?;
         // The returned value is read back from what was stored, so it is exactly what every
         // replica will see (serde round trip included), and `T` need not be `Clone`.
         let stored = T::deserialize(&body)?;
@@ -202,17 +188,17 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
     pub fn insert_many(&self, values: &[T]) -> Result<Vec<Doc<T>>, ClientError> {
         let mut edits = Vec::with_capacity(values.len());
         let mut docs = Vec::with_capacity(values.len());
-        let hlc = self.ferry.now();
         for value in values {
             let id = uuid::Uuid::now_v7().simple().to_string();
             let doc_id = self.doc_id(&id);
-            let body = self.to_body(&doc_id, value)?;
+            let body = Self::to_body(value)?;
             let stored = T::deserialize(&body)?;
-            edits.push(Edit::put(doc_id, None, body).with_hlc(hlc));
+            edits.push(Edit::put(doc_id, None, body));
             docs.push((id, stored));
         }
-        let results = self.ferry.database().write_edits(edits)?;
-        self.ferry.notify_changed();
+        let results = self
+            .ferry
+            .endpoint(|endpoint| endpoint.write_edit_batch(edits, Batch::AllOrNothing))?;
         docs.into_iter()
             .zip(results)
             .map(|((id, value), result)| {
@@ -248,7 +234,7 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
     /// allowed: that is how a losing version is carried on.
     pub fn replace_at(&self, id: &str, rev: &Rev, value: &T) -> Result<Doc<T>, ClientError> {
         let doc_id = self.doc_id(id);
-        let body = self.to_body(&doc_id, value)?;
+        let body = Self::to_body(value)?;
         self.write(Edit::put(doc_id, Some(rev.clone()), body))?;
         self.get(id)?.ok_or_else(|| self.not_found(id))
     }

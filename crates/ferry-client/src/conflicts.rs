@@ -222,8 +222,9 @@ fn typed_conflict<T: DeserializeOwned>(
 }
 
 impl Ferry {
-    /// Resolves `collection`'s conflicts on this replica by `policy` from now on (those already
-    /// present at the next [`Ferry::resolve_conflicts`] or pulled batch).
+    /// Resolves `collection`'s conflicts on this replica by `policy` from now on: those pulled
+    /// revisions create as each batch is stored, and those already present at the next
+    /// [`Ferry::resolve_conflicts`].
     pub fn set_conflict_policy(&self, collection: &str, policy: ConflictPolicy) {
         lock(&self.inner.conflicts.policies).insert(collection.to_owned(), policy);
         // Look at every document again: existing conflicts fall under the new policy.
@@ -243,9 +244,9 @@ impl Ferry {
     }
 
     /// Examines the changes not examined yet: resolves conflicts by their collection's policy
-    /// and reports the others ([`ConflictEvent::Appeared`]). Sync calls this after every
-    /// pulled batch; call it after opening a replica to apply policies to what is there.
-    /// Returns how many conflicts were resolved.
+    /// and reports the others ([`ConflictEvent::Appeared`]). Sync resolves what each pulled
+    /// batch brings as it stores it; call this after opening a replica or changing a policy to
+    /// apply the policies to what is there. Returns how many conflicts were resolved.
     pub fn resolve_conflicts(&self) -> Result<usize, ClientError> {
         let db = self.database();
         let mut resolved = 0;
@@ -257,7 +258,7 @@ impl Ferry {
             };
             for change in &changes {
                 let live = change.leaves.iter().filter(|leaf| !leaf.deleted).count();
-                if live >= 2 && self.resolve_automatically(&change.doc_id)? {
+                if live >= 2 && self.resolve_automatically(&change.doc_id)?.is_some() {
                     resolved += 1;
                 }
             }
@@ -285,8 +286,12 @@ impl Ferry {
         });
     }
 
-    /// Resolves one conflicted document by its collection's policy; whether it did.
-    fn resolve_automatically(&self, doc_id: &str) -> Result<bool, ClientError> {
+    /// Resolves one conflicted document by its collection's policy, and tells conflict event
+    /// subscribers what happened; the record of the resolution written.
+    pub(crate) fn resolve_automatically(
+        &self,
+        doc_id: &str,
+    ) -> Result<Option<ResolutionRecord>, ClientError> {
         let collection = collection_of(doc_id).to_owned();
         let policy = lock(&self.inner.conflicts.policies)
             .get(&collection)
@@ -301,7 +306,7 @@ impl Ferry {
             ConflictPolicy::Merge => ferry_store::resolve_conflict(db, doc_id, Policy::Merge)?,
             ConflictPolicy::Custom(resolver) => {
                 let Some(conflict) = db.conflict(doc_id)? else {
-                    return Ok(false);
+                    return Ok(None);
                 };
                 let view = typed_conflict::<Value>(own_id(&collection, doc_id), &conflict)?;
                 match resolver(&view) {
@@ -322,8 +327,8 @@ impl Ferry {
         let id = own_id(&collection, doc_id);
         match record {
             Some(record) => {
-                self.announce_resolution(collection, id, record);
-                Ok(true)
+                self.announce_resolution(collection, id, record.clone());
+                Ok(Some(record))
             }
             None => {
                 if let Some(conflict) = db.conflict(doc_id)? {
@@ -333,7 +338,31 @@ impl Ferry {
                         versions: conflict.versions.iter().map(|v| v.rev.clone()).collect(),
                     });
                 }
-                Ok(false)
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Resolves the conflicts pulled revisions create by the replica's policies, on the thread
+/// that stored them (held weakly: a sync task must not keep a dropped replica alive).
+pub(crate) struct PolicyResolver(pub(crate) std::sync::Weak<crate::Inner>);
+
+impl ferry_store::endpoint::Resolver for PolicyResolver {
+    fn resolve(
+        &self,
+        _db: &dyn Database,
+        doc_id: &str,
+    ) -> Result<Option<ResolutionRecord>, ferry_store::StoreError> {
+        let Some(inner) = self.0.upgrade() else {
+            return Ok(None);
+        };
+        match (Ferry { inner }).resolve_automatically(doc_id) {
+            Ok(record) => Ok(record),
+            Err(ClientError::Store(error)) => Err(error),
+            Err(error) => {
+                tracing::warn!(%doc_id, %error, "could not resolve a pulled conflict; it is kept");
+                Ok(None)
             }
         }
     }
@@ -404,20 +433,22 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
                     id: id.to_owned(),
                     expected: rev.to_string(),
                 })?,
-            Resolve::Value(value) => self.to_body(&doc_id, &value)?,
+            Resolve::Value(value) => Self::to_body(&value)?,
         };
         let mut resolution = resolve_with(&conflict, body);
         // The resolution is this replica's edit: a fresh clock, later than every version.
         resolution.hlc = resolution.hlc.max(self.ferry().now());
         let record = resolution.record.clone();
-        if db.apply_resolution(&doc_id, &resolution)?.is_none() {
+        let resolved = self
+            .ferry()
+            .endpoint(|endpoint| endpoint.apply_resolution(&doc_id, &resolution))?;
+        if resolved.is_none() {
             return Err(ClientError::Conflict {
                 collection: self.name().to_owned(),
                 id: id.to_owned(),
                 expected: record.resolved.to_string(),
             });
         }
-        self.ferry().notify_changed();
         self.ferry()
             .announce_resolution(self.name().to_owned(), id.to_owned(), record);
         self.get(id)?.ok_or_else(|| ClientError::NotFound {

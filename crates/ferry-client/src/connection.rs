@@ -484,7 +484,7 @@ impl Ferry {
         &self,
         options: &SyncOptions,
     ) -> Result<ferry_sync::SyncStats, ClientError> {
-        let local = LocalPeer::new(self.inner.db.clone())?;
+        let local = self.local_peer()?;
         let (remote, _) = self.session_peer(options)?;
         let replication = ReplicationOptions {
             create_target: true,
@@ -549,13 +549,9 @@ impl Ferry {
                     filter: filter.clone(),
                     ..replication.clone()
                 };
-                ferry_sync::replicate(remote, local, &replication, |_| {
-                    if let Err(error) = self.resolve_conflicts() {
-                        tracing::warn!(%error, "could not resolve pulled conflicts");
-                    }
-                    self.notify_changed();
-                })
-                .await?
+                // Each stored batch resolves its conflicts and wakes the watchers itself (the
+                // replica's endpoint, on a blocking thread).
+                ferry_sync::replicate(remote, local, &replication, |_| {}).await?
             }
         };
         self.notify_changed();
@@ -568,7 +564,7 @@ impl Ferry {
     /// whatever the connection does.
     pub fn start_sync(&self, options: SyncOptions) -> Result<SyncHandle, ClientError> {
         // Fail now, not in the background, on a URL or replica that can never work.
-        let local = LocalPeer::new(self.inner.db.clone())?.with_wakeup(self.subscribe());
+        let local = self.local_peer()?.with_wakeup(self.subscribe());
         let (remote, auth) = self.session_peer(&options)?;
         if self
             .inner
@@ -819,10 +815,7 @@ impl Ferry {
         let subscriptions = self.offline_subscriptions()?;
         Ok(match crate::offline::pull_selector(&subscriptions) {
             None => PullFilter::Nothing,
-            Some(selector) => PullFilter::Filter(ferry_sync::ChangesFilter {
-                doc_ids: None,
-                selector: Some(selector),
-            }),
+            Some(selector) => PullFilter::Filter(selector),
         })
     }
 

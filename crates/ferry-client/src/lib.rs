@@ -52,14 +52,16 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_core::hlc::{HlcClock, Timestamp};
+use ferry_core::hlc::Timestamp;
 use ferry_core::model::Limits;
+use ferry_store::clock::{ReplicaClock, SystemClock};
+use ferry_store::endpoint::{Endpoint, EndpointConfig, EndpointError, Fanout};
 use ferry_store::sqlite::{PendingState, SqliteDatabase};
 use ferry_store::{Database, Durability, StoreConfig, StoreError};
-use ferry_sync::SyncError;
+use ferry_sync::{LocalPeer, SyncError};
 use tokio::sync::watch;
 
 mod collection;
@@ -79,6 +81,11 @@ pub use offline::OfflineSubscription;
 
 /// How often a replica looks for changes written by other processes on the same file.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
+
+/// How far ahead of this device's clock a pulled revision's clock may be and still be
+/// adopted by the replica's clock (the server refuses revisions further ahead than its own
+/// limit, 60 s by default).
+const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 
 /// A client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +137,18 @@ pub enum ClientError {
     AlreadySyncing,
 }
 
+impl From<EndpointError> for ClientError {
+    fn from(error: EndpointError) -> ClientError {
+        match error {
+            EndpointError::Store(error) => ClientError::Store(error),
+            EndpointError::Refused { refusal, .. } => {
+                ClientError::InvalidDocument(refusal.to_string())
+            }
+            other => ClientError::InvalidDocument(other.to_string()),
+        }
+    }
+}
+
 /// Counts of what the server has not acknowledged yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncCounts {
@@ -167,8 +186,11 @@ struct Inner {
     db: Arc<SqliteDatabase>,
     path: PathBuf,
     user: String,
-    limits: Limits,
-    clock: Mutex<HlcClock>,
+    /// The replica's one clock: it stamps local edits and observes every pulled revision.
+    clock: Arc<ReplicaClock>,
+    /// The rules the replica's endpoint applies (limits; conflicts are resolved by the SDK's
+    /// own policies, which may be application closures).
+    endpoint: EndpointConfig,
     /// The replica's latest sequence, as last observed; watchers wait on it.
     changes: watch::Sender<u64>,
     poller_started: std::sync::Once,
@@ -179,6 +201,18 @@ struct Inner {
     /// The directory of a temporary replica, removed with the last handle (declared last so
     /// that it outlives the database).
     _temporary: Option<tempfile::TempDir>,
+}
+
+/// Wakes a replica's watchers when its endpoint commits (held weakly: a sync task must not
+/// keep a dropped replica alive).
+struct Watchers(Weak<Inner>);
+
+impl Fanout for Watchers {
+    fn committed(&self, _update_seq: u64, _doc_ids: &[String]) {
+        if let Some(inner) = self.0.upgrade() {
+            Ferry { inner }.notify_changed();
+        }
+    }
 }
 
 /// A broadcast channel's messages as a stream; a subscriber that falls behind the channel's
@@ -238,21 +272,22 @@ impl Ferry {
             track_pending: true,
         };
         let db = SqliteDatabase::open(&path, "local", config)?;
-        let mut clock = HlcClock::new(u64::MAX);
-        // Timestamps must keep increasing across restarts: start after the newest one stored.
         let update_seq = db.info()?.update_seq;
-        if let Some(change) = db.changes(update_seq.saturating_sub(1), 1, false)?.pop()
-            && let Some(document) = db.get_document(&change.doc_id)?
-        {
-            let _ = clock.observe(document.hlc, u64::MAX);
-        }
+        let clock = ReplicaClock::resumed(
+            Arc::new(SystemClock),
+            MAX_CLOCK_DRIFT_MS,
+            ferry_store::newest_clock(&db)?,
+        );
         Ok(Ferry {
             inner: Arc::new(Inner {
                 db: Arc::new(db),
                 path,
                 user: user.to_owned(),
-                limits,
-                clock: Mutex::new(clock),
+                clock: Arc::new(clock),
+                endpoint: EndpointConfig {
+                    limits,
+                    ..EndpointConfig::default()
+                },
                 changes: watch::channel(update_seq).0,
                 poller_started: std::sync::Once::new(),
                 connection: Arc::new(connection::ConnectionShared::new()),
@@ -275,7 +310,7 @@ impl Ferry {
 
     /// The limits documents are checked against.
     pub fn limits(&self) -> &Limits {
-        &self.inner.limits
+        &self.inner.endpoint.limits
     }
 
     /// A collection of documents of type `T` (use `serde_json::Value` for raw JSON).
@@ -345,12 +380,34 @@ impl Ferry {
     }
 
     pub(crate) fn now(&self) -> Timestamp {
-        let mut clock = self
-            .inner
-            .clock
-            .lock()
-            .unwrap_or_else(|error| error.into_inner());
-        clock.now(wall_ms())
+        self.inner.clock.now()
+    }
+
+    /// Runs `work` on the replica's endpoint (`ferry_store::endpoint`), the one way local
+    /// edits and replicated revisions enter the store; what it commits wakes the watchers.
+    pub(crate) fn endpoint<T>(
+        &self,
+        work: impl FnOnce(&Endpoint<'_>) -> Result<T, EndpointError>,
+    ) -> Result<T, ClientError> {
+        let fanout = Watchers(Arc::downgrade(&self.inner));
+        let endpoint = Endpoint::new(
+            &*self.inner.db,
+            &self.inner.endpoint,
+            &self.inner.clock,
+            &fanout,
+        );
+        Ok(work(&endpoint)?)
+    }
+
+    /// A replication peer over this replica, sharing its clock, limits and watchers.
+    pub(crate) fn local_peer(&self) -> Result<LocalPeer, SyncError> {
+        Ok(LocalPeer::new(self.inner.db.clone())?
+            .with_clock(self.inner.clock.clone())
+            .with_config(self.inner.endpoint.clone())
+            .with_fanout(Arc::new(Watchers(Arc::downgrade(&self.inner))))
+            .with_resolver(Arc::new(conflicts::PolicyResolver(Arc::downgrade(
+                &self.inner,
+            )))))
     }
 
     /// Tells watchers that the replica may have changed.

@@ -65,30 +65,31 @@ impl OfflineSubscription {
 
     /// The selector the server evaluates for this subscription (with `_id` in the document).
     fn selector(&self) -> Value {
-        let (OfflineSubscription::Collection { collection }
-        | OfflineSubscription::Query { collection, .. }) = self;
-        // A collection is an id prefix `name:`; ';' is the character after ':'.
-        let in_collection =
-            json!({"_id": {"$gt": format!("{collection}:"), "$lt": format!("{collection};")}});
         match self {
-            OfflineSubscription::Collection { .. } => in_collection,
-            OfflineSubscription::Query { selector, .. } => json!({"$or": [
-                {"$and": [in_collection, selector]},
-                {"$and": [in_collection, {"_deleted": true}]},
-            ]}),
+            OfflineSubscription::Collection { collection } => {
+                ferry_core::filter::collection_selector(collection)
+            }
+            OfflineSubscription::Query {
+                collection,
+                selector,
+            } => ferry_core::filter::query_selector(collection, selector.clone()),
         }
     }
 }
 
 /// The union of `subscriptions` as one selector; `None` when there are none.
-pub(crate) fn pull_selector(subscriptions: &[OfflineSubscription]) -> Option<(Value, Selector)> {
+pub(crate) fn pull_selector(
+    subscriptions: &[OfflineSubscription],
+) -> Option<ferry_core::filter::ChangesFilter> {
     if subscriptions.is_empty() {
         return None;
     }
     let json =
         json!({"$or": subscriptions.iter().map(OfflineSubscription::selector).collect::<Vec<_>>()});
-    let parsed = Selector::parse(&json).expect("subscription selectors were checked");
-    Some((json, parsed))
+    Some(
+        ferry_core::filter::ChangesFilter::selector(json)
+            .expect("subscription selectors were checked"),
+    )
 }
 
 impl Ferry {

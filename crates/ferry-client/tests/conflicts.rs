@@ -316,3 +316,51 @@ async fn the_application_resolves_by_hand_and_hears_about_it() {
     let on_two = two.collection::<Value>("todos").get("x").unwrap().unwrap();
     assert_eq!((on_two.value, on_two.conflicts.len()), (json!({"n": 3}), 0));
 }
+
+/// Last-write-wins needs an edit to order after the revision it was based on. A revision made
+/// on a device whose clock runs ahead (within the server's drift) is pulled, then edited here
+/// at once: the edit's clock must still be later than the pulled one's, or a later edit would
+/// lose to an earlier one.
+#[tokio::test]
+async fn an_edit_of_a_pulled_revision_from_a_clock_ahead_orders_after_it() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ferry = client(dir.path(), "client-1");
+    let sync = options(&server.url(DB));
+    ferry.sync_once(&sync).await.unwrap(); // creates the database
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ahead = ferry_core::hlc::Timestamp::new(u64::try_from(now).unwrap() + 30_000, 0);
+    let body = json!({"title": "from a fast clock"});
+    server
+        .database(DB)
+        .write_edits(vec![
+            ferry_store::Edit::put("todos:x", None, body.as_object().unwrap().clone())
+                .with_hlc(ahead),
+        ])
+        .unwrap();
+    ferry.sync_once(&sync).await.unwrap();
+    let todos = ferry.collection::<Value>("todos");
+    assert_eq!(todos.get("x").unwrap().unwrap().value, body, "pulled");
+
+    todos.patch("x", &json!({"done": true})).unwrap();
+    ferry.sync_once(&sync).await.unwrap();
+    let edited = server
+        .database(DB)
+        .get_document("todos:x")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        edited.body["done"],
+        json!(true),
+        "the edit reached the server"
+    );
+    assert!(
+        edited.hlc > ahead,
+        "the edit's clock {} is not after its parent's {ahead}",
+        edited.hlc
+    );
+}

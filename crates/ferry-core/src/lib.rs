@@ -27,6 +27,7 @@
 //! ```
 
 pub mod couch;
+pub mod filter;
 pub mod hlc;
 pub mod json;
 pub mod model;

@@ -133,6 +133,86 @@ pub fn validate_doc_id(doc_id: &str, limits: &Limits) -> Result<(), DocIdError> 
     Ok(())
 }
 
+/// Why a document was refused before being stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocumentError {
+    /// The id breaks [`validate_doc_id`]'s rules.
+    #[error("{0}")]
+    Id(#[from] DocIdError),
+    /// The body nests deeper than [`Limits::max_json_depth`].
+    #[error("{doc_id}: nesting depth {depth} exceeds the limit of {max}")]
+    TooDeep {
+        /// The document.
+        doc_id: String,
+        /// Its depth.
+        depth: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A top-level field starts with `_`, which CouchDB reserves for its special members.
+    #[error("{doc_id}: field {field:?} starts with '_', which is reserved")]
+    ReservedField {
+        /// The document.
+        doc_id: String,
+        /// The field (at most 80 characters of it).
+        field: String,
+    },
+    /// The canonical encoding of the body is larger than [`Limits::max_document_bytes`].
+    #[error("{doc_id} is {size} bytes, more than the {max} allowed")]
+    TooLarge {
+        /// The document.
+        doc_id: String,
+        /// Its size in bytes.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The one rule every replica applies to a document before storing it, however it arrives
+/// (an SDK write, a CLI command, HTTP, a sync session, replication): a valid id, a body no
+/// deeper than the limit, no reserved top-level field, and no larger than the limit in its
+/// canonical encoding (the form revision ids hash and stores keep).
+///
+/// ```
+/// use ferry_core::model::{Limits, validate_document, DocumentError};
+/// let limits = Limits { max_document_bytes: 16, ..Limits::default() };
+/// let small = serde_json::json!({"a": 1}).as_object().unwrap().clone();
+/// assert_eq!(validate_document("todos:1", &small, &limits), Ok(()));
+/// let large = serde_json::json!({"a": "0123456789abcdef"}).as_object().unwrap().clone();
+/// assert!(matches!(
+///     validate_document("todos:1", &large, &limits),
+///     Err(DocumentError::TooLarge { .. })
+/// ));
+/// ```
+pub fn validate_document(doc_id: &str, body: &Body, limits: &Limits) -> Result<(), DocumentError> {
+    validate_doc_id(doc_id, limits)?;
+    let depth = 1 + body.values().map(crate::json::depth_of).max().unwrap_or(0);
+    if depth > limits.max_json_depth {
+        return Err(DocumentError::TooDeep {
+            doc_id: doc_id.to_owned(),
+            depth,
+            max: limits.max_json_depth,
+        });
+    }
+    if let Some(field) = body.keys().find(|key| key.starts_with('_')) {
+        return Err(DocumentError::ReservedField {
+            doc_id: doc_id.to_owned(),
+            field: field.chars().take(80).collect(),
+        });
+    }
+    let size = crate::json::canonical_object(body).len();
+    if size > limits.max_document_bytes {
+        return Err(DocumentError::TooLarge {
+            doc_id: doc_id.to_owned(),
+            size,
+            max: limits.max_document_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Whether `doc_id` names a design document.
 pub fn is_design_doc(doc_id: &str) -> bool {
     doc_id.len() > DESIGN_PREFIX.len() && doc_id.starts_with(DESIGN_PREFIX)

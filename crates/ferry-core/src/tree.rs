@@ -286,6 +286,30 @@ impl RevTree {
             })
     }
 
+    /// The leaves that descend from `rev` (CouchDB's `latest=true`): `rev` itself when it is a
+    /// leaf or not in the tree, otherwise every leaf below it, in [`RevTree::leaves`] order.
+    ///
+    /// ```
+    /// use ferry_core::tree::RevTree;
+    /// use ferry_core::rev::Rev;
+    /// let rev = |text: &str| text.parse::<Rev>().unwrap();
+    /// let mut tree = RevTree::default();
+    /// tree.merge_path(&[rev("2-b"), rev("1-a")], false).unwrap();
+    /// tree.merge_path(&[rev("2-c"), rev("1-a")], false).unwrap();
+    /// assert_eq!(tree.latest_leaves(&rev("1-a")).len(), 2);
+    /// assert_eq!(tree.latest_leaves(&rev("2-b")), vec![rev("2-b")]);
+    /// ```
+    pub fn latest_leaves(&self, rev: &Rev) -> Vec<Rev> {
+        if !self.contains(rev) || self.is_leaf(rev) {
+            return vec![rev.clone()];
+        }
+        self.leaves()
+            .into_iter()
+            .map(|leaf| leaf.rev)
+            .filter(|leaf| self.is_ancestor_or_self(rev, leaf))
+            .collect()
+    }
+
     /// Whether `ancestor` is `rev` or one of its ancestors.
     pub fn is_ancestor_or_self(&self, ancestor: &Rev, rev: &Rev) -> bool {
         let mut current = Some(rev);

@@ -27,6 +27,7 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use ferry_store::StoreError;
 use ferry_store::accounts::{Accounts, SqliteAccounts, TokenKind, TokenRecord, User};
+use ferry_store::clock::{SystemClock, WallClock};
 use sha2::{Digest, Sha256};
 
 /// How long a verified basic-auth password is remembered.
@@ -51,6 +52,8 @@ pub struct AuthConfig {
     pub access_token_ttl: Duration,
     /// The absolute lifetime of a chain of reconnect tokens, from the login that started it.
     pub reconnect_token_ttl: Duration,
+    /// The time tokens expire by (`ferry serve` sets the server's own clock here).
+    pub clock: Arc<dyn WallClock>,
 }
 
 impl Default for AuthConfig {
@@ -59,6 +62,7 @@ impl Default for AuthConfig {
             required: true,
             access_token_ttl: Duration::from_secs(3600),
             reconnect_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -295,7 +299,7 @@ impl Auth {
             TokenKind::Reconnect => (RECONNECT_PREFIX, self.config.reconnect_token_ttl),
         };
         let token = new_token(prefix);
-        let expires_ms = now_ms().saturating_add(millis(ttl));
+        let expires_ms = self.config.clock.now_ms().saturating_add(millis(ttl));
         self.accounts.insert_token(&TokenRecord {
             hash: token_hash(&token),
             kind,
@@ -310,7 +314,7 @@ impl Auth {
     pub fn verify_access_token(&self, token: &str) -> Result<Identity, AuthError> {
         let record = self
             .accounts
-            .find_token(&token_hash(token), now_ms())?
+            .find_token(&token_hash(token), self.config.clock.now_ms())?
             .filter(|record| record.kind == TokenKind::Access)
             .ok_or(AuthError::Rejected(BAD_TOKEN))?;
         self.identity_of(&record.user)
@@ -337,7 +341,7 @@ impl Auth {
         let presented = token_hash(token);
         let record = self
             .accounts
-            .find_token(&presented, now_ms())?
+            .find_token(&presented, self.config.clock.now_ms())?
             .filter(|record| {
                 record.kind == TokenKind::Reconnect && record.replica.as_deref() == Some(replica)
             })
@@ -377,11 +381,6 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    crate::wall_ms()
 }
 
 #[cfg(test)]
@@ -450,14 +449,15 @@ mod tests {
         auth.accounts().revoke_tokens("ann", None).unwrap();
         assert!(auth.resume(&third.token, "replica-1").is_err(), "revoked");
 
+        // On a clock the test moves: expiry without waiting for real time.
+        let clock = Arc::new(ferry_store::clock::ManualClock::new(1_000_000));
         let (_dir, short) = self::auth(AuthConfig {
             reconnect_token_ttl: Duration::from_millis(1),
+            clock: clock.clone(),
             ..AuthConfig::default()
         });
         let token = short.issue_reconnect_token("ann", "r").unwrap();
-        while now_ms() <= token.expires_ms {
-            std::thread::yield_now();
-        }
+        clock.set(token.expires_ms + 1);
         assert!(short.resume(&token.token, "r").is_err(), "expired");
     }
 

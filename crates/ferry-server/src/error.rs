@@ -7,7 +7,9 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use ferry_core::model::DocumentError;
 use ferry_store::StoreError;
+use ferry_store::endpoint::{EndpointError, Refusal};
 use serde_json::json;
 
 /// An error answered to an HTTP client.
@@ -102,6 +104,35 @@ impl From<StoreError> for ApiError {
                     "The server could not store the request: its disk is full. Nothing of it was stored; retry later.",
                 )
             }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<&Refusal> for ApiError {
+    fn from(refusal: &Refusal) -> ApiError {
+        let status = match refusal {
+            Refusal::Invalid(DocumentError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Conflict(_) => return ApiError::conflict(),
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, refusal.code(), refusal.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        ApiError::from(&refusal)
+    }
+}
+
+impl From<EndpointError> for ApiError {
+    fn from(error: EndpointError) -> ApiError {
+        match error {
+            EndpointError::TooMany { .. } => ApiError::too_large(error.to_string()),
+            EndpointError::InvalidCheckpoint(_) => ApiError::bad_request(error.to_string()),
+            EndpointError::Refused { refusal, .. } => ApiError::from(refusal),
+            EndpointError::Store(error) => ApiError::from(error),
             other => ApiError::internal(other),
         }
     }

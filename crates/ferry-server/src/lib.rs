@@ -21,14 +21,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::serve::ListenerExt;
-use ferry_core::hlc::{HlcClock, Timestamp};
-use ferry_core::json::{canonical_object, check_depth};
-use ferry_core::model::{Body, Limits, validate_doc_id};
+use ferry_core::hlc::Timestamp;
+use ferry_core::model::{Body, Limits, validate_document};
+use ferry_store::clock::{ReplicaClock, SystemClock, WallClock};
+use ferry_store::endpoint::{Endpoint, EndpointConfig, Fanout};
 use ferry_store::sqlite::SqliteBackend;
 use ferry_store::{Backend, Database, Durability, StoreConfig, StoreError};
 use tokio::sync::watch;
@@ -67,6 +68,9 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// How each collection's conflicts are resolved when replicated revisions create them.
     pub conflict_policies: ferry_core::resolve::Policies,
+    /// The time the server goes by (revision clocks, drift checks); the system's clock but in
+    /// tests.
+    pub wall_clock: Arc<dyn WallClock>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             max_sessions: 20_000,
             conflict_policies: ferry_core::resolve::Policies::default(),
+            wall_clock: Arc::new(SystemClock),
         }
     }
 }
@@ -97,14 +102,29 @@ struct Inner {
     backend: Arc<dyn Backend>,
     auth: Arc<Auth>,
     server_uuid: String,
-    clock: Mutex<HlcClock>,
+    /// The server's one clock: every database's writes are stamped by it.
+    clock: ReplicaClock,
+    /// What every database's endpoint decides by.
+    endpoint: EndpointConfig,
+    /// How each collection's conflicts are resolved when replicated revisions create them.
+    conflict_policies: ferry_core::resolve::Policies,
     /// Per database, the latest sequence, for feeds waiting on changes.
     notifiers: Mutex<HashMap<String, watch::Sender<u64>>>,
     default_feed_timeout: Duration,
     /// One permit per sync session that may be open.
     sessions: Arc<tokio::sync::Semaphore>,
-    conflict_policies: Arc<ferry_core::resolve::Policies>,
-    max_clock_drift_ms: u64,
+}
+
+/// Announces a database's committed writes to its waiting feeds and sessions.
+struct Notify<'a> {
+    state: &'a AppState,
+    db: &'a str,
+}
+
+impl Fanout for Notify<'_> {
+    fn committed(&self, update_seq: u64, _doc_ids: &[String]) {
+        self.state.notify(self.db, update_seq);
+    }
 }
 
 impl AppState {
@@ -120,15 +140,18 @@ impl AppState {
                 backend,
                 auth,
                 server_uuid,
-                clock: Mutex::new(HlcClock::new(
+                clock: ReplicaClock::new(
+                    config.wall_clock.clone(),
                     u64::try_from(config.max_clock_drift.as_millis()).unwrap_or(u64::MAX),
-                )),
+                ),
+                endpoint: EndpointConfig {
+                    limits: config.limits.clone(),
+                    refuse_clocks_ahead: true,
+                },
+                conflict_policies: config.conflict_policies.clone(),
                 notifiers: Mutex::new(HashMap::new()),
                 default_feed_timeout: config.default_feed_timeout,
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
-                conflict_policies: Arc::new(config.conflict_policies.clone()),
-                max_clock_drift_ms: u64::try_from(config.max_clock_drift.as_millis())
-                    .unwrap_or(u64::MAX),
             }),
             limits: Arc::new(config.limits.clone()),
         }
@@ -168,7 +191,7 @@ impl AppState {
     }
 
     /// The conflict policy of every collection.
-    pub fn conflict_policies(&self) -> &Arc<ferry_core::resolve::Policies> {
+    pub fn conflict_policies(&self) -> &ferry_core::resolve::Policies {
         &self.inner.conflict_policies
     }
 
@@ -200,40 +223,37 @@ impl AppState {
             .await
     }
 
+    /// Runs a blocking call on one database's replica endpoint: the one way the server reads
+    /// and writes replicated data (`ferry_store::endpoint`). Writes through it are announced to
+    /// the database's feeds and sessions.
+    pub async fn with_endpoint<T: Send + 'static, E>(
+        &self,
+        name: &str,
+        work: impl FnOnce(&Endpoint<'_>) -> Result<T, E> + Send + 'static,
+    ) -> ApiResult<T>
+    where
+        E: Into<ApiError> + From<StoreError> + Send + 'static,
+    {
+        let state = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let db = state.inner.backend.open_database(&name)?;
+            let fanout = Notify {
+                state: &state,
+                db: &name,
+            };
+            let endpoint = Endpoint::new(&*db, &state.inner.endpoint, &state.inner.clock, &fanout)
+                .resolving_by(&state.inner.conflict_policies);
+            work(&endpoint)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(Into::into)
+    }
+
     /// A timestamp for a write made now.
     pub fn now(&self) -> Timestamp {
-        let mut clock = self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
-        clock.now(wall_ms())
-    }
-
-    /// Refuses a replicated revision whose clock is further ahead of the server's than the
-    /// allowed drift: under last-write-wins it would beat every other write until the real
-    /// time caught up. The device's clock must be fixed; the revision stays on the device.
-    pub fn check_clock(&self, hlc: Option<Timestamp>) -> ApiResult<()> {
-        let Some(hlc) = hlc else { return Ok(()) };
-        let now = wall_ms();
-        let ahead = hlc.wall_ms().saturating_sub(now);
-        if ahead > self.inner.max_clock_drift_ms {
-            return Err(ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "clock_ahead",
-                format!(
-                    "the revision's clock is {} s ahead of the server's (at most {} s allowed); \
-                     correct the device's clock",
-                    ahead / 1000,
-                    self.inner.max_clock_drift_ms / 1000
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Takes a replicated revision's clock into account (ignored if too far ahead).
-    pub fn observe(&self, remote: Timestamp) {
-        let mut clock = self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(drift) = clock.observe(remote, wall_ms()) {
-            tracing::warn!(%drift, "not adopting a replicated clock");
-        }
+        self.inner.clock.now()
     }
 
     /// Tells waiting feeds that `db` changed up to `seq`.
@@ -267,39 +287,11 @@ impl AppState {
             .subscribe()
     }
 
-    /// Checks a document about to be stored against the limits: id, depth and size.
-    pub fn validate_document(&self, doc_id: &str, body: &Body) -> ApiResult<()> {
-        validate_doc_id(doc_id, &self.limits).map_err(|error| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "illegal_docid",
-                error.to_string(),
-            )
-        })?;
-        let as_value = serde_json::Value::Object(body.clone());
-        check_depth(&as_value, self.limits.max_json_depth)
-            .map_err(|error| ApiError::bad_request(format!("{doc_id}: {error}")))?;
-        let size = canonical_object(body).len();
-        if size > self.limits.max_document_bytes {
-            return Err(ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "document_too_large",
-                format!(
-                    "{doc_id} is {size} bytes, more than the {} allowed",
-                    self.limits.max_document_bytes
-                ),
-            ));
-        }
-        Ok(())
+    /// Checks a `_local` document about to be stored by the rules of every document.
+    pub fn validate_local(&self, id: &str, body: &Body) -> ApiResult<()> {
+        validate_document(&format!("local-{id}"), body, &self.limits)
+            .map_err(|error| ApiError::from(ferry_store::endpoint::Refusal::Invalid(error)))
     }
-}
-
-pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// The HTTP routes over `state`.
@@ -329,7 +321,11 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
     let backend =
         SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;
     let uuid = server_uuid(&config.data_dir)?;
-    let auth = Auth::open(&config.data_dir, config.auth.clone()).map_err(std::io::Error::other)?;
+    let auth_config = AuthConfig {
+        clock: config.wall_clock.clone(),
+        ..config.auth.clone()
+    };
+    let auth = Auth::open(&config.data_dir, auth_config).map_err(std::io::Error::other)?;
     if config.auth.required
         && auth
             .accounts()

@@ -59,6 +59,7 @@ impl World {
         world.exhaustive = true;
         for client in &mut world.clients {
             client.live = false;
+            client.pull_filter = ferry_core::filter::ChangesFilter::all();
         }
         world
     }
@@ -69,8 +70,8 @@ impl World {
         budget.hash(&mut hasher);
         format!("{:?}", self.server).hash(&mut hasher);
         for client in &self.clients {
-            format!("{:?}", client.db).hash(&mut hasher);
-            format!("{:?}", client.clock).hash(&mut hasher);
+            format!("{:?}", client.replica.db).hash(&mut hasher);
+            format!("{:?}", client.replica.clock).hash(&mut hasher);
             format!("{:?}", client.shown).hash(&mut hasher);
             (client.online, client.edits, client.runs_started).hash(&mut hasher);
             for run in [&client.push, &client.pull] {
@@ -112,6 +113,7 @@ impl World {
     fn small_operation(&mut self, client: usize, kind: usize) -> Result<(), Failure> {
         let doc_id = self.docs[0].clone();
         let current = self.clients[client]
+            .replica
             .db
             .get_document(&doc_id)
             .map_err(|e| self.fail(e.to_string()))?;

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use ferry_core::hlc::HlcClock;
+use ferry_core::filter::ChangesFilter;
 use ferry_core::model::{Body, Limits, Revision};
 use ferry_core::replicate::{
     Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, Response, Stats,
@@ -36,8 +36,10 @@ use ferry_core::replicate::{
 use ferry_core::resolve::{Policies, Policy};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
+use ferry_store::clock::{ManualClock, ReplicaClock, WallClock};
+use ferry_store::endpoint::{Endpoint, EndpointConfig, NoFanout};
 use ferry_store::memory::MemoryDatabase;
-use ferry_store::{Database, Edit, StoreConfig, resolve_conflict};
+use ferry_store::{Database, Edit, StoreConfig};
 use serde_json::{Value, json};
 
 mod exhaustive;
@@ -129,7 +131,11 @@ enum Direction {
 enum Request {
     GetCheckpoint(String),
     PutCheckpoint(String, Checkpoint),
-    Changes { since: u64, limit: usize },
+    Changes {
+        since: u64,
+        limit: usize,
+        filter: ChangesFilter,
+    },
     RevsDiff(DocRevs),
     Fetch(DocRevs),
     Write(Vec<Revision>),
@@ -140,7 +146,11 @@ enum Request {
 enum Reply {
     Checkpoint(Option<Checkpoint>),
     Done,
-    Changes { rows: Vec<ChangeRow>, last_seq: u64 },
+    Changes {
+        rows: Vec<ChangeRow>,
+        last_seq: u64,
+        pending: u64,
+    },
     Missing(DocRevs),
     Revisions(Vec<Revision>),
 }
@@ -181,10 +191,64 @@ struct Run {
     stats: Stats,
 }
 
-struct Client {
+/// A replica as the shipping code runs one: a store, the wall clock it reads, its one hybrid
+/// logical clock over that wall, and its endpoint's rules.
+struct Replica {
     db: Arc<MemoryDatabase>,
-    clock: HlcClock,
+    wall: Arc<ManualClock>,
+    clock: ReplicaClock,
+    config: EndpointConfig,
+}
+
+impl Replica {
+    fn new(db: MemoryDatabase, config: EndpointConfig) -> Replica {
+        let wall = Arc::new(ManualClock::new(0));
+        Replica {
+            db: Arc::new(db),
+            clock: ReplicaClock::new(wall.clone(), MAX_CLOCK_DRIFT_MS),
+            wall,
+            config,
+        }
+    }
+
+    /// The replica's endpoint (`ferry_store::endpoint`, the code every transport calls), its
+    /// wall clock showing `wall_ms`.
+    fn at<'a>(&'a self, wall_ms: u64, policies: &'a Policies) -> Endpoint<'a> {
+        self.wall.set(wall_ms);
+        Endpoint::new(&*self.db, &self.config, &self.clock, &NoFanout).resolving_by(policies)
+    }
+}
+
+impl fmt::Debug for Replica {
+    /// What the rest of a run depends on: the store and the clock (the wall is set before
+    /// every use).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("db", &self.db)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl Clone for Replica {
+    /// A copy with a store and clocks of its own.
+    fn clone(&self) -> Replica {
+        let wall = Arc::new(ManualClock::new(self.wall.now_ms()));
+        Replica {
+            db: Arc::new(self.db.snapshot()),
+            clock: ReplicaClock::resumed(wall.clone(), MAX_CLOCK_DRIFT_MS, self.clock.last()),
+            wall,
+            config: self.config.clone(),
+        }
+    }
+}
+
+struct Client {
+    replica: Replica,
     skew_ms: i64,
+    /// What this client pulls (`SyncOptions::only_subscribed` pulls by a selector); pushes
+    /// carry everything.
+    pull_filter: ChangesFilter,
     online: bool,
     live: bool,
     push: Option<Run>,
@@ -206,8 +270,7 @@ struct World {
     seed: u64,
     rng: Rng,
     now: u64,
-    server: Arc<MemoryDatabase>,
-    server_clock: HlcClock,
+    server: Replica,
     policies: Policies,
     clients: Vec<Client>,
     network: Vec<Message>,
@@ -231,9 +294,9 @@ impl Clone for Client {
     /// A copy with a store of its own.
     fn clone(&self) -> Client {
         Client {
-            db: Arc::new(self.db.snapshot()),
-            clock: self.clock.clone(),
+            replica: self.replica.clone(),
             skew_ms: self.skew_ms,
+            pull_filter: self.pull_filter.clone(),
             online: self.online,
             live: self.live,
             push: self.push.clone(),
@@ -255,8 +318,7 @@ impl Clone for World {
             seed: self.seed,
             rng: self.rng.clone(),
             now: self.now,
-            server: Arc::new(self.server.snapshot()),
-            server_clock: self.server_clock.clone(),
+            server: self.server.clone(),
             policies: self.policies.clone(),
             clients: self.clients.clone(),
             network: self.network.clone(),
@@ -275,8 +337,21 @@ impl Clone for World {
 }
 
 const BATCH: usize = 3;
+/// The server's default drift limit, also the SDK's: clock skews stay well inside it.
+const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 const REQUEST_TIMEOUT_MS: u64 = 2_000;
 const HEALING_ROUNDS: usize = 60;
+
+/// What a client pulls: mostly everything; sometimes only what an offline subscription selects
+/// (`SyncOptions::only_subscribed`), built by the same functions the SDK uses.
+fn subscription_filter(rng: &mut Rng) -> ChangesFilter {
+    let selector = match rng.below(4) {
+        0 => ferry_core::filter::collection_selector("a"),
+        1 => ferry_core::filter::query_selector("b", json!({"f": {"$gte": 2}})),
+        _ => return ChangesFilter::all(),
+    };
+    ChangesFilter::selector(selector).expect("a valid selector")
+}
 
 fn limits() -> Limits {
     Limits {
@@ -322,15 +397,23 @@ impl World {
             track_pending,
             ..StoreConfig::default()
         };
+        // The server refuses clocks too far ahead, as `ferry serve` does; a client takes what
+        // its server accepted, as the SDK does.
+        let endpoint = |refuse_clocks_ahead| EndpointConfig {
+            limits: limits(),
+            refuse_clocks_ahead,
+        };
+        // Drawn from a stream of their own, so that adding them left every seed's other
+        // choices as they were.
+        let mut filters = Rng(seed ^ 0x0f11_7e12_50fc_0ffe);
         let clients = (0..client_count)
             .map(|n| Client {
-                db: Arc::new(MemoryDatabase::new(
-                    "local",
-                    &format!("client{n}"),
-                    config(true),
-                )),
-                clock: HlcClock::new(u64::MAX),
+                replica: Replica::new(
+                    MemoryDatabase::new("local", &format!("client{n}"), config(true)),
+                    endpoint(false),
+                ),
                 skew_ms: 0,
+                pull_filter: subscription_filter(&mut filters),
                 online: true,
                 live: rng.chance(500),
                 push: None,
@@ -345,8 +428,10 @@ impl World {
             .collect();
         World {
             seed,
-            server: Arc::new(MemoryDatabase::new("db", "server", config(false))),
-            server_clock: HlcClock::new(u64::MAX),
+            server: Replica::new(
+                MemoryDatabase::new("db", "server", config(false)),
+                endpoint(true),
+            ),
             policies,
             clients,
             network: Vec::new(),
@@ -370,6 +455,18 @@ impl World {
 
     fn fail(&self, message: impl Into<String>) -> Failure {
         fail(self.seed, message)
+    }
+
+    /// A client's replica endpoint, its wall clock set to the client's time.
+    fn client_endpoint(&self, client: usize) -> Endpoint<'_> {
+        self.clients[client]
+            .replica
+            .at(self.client_wall(client), &self.policies)
+    }
+
+    /// The server's replica endpoint, at the world's time.
+    fn server_endpoint(&self) -> Endpoint<'_> {
+        self.server.at(self.now, &self.policies)
     }
 
     fn client_wall(&self, client: usize) -> u64 {
@@ -418,15 +515,13 @@ impl World {
     }
 
     fn edit(&mut self, client: usize, edit: Edit) -> Result<(), Failure> {
-        let wall = self.client_wall(client);
-        let hlc = self.clients[client].clock.now(wall);
         let doc_id = edit.doc_id.clone();
-        let edit = Edit { hlc, ..edit };
-        self.clients[client].edits += 1;
-        let db = self.clients[client].db.clone();
-        let result = db
+        let result = self
+            .client_endpoint(client)
             .write_edits(vec![edit])
             .map_err(|e| self.fail(format!("edit: {e}")))?;
+        self.clients[client].edits += 1;
+        let db = self.clients[client].replica.db.clone();
         trace(|| {
             format!(
                 "t{} client {client} edit {doc_id} -> {:?} pending {:?}",
@@ -442,7 +537,7 @@ impl World {
     fn operate(&mut self) -> Result<(), Failure> {
         let client = self.rng.index(self.clients.len());
         let doc_id = self.docs[self.rng.index(self.docs.len())].clone();
-        let db = self.clients[client].db.clone();
+        let db = self.clients[client].replica.db.clone();
         let current = db
             .get_document(&doc_id)
             .map_err(|e| self.fail(e.to_string()))?;
@@ -480,7 +575,7 @@ impl World {
                 } else {
                     Policy::Merge
                 };
-                if resolve_conflict(&*db, &doc_id, policy)
+                if ferry_store::resolve_conflict(&*db, &doc_id, policy)
                     .map_err(|e| self.fail(e.to_string()))?
                     .is_some()
                 {
@@ -498,6 +593,7 @@ impl World {
             55..=57 => {
                 if self.rng.chance(300) {
                     self.server
+                        .db
                         .compact()
                         .map_err(|e| self.fail(e.to_string()))?;
                 } else {
@@ -671,10 +767,9 @@ impl World {
         direction: Direction,
         action: Action,
     ) -> Result<bool, Failure> {
-        let db = self.clients[client].db.clone();
         let local_is_source = direction == Direction::Push;
         let seed = self.seed;
-        let store = |e: ferry_store::StoreError| fail(seed, format!("store: {e}"));
+        let local = |e: ferry_store::endpoint::EndpointError| fail(seed, format!("client: {e}"));
         let replication_id = self
             .run_mut(client, direction)
             .map(|run| run.replication_id.clone())
@@ -688,7 +783,10 @@ impl World {
         };
         let response = match action {
             Action::ReadCheckpoints => {
-                let local = read_checkpoint(&*db, &replication_id).map_err(store)?;
+                let local = self
+                    .client_endpoint(client)
+                    .checkpoint(&replication_id)
+                    .map_err(|e| local(e.into()))?;
                 wait(
                     self,
                     Request::GetCheckpoint(replication_id),
@@ -699,14 +797,27 @@ impl World {
             Action::ReadChanges { since, limit } => {
                 let since = since.as_u64().unwrap_or(0);
                 if local_is_source {
-                    let (rows, last_seq) = changes(&*db, since, limit).map_err(store)?;
+                    let page = self
+                        .client_endpoint(client)
+                        .changes(since, limit, &ChangesFilter::all(), false)
+                        .map_err(|e| local(e.into()))?;
+                    let (rows, last_seq, pending) = change_rows(page);
                     Response::Changes {
                         rows,
                         last_seq: json!(last_seq),
-                        pending: None,
+                        pending: Some(pending),
                     }
                 } else {
-                    wait(self, Request::Changes { since, limit }, Waiting::Changes);
+                    let filter = self.clients[client].pull_filter.clone();
+                    wait(
+                        self,
+                        Request::Changes {
+                            since,
+                            limit,
+                            filter,
+                        },
+                        Waiting::Changes,
+                    );
                     return Ok(false);
                 }
             }
@@ -715,11 +826,16 @@ impl World {
                     wait(self, Request::RevsDiff(revs), Waiting::Missing);
                     return Ok(false);
                 }
-                Response::Missing(revs_diff(&*db, &revs).map_err(store)?)
+                let missing = self
+                    .client_endpoint(client)
+                    .revs_diff(&revs)
+                    .map_err(local)?;
+                Response::Missing(missing_revs(missing))
             }
             Action::FetchRevisions { wanted } => {
                 if local_is_source {
-                    Response::Revisions(fetch(&*db, &wanted).map_err(store)?)
+                    let revisions = fetch(&self.client_endpoint(client), &wanted).map_err(local)?;
+                    Response::Revisions(revisions)
                 } else {
                     wait(self, Request::Fetch(wanted), Waiting::Revisions);
                     return Ok(false);
@@ -738,8 +854,8 @@ impl World {
                     );
                     return Ok(false);
                 }
-                self.pull_write(client, revisions)?;
-                Response::Written { rejected: 0 }
+                let rejected = self.pull_write(client, revisions)?;
+                Response::Written { rejected }
             }
             Action::WriteCheckpoint { checkpoint } => {
                 if local_is_source {
@@ -750,7 +866,9 @@ impl World {
                         Waiting::TargetCheckpoint { checkpoint },
                     );
                 } else {
-                    write_checkpoint(&*db, &replication_id, &checkpoint).map_err(store)?;
+                    self.client_endpoint(client)
+                        .put_checkpoint(&replication_id, &checkpoint)
+                        .map_err(local)?;
                     wait(
                         self,
                         Request::PutCheckpoint(replication_id, checkpoint),
@@ -789,12 +907,12 @@ impl World {
         if committed && direction == Direction::Push {
             // The SDK records acknowledgements after each committed batch.
             let through = run.machine.checkpointed_seq().as_u64().unwrap_or(0);
-            let n = self.clients[client].db.acknowledge_through(through);
+            let n = self.clients[client].replica.db.acknowledge_through(through);
             trace(|| {
                 format!(
                     "t{} client {client} ack through {through}: {n} left the outbox; pending {:?}",
                     self.now,
-                    self.clients[client].db.pending()
+                    self.clients[client].replica.db.pending()
                 )
             });
         }
@@ -819,18 +937,10 @@ impl World {
         }
     }
 
-    /// A pull writes into the client: then its policies resolve what conflicts, and what it
-    /// shows must not go backwards.
-    fn pull_write(&mut self, client: usize, revisions: Vec<Revision>) -> Result<(), Failure> {
-        let db = self.clients[client].db.clone();
-        let wall = self.client_wall(client);
-        for revision in &revisions {
-            if let Some(hlc) = revision.hlc {
-                let _ = self.clients[client].clock.observe(hlc, wall);
-            }
-        }
-        let touched: BTreeSet<String> = revisions.iter().map(|r| r.doc_id.clone()).collect();
-        let default_hlc = self.clients[client].clock.now(wall);
+    /// A pull writes into the client through its endpoint, which resolves what conflicts by
+    /// the client's policies; what the client shows must not go backwards. Returns how many
+    /// revisions the client refused.
+    fn pull_write(&mut self, client: usize, revisions: Vec<Revision>) -> Result<u64, Failure> {
         trace(|| {
             format!(
                 "t{} client {client} pull write {:?}",
@@ -841,31 +951,39 @@ impl World {
                     .collect::<Vec<_>>()
             )
         });
-        db.write_revisions(revisions, default_hlc)
+        let outcome = self
+            .client_endpoint(client)
+            .write_revisions(revisions)
             .map_err(|e| self.fail(format!("pull write: {e}")))?;
-        for doc_id in &touched {
-            let policy = self.policies.for_doc(doc_id);
-            if resolve_conflict(&*db, doc_id, policy)
-                .map_err(|e| self.fail(e.to_string()))?
-                .is_some()
-            {
-                trace(|| {
-                    format!(
-                        "t{} client {client} auto-resolved {doc_id}; pending {:?}",
-                        self.now,
-                        db.pending()
-                    )
-                });
-                self.clients[client].quiet = (false, false);
-            }
+        let db = self.clients[client].replica.db.clone();
+        if !outcome.resolved.is_empty() {
+            trace(|| {
+                format!(
+                    "t{} client {client} auto-resolved {:?}; pending {:?}",
+                    self.now,
+                    outcome
+                        .resolved
+                        .iter()
+                        .map(|(doc, _)| doc)
+                        .collect::<Vec<_>>(),
+                    db.pending()
+                )
+            });
+            self.clients[client].quiet = (false, false);
+        }
+        for doc_id in &outcome.written {
             self.observe(&db, doc_id)?;
             self.check_not_backwards(client, doc_id)?;
         }
-        Ok(())
+        Ok(outcome
+            .acks
+            .iter()
+            .filter(|ack| ack.refused.is_some())
+            .count() as u64)
     }
 
     fn check_not_backwards(&mut self, client: usize, doc_id: &str) -> Result<(), Failure> {
-        let db = self.clients[client].db.clone();
+        let db = self.clients[client].replica.db.clone();
         let seed = self.seed;
         let (Some(document), Some(tree)) = (
             db.get_document(doc_id)
@@ -896,27 +1014,37 @@ impl World {
     // ---- the server ----------------------------------------------------------------------
 
     fn serve(&mut self, request: Request) -> Result<Reply, Failure> {
-        let db = self.server.clone();
         let seed = self.seed;
-        let store = |e: ferry_store::StoreError| fail(seed, format!("server store: {e}"));
+        let store = |e: ferry_store::endpoint::EndpointError| fail(seed, format!("server: {e}"));
+        let endpoint = self.server_endpoint();
         Ok(match request {
             Request::GetCheckpoint(id) => {
-                Reply::Checkpoint(read_checkpoint(&*db, &id).map_err(store)?)
+                Reply::Checkpoint(endpoint.checkpoint(&id).map_err(|e| store(e.into()))?)
             }
             Request::PutCheckpoint(id, checkpoint) => {
-                write_checkpoint(&*db, &id, &checkpoint).map_err(store)?;
+                endpoint.put_checkpoint(&id, &checkpoint).map_err(store)?;
                 Reply::Done
             }
-            Request::Changes { since, limit } => {
-                let (rows, last_seq) = changes(&*db, since, limit).map_err(store)?;
-                Reply::Changes { rows, last_seq }
+            Request::Changes {
+                since,
+                limit,
+                filter,
+            } => {
+                let page = endpoint
+                    .changes(since, limit, &filter, false)
+                    .map_err(|e| store(e.into()))?;
+                let (rows, last_seq, pending) = change_rows(page);
+                Reply::Changes {
+                    rows,
+                    last_seq,
+                    pending,
+                }
             }
-            Request::RevsDiff(revs) => Reply::Missing(revs_diff(&*db, &revs).map_err(store)?),
-            Request::Fetch(wanted) => Reply::Revisions(fetch(&*db, &wanted).map_err(store)?),
+            Request::RevsDiff(revs) => {
+                Reply::Missing(missing_revs(endpoint.revs_diff(&revs).map_err(store)?))
+            }
+            Request::Fetch(wanted) => Reply::Revisions(fetch(&endpoint, &wanted).map_err(store)?),
             Request::Write(revisions) => {
-                let touched: BTreeSet<String> =
-                    revisions.iter().map(|r| r.doc_id.clone()).collect();
-                let default_hlc = self.server_clock.now(self.now);
                 trace(|| {
                     format!(
                         "t{} server write {:?}",
@@ -927,9 +1055,14 @@ impl World {
                             .collect::<Vec<_>>()
                     )
                 });
-                db.write_revisions(revisions, default_hlc).map_err(store)?;
-                for doc_id in &touched {
-                    resolve_conflict(&*db, doc_id, self.policies.for_doc(doc_id)).map_err(store)?;
+                let outcome = endpoint.write_revisions(revisions).map_err(store)?;
+                if let Some(refused) = outcome.acks.iter().find(|ack| ack.refused.is_some()) {
+                    // Clock skews stay inside the server's drift limit and bodies inside its
+                    // limits: a refusal here is a bug the run must show.
+                    return Err(self.fail(format!("the server refused {refused:?}")));
+                }
+                let db = self.server.db.clone();
+                for doc_id in &outcome.written {
                     self.observe(&db, doc_id)?;
                 }
                 Reply::Done
@@ -1012,10 +1145,17 @@ impl World {
                     };
                     Response::Checkpoints { source, target }
                 }
-                (Waiting::Changes, Reply::Changes { rows, last_seq }) => Response::Changes {
+                (
+                    Waiting::Changes,
+                    Reply::Changes {
+                        rows,
+                        last_seq,
+                        pending,
+                    },
+                ) => Response::Changes {
                     rows,
                     last_seq: json!(last_seq),
-                    pending: None,
+                    pending: Some(pending),
                 },
                 (Waiting::Missing, Reply::Missing(missing)) => Response::Missing(missing),
                 (Waiting::Revisions, Reply::Revisions(revisions)) => Response::Revisions(revisions),
@@ -1024,12 +1164,12 @@ impl World {
                     Response::Written { rejected: 0 }
                 }
                 (Waiting::TargetCheckpoint { checkpoint }, Reply::Done) => {
-                    let db = self.clients[client].db.clone();
                     let id = self
                         .run_mut(client, direction)
                         .map(|run| run.replication_id.clone())
                         .unwrap_or_default();
-                    write_checkpoint(&*db, &id, &checkpoint)
+                    self.client_endpoint(client)
+                        .put_checkpoint(&id, &checkpoint)
                         .map_err(|e| self.fail(e.to_string()))?;
                     Response::CheckpointWritten
                 }
@@ -1066,6 +1206,7 @@ impl World {
     fn check_acknowledged(&self) -> Result<(), Failure> {
         for (index, client) in self.clients.iter().enumerate() {
             let pending: BTreeSet<String> = client
+                .replica
                 .db
                 .pending()
                 .into_iter()
@@ -1076,6 +1217,7 @@ impl World {
                     continue;
                 }
                 let Some(tree) = client
+                    .replica
                     .db
                     .get_tree(doc_id)
                     .map_err(|e| self.fail(e.to_string()))?
@@ -1084,6 +1226,7 @@ impl World {
                 };
                 let server = self
                     .server
+                    .db
                     .get_tree(doc_id)
                     .map_err(|e| self.fail(e.to_string()))?
                     .unwrap_or_default();
@@ -1098,6 +1241,25 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Every revision `client` holds of `doc_id` is on the server.
+    fn check_subset_of_server(&self, client: usize, doc_id: &str) -> Result<(), Failure> {
+        let tree = |db: &MemoryDatabase| {
+            db.get_tree(doc_id)
+                .map(Option::unwrap_or_default)
+                .map_err(|e| self.fail(e.to_string()))
+        };
+        let (here, server) = (
+            tree(&self.clients[client].replica.db)?,
+            tree(&self.server.db)?,
+        );
+        match here.revs().find(|rev| !server.contains(rev)) {
+            Some(rev) => Err(self.fail(format!(
+                "client {client} holds {doc_id} {rev}, which the server lacks"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn digest(&self, db: &MemoryDatabase) -> Result<BTreeMap<String, Value>, Failure> {
@@ -1125,19 +1287,43 @@ impl World {
     }
 
     fn check_converged(&mut self) -> Result<(), Failure> {
-        let server = self.digest(&self.server)?;
+        let server = self.digest(&self.server.db)?;
         for (index, client) in self.clients.iter().enumerate() {
-            let digest = self.digest(&client.db)?;
-            if digest != server {
-                let differing: Vec<&String> = server
+            let mut digest = self.digest(&client.replica.db)?;
+            let mut expected = server.clone();
+            if !client.pull_filter.is_everything() {
+                // A filtered pull carries the documents its filter selects on the server; the
+                // others may be older here (a document that stopped matching), but hold
+                // nothing the server lacks.
+                for doc_id in &self.docs {
+                    let on_server = self
+                        .server
+                        .db
+                        .get_document(doc_id)
+                        .map_err(|e| self.fail(e.to_string()))?;
+                    let selected = on_server.is_some_and(|document| {
+                        client
+                            .pull_filter
+                            .matches(doc_id, document.deleted, Some(&document.body))
+                    });
+                    if selected {
+                        continue;
+                    }
+                    expected.remove(doc_id);
+                    digest.remove(doc_id);
+                    self.check_subset_of_server(index, doc_id)?;
+                }
+            }
+            if digest != expected {
+                let differing: Vec<&String> = expected
                     .keys()
                     .chain(digest.keys())
-                    .filter(|doc| server.get(*doc) != digest.get(*doc))
+                    .filter(|doc| expected.get(*doc) != digest.get(*doc))
                     .collect();
                 let doc = differing[0];
                 return Err(self.fail(format!(
                     "client {index} did not converge with the server on {differing:?}: {doc} is {} there and {} here",
-                    server.get(doc).unwrap_or(&Value::Null),
+                    expected.get(doc).unwrap_or(&Value::Null),
                     digest.get(doc).unwrap_or(&Value::Null)
                 )));
             }
@@ -1145,6 +1331,7 @@ impl World {
         for (doc_id, oracle) in &self.oracle {
             let tree = self
                 .server
+                .db
                 .get_tree(doc_id)
                 .map_err(|e| self.fail(e.to_string()))?
                 .unwrap_or_default();
@@ -1157,6 +1344,7 @@ impl World {
         for (doc_id, rev) in &self.acknowledged {
             let tree = self
                 .server
+                .db
                 .get_tree(doc_id)
                 .map_err(|e| self.fail(e.to_string()))?
                 .unwrap_or_default();
@@ -1168,6 +1356,7 @@ impl World {
         }
         let changes = self
             .server
+            .db
             .changes(0, usize::MAX, false)
             .map_err(|e| self.fail(e.to_string()))?;
         let unique: BTreeSet<&String> = changes.iter().map(|change| &change.doc_id).collect();
@@ -1219,7 +1408,7 @@ impl World {
             let empty = self
                 .clients
                 .iter()
-                .all(|client| client.db.pending().is_empty());
+                .all(|client| client.replica.db.pending().is_empty());
             if quiet && empty {
                 self.outcome.healing_rounds = round + 1;
                 return Ok(());
@@ -1228,7 +1417,7 @@ impl World {
         let pending: Vec<usize> = self
             .clients
             .iter()
-            .map(|client| client.db.pending().len())
+            .map(|client| client.replica.db.pending().len())
             .collect();
         Err(self.fail(format!(
             "not quiescent after {HEALING_ROUNDS} rounds without faults (pending per client: {pending:?})"
@@ -1253,37 +1442,12 @@ fn shape(tree: &RevTree) -> Value {
     json!({"nodes": nodes, "leaves": leaves})
 }
 
-fn read_checkpoint(
-    db: &dyn Database,
-    id: &str,
-) -> Result<Option<Checkpoint>, ferry_store::StoreError> {
-    Ok(db
-        .get_local(id)?
-        .and_then(|local| serde_json::from_value(Value::Object(local.body)).ok()))
-}
-
-fn write_checkpoint(
-    db: &dyn Database,
-    id: &str,
-    checkpoint: &Checkpoint,
-) -> Result<(), ferry_store::StoreError> {
-    let Value::Object(body) = serde_json::to_value(checkpoint).expect("checkpoints serialize")
-    else {
-        unreachable!("a checkpoint is an object")
-    };
-    let current = db.get_local(id)?.map(|local| local.rev);
-    db.put_local(id, current, Some(body))?;
-    Ok(())
-}
-
-fn changes(
-    db: &dyn Database,
-    since: u64,
-    limit: usize,
-) -> Result<(Vec<ChangeRow>, u64), ferry_store::StoreError> {
-    let changes = db.changes(since, limit, false)?;
-    let last_seq = changes.last().map_or(since, |change| change.seq);
-    let rows = changes
+/// A page of an endpoint's changes as the replication state machine reads it (what
+/// `LocalPeer` and the WebSocket peer hand it), with its last sequence and what remains.
+fn change_rows(page: ferry_store::endpoint::ChangesPage) -> (Vec<ChangeRow>, u64, u64) {
+    let pending = page.pending();
+    let rows = page
+        .changes
         .into_iter()
         .map(|change| ChangeRow {
             doc_id: change.doc_id,
@@ -1292,30 +1456,31 @@ fn changes(
             deleted: change.deleted,
         })
         .collect();
-    Ok((rows, last_seq))
+    (rows, page.last_seq, pending)
 }
 
-fn revs_diff(db: &dyn Database, revs: &DocRevs) -> Result<DocRevs, ferry_store::StoreError> {
-    Ok(db
-        .revs_diff(revs)?
+fn missing_revs(diffs: Vec<(String, ferry_core::tree::RevsDiff)>) -> DocRevs {
+    diffs
         .into_iter()
         .map(|(doc_id, diff)| (doc_id, diff.missing))
-        .collect())
+        .collect()
 }
 
-fn fetch(db: &dyn Database, wanted: &DocRevs) -> Result<Vec<Revision>, ferry_store::StoreError> {
-    let mut revisions = Vec::new();
-    for (doc_id, revs) in wanted {
-        for rev in revs {
-            if let Some(revision) = db
-                .get_revision(doc_id, rev, usize::MAX)?
-                .and_then(|stored| stored.into_revision())
-            {
-                revisions.push(revision);
-            }
-        }
-    }
-    Ok(revisions)
+/// The wanted revisions an endpoint still has, with their bodies and ancestry.
+fn fetch(
+    endpoint: &Endpoint<'_>,
+    wanted: &DocRevs,
+) -> Result<Vec<Revision>, ferry_store::endpoint::EndpointError> {
+    let pairs: Vec<(String, Rev)> = wanted
+        .iter()
+        .flat_map(|(doc_id, revs)| revs.iter().map(move |rev| (doc_id.clone(), rev.clone())))
+        .collect();
+    Ok(endpoint
+        .fetch(&pairs)?
+        .into_iter()
+        .flatten()
+        .filter_map(ferry_store::StoredRevision::into_revision)
+        .collect())
 }
 
 /// Runs the simulation for `seed` and checks every invariant.

@@ -32,7 +32,9 @@ use ferry_core::selector::Selector;
 use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
 
 pub mod accounts;
+pub mod clock;
 pub mod conformance;
+pub mod endpoint;
 pub mod failpoint;
 pub mod memory;
 pub mod sqlite;
@@ -517,6 +519,18 @@ pub(crate) fn count_change(was_deleted: Option<bool>, deleted: bool) -> (i64, i6
         (Some(false), true) => (-1, 1),
         _ => (0, 0),
     }
+}
+
+/// The clock of the replica's latest change: a replica's clock resumes after it when the
+/// replica is opened again, so its timestamps keep increasing across restarts.
+pub fn newest_clock(db: &dyn Database) -> Result<Timestamp, StoreError> {
+    let update_seq = db.info()?.update_seq;
+    let Some(change) = db.changes(update_seq.saturating_sub(1), 1, false)?.pop() else {
+        return Ok(Timestamp::ZERO);
+    };
+    Ok(db
+        .get_document(&change.doc_id)?
+        .map_or(Timestamp::ZERO, |document| document.hlc))
 }
 
 /// Resolves the conflict on `doc_id` (if any) by `policy`, retrying if the document changes

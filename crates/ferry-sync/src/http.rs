@@ -250,10 +250,10 @@ impl Peer for HttpPeer {
             encode_segment(&since_param(since))
         );
         let mut body = Map::new();
-        if let Some(doc_ids) = &filter.doc_ids {
+        if let Some(doc_ids) = filter.ids() {
             path.push_str("&filter=_doc_ids");
             body.insert("doc_ids".into(), json!(doc_ids));
-        } else if let Some((selector, _)) = &filter.selector {
+        } else if let Some(selector) = filter.selector_json() {
             path.push_str("&filter=_selector");
             body.insert("selector".into(), selector.clone());
         }

@@ -42,7 +42,6 @@ use ferry_core::replicate::{
     Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, ReplicationError, Response,
 };
 use ferry_core::rev::Rev;
-use ferry_core::selector::Selector;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -52,6 +51,7 @@ mod read_ahead;
 mod wire;
 mod ws;
 
+pub use ferry_core::filter::ChangesFilter;
 pub use ferry_core::replicate::Stats;
 pub use http::HttpPeer;
 pub use local::LocalPeer;
@@ -64,6 +64,9 @@ pub enum SyncError {
     /// The local store failed.
     #[error("local store: {0}")]
     Store(#[from] ferry_store::StoreError),
+    /// The local replica refused a request as a whole (more items than its limits allow).
+    #[error("local replica: {0}")]
+    Endpoint(ferry_store::endpoint::EndpointError),
     /// The server answered with an error.
     #[error("{url} answered {status}: {error}: {reason}")]
     Http {
@@ -111,6 +114,15 @@ pub enum SyncError {
     },
 }
 
+impl From<ferry_store::endpoint::EndpointError> for SyncError {
+    fn from(error: ferry_store::endpoint::EndpointError) -> SyncError {
+        match error {
+            ferry_store::endpoint::EndpointError::Store(error) => SyncError::Store(error),
+            other => SyncError::Endpoint(other),
+        }
+    }
+}
+
 impl SyncError {
     /// Whether retrying later may succeed (network trouble, server overload or restart).
     pub fn is_transient(&self) -> bool {
@@ -138,54 +150,6 @@ pub struct RejectedRevision {
     pub error: String,
     /// The target's reason.
     pub reason: String,
-}
-
-/// Which changes a replication carries.
-#[derive(Clone, Debug, Default)]
-pub struct ChangesFilter {
-    /// Only these documents.
-    pub doc_ids: Option<Vec<String>>,
-    /// Only documents whose winner matches this Mango selector (the JSON form, and parsed).
-    pub selector: Option<(Value, Selector)>,
-}
-
-impl ChangesFilter {
-    /// Whether a change passes the filter; `body` is the winner's body when a selector is set.
-    pub fn matches(
-        &self,
-        doc_id: &str,
-        deleted: bool,
-        body: Option<&ferry_core::model::Body>,
-    ) -> bool {
-        if let Some(doc_ids) = &self.doc_ids
-            && !doc_ids.iter().any(|id| id == doc_id)
-        {
-            return false;
-        }
-        match &self.selector {
-            Some((_, selector)) => {
-                body.is_some_and(|body| selector.matches_document(doc_id, deleted, body))
-            }
-            None => true,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.doc_ids.is_none() && self.selector.is_none()
-    }
-
-    /// A stable description, part of the replication id.
-    fn describe(&self) -> String {
-        let mut text = String::new();
-        if let Some(doc_ids) = &self.doc_ids {
-            text.push_str(&serde_json::to_string(doc_ids).expect("strings serialize"));
-        }
-        if let Some((json, _)) = &self.selector {
-            text.push('|');
-            text.push_str(&String::from_utf8_lossy(&ferry_core::json::canonical(json)));
-        }
-        text
-    }
 }
 
 /// One page of a peer's changes feed.

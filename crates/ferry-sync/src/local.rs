@@ -1,47 +1,90 @@
-//! A peer over a local `ferry_store::Database`.
+//! A peer over a local `ferry_store::Database`: its replica endpoint on blocking threads.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use ferry_core::hlc::HlcClock;
-use ferry_core::model::{Limits, Revision};
+use ferry_core::model::Revision;
 use ferry_core::replicate::{ChangeRow, Checkpoint};
 use ferry_core::rev::Rev;
+use ferry_store::clock::{ReplicaClock, SystemClock};
+use ferry_store::endpoint::{
+    Endpoint, EndpointConfig, EndpointError, Fanout, KeepConflicts, NoFanout, Resolver,
+};
 use ferry_store::{Database, StoreError};
 use serde_json::Value;
 
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
 
-/// How many store rows one scan step reads while filtering changes.
-const SCAN_CHUNK: usize = 500;
 /// How often a local wait for changes looks at the store.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How far ahead of this machine's clock a received clock may be and still be adopted, for
+/// peers not given the replica's own clock.
+const DEFAULT_MAX_DRIFT_MS: u64 = 60_000;
+
 /// A replication peer over a local database (a client's replica, or a server database when
-/// replicating inside one process).
+/// replicating inside one process): every step is a call of `ferry_store::endpoint`, the
+/// same code the server answers with.
 ///
 /// Store calls are blocking SQLite calls, so each runs on tokio's blocking threads.
 #[derive(Clone)]
 pub struct LocalPeer {
     db: Arc<dyn Database>,
     replica_id: String,
-    clock: Arc<Mutex<HlcClock>>,
-    revs_limit: usize,
+    config: Arc<EndpointConfig>,
+    clock: Arc<ReplicaClock>,
+    fanout: Arc<dyn Fanout>,
+    resolver: Arc<dyn Resolver>,
     /// Woken when the owner of the store knows it wrote, so waits need not poll to notice.
     wakeup: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl LocalPeer {
-    /// A peer over `db`.
+    /// A peer over `db`, with default limits, every conflict kept, a clock of its own on the
+    /// system's time, and nobody told of its writes.
     pub fn new(db: Arc<dyn Database>) -> Result<LocalPeer, SyncError> {
         let replica_id = db.info()?.replica_id;
         Ok(LocalPeer {
             db,
             replica_id,
-            clock: Arc::new(Mutex::new(HlcClock::new(60_000))),
-            revs_limit: Limits::default().revs_limit,
+            config: Arc::new(EndpointConfig::default()),
+            clock: Arc::new(ReplicaClock::new(
+                Arc::new(SystemClock),
+                DEFAULT_MAX_DRIFT_MS,
+            )),
+            fanout: Arc::new(NoFanout),
+            resolver: Arc::new(KeepConflicts),
             wakeup: None,
         })
+    }
+
+    /// Uses the replica's own clock: revisions written here are observed by the clock that
+    /// stamps the replica's edits, so an edit always orders after what it was based on.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<ReplicaClock>) -> LocalPeer {
+        self.clock = clock;
+        self
+    }
+
+    /// Checks and resolves by `config` (limits, conflict policies).
+    #[must_use]
+    pub fn with_config(mut self, config: EndpointConfig) -> LocalPeer {
+        self.config = Arc::new(config);
+        self
+    }
+
+    /// Resolves the conflicts pulled revisions create by `resolver`, right after each batch.
+    #[must_use]
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> LocalPeer {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Announces every committed write to `fanout`.
+    #[must_use]
+    pub fn with_fanout(mut self, fanout: Arc<dyn Fanout>) -> LocalPeer {
+        self.fanout = fanout;
+        self
     }
 
     /// Wakes waits for changes as soon as `wakeup` changes, instead of at the next poll (the
@@ -58,6 +101,22 @@ impl LocalPeer {
         &self.db
     }
 
+    /// Runs `work` on the replica's endpoint, on a blocking thread.
+    async fn endpoint<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Endpoint<'_>) -> Result<T, EndpointError> + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let peer = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let endpoint = Endpoint::new(&*peer.db, &peer.config, &peer.clock, &*peer.fanout)
+                .resolving_by(&*peer.resolver);
+            work(&endpoint)
+        })
+        .await
+        .map_err(|error| SyncError::Task(error.to_string()))?
+        .map_err(SyncError::from)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&dyn Database) -> Result<T, StoreError> + Send + 'static,
@@ -68,14 +127,6 @@ impl LocalPeer {
             .map_err(|error| SyncError::Task(error.to_string()))?
             .map_err(SyncError::from)
     }
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 impl Peer for LocalPeer {
@@ -89,8 +140,8 @@ impl Peer for LocalPeer {
 
     async fn get_checkpoint(&self, replication_id: &str) -> Result<Option<Checkpoint>, SyncError> {
         let id = replication_id.to_owned();
-        let local = self.blocking(move |db| db.get_local(&id)).await?;
-        Ok(local.and_then(|local| serde_json::from_value(Value::Object(local.body)).ok()))
+        self.endpoint(move |endpoint| Ok(endpoint.checkpoint(&id)?))
+            .await
     }
 
     async fn put_checkpoint(
@@ -99,18 +150,9 @@ impl Peer for LocalPeer {
         checkpoint: &Checkpoint,
     ) -> Result<(), SyncError> {
         let id = replication_id.to_owned();
-        let Value::Object(body) = serde_json::to_value(checkpoint).expect("checkpoints serialize")
-        else {
-            unreachable!("a checkpoint serializes to an object")
-        };
-        self.blocking(move |db| {
-            // Read and write under the store's own revision check; a concurrent writer of the
-            // same checkpoint (two replications of one pair) makes this fail, and the retry of
-            // the replication resolves it.
-            let current = db.get_local(&id)?.map(|local| local.rev);
-            db.put_local(&id, current, Some(body)).map(|_| ())
-        })
-        .await
+        let checkpoint = checkpoint.clone();
+        self.endpoint(move |endpoint| endpoint.put_checkpoint(&id, &checkpoint))
+            .await
     }
 
     async fn changes(
@@ -121,52 +163,35 @@ impl Peer for LocalPeer {
     ) -> Result<ChangesPage, SyncError> {
         let since = seq_number(since)?;
         let filter = filter.clone();
-        self.blocking(move |db| {
-            let unfiltered = filter.is_empty();
-            let chunk = if unfiltered { limit } else { SCAN_CHUNK };
-            let bodies = filter.selector.is_some();
-            let mut rows = Vec::new();
-            let mut cursor = since;
-            'scan: loop {
-                let changes = db.changes(cursor, chunk, bodies)?;
-                let exhausted = changes.len() < chunk;
-                for change in changes {
-                    cursor = change.seq;
-                    if !filter.matches(&change.doc_id, change.deleted, change.body.as_ref()) {
-                        continue;
-                    }
-                    rows.push(ChangeRow {
-                        doc_id: change.doc_id,
-                        seq: Value::from(change.seq),
-                        revs: change.leaves.into_iter().map(|leaf| leaf.rev).collect(),
-                        deleted: change.deleted,
-                    });
-                    if rows.len() >= limit {
-                        break 'scan;
-                    }
-                }
-                if exhausted {
-                    break;
-                }
-            }
-            let update_seq = db.info()?.update_seq;
-            Ok(ChangesPage {
-                rows,
-                last_seq: Value::from(cursor),
-                pending: Some(update_seq.saturating_sub(cursor)),
-            })
+        let page = self
+            .endpoint(move |endpoint| Ok(endpoint.changes(since, limit, &filter, false)?))
+            .await?;
+        let pending = page.pending();
+        Ok(ChangesPage {
+            rows: page
+                .changes
+                .into_iter()
+                .map(|change| ChangeRow {
+                    doc_id: change.doc_id,
+                    seq: Value::from(change.seq),
+                    revs: change.leaves.into_iter().map(|leaf| leaf.rev).collect(),
+                    deleted: change.deleted,
+                })
+                .collect(),
+            last_seq: Value::from(page.last_seq),
+            pending: Some(pending),
         })
-        .await
     }
 
     async fn revs_diff(
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
-        let answers = self.blocking(move |db| db.revs_diff(&revs)).await?;
+        let answers = self
+            .endpoint(move |endpoint| endpoint.revs_diff(&revs))
+            .await?;
         Ok(answers
             .into_iter()
-            .filter(|(_, diff)| !diff.missing.is_empty())
             .map(|(doc_id, diff)| (doc_id, diff.missing))
             .collect())
     }
@@ -175,13 +200,12 @@ impl Peer for LocalPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let revs_limit = self.revs_limit;
-        self.blocking(move |db| {
+        self.endpoint(move |endpoint| {
             let wanted: Vec<(String, Rev)> = wanted
                 .into_iter()
                 .flat_map(|(doc_id, revs)| revs.into_iter().map(move |rev| (doc_id.clone(), rev)))
                 .collect();
-            let stored = db.get_revisions(&wanted, revs_limit)?;
+            let stored = endpoint.fetch(&wanted)?;
             let mut revisions = Vec::with_capacity(wanted.len());
             for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
                 match stored.and_then(|stored| stored.into_revision()) {
@@ -200,20 +224,22 @@ impl Peer for LocalPeer {
         &self,
         revisions: Vec<Revision>,
     ) -> Result<Vec<RejectedRevision>, SyncError> {
-        let default_hlc = {
-            let mut clock = self.clock.lock().unwrap_or_else(|error| error.into_inner());
-            for hlc in revisions.iter().filter_map(|revision| revision.hlc) {
-                // A clock too far ahead is not adopted; the revision keeps its own timestamp.
-                let _ = clock.observe(hlc, wall_ms());
-            }
-            clock.now(wall_ms())
-        };
-        // A local store takes every valid revision; invalid ones fail the batch as a whole.
-        self.blocking(move |db| {
-            db.write_revisions(revisions, default_hlc)
-                .map(|_| Vec::new())
-        })
-        .await
+        let outcome = self
+            .endpoint(move |endpoint| endpoint.write_revisions(revisions))
+            .await?;
+        Ok(outcome
+            .acks
+            .into_iter()
+            .filter_map(|ack| {
+                let refused = ack.refused?;
+                Some(RejectedRevision {
+                    doc_id: ack.doc_id,
+                    rev: ack.rev,
+                    error: refused.code().to_owned(),
+                    reason: refused.to_string(),
+                })
+            })
+            .collect())
     }
 
     async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {

@@ -422,9 +422,9 @@ impl Peer for WsPeer {
         let mut frame = Map::new();
         frame.insert("since".into(), json!(crate::seq_number(since)?));
         frame.insert("limit".into(), json!(limit));
-        if let Some(doc_ids) = &filter.doc_ids {
+        if let Some(doc_ids) = filter.ids() {
             frame.insert("doc_ids".into(), json!(doc_ids));
-        } else if let Some((selector, _)) = &filter.selector {
+        } else if let Some(selector) = filter.selector_json() {
             frame.insert("selector".into(), selector.clone());
         }
         let result = self.request("changes", frame).await?;

@@ -12,7 +12,6 @@ use std::time::Duration;
 use ferry_core::model::{Body, Revision};
 use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
-use ferry_core::selector::Selector;
 use ferry_store::sqlite::SqliteBackend;
 use ferry_store::{Backend, Database, Durability, Edit, StoreConfig};
 use ferry_sync::{
@@ -325,10 +324,7 @@ async fn replicating_again_writes_nothing() {
     );
     // Even without a checkpoint (a new filter is a new replication), nothing is rewritten.
     let fresh = ReplicationOptions {
-        filter: ChangesFilter {
-            doc_ids: Some((0..50).map(|n| format!("d{n}")).collect()),
-            selector: None,
-        },
+        filter: ChangesFilter::doc_ids((0..50).map(|n| format!("d{n}"))),
         ..options(10)
     };
     let third = replicate(&source_peer, &target_peer, &fresh, |_| {})
@@ -465,10 +461,7 @@ async fn filtered_replication_moves_only_matching_documents() {
         &source_peer,
         &local(&by_ids).await,
         &ReplicationOptions {
-            filter: ChangesFilter {
-                doc_ids: Some(vec!["d03".into(), "d17".into()]),
-                selector: None,
-            },
+            filter: ChangesFilter::doc_ids(["d03".into(), "d17".into()]),
             ..options(5)
         },
         |_| {},
@@ -483,10 +476,7 @@ async fn filtered_replication_moves_only_matching_documents() {
         &source_peer,
         &local(&by_selector).await,
         &ReplicationOptions {
-            filter: ChangesFilter {
-                doc_ids: None,
-                selector: Some((selector.clone(), Selector::parse(&selector).unwrap())),
-            },
+            filter: ChangesFilter::selector(selector.clone()).unwrap(),
             ..options(5)
         },
         |_| {},

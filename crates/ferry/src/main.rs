@@ -222,6 +222,7 @@ impl ServeArgs {
                 required: !self.insecure_no_auth,
                 access_token_ttl: Duration::from_secs(self.access_token_ttl),
                 reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
+                ..AuthConfig::default()
             },
             max_sessions: self.max_sessions,
             max_clock_drift: Duration::from_secs(self.max_clock_drift),

@@ -72,7 +72,7 @@ impl Server {
     }
 
     /// The server's database `db`, opened beside the running server (SQLite WAL).
-    fn database(&self, db: &str) -> std::sync::Arc<dyn ferry_store::Database> {
+    pub fn database(&self, db: &str) -> std::sync::Arc<dyn ferry_store::Database> {
         ferry_store::sqlite::SqliteBackend::open(
             self.data_dir.path(),
             ferry_store::StoreConfig::default(),

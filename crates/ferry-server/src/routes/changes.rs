@@ -11,7 +11,7 @@
 //! `_selector`) are applied while scanning, so a response holds at most `limit` rows however
 //! many changes are scanned: memory is bounded by the page, not by the database.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -20,8 +20,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use ferry_core::couch::{DocExtras, document_json};
-use ferry_core::selector::Selector;
-use ferry_store::{Change, Database, StoreError};
+use ferry_core::filter::ChangesFilter;
+use ferry_store::Change;
+use ferry_store::endpoint::ChangesPage;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -32,35 +33,8 @@ use crate::params::{ENVELOPE_DEPTH, Params};
 
 type QueryMap = Query<HashMap<String, String>>;
 
-/// How many store rows one scan step reads while filtering.
-const SCAN_CHUNK: usize = 500;
 /// The shortest heartbeat interval accepted, so a client cannot make the server spin.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
-
-#[derive(Clone, Debug)]
-pub(crate) enum Filter {
-    None,
-    DocIds(BTreeSet<String>),
-    Selector(Selector),
-}
-
-impl Filter {
-    fn needs_bodies(&self) -> bool {
-        matches!(self, Filter::Selector(_))
-    }
-
-    fn matches(&self, change: &Change) -> bool {
-        match self {
-            Filter::None => true,
-            Filter::DocIds(ids) => ids.contains(&change.doc_id),
-            // CouchDB's _selector feed matches the winning revision (with its `_id`); deleted
-            // documents only match selectors that accept their tombstone.
-            Filter::Selector(selector) => change.body.as_ref().is_some_and(|body| {
-                selector.matches_document(&change.doc_id, change.deleted, body)
-            }),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Feed {
@@ -79,12 +53,16 @@ pub(crate) struct ChangesRequest {
     pub(crate) feed: Feed,
     pub(crate) timeout: Duration,
     pub(crate) heartbeat: Option<Duration>,
-    pub(crate) filter: Filter,
+    pub(crate) filter: ChangesFilter,
 }
 
 impl ChangesRequest {
     /// A one-page read of all leaves after `since`, as replication wants it.
-    pub(crate) fn replication_page(since: u64, limit: usize, filter: Filter) -> ChangesRequest {
+    pub(crate) fn replication_page(
+        since: u64,
+        limit: usize,
+        filter: ChangesFilter,
+    ) -> ChangesRequest {
         ChangesRequest {
             since,
             limit,
@@ -191,7 +169,7 @@ async fn parse_request(
             .map(|ms| Duration::from_millis(ms).max(MIN_HEARTBEAT)),
     };
     let filter = match params.text("filter") {
-        None => Filter::None,
+        None => ChangesFilter::all(),
         Some("_doc_ids") => {
             let ids = match body.and_then(|body| body.get("doc_ids")) {
                 Some(ids) => ids.clone(),
@@ -208,7 +186,7 @@ async fn parse_request(
                         .map(str::to_owned)
                         .ok_or_else(|| ApiError::bad_request("doc_ids must be strings"))
                 })
-                .collect::<ApiResult<BTreeSet<String>>>()?;
+                .collect::<ApiResult<Vec<String>>>()?;
             if ids.len() > state.limits.max_batch_docs {
                 return Err(ApiError::too_large(format!(
                     "{} doc_ids, at most {} allowed",
@@ -216,16 +194,14 @@ async fn parse_request(
                     state.limits.max_batch_docs
                 )));
             }
-            Filter::DocIds(ids)
+            ChangesFilter::doc_ids(ids)
         }
         Some("_selector") => {
             let selector = body.and_then(|body| body.get("selector")).ok_or_else(|| {
                 ApiError::bad_request("filter=_selector needs a selector in the body")
             })?;
-            Filter::Selector(
-                Selector::parse(selector)
-                    .map_err(|error| ApiError::bad_request(error.to_string()))?,
-            )
+            ChangesFilter::selector(selector.clone())
+                .map_err(|error| ApiError::bad_request(error.to_string()))?
         }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
@@ -244,12 +220,6 @@ async fn parse_request(
         heartbeat,
         filter,
     })
-}
-
-pub(crate) struct Page {
-    rows: Vec<Value>,
-    last_seq: u64,
-    update_seq: u64,
 }
 
 fn change_row(change: &Change, request: &ChangesRequest) -> Value {
@@ -295,68 +265,40 @@ fn change_row(change: &Change, request: &ChangesRequest) -> Value {
 }
 
 /// Reads up to `limit` matching changes after `since`.
-fn read_page(
-    db: &dyn Database,
-    request: &ChangesRequest,
-    since: u64,
-    limit: usize,
-) -> Result<Page, StoreError> {
-    let bodies = request.include_docs || request.filter.needs_bodies();
-    let chunk = if matches!(request.filter, Filter::None) {
-        limit
-    } else {
-        SCAN_CHUNK
-    };
-    let mut rows = Vec::new();
-    let mut cursor = since;
-    'scan: loop {
-        let changes = db.changes(cursor, chunk, bodies)?;
-        let exhausted = changes.len() < chunk;
-        for change in &changes {
-            cursor = change.seq;
-            if request.filter.matches(change) {
-                rows.push(change_row(change, request));
-                if rows.len() >= limit {
-                    break 'scan;
-                }
-            }
-        }
-        if exhausted {
-            break;
-        }
-    }
-    Ok(Page {
-        rows,
-        last_seq: cursor,
-        update_seq: db.info()?.update_seq,
-    })
-}
-
 pub(crate) async fn page(
     state: &AppState,
     db: &str,
     request: &ChangesRequest,
     since: u64,
     limit: usize,
-) -> ApiResult<Page> {
-    let request = request.clone();
+) -> ApiResult<ChangesPage> {
+    let filter = request.filter.clone();
+    let bodies = request.include_docs;
     state
-        .with_db(db, move |db| read_page(&*db, &request, since, limit))
+        .with_endpoint(db, move |endpoint| {
+            endpoint.changes(since, limit, &filter, bodies)
+        })
         .await
 }
 
-pub(crate) fn page_json(page: Page) -> Value {
+/// A page in CouchDB's form.
+pub(crate) fn page_json(page: &ChangesPage, request: &ChangesRequest) -> Value {
+    let rows: Vec<Value> = page
+        .changes
+        .iter()
+        .map(|change| change_row(change, request))
+        .collect();
     json!({
-        "results": page.rows,
+        "results": rows,
         "last_seq": page.last_seq,
-        "pending": page.update_seq.saturating_sub(page.last_seq),
+        "pending": page.pending(),
     })
 }
 
 async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiResult<Response> {
     if request.feed == Feed::Normal {
         let page = page(&state, &db, &request, request.since, request.limit).await?;
-        return Ok(Json(page_json(page)).into_response());
+        return Ok(Json(page_json(&page, &request)).into_response());
     }
     // Fail fast on a missing database, before a streaming response has started.
     let current = state.with_db(&db, |db| db.info()).await?.update_seq;
@@ -440,8 +382,10 @@ async fn longpoll(
         notifications.borrow_and_update();
         let page = page(state, db, request, request.since, request.limit).await?;
         let filtered_progress = page.last_seq > request.since;
-        if !page.rows.is_empty() || filtered_progress || Instant::now() >= deadline {
-            let _ = sender.send(Bytes::from(page_json(page).to_string())).await;
+        if !page.changes.is_empty() || filtered_progress || Instant::now() >= deadline {
+            let _ = sender
+                .send(Bytes::from(page_json(&page, request).to_string()))
+                .await;
             return Ok(());
         }
         if !wait_with_heartbeats(notifications, request.heartbeat, deadline, sender).await {
@@ -464,8 +408,9 @@ async fn continuous(
         notifications.borrow_and_update();
         let page = page(state, db, request, since, request.limit - sent).await?;
         since = page.last_seq;
-        let found = page.rows.len();
-        for row in page.rows {
+        let found = page.changes.len();
+        for change in &page.changes {
+            let row = change_row(change, request);
             if sender
                 .send(Bytes::from(row.to_string() + "\n"))
                 .await
@@ -476,7 +421,7 @@ async fn continuous(
         }
         sent += found;
         if sent >= request.limit || Instant::now() >= deadline {
-            let end = json!({"last_seq": since, "pending": page.update_seq.saturating_sub(since)});
+            let end = json!({"last_seq": since, "pending": page.pending()});
             let _ = sender.send(Bytes::from(end.to_string() + "\n")).await;
             return Ok(());
         }

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use ferry_core::couch::{CouchDoc, DocExtras, document_json};
 use ferry_core::model::{Body, Document};
 use ferry_core::rev::Rev;
-use ferry_core::tree::{EditError, RevTree};
-use ferry_store::{AllDocsQuery, Database, Edit, StoreError, StoredRevision};
+use ferry_core::tree::RevTree;
+use ferry_store::{AllDocsQuery, Edit, StoredRevision};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -30,12 +30,6 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<Rev>> {
             parse_rev(text.trim_matches('"'))
         })
         .transpose()
-}
-
-/// Maps a refused edit to CouchDB's 409.
-pub(crate) fn edit_error(error: &EditError) -> ApiError {
-    let _ = error;
-    ApiError::conflict()
 }
 
 /// `GET /{db}/{doc_id}` with `rev`, `revs`, `revs_info`, `conflicts`, `deleted_conflicts`,
@@ -62,8 +56,8 @@ pub(crate) async fn get_document(
             list => Some(parse_rev_list(list)?),
         };
         let rows = state
-            .with_db(&db, move |db| {
-                open_revisions(&*db, &doc_id, wanted, latest, revs_limit)
+            .with_endpoint(&db, move |endpoint| {
+                endpoint.open_revisions(&doc_id, wanted, latest)
             })
             .await?;
         let body: Vec<Value> = rows
@@ -158,72 +152,19 @@ pub(crate) fn revision_document(revision: &StoredRevision, revs: bool, with_hlc:
     )
 }
 
-/// The revisions `open_revs` asks for: all leaves, or the listed ones (each replaced by the
-/// leaves descending from it when `latest` is set). A revision that cannot be returned with
-/// its body is reported missing.
-pub(crate) fn open_revisions(
-    db: &dyn Database,
-    doc_id: &str,
-    wanted: Option<Vec<Rev>>,
-    latest: bool,
-    revs_limit: usize,
-) -> Result<Vec<Result<StoredRevision, Rev>>, StoreError> {
-    let tree = db.get_tree(doc_id)?.unwrap_or_default();
-    let revs: Vec<Rev> = match wanted {
-        None => tree.leaves().into_iter().map(|leaf| leaf.rev).collect(),
-        Some(wanted) if latest => {
-            let mut revs = Vec::new();
-            for rev in wanted {
-                if !tree.contains(&rev) || tree.is_leaf(&rev) {
-                    revs.push(rev);
-                    continue;
-                }
-                for leaf in tree.leaves() {
-                    if tree.is_ancestor_or_self(&rev, &leaf.rev) && !revs.contains(&leaf.rev) {
-                        revs.push(leaf.rev);
-                    }
-                }
-            }
-            revs
-        }
-        Some(wanted) => wanted,
-    };
-    let mut rows = Vec::with_capacity(revs.len());
-    for rev in revs {
-        match db.get_revision(doc_id, &rev, revs_limit)? {
-            Some(revision) if revision.body.is_some() => rows.push(Ok(revision)),
-            _ => rows.push(Err(rev)),
-        }
-    }
-    Ok(rows)
-}
-
 /// Writes one document edit and answers CouchDB's `{"ok", "id", "rev"}`.
 async fn write_one(
     state: &AppState,
     db_name: &str,
-    doc_id: String,
-    base: Option<Rev>,
-    deleted: bool,
-    body: Body,
+    edit: Edit,
     status: StatusCode,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    state.validate_document(&doc_id, &body)?;
-    let edit = Edit {
-        doc_id: doc_id.clone(),
-        base,
-        deleted,
-        body,
-        hlc: state.now(),
-    };
-    let (result, seq) = state
-        .with_db(db_name, move |db| {
-            let result = db.write_edits(vec![edit])?.remove(0);
-            Ok((result, db.info()?.update_seq))
-        })
-        .await?;
-    state.notify(db_name, seq);
-    let rev = result.map_err(|error| edit_error(&error))?;
+    let doc_id = edit.doc_id.clone();
+    let result = state
+        .with_endpoint(db_name, move |endpoint| endpoint.write_edits(vec![edit]))
+        .await?
+        .remove(0);
+    let rev = result?;
     Ok((
         status,
         Json(json!({"ok": true, "id": doc_id, "rev": rev.to_string()})),
@@ -246,19 +187,17 @@ pub(crate) async fn put_document(
         ));
     }
     if !params.flag("new_edits", true)? {
-        let path = doc
-            .path()
-            .ok_or_else(|| ApiError::bad_request("new_edits=false needs _rev"))?;
-        state.validate_document(&doc_id, &doc.body)?;
-        let rev = path[0].clone();
-        let revision = ferry_core::model::Revision {
-            doc_id: doc_id.clone(),
-            path,
-            deleted: doc.deleted,
-            body: doc.body,
-            hlc: doc.hlc,
-        };
-        crate::routes::replication::store_revisions(&state, &db, vec![revision]).await?;
+        let revision = crate::routes::replication::replicated_revision(doc, Some(&doc_id))?;
+        let mut outcome = state
+            .with_endpoint(&db, move |endpoint| {
+                endpoint.write_revisions(vec![revision])
+            })
+            .await?;
+        let ack = outcome.acks.remove(0);
+        if let Some(refused) = ack.refused {
+            return Err(ApiError::from(refused));
+        }
+        let rev = ack.rev;
         return Ok((
             StatusCode::CREATED,
             Json(json!({"ok": true, "id": doc_id, "rev": rev.to_string()})),
@@ -272,16 +211,11 @@ pub(crate) async fn put_document(
         }
         (body_rev, query_rev, header_rev) => body_rev.or(query_rev).or(header_rev),
     };
-    write_one(
-        &state,
-        &db,
-        doc_id,
-        base,
-        doc.deleted,
-        doc.body,
-        StatusCode::CREATED,
-    )
-    .await
+    let edit = Edit {
+        deleted: doc.deleted,
+        ..Edit::put(doc_id, base, doc.body)
+    };
+    write_one(&state, &db, edit, StatusCode::CREATED).await
 }
 
 /// `POST /{db}`: create a document, with a generated UUIDv7 id when it has no `_id`.
@@ -294,16 +228,11 @@ pub(crate) async fn post_document(
     let doc_id = doc
         .id
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-    write_one(
-        &state,
-        &db,
-        doc_id,
-        doc.rev,
-        doc.deleted,
-        doc.body,
-        StatusCode::CREATED,
-    )
-    .await
+    let edit = Edit {
+        deleted: doc.deleted,
+        ..Edit::put(doc_id, doc.rev, doc.body)
+    };
+    write_one(&state, &db, edit, StatusCode::CREATED).await
 }
 
 /// `DELETE /{db}/{doc_id}?rev=...`: writes a tombstone.
@@ -317,16 +246,7 @@ pub(crate) async fn delete_document(
     let Some(rev) = params.rev("rev")?.or(if_match(&headers)?) else {
         return Err(ApiError::conflict());
     };
-    write_one(
-        &state,
-        &db,
-        doc_id,
-        Some(rev),
-        true,
-        Body::new(),
-        StatusCode::OK,
-    )
-    .await
+    write_one(&state, &db, Edit::delete(doc_id, rev), StatusCode::OK).await
 }
 
 /// `GET /{db}/_all_docs`.
@@ -501,7 +421,7 @@ pub(crate) async fn put_local(
             .map(local_rev)
             .transpose()?,
     };
-    state.validate_document(&format!("local-{id}"), &body)?;
+    state.validate_local(&id, &body)?;
     // Replicators store their checkpoints as `_local` documents.
     ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_CHECKPOINT);
     let doc_id = format!("_local/{id}");

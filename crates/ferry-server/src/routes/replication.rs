@@ -9,24 +9,15 @@ use ferry_core::couch::CouchDoc;
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
+use ferry_store::endpoint::EndpointError;
 use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::params::{JsonBody, Params, parse_rev, parse_rev_list};
-use crate::routes::documents::{open_revisions, revision_document};
+use crate::routes::documents::revision_document;
 
 type QueryMap = Query<HashMap<String, String>>;
-
-pub(crate) fn check_batch(state: &AppState, count: usize, what: &str) -> ApiResult<()> {
-    if count > state.limits.max_batch_docs {
-        return Err(ApiError::too_large(format!(
-            "{count} {what} in one request, at most {} allowed",
-            state.limits.max_batch_docs
-        )));
-    }
-    Ok(())
-}
 
 /// `POST /{db}/_revs_diff`: `{"id": ["rev", ...]}` → the revisions this database lacks.
 pub(crate) async fn revs_diff(
@@ -37,17 +28,15 @@ pub(crate) async fn revs_diff(
     let Value::Object(map) = body else {
         return Err(ApiError::bad_request("Request body must be a JSON object"));
     };
-    check_batch(&state, map.len(), "documents")?;
     let asked: Vec<(String, Vec<Rev>)> = map
         .into_iter()
         .map(|(doc_id, revs)| Ok((doc_id, parse_rev_list(&revs)?)))
         .collect::<ApiResult<_>>()?;
-    let answers = state.with_db(&db, move |db| db.revs_diff(&asked)).await?;
+    let answers = state
+        .with_endpoint(&db, move |endpoint| endpoint.revs_diff(&asked))
+        .await?;
     let mut response = Map::new();
     for (doc_id, diff) in answers {
-        if diff.missing.is_empty() {
-            continue;
-        }
         let mut entry = json!({
             "missing": diff.missing.iter().map(Rev::to_string).collect::<Vec<_>>(),
         });
@@ -75,7 +64,6 @@ pub(crate) async fn bulk_get(
         .get("docs")
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::bad_request("Request body must have a `docs` array"))?;
-    check_batch(&state, requests.len(), "documents")?;
     let mut wanted: Vec<(String, Option<Rev>)> = Vec::with_capacity(requests.len());
     for request in requests {
         let doc_id = request
@@ -89,29 +77,23 @@ pub(crate) async fn bulk_get(
         };
         wanted.push((doc_id.to_owned(), rev));
     }
-    let revs_limit = state.limits.revs_limit;
     let rows = state
-        .with_db(&db, move |db| {
+        .with_endpoint(&db, move |endpoint| {
+            endpoint.check_batch("documents", wanted.len())?;
             let mut rows = Vec::with_capacity(wanted.len());
             for (doc_id, rev) in wanted {
                 let revisions = match rev {
-                    Some(rev) => {
-                        open_revisions(&*db, &doc_id, Some(vec![rev]), latest, revs_limit)?
-                    }
-                    None => match db.get_document(&doc_id)? {
-                        Some(document) => open_revisions(
-                            &*db,
-                            &doc_id,
-                            Some(vec![document.rev]),
-                            false,
-                            revs_limit,
-                        )?,
+                    Some(rev) => endpoint.open_revisions(&doc_id, Some(vec![rev]), latest)?,
+                    None => match endpoint.database().get_document(&doc_id)? {
+                        Some(document) => {
+                            endpoint.open_revisions(&doc_id, Some(vec![document.rev]), false)?
+                        }
                         None => Vec::new(),
                     },
                 };
                 rows.push((doc_id, revisions));
             }
-            Ok(rows)
+            Ok::<_, EndpointError>(rows)
         })
         .await?;
     let results: Vec<Value> = rows
@@ -139,142 +121,109 @@ pub(crate) async fn bulk_get(
     Ok(Json(json!({ "results": results })))
 }
 
-/// Stores replicated revisions in one transaction, resolves the conflicts they created by
-/// their collections' policies, and wakes the feeds.
-///
-/// The resolution is written right after the batch's transaction: a crash in between leaves
-/// the conflict (nothing is lost) until the document is written to again.
-pub(crate) async fn store_revisions(
-    state: &AppState,
-    db: &str,
-    revisions: Vec<Revision>,
-) -> ApiResult<()> {
-    for revision in &revisions {
-        if let Some(hlc) = revision.hlc {
-            state.observe(hlc);
-        }
-    }
-    let default_hlc = state.now();
-    let policies = state.conflict_policies().clone();
-    let mut touched: Vec<String> = if policies.any_automatic() {
-        revisions
-            .iter()
-            .map(|revision| revision.doc_id.clone())
-            .collect()
-    } else {
-        Vec::new()
+/// A replicated document of a `_bulk_docs` or `PUT ?new_edits=false` request, as a revision;
+/// one that is not a revision at all (no `_id`, no `_rev`) refuses the request.
+pub(crate) fn replicated_revision(doc: CouchDoc, url_id: Option<&str>) -> ApiResult<Revision> {
+    let doc_id = match (doc.id.clone(), url_id) {
+        (Some(id), _) => id,
+        (None, Some(id)) => id.to_owned(),
+        (None, None) => return Err(ApiError::bad_request("Every document needs an _id")),
     };
-    touched.sort();
-    touched.dedup();
-    let seq = state
-        .with_db(db, move |db| {
-            db.write_revisions(revisions, default_hlc)?;
-            for doc_id in &touched {
-                let policy = policies.for_doc(doc_id);
-                if let Some(record) = ferry_store::resolve_conflict(&*db, doc_id, policy)? {
-                    tracing::debug!(%doc_id, resolved = %record.resolved, %policy, "conflict resolved");
-                }
-            }
-            Ok(db.info()?.update_seq)
-        })
-        .await?;
-    ferry_store::failpoint::reached(ferry_store::failpoint::AFTER_COMMIT_BEFORE_ACK);
-    state.notify(db, seq);
-    Ok(())
+    let path = doc
+        .path()
+        .ok_or_else(|| ApiError::bad_request(format!("{doc_id}: new_edits=false needs _rev")))?;
+    Ok(Revision {
+        doc_id,
+        path,
+        deleted: doc.deleted,
+        body: doc.body,
+        hlc: doc.hlc,
+    })
 }
 
-/// `POST /{db}/_bulk_docs`: local edits (`new_edits` true, per-document results) or
-/// replicated revisions (`new_edits: false`, all or nothing).
+/// `POST /{db}/_bulk_docs`: local edits (`new_edits` true) or replicated revisions
+/// (`new_edits: false`).
 ///
-/// Every document is checked (structure, id, depth, size) before anything is written; one bad
-/// document refuses the whole request, so a malformed batch never half-applies.
+/// A body that is not a list of documents refuses the request and stores nothing. A document
+/// that breaks a rule (id, depth, size, clock) is refused alone, with its error in the
+/// response; the others are stored (`ferry_store::endpoint`, the same on every path).
 pub(crate) async fn bulk_docs(
     State(state): State<AppState>,
     Path(db): Path<String>,
-    JsonBody(body): JsonBody,
+    JsonBody(mut body): JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let new_edits = match body.get("new_edits") {
         None => true,
         Some(Value::Bool(flag)) => *flag,
         Some(_) => return Err(ApiError::bad_request("`new_edits` must be a boolean")),
     };
-    let Some(Value::Array(docs)) = body.get("docs") else {
+    // Taken out of the body, not copied: the documents become the stored bodies.
+    let Some(Value::Array(docs)) = body.get_mut("docs").map(Value::take) else {
         return Err(ApiError::bad_request(
             "Request body must have a `docs` array",
         ));
     };
-    check_batch(&state, docs.len(), "documents")?;
+    let max = state.limits.max_batch_docs;
+    if docs.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} documents in one request, at most {max} allowed",
+            docs.len()
+        )));
+    }
     let mut parsed = Vec::with_capacity(docs.len());
     for doc in docs {
-        let doc = CouchDoc::parse(doc.clone())
-            .map_err(|error| ApiError::bad_request(error.to_string()))?;
-        parsed.push(doc);
+        parsed
+            .push(CouchDoc::parse(doc).map_err(|error| ApiError::bad_request(error.to_string()))?);
     }
 
     if !new_edits {
-        let mut revisions = Vec::with_capacity(parsed.len());
-        // Revisions refused one by one (as CouchDB reports forbidden ones): the rest is stored.
-        let mut refused = Vec::new();
-        for doc in parsed {
-            let doc_id = doc
-                .id
-                .clone()
-                .ok_or_else(|| ApiError::bad_request("Every document needs an _id"))?;
-            let path = doc.path().ok_or_else(|| {
-                ApiError::bad_request(format!("{doc_id}: new_edits=false needs _rev"))
-            })?;
-            state.validate_document(&doc_id, &doc.body)?;
-            if let Err(error) = state.check_clock(doc.hlc) {
-                refused.push(json!({
-                    "id": doc_id, "rev": path[0].to_string(),
+        let revisions = parsed
+            .into_iter()
+            .map(|doc| replicated_revision(doc, None))
+            .collect::<ApiResult<Vec<_>>>()?;
+        let outcome = state
+            .with_endpoint(&db, move |endpoint| endpoint.write_revisions(revisions))
+            .await?;
+        // As CouchDB: only the refused revisions are listed.
+        let refused: Vec<Value> = outcome
+            .acks
+            .iter()
+            .filter_map(|ack| {
+                let error = ApiError::from(ack.refused.as_ref()?);
+                Some(json!({
+                    "id": ack.doc_id, "rev": ack.rev.to_string(),
                     "error": error.error, "reason": error.reason,
-                }));
-                continue;
-            }
-            revisions.push(Revision {
-                doc_id,
-                path,
-                deleted: doc.deleted,
-                body: doc.body,
-                hlc: doc.hlc,
-            });
-        }
-        if !revisions.is_empty() {
-            store_revisions(&state, &db, revisions).await?;
-        }
+                }))
+            })
+            .collect();
         return Ok((StatusCode::CREATED, Json(Value::Array(refused))));
     }
 
-    let mut edits = Vec::with_capacity(parsed.len());
-    for doc in parsed {
-        let doc_id = doc
-            .id
-            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-        state.validate_document(&doc_id, &doc.body)?;
-        edits.push(Edit {
-            doc_id,
+    let edits: Vec<Edit> = parsed
+        .into_iter()
+        .map(|doc| Edit {
+            doc_id: doc
+                .id
+                .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()),
             base: doc.rev,
             deleted: doc.deleted,
             body: doc.body,
-            hlc: state.now(),
-        });
-    }
-    let ids: Vec<String> = edits.iter().map(|edit| edit.doc_id.clone()).collect();
-    let (results, seq) = state
-        .with_db(&db, move |db| {
-            let results = db.write_edits(edits)?;
-            Ok((results, db.info()?.update_seq))
+            hlc: ferry_core::hlc::Timestamp::ZERO,
         })
+        .collect();
+    let ids: Vec<String> = edits.iter().map(|edit| edit.doc_id.clone()).collect();
+    let results = state
+        .with_endpoint(&db, move |endpoint| endpoint.write_edits(edits))
         .await?;
-    state.notify(&db, seq);
     let rows: Vec<Value> = ids
         .into_iter()
         .zip(results)
         .map(|(doc_id, result)| match result {
             Ok(rev) => json!({"ok": true, "id": doc_id, "rev": rev.to_string()}),
-            Err(_) => json!({
-                "id": doc_id, "error": "conflict", "reason": "Document update conflict."
-            }),
+            Err(refusal) => {
+                let error = ApiError::from(&refusal);
+                json!({"id": doc_id, "error": error.error, "reason": error.reason})
+            }
         })
         .collect();
     Ok((StatusCode::CREATED, Json(Value::Array(rows))))

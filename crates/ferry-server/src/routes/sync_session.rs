@@ -6,7 +6,6 @@
 //! sequence moves. The session holds no replication state of its own: checkpoints
 //! are `_local` documents, so a session lost at any point is simply opened again.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use axum::Extension;
@@ -14,9 +13,11 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use ferry_core::couch::revision_from_json;
+use ferry_core::filter::ChangesFilter;
 use ferry_core::json::parse_strict;
+use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
-use ferry_core::selector::Selector;
+use ferry_store::endpoint::EndpointError;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value, json};
@@ -26,9 +27,8 @@ use crate::AppState;
 use crate::auth::{Identity, IssuedToken};
 use crate::error::{ApiError, ApiResult};
 use crate::params::{ENVELOPE_DEPTH, parse_rev, parse_rev_list};
-use crate::routes::changes::{ChangesRequest, Filter, page, page_json};
+use crate::routes::changes::{ChangesRequest, page, page_json};
 use crate::routes::documents::revision_document;
-use crate::routes::replication::{check_batch, store_revisions};
 
 /// The protocol versions this server speaks.
 const VERSIONS: &[u64] = &[1];
@@ -366,57 +366,52 @@ async fn answer(state: &AppState, db: &str, frame: Value) -> Value {
     }
 }
 
-/// Carries out one request: the same store calls as the HTTP endpoints.
+/// Carries out one request on the database's replica endpoint (the same calls as the HTTP
+/// routes make).
 async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Value> {
     let frame = &mut frame;
     match frame["op"].as_str().unwrap_or_default() {
         "get_checkpoint" => {
             let id = checkpoint_id(frame)?;
-            let local = state.with_db(db, move |db| db.get_local(&id)).await?;
-            Ok(local.map_or(Value::Null, |local| Value::Object(local.body)))
+            let checkpoint = state
+                .with_endpoint(db, move |endpoint| endpoint.checkpoint(&id))
+                .await?;
+            Ok(serde_json::to_value(checkpoint).expect("checkpoints serialize"))
         }
         "put_checkpoint" => {
-            ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_CHECKPOINT);
             let id = checkpoint_id(frame)?;
-            let Some(Value::Object(body)) = frame.get("checkpoint").cloned() else {
-                return Err(ApiError::bad_request(
-                    "put_checkpoint needs a checkpoint object",
-                ));
-            };
-            state.validate_document(&format!("local-{id}"), &body)?;
+            let checkpoint: Checkpoint = serde_json::from_value(frame["checkpoint"].take())
+                .map_err(|error| {
+                    ApiError::bad_request(format!("put_checkpoint needs a checkpoint: {error}"))
+                })?;
             state
-                .with_db(db, move |db| {
-                    let current = db.get_local(&id)?.map(|local| local.rev);
-                    db.put_local(&id, current, Some(body))
+                .with_endpoint(db, move |endpoint| {
+                    endpoint.put_checkpoint(&id, &checkpoint)
                 })
                 .await?;
             Ok(json!({}))
         }
         "changes" => {
             let since = frame["since"].as_u64().unwrap_or(0);
-            let max_rows = state.limits.max_page_rows;
-            let limit = frame["limit"]
-                .as_u64()
-                .map_or(max_rows, |limit| usize::try_from(limit).unwrap_or(max_rows))
-                .clamp(1, max_rows);
+            let limit = frame["limit"].as_u64().map_or(usize::MAX, |limit| {
+                usize::try_from(limit).unwrap_or(usize::MAX)
+            });
             let filter = if let Some(ids) = frame.get("doc_ids") {
-                let ids: BTreeSet<String> = ids
+                let ids = ids
                     .as_array()
                     .ok_or_else(|| ApiError::bad_request("doc_ids must be an array"))?
                     .iter()
-                    .filter_map(|id| id.as_str().map(str::to_owned))
-                    .collect();
-                Filter::DocIds(ids)
-            } else if let Some(selector) = frame.get("selector") {
-                Filter::Selector(
-                    Selector::parse(selector)
-                        .map_err(|error| ApiError::bad_request(error.to_string()))?,
-                )
+                    .filter_map(|id| id.as_str().map(str::to_owned));
+                ChangesFilter::doc_ids(ids)
+            } else if let Some(selector) = frame.get_mut("selector") {
+                ChangesFilter::selector(selector.take())
+                    .map_err(|error| ApiError::bad_request(error.to_string()))?
             } else {
-                Filter::None
+                ChangesFilter::all()
             };
             let request = ChangesRequest::replication_page(since, limit, filter);
-            Ok(page_json(page(state, db, &request, since, limit).await?))
+            let page = page(state, db, &request, since, limit).await?;
+            Ok(page_json(&page, &request))
         }
         "revs_diff" => {
             let Some(Value::Object(map)) = frame.get("revs") else {
@@ -426,11 +421,11 @@ async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Va
                 .iter()
                 .map(|(doc_id, revs)| Ok((doc_id.clone(), parse_rev_list(revs)?)))
                 .collect::<ApiResult<_>>()?;
-            check_batch(state, asked.len(), "documents")?;
-            let answers = state.with_db(db, move |db| db.revs_diff(&asked)).await?;
+            let answers = state
+                .with_endpoint(db, move |endpoint| endpoint.revs_diff(&asked))
+                .await?;
             let missing: Map<String, Value> = answers
                 .into_iter()
-                .filter(|(_, diff)| !diff.missing.is_empty())
                 .map(|(doc_id, diff)| {
                     (
                         doc_id,
@@ -447,7 +442,6 @@ async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Va
             let requests = frame["docs"]
                 .as_array()
                 .ok_or_else(|| ApiError::bad_request("bulk_get needs docs"))?;
-            check_batch(state, requests.len(), "documents")?;
             let wanted: Vec<(String, Rev)> = requests
                 .iter()
                 .map(|request| {
@@ -458,24 +452,15 @@ async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Va
                     Ok((id.to_owned(), rev))
                 })
                 .collect::<ApiResult<_>>()?;
-            let revs_limit = state.limits.revs_limit;
             let found = state
-                .with_db(db, move |db| {
-                    let stored = db.get_revisions(&wanted, revs_limit)?;
-                    Ok::<_, ferry_store::StoreError>(
-                        wanted
-                            .into_iter()
-                            .zip(stored)
-                            .map(|((id, rev), stored)| {
-                                (id, rev, stored.filter(|stored| stored.body.is_some()))
-                            })
-                            .collect::<Vec<_>>(),
-                    )
+                .with_endpoint(db, move |endpoint| {
+                    let stored = endpoint.fetch(&wanted)?;
+                    Ok::<_, EndpointError>(wanted.into_iter().zip(stored).collect::<Vec<_>>())
                 })
                 .await?;
             let mut docs = Vec::new();
             let mut missing = Vec::new();
-            for (id, rev, stored) in found {
+            for ((id, rev), stored) in found {
                 match stored {
                     Some(stored) => docs.push(revision_document(&stored, true, true)),
                     None => missing.push(json!({"id": id, "rev": rev.to_string()})),
@@ -488,32 +473,31 @@ async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Va
             let Value::Array(docs) = frame["docs"].take() else {
                 return Err(ApiError::bad_request("bulk_docs needs docs"));
             };
-            check_batch(state, docs.len(), "documents")?;
-            let mut revisions = Vec::with_capacity(docs.len());
-            let mut acks = Vec::with_capacity(docs.len());
-            for doc in docs {
-                // A revision that cannot be read is a broken client: refuse the request.
-                let revision = revision_from_json(doc)
-                    .map_err(|error| ApiError::bad_request(error.to_string()))?;
-                let rev = revision.rev().to_string();
-                // One that breaks a limit is refused alone; the others are stored.
-                let valid = state
-                    .validate_document(&revision.doc_id, &revision.body)
-                    .and_then(|()| state.check_clock(revision.hlc));
-                match valid {
-                    Ok(()) => {
-                        acks.push(json!({"id": revision.doc_id, "rev": rev, "ok": true}));
-                        revisions.push(revision);
+            // A revision that cannot be read is a broken client: refuse the request.
+            let revisions = docs
+                .into_iter()
+                .map(|doc| {
+                    revision_from_json(doc)
+                        .map_err(|error| ApiError::bad_request(error.to_string()))
+                })
+                .collect::<ApiResult<Vec<_>>>()?;
+            let outcome = state
+                .with_endpoint(db, move |endpoint| endpoint.write_revisions(revisions))
+                .await?;
+            let acks: Vec<Value> = outcome
+                .acks
+                .into_iter()
+                .map(|ack| match ack.refused {
+                    None => json!({"id": ack.doc_id, "rev": ack.rev.to_string(), "ok": true}),
+                    Some(refused) => {
+                        let error = ApiError::from(refused);
+                        json!({
+                            "id": ack.doc_id, "rev": ack.rev.to_string(),
+                            "error": error.error, "reason": error.reason,
+                        })
                     }
-                    Err(error) => acks.push(json!({
-                        "id": revision.doc_id, "rev": rev,
-                        "error": error.error, "reason": error.reason,
-                    })),
-                }
-            }
-            if !revisions.is_empty() {
-                store_revisions(state, db, revisions).await?;
-            }
+                })
+                .collect();
             Ok(json!({ "acks": acks }))
         }
         other => Err(ApiError::bad_request(format!("unknown op {other:?}"))),

@@ -52,7 +52,7 @@ pub async fn serve(config: ServerConfig, users: &[(&str, &str, bool)]) -> TestSe
 /// Returns once the wall clock is past `epoch_ms` (an expiry the server reported).
 pub async fn wait_until_past(epoch_ms: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ferry_server::auth::now_ms() <= epoch_ms {
+    while ferry_store::clock::WallClock::now_ms(&ferry_store::clock::SystemClock) <= epoch_ms {
         assert!(Instant::now() < deadline, "the clock stands still");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
