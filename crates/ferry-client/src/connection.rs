@@ -19,8 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_store::Database;
-use ferry_store::sqlite::SqliteDatabase;
+use ferry_store::Replica;
 use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, WsPeer};
 use futures_util::Stream;
 use serde_json::{Value, json};
@@ -290,7 +289,7 @@ const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
 /// Credentials as the sync loop tracks them: the application's, the latest reconnect token,
 /// and which of the two the last `hello` presented.
 struct ClientAuth {
-    db: Arc<SqliteDatabase>,
+    db: Arc<dyn Replica>,
     /// Tokens are per server: the session URL they were issued for.
     server: String,
     state: Mutex<AuthState>,
@@ -304,11 +303,7 @@ struct AuthState {
 }
 
 impl ClientAuth {
-    fn new(
-        db: Arc<SqliteDatabase>,
-        server: String,
-        credentials: Option<Credentials>,
-    ) -> ClientAuth {
+    fn new(db: Arc<dyn Replica>, server: String, credentials: Option<Credentials>) -> ClientAuth {
         let reconnect = db
             .get_local(RECONNECT_TOKEN_DOC)
             .ok()
@@ -525,7 +520,7 @@ impl Ferry {
         let current = db.get_document(&rejected.doc_id).ok().flatten();
         if current.is_some_and(|document| document.rev == rejected.rev) {
             let reason = format!("{}: {}", rejected.error, rejected.reason);
-            match db.reject_pending(&rejected.doc_id, &reason) {
+            match db.reject(&rejected.doc_id, &reason) {
                 Ok(()) => self.notify_changed(),
                 Err(error) => tracing::warn!(%error, "could not record a rejection"),
             }

@@ -59,8 +59,9 @@ use ferry_core::hlc::Timestamp;
 use ferry_core::model::Limits;
 use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{Endpoint, EndpointConfig, EndpointError, Fanout};
-use ferry_store::sqlite::{PendingState, SqliteDatabase};
+use ferry_store::sqlite::SqliteDatabase;
 use ferry_store::{Database, Durability, StoreConfig, StoreError};
+use ferry_store::{PendingState, Replica};
 use ferry_sync::{LocalPeer, SyncError};
 use tokio::sync::watch;
 
@@ -183,7 +184,8 @@ pub struct Ferry {
 }
 
 struct Inner {
-    db: Arc<SqliteDatabase>,
+    /// The local store and its outbox (SQLite; any [`Replica`] works).
+    db: Arc<dyn Replica>,
     path: PathBuf,
     user: String,
     /// The replica's one clock: it stamps local edits and observes every pulled revision.
@@ -320,7 +322,7 @@ impl Ferry {
 
     /// How many local changes the server has not acknowledged, and how many it refused.
     pub fn status(&self) -> Result<SyncCounts, ClientError> {
-        let summary = self.inner.db.pending_summary()?;
+        let summary = self.inner.db.outbox()?;
         Ok(SyncCounts {
             pending: summary.pending,
             rejected: summary.rejected,
@@ -337,7 +339,7 @@ impl Ferry {
         let Some(document) = self.inner.db.get_document(&doc_id)? else {
             return Ok(None);
         };
-        Ok(Some(match self.inner.db.pending_state(&doc_id)? {
+        Ok(Some(match self.inner.db.outbox_state(&doc_id)? {
             Some(PendingState::Rejected { reason }) => DocumentStatus::Rejected { reason },
             _ if !document.conflicts.is_empty() => DocumentStatus::Conflicted,
             Some(PendingState::Pending { .. }) => DocumentStatus::Pending,
@@ -375,8 +377,8 @@ impl Ferry {
         }
     }
 
-    pub(crate) fn database(&self) -> &SqliteDatabase {
-        &self.inner.db
+    pub(crate) fn database(&self) -> &dyn Replica {
+        &*self.inner.db
     }
 
     pub(crate) fn now(&self) -> Timestamp {
@@ -442,7 +444,7 @@ impl Ferry {
 
 #[cfg(test)]
 mod tests {
-    use ferry_store::{Database, Durability};
+    use ferry_store::Durability;
 
     use super::*;
 

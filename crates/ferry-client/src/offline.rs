@@ -7,7 +7,6 @@
 //! downloads what newly matches (documents already present are skipped by revs-diff).
 
 use ferry_core::selector::Selector;
-use ferry_store::Database;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 

@@ -501,3 +501,82 @@ async fn bad_input_is_refused_and_nothing_stored_changes() {
         "not_found",
     );
 }
+
+/// One rule on every path (`ferry_store::endpoint`): a document that breaks a limit or whose
+/// clock is too far ahead is refused alone, with its reason, and the rest of the request is
+/// stored; the same documents get the same answers from `_bulk_docs` (both modes) and from
+/// `PUT ?new_edits=false`, as from a sync session (tests/session.rs).
+#[tokio::test]
+async fn a_bad_document_is_refused_alone_by_the_same_rule_on_every_http_path() {
+    let limits = Limits {
+        max_document_bytes: 100,
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    server.call("PUT", "/db", None).await;
+    let in_a_day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 86_400_000;
+    let future_clock = ferry_core::hlc::Timestamp::new(u64::try_from(in_a_day).unwrap(), 0);
+    let revision = |id: &str, hash: &str, body: Value| {
+        let mut doc = json!({"_id": id, "_rev": format!("1-{hash}")});
+        for (key, value) in body.as_object().unwrap() {
+            doc[key] = value.clone();
+        }
+        doc
+    };
+    let big = json!({"p": "x".repeat(200)});
+    let mut from_the_future = revision("future", "cc", json!({"v": 3}));
+    from_the_future["_ferry"] = json!({"hlc": future_clock.as_u64()});
+
+    let (status, refused) = server
+        .json(
+            "POST",
+            "/db/_bulk_docs",
+            json!({"new_edits": false, "docs": [
+                revision("fine", "aa", json!({"v": 1})),
+                revision("big", "bb", big.clone()),
+                from_the_future.clone(),
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{refused}");
+    let errors: Vec<(&str, &str)> = refused
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["id"].as_str().unwrap(), row["error"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        errors,
+        [("big", "document_too_large"), ("future", "clock_ahead")]
+    );
+    assert_eq!(server.get("/db/fine").await.0, StatusCode::OK);
+    assert_eq!(server.get("/db/big").await.0, StatusCode::NOT_FOUND);
+
+    // PUT with new_edits=false goes through the same checks (it once skipped the clock's).
+    assert_error(
+        server
+            .json("PUT", "/db/future?new_edits=false", from_the_future)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "clock_ahead",
+    );
+    assert_eq!(server.get("/db/future").await.0, StatusCode::NOT_FOUND);
+
+    // Local edits: the same rule, one result per document.
+    let (status, rows) = server
+        .json(
+            "POST",
+            "/db/_bulk_docs",
+            json!({"docs": [{"_id": "small", "v": 1}, {"_id": "large", "p": big["p"]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rows}");
+    assert_eq!(rows[0]["ok"], json!(true), "{rows}");
+    assert_eq!(rows[1]["error"], json!("document_too_large"), "{rows}");
+    assert_eq!(server.get("/db/small").await.0, StatusCode::OK);
+    assert_eq!(server.get("/db/large").await.0, StatusCode::NOT_FOUND);
+}

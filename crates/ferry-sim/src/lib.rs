@@ -39,7 +39,7 @@ use ferry_core::tree::RevTree;
 use ferry_store::clock::{ManualClock, ReplicaClock, WallClock};
 use ferry_store::endpoint::{Endpoint, EndpointConfig, NoFanout};
 use ferry_store::memory::MemoryDatabase;
-use ferry_store::{Database, Edit, StoreConfig};
+use ferry_store::{Database, Edit, Replica as _, StoreConfig};
 use serde_json::{Value, json};
 
 mod exhaustive;
@@ -527,7 +527,7 @@ impl World {
                 "t{} client {client} edit {doc_id} -> {:?} pending {:?}",
                 self.now,
                 result,
-                db.pending()
+                db.pending().unwrap_or_default()
             )
         });
         self.clients[client].quiet = (false, false);
@@ -583,7 +583,7 @@ impl World {
                         format!(
                             "t{} client {client} resolved {doc_id} by hand; pending {:?}",
                             self.now,
-                            db.pending()
+                            db.pending().unwrap_or_default()
                         )
                     });
                     self.clients[client].quiet = (false, false);
@@ -907,12 +907,20 @@ impl World {
         if committed && direction == Direction::Push {
             // The SDK records acknowledgements after each committed batch.
             let through = run.machine.checkpointed_seq().as_u64().unwrap_or(0);
-            let n = self.clients[client].replica.db.acknowledge_through(through);
+            let n = self.clients[client]
+                .replica
+                .db
+                .acknowledge_through(through)
+                .unwrap_or_default();
             trace(|| {
                 format!(
                     "t{} client {client} ack through {through}: {n} left the outbox; pending {:?}",
                     self.now,
-                    self.clients[client].replica.db.pending()
+                    self.clients[client]
+                        .replica
+                        .db
+                        .pending()
+                        .unwrap_or_default()
                 )
             });
         }
@@ -966,7 +974,7 @@ impl World {
                         .iter()
                         .map(|(doc, _)| doc)
                         .collect::<Vec<_>>(),
-                    db.pending()
+                    db.pending().unwrap_or_default()
                 )
             });
             self.clients[client].quiet = (false, false);
@@ -1209,6 +1217,7 @@ impl World {
                 .replica
                 .db
                 .pending()
+                .unwrap_or_default()
                 .into_iter()
                 .map(|(doc, _)| doc)
                 .collect();
@@ -1408,7 +1417,7 @@ impl World {
             let empty = self
                 .clients
                 .iter()
-                .all(|client| client.replica.db.pending().is_empty());
+                .all(|client| client.replica.db.pending().unwrap_or_default().is_empty());
             if quiet && empty {
                 self.outcome.healing_rounds = round + 1;
                 return Ok(());
@@ -1417,7 +1426,7 @@ impl World {
         let pending: Vec<usize> = self
             .clients
             .iter()
-            .map(|client| client.replica.db.pending().len())
+            .map(|client| client.replica.db.pending().unwrap_or_default().len())
             .collect();
         Err(self.fail(format!(
             "not quiescent after {HEALING_ROUNDS} rounds without faults (pending per client: {pending:?})"

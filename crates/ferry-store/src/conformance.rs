@@ -18,7 +18,9 @@ use ferry_core::selector::Selector;
 use ferry_core::tree::EditError;
 use serde_json::json;
 
-use crate::{AllDocsQuery, Backend, Database, Edit, Query, StoreError};
+use crate::{
+    AllDocsQuery, Backend, Database, Edit, OutboxSummary, PendingState, Query, Replica, StoreError,
+};
 
 /// Generates one `#[test]` per conformance check, each on a backend made by `$make`.
 #[macro_export]
@@ -47,6 +49,28 @@ macro_rules! conformance_tests {
             fn $check() {
                 let backend = ($make)();
                 $crate::conformance::$check(&*backend);
+            }
+        )*
+    };
+}
+
+/// Generates one `#[test]` per outbox check, each on a fresh client replica (an empty
+/// database recording local edits) made by `$make`.
+#[macro_export]
+macro_rules! outbox_conformance_tests {
+    ($make:expr) => {
+        $crate::outbox_conformance_tests!(@each $make;
+            a_local_edit_waits_until_a_push_acknowledges_its_sequence,
+            a_pulled_revision_moves_a_pending_document_to_its_new_sequence,
+            a_refused_edit_keeps_its_reason_until_the_next_local_edit,
+        );
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let replica = ($make)();
+                $crate::conformance::$check(&*replica);
             }
         )*
     };
@@ -593,4 +617,118 @@ pub fn conflicts_are_read_and_resolved_atomically(backend: &dyn Backend) {
     // Applying it again: the leaves it expects are gone, so nothing is written.
     assert_eq!(db.apply_resolution("d", &resolution).expect("apply"), None);
     assert_eq!(db.resolutions("d").expect("resolutions").len(), 1);
+}
+
+fn pending_of(replica: &dyn Replica) -> Vec<(String, u64)> {
+    replica.pending().expect("pending")
+}
+
+/// Invariant 1 and 5: a local edit stays pending, at its document's sequence, until a push
+/// acknowledges that sequence; an acknowledgement below it changes nothing.
+pub fn a_local_edit_waits_until_a_push_acknowledges_its_sequence(replica: &dyn Replica) {
+    let first = put(replica, "a", None, json!({"v": 1}));
+    put(replica, "b", None, json!({"v": 1}));
+    put(replica, "a", Some(&first), json!({"v": 2}));
+    // `a` was edited again: one entry, at its latest sequence (3), after `b`'s (2).
+    assert_eq!(
+        pending_of(replica),
+        vec![("b".to_owned(), 2), ("a".to_owned(), 3)]
+    );
+    assert_eq!(
+        replica.outbox().expect("outbox"),
+        OutboxSummary {
+            pending: 2,
+            rejected: 0
+        }
+    );
+    assert_eq!(
+        replica.outbox_state("a").expect("state"),
+        Some(PendingState::Pending { seq: 3 })
+    );
+    assert_eq!(replica.acknowledge_through(1).expect("ack"), 0);
+    assert_eq!(replica.acknowledge_through(2).expect("ack"), 1, "b only");
+    assert_eq!(pending_of(replica), vec![("a".to_owned(), 3)]);
+    assert_eq!(replica.acknowledge_through(3).expect("ack"), 1);
+    assert_eq!(replica.outbox_state("a").expect("state"), None);
+    assert_eq!(replica.outbox().expect("outbox"), OutboxSummary::default());
+}
+
+/// The seed-427 rule: a pulled revision that moves a pending document to a later sequence
+/// moves its entry too, so a push page that ended before the new sequence does not
+/// acknowledge an edit it never carried. A resolution is a local edit.
+pub fn a_pulled_revision_moves_a_pending_document_to_its_new_sequence(replica: &dyn Replica) {
+    let base = put(replica, "d", None, json!({"v": 0}));
+    assert_eq!(replica.acknowledge_through(1).expect("ack"), 1);
+    put(replica, "d", Some(&base), json!({"v": "local"}));
+    assert_eq!(pending_of(replica), vec![("d".to_owned(), 2)]);
+    // A concurrent edit made elsewhere arrives: the document moves to a later sequence.
+    let base = base.to_string();
+    replica
+        .write_revisions(
+            vec![replicated("d", &["2-b", &base], false, json!({"v": "b"}))],
+            Timestamp::ZERO,
+        )
+        .expect("pull");
+    let seq = replica.get_document("d").expect("get").expect("d").seq;
+    assert!(seq > 2);
+    assert_eq!(pending_of(replica), vec![("d".to_owned(), seq)]);
+    assert_eq!(replica.acknowledge_through(seq - 1).expect("ack"), 0);
+    // A pulled document with no local edit is not pending.
+    replica
+        .write_revisions(
+            vec![replicated("e", &["1-e"], false, json!({}))],
+            Timestamp::ZERO,
+        )
+        .expect("pull");
+    assert_eq!(replica.outbox_state("e").expect("state"), None);
+    assert_eq!(replica.acknowledge_through(u64::MAX).expect("ack"), 1);
+    // Resolving the conflict is a local edit: pending again, at the resolution's sequence.
+    let resolution =
+        crate::resolve_conflict(replica, "d", ferry_core::resolve::Policy::LastWriteWins)
+            .expect("resolve")
+            .expect("a conflict to resolve");
+    let resolved = replica.get_document("d").expect("get").expect("d");
+    assert_eq!(resolved.rev, resolution.resolved);
+    assert_eq!(pending_of(replica), vec![("d".to_owned(), resolved.seq)]);
+}
+
+/// A refusal is kept with its reason (not retried blindly, not lost) through any
+/// acknowledgement, until the application edits the document again.
+pub fn a_refused_edit_keeps_its_reason_until_the_next_local_edit(replica: &dyn Replica) {
+    let refused = put(replica, "r", None, json!({"v": 1}));
+    put(replica, "ok", None, json!({"v": 1}));
+    replica.reject("r", "forbidden: no").expect("reject");
+    assert_eq!(
+        replica.outbox_state("r").expect("state"),
+        Some(PendingState::Rejected {
+            reason: "forbidden: no".to_owned()
+        })
+    );
+    assert_eq!(
+        replica.outbox().expect("outbox"),
+        OutboxSummary {
+            pending: 1,
+            rejected: 1
+        }
+    );
+    assert_eq!(pending_of(replica), vec![("ok".to_owned(), 2)]);
+    assert_eq!(
+        replica.acknowledge_through(u64::MAX).expect("ack"),
+        1,
+        "ok only"
+    );
+    assert!(matches!(
+        replica.outbox_state("r").expect("state"),
+        Some(PendingState::Rejected { .. })
+    ));
+    put(replica, "r", Some(&refused), json!({"v": 2}));
+    let seq = replica.get_document("r").expect("get").expect("r").seq;
+    assert_eq!(
+        replica.outbox_state("r").expect("state"),
+        Some(PendingState::Pending { seq })
+    );
+    // Rejecting a document with nothing pending changes nothing.
+    replica.acknowledge_through(u64::MAX).expect("ack");
+    replica.reject("r", "late").expect("reject");
+    assert_eq!(replica.outbox().expect("outbox"), OutboxSummary::default());
 }

@@ -482,6 +482,61 @@ pub trait Database: Send + Sync {
     fn ensure_index(&self, collection: &str, field: &str) -> Result<(), StoreError>;
 }
 
+/// Counts of a client replica's outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxSummary {
+    /// Documents with a local edit waiting for the server.
+    pub pending: u64,
+    /// Documents whose local edit the server refused.
+    pub rejected: u64,
+}
+
+/// Where one document stands in a client replica's outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PendingState {
+    /// A local edit waits for the server; `seq` is the document's sequence, the one a push
+    /// must carry for the edit to be acknowledged.
+    Pending {
+        /// The sequence.
+        seq: u64,
+    },
+    /// The server refused the local edit.
+    Rejected {
+        /// The server's reason.
+        reason: String,
+    },
+}
+
+/// A client replica: a [`Database`] with an outbox of the local edits the server has not
+/// acknowledged (invariants 1 and 5: a write is kept, and known to be unacknowledged, until a
+/// push the server committed carries it).
+///
+/// The rules every implementation follows (checked by [`conformance_tests!`]'s outbox
+/// checks): a local edit (`write_edits`, `apply_resolution`) puts its document in the outbox
+/// at the document's new sequence; a replicated revision that moves a pending document moves
+/// its entry with it, so the edit waits for the page that carries the document as it is now;
+/// [`Replica::acknowledge_through`] removes the entries at or below a sequence, except refused
+/// ones; a refused entry stays, with its reason, until the next local edit of the document.
+pub trait Replica: Database {
+    /// How many documents wait, and how many of them were refused.
+    fn outbox(&self) -> Result<OutboxSummary, StoreError>;
+
+    /// Where `doc_id` stands; `None` when the server has every local edit of it.
+    fn outbox_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError>;
+
+    /// The documents with an edit waiting (refused ones left out), with their sequences, in
+    /// sequence order.
+    fn pending(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Records that a push committed and checkpointed every change through sequence `seq`;
+    /// returns how many documents stopped being pending.
+    fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError>;
+
+    /// Records that the server refused `doc_id`'s local edit, so it is not retried blindly and
+    /// the application can see why.
+    fn reject(&self, doc_id: &str, reason: &str) -> Result<(), StoreError>;
+}
+
 /// What every store drops after an update brought `new_rev` into `tree` (`before` is the tree
 /// it had): `tree` is stemmed to the revs limit, and the revisions whose bodies are no longer
 /// kept are returned (stemmed away, fallen out of the body window, or the new revision itself

@@ -19,8 +19,9 @@ use ferry_core::selector::collate;
 use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
 
 use crate::{
-    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query,
-    StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
+    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc,
+    OutboxSummary, PendingState, Query, Replica, StoreConfig, StoreError, StoredRevision,
+    WriteReport, valid_database_name,
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,8 +110,9 @@ struct State {
     revs: BTreeMap<(String, Rev), RevRow>,
     locals: BTreeMap<String, (u64, Body)>,
     resolutions: Vec<(String, ResolutionRecord)>,
-    /// Local edits not acknowledged yet: document -> sequence of its latest edit.
-    outbox: BTreeMap<String, u64>,
+    /// Local edits not acknowledged yet: document -> the document's sequence, and the server's
+    /// reason if it refused the edit.
+    outbox: BTreeMap<String, (u64, Option<String>)>,
     update_seq: u64,
     doc_count: u64,
     deleted_count: u64,
@@ -171,24 +173,6 @@ impl MemoryDatabase {
         let outcome = work(&mut next)?;
         *state = next;
         Ok(outcome)
-    }
-
-    /// Local edits the server has not acknowledged (client replicas with `track_pending`).
-    pub fn pending(&self) -> Vec<(String, u64)> {
-        lock(&self.state)
-            .outbox
-            .iter()
-            .map(|(doc_id, seq)| (doc_id.clone(), *seq))
-            .collect()
-    }
-
-    /// Records that the server has every local change up to `seq`; returns how many left the
-    /// outbox.
-    pub fn acknowledge_through(&self, seq: u64) -> u64 {
-        let mut state = lock(&self.state);
-        let before = state.outbox.len();
-        state.outbox.retain(|_, pending| *pending > seq);
-        (before - state.outbox.len()) as u64
     }
 
     fn store_update(
@@ -286,7 +270,7 @@ impl MemoryDatabase {
 
     fn record_pending(&self, state: &mut State, doc_id: &str, seq: u64) {
         if self.config.track_pending {
-            state.outbox.insert(doc_id.to_owned(), seq);
+            state.outbox.insert(doc_id.to_owned(), (seq, None));
         }
     }
 }
@@ -309,6 +293,57 @@ fn document(doc_id: &str, row: &DocRow, with_body: bool) -> Document {
         hlc: row.hlc,
         seq: row.seq,
         conflicts,
+    }
+}
+
+impl Replica for MemoryDatabase {
+    fn outbox(&self) -> Result<OutboxSummary, StoreError> {
+        let state = lock(&self.state);
+        let rejected = state.outbox.values().filter(|(_, refused)| refused.is_some());
+        let rejected = rejected.count() as u64;
+        Ok(OutboxSummary {
+            pending: state.outbox.len() as u64 - rejected,
+            rejected,
+        })
+    }
+
+    fn outbox_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
+        Ok(lock(&self.state)
+            .outbox
+            .get(doc_id)
+            .map(|(seq, refused)| match refused {
+                Some(reason) => PendingState::Rejected {
+                    reason: reason.clone(),
+                },
+                None => PendingState::Pending { seq: *seq },
+            }))
+    }
+
+    fn pending(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut pending: Vec<(String, u64)> = lock(&self.state)
+            .outbox
+            .iter()
+            .filter(|(_, (_, refused))| refused.is_none())
+            .map(|(doc_id, (seq, _))| (doc_id.clone(), *seq))
+            .collect();
+        pending.sort_by_key(|(_, seq)| *seq);
+        Ok(pending)
+    }
+
+    fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
+        let mut state = lock(&self.state);
+        let before = state.outbox.len();
+        state
+            .outbox
+            .retain(|_, (pending, refused)| *pending > seq || refused.is_some());
+        Ok((before - state.outbox.len()) as u64)
+    }
+
+    fn reject(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
+        if let Some((_, refused)) = lock(&self.state).outbox.get_mut(doc_id) {
+            *refused = Some(reason.to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -394,7 +429,7 @@ impl Database for MemoryDatabase {
                 let seq = self.store_update(state, &revision.doc_id, before.as_ref(), tree, new)?;
                 // A pending edit now goes out with the page that holds the new sequence.
                 if let (Some(seq), Some(pending)) = (seq, state.outbox.get_mut(&revision.doc_id)) {
-                    *pending = seq;
+                    pending.0 = seq;
                 }
             }
             Ok(report)

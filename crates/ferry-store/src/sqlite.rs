@@ -43,8 +43,9 @@ use rusqlite::{
 };
 
 use crate::{
-    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query,
-    StoreConfig, StoreError, StoredRevision, WriteReport, valid_database_name,
+    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc,
+    OutboxSummary, PendingState, Query, Replica, StoreConfig, StoreError, StoredRevision,
+    WriteReport, valid_database_name,
 };
 
 const SCHEMA_VERSION: i64 = 4;
@@ -220,30 +221,6 @@ impl Backend for SqliteBackend {
     }
 }
 
-/// Counts of the outbox (see [`SqliteDatabase::pending_summary`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PendingSummary {
-    /// Documents with a local edit waiting for the server.
-    pub pending: u64,
-    /// Documents whose local edit the server refused.
-    pub rejected: u64,
-}
-
-/// The outbox state of one document.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PendingState {
-    /// A local edit waits for the server; `seq` is the sequence of the latest one.
-    Pending {
-        /// The sequence of the latest local edit.
-        seq: u64,
-    },
-    /// The server refused the local edit.
-    Rejected {
-        /// The server's reason.
-        reason: String,
-    },
-}
-
 /// One database in one SQLite file.
 pub struct SqliteDatabase {
     name: String,
@@ -275,64 +252,6 @@ impl SqliteDatabase {
             readers: Mutex::new(Vec::new()),
             path: path.to_owned(),
             replica_id,
-        })
-    }
-
-    /// How many documents wait for a push to acknowledge a local edit, and how many of those
-    /// the server refused.
-    pub fn pending_summary(&self) -> Result<PendingSummary, StoreError> {
-        self.with_reader(|connection| {
-            let (pending, rejected): (i64, i64) = connection.query_row(
-                "SELECT COUNT(*), COUNT(rejected) FROM outbox",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )?;
-            Ok(PendingSummary {
-                pending: to_u64(pending - rejected),
-                rejected: to_u64(rejected),
-            })
-        })
-    }
-
-    /// Whether a document has a local edit no push has acknowledged, and if so its state.
-    pub fn pending_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
-        self.with_reader(|connection| {
-            let row: Option<(i64, Option<String>)> = connection
-                .prepare_cached(
-                    "SELECT outbox.seq, outbox.rejected FROM docs \
-                     JOIN outbox ON outbox.seq = docs.seq WHERE docs.doc_id = ?1",
-                )?
-                .query_row(params![doc_id], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()?;
-            Ok(row.map(|(seq, rejected)| match rejected {
-                Some(reason) => PendingState::Rejected { reason },
-                None => PendingState::Pending { seq: to_u64(seq) },
-            }))
-        })
-    }
-
-    /// Records that every local edit up to sequence `seq` reached the server (a push committed
-    /// and checkpointed through `seq`); returns how many documents stopped being pending.
-    pub fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
-        self.with_write_transaction(|transaction| {
-            let removed = transaction
-                .prepare_cached("DELETE FROM outbox WHERE seq <= ?1 AND rejected IS NULL")?
-                .execute(params![to_i64(seq)])?;
-            Ok(removed as u64)
-        })
-    }
-
-    /// Records that the server refused a document's local edit, so it is no longer retried
-    /// blindly and the application can see why. A later local edit makes it pending again.
-    pub fn reject_pending(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
-        self.with_write_transaction(|transaction| {
-            transaction
-                .prepare_cached(
-                    "UPDATE outbox SET rejected = ?2 \
-                     WHERE seq = (SELECT seq FROM docs WHERE doc_id = ?1)",
-                )?
-                .execute(params![doc_id, reason])?;
-            Ok(())
         })
     }
 
@@ -991,6 +910,75 @@ impl SqliteDatabase {
             }
         }
         Ok(())
+    }
+}
+
+impl Replica for SqliteDatabase {
+    fn outbox(&self) -> Result<OutboxSummary, StoreError> {
+        self.with_reader(|connection| {
+            let (pending, rejected): (i64, i64) = connection.query_row(
+                "SELECT COUNT(*), COUNT(rejected) FROM outbox",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            Ok(OutboxSummary {
+                pending: to_u64(pending - rejected),
+                rejected: to_u64(rejected),
+            })
+        })
+    }
+
+    fn outbox_state(&self, doc_id: &str) -> Result<Option<PendingState>, StoreError> {
+        self.with_reader(|connection| {
+            let row: Option<(i64, Option<String>)> = connection
+                .prepare_cached(
+                    "SELECT outbox.seq, outbox.rejected FROM docs \
+                     JOIN outbox ON outbox.seq = docs.seq WHERE docs.doc_id = ?1",
+                )?
+                .query_row(params![doc_id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            Ok(row.map(|(seq, rejected)| match rejected {
+                Some(reason) => PendingState::Rejected { reason },
+                None => PendingState::Pending { seq: to_u64(seq) },
+            }))
+        })
+    }
+
+    fn pending(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT docs.doc_id, outbox.seq FROM outbox JOIN docs ON docs.seq = outbox.seq \
+                 WHERE outbox.rejected IS NULL ORDER BY outbox.seq",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })?
+                .map(|row| row.map(|(doc_id, seq)| (doc_id, to_u64(seq))))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn acknowledge_through(&self, seq: u64) -> Result<u64, StoreError> {
+        self.with_write_transaction(|transaction| {
+            let removed = transaction
+                .prepare_cached("DELETE FROM outbox WHERE seq <= ?1 AND rejected IS NULL")?
+                .execute(params![to_i64(seq)])?;
+            Ok(removed as u64)
+        })
+    }
+
+    fn reject(&self, doc_id: &str, reason: &str) -> Result<(), StoreError> {
+        self.with_write_transaction(|transaction| {
+            transaction
+                .prepare_cached(
+                    "UPDATE outbox SET rejected = ?2 \
+                     WHERE seq = (SELECT seq FROM docs WHERE doc_id = ?1)",
+                )?
+                .execute(params![doc_id, reason])?;
+            Ok(())
+        })
     }
 }
 

@@ -9,3 +9,15 @@ fn fresh() -> Box<MemoryBackend> {
 }
 
 ferry_store::conformance_tests!(fresh);
+
+fn fresh_replica() -> Box<ferry_store::memory::MemoryDatabase> {
+    let config = StoreConfig {
+        track_pending: true,
+        ..StoreConfig::default()
+    };
+    Box::new(ferry_store::memory::MemoryDatabase::new(
+        "local", "replica", config,
+    ))
+}
+
+ferry_store::outbox_conformance_tests!(fresh_replica);

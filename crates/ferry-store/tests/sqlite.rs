@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use ferry_store::sqlite::{PendingState, SqliteBackend, SqliteDatabase};
+use ferry_store::sqlite::{SqliteBackend, SqliteDatabase};
 use ferry_store::{Backend, Database, Durability, Edit, StoreConfig, StoreError};
+use ferry_store::{PendingState, Replica};
 
 /// A fresh backend in its own temporary directory, kept alive as long as the backend.
 struct TempBackend {
@@ -32,6 +33,35 @@ fn fresh() -> TempBackend {
 }
 
 ferry_store::conformance_tests!(fresh);
+
+/// A client replica in its own temporary file, kept alive as long as the replica.
+struct TempReplica {
+    db: SqliteDatabase,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TempReplica {
+    type Target = dyn Replica;
+    fn deref(&self) -> &(dyn Replica + 'static) {
+        &self.db
+    }
+}
+
+fn fresh_replica() -> TempReplica {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig {
+        durability: Durability::Normal,
+        track_pending: true,
+        ..StoreConfig::default()
+    };
+    TempReplica {
+        db: SqliteDatabase::open(&dir.path().join("replica.ferry"), "local", config)
+            .expect("open replica"),
+        _dir: dir,
+    }
+}
+
+ferry_store::outbox_conformance_tests!(fresh_replica);
 
 fn body(value: serde_json::Value) -> ferry_core::model::Body {
     value.as_object().unwrap().clone()
@@ -150,7 +180,7 @@ fn tracking(dir: &tempfile::TempDir) -> SqliteDatabase {
 #[test]
 fn local_edits_stay_pending_until_acknowledged() {
     use ferry_store::Database;
-    use ferry_store::sqlite::PendingSummary;
+    use ferry_store::OutboxSummary;
     let dir = tempfile::tempdir().unwrap();
     let db = tracking(&dir);
     let put = |doc_id: &str, base: Option<ferry_core::rev::Rev>| {
@@ -178,42 +208,42 @@ fn local_edits_stay_pending_until_acknowledged() {
     )
     .unwrap();
     assert_eq!(
-        db.pending_summary().unwrap(),
-        PendingSummary {
+        db.outbox().unwrap(),
+        OutboxSummary {
             pending: 2,
             rejected: 0
         }
     );
-    assert_eq!(db.pending_state("remote").unwrap(), None);
+    assert_eq!(db.outbox_state("remote").unwrap(), None);
     assert_eq!(
-        db.pending_state("a").unwrap(),
+        db.outbox_state("a").unwrap(),
         Some(PendingState::Pending { seq: 1 })
     );
 
     // A push checkpointed through sequence 1 acknowledges a, not b.
     assert_eq!(db.acknowledge_through(1).unwrap(), 1);
-    assert_eq!(db.pending_state("a").unwrap(), None);
+    assert_eq!(db.outbox_state("a").unwrap(), None);
     // A new edit of a after that is pending again, at its new sequence.
     put("a", Some(a1));
     assert_eq!(
-        db.pending_state("a").unwrap(),
+        db.outbox_state("a").unwrap(),
         Some(PendingState::Pending { seq: 4 })
     );
     assert_eq!(db.acknowledge_through(3).unwrap(), 1, "b (seq 2) only");
-    assert_eq!(db.pending_summary().unwrap().pending, 1);
+    assert_eq!(db.outbox().unwrap().pending, 1);
 
     // A refused edit is kept with its reason and not acknowledged by later pushes.
-    db.reject_pending("a", "forbidden").unwrap();
+    db.reject("a", "forbidden").unwrap();
     assert_eq!(db.acknowledge_through(100).unwrap(), 0);
     assert_eq!(
-        db.pending_state("a").unwrap(),
+        db.outbox_state("a").unwrap(),
         Some(PendingState::Rejected {
             reason: "forbidden".into()
         })
     );
     assert_eq!(
-        db.pending_summary().unwrap(),
-        PendingSummary {
+        db.outbox().unwrap(),
+        OutboxSummary {
             pending: 0,
             rejected: 1
         }
@@ -256,14 +286,14 @@ fn a_pending_edit_moved_by_a_pull_waits_for_the_page_that_carries_it() {
     db.acknowledge_through(2).unwrap();
     assert!(
         matches!(
-            db.pending_state("a").unwrap(),
+            db.outbox_state("a").unwrap(),
             Some(PendingState::Pending { seq: 3 })
         ),
         "{:?}",
-        db.pending_state("a").unwrap()
+        db.outbox_state("a").unwrap()
     );
     assert_eq!(db.acknowledge_through(3).unwrap(), 1);
-    assert_eq!(db.pending_state("a").unwrap(), None);
+    assert_eq!(db.outbox_state("a").unwrap(), None);
 }
 
 /// The schema versions 1 to 3 wrote, as they wrote it (version 2 added `outbox`, version 3
@@ -347,7 +377,7 @@ fn files_of_every_older_version_are_migrated_and_keep_their_data() {
         assert_eq!(document.body["v"], 1);
         let stored = db.get_revision("a", &rev, 1).unwrap().unwrap();
         assert_eq!(stored.body.unwrap()["v"], 1);
-        let pending = db.pending_state("a").unwrap();
+        let pending = db.outbox_state("a").unwrap();
         if version >= 2 {
             assert_eq!(
                 pending,
@@ -360,7 +390,7 @@ fn files_of_every_older_version_are_migrated_and_keep_their_data() {
         db.write_edits(vec![Edit::put("b", None, body(serde_json::json!({})))])
             .unwrap();
         let expected_pending = if version >= 2 { 2 } else { 1 };
-        assert_eq!(db.pending_summary().unwrap().pending, expected_pending);
+        assert_eq!(db.outbox().unwrap().pending, expected_pending);
         assert_eq!(db.changes(0, 10, false).unwrap().len(), 2);
         assert!(db.resolutions("a").unwrap().is_empty());
         drop(db);

@@ -8,8 +8,9 @@ use ferry_core::model::{Body, Limits, Revision};
 use ferry_core::resolve::Policy;
 use ferry_core::rev::Rev;
 use ferry_store::memory::MemoryDatabase;
-use ferry_store::sqlite::{PendingState, SqliteDatabase};
+use ferry_store::sqlite::SqliteDatabase;
 use ferry_store::{Database, Edit, StoreConfig};
+use ferry_store::{PendingState, Replica};
 use proptest::prelude::*;
 
 const DOCS: [&str; 3] = ["todos:a", "todos:b", "notes:c"];
@@ -219,7 +220,7 @@ impl Pair {
             Op::Acknowledge { eighths } => {
                 let seq = self.sqlite.info().unwrap().update_seq * eighths / 8;
                 let sqlite = self.sqlite.acknowledge_through(seq).unwrap();
-                let memory = self.memory.acknowledge_through(seq);
+                let memory = self.memory.acknowledge_through(seq).unwrap();
                 assert_eq!(sqlite, memory, "acknowledged through {seq}");
             }
         }
@@ -281,18 +282,32 @@ impl Pair {
             .map(|(doc_id, rev)| sqlite.get_revision(doc_id, rev, 10).unwrap())
             .collect();
         assert_eq!(batched, one_by_one, "get_revisions after {after:?}");
-        // (Refusals are the SQLite store's alone; `tests/sqlite.rs` covers them.)
-        let mut pending: Vec<(String, u64)> = DOCS
-            .iter()
-            .filter_map(|doc_id| match self.sqlite.pending_state(doc_id).unwrap()? {
-                PendingState::Pending { seq } => Some((doc_id.to_string(), seq)),
-                PendingState::Rejected { .. } => None,
-            })
-            .collect();
-        pending.sort();
-        let mut expected = self.memory.pending();
-        expected.sort();
-        assert_eq!(pending, expected, "outbox after {after:?}");
+        // The outbox, through the `Replica` contract both implement.
+        let pending = self.sqlite.pending().unwrap();
+        assert_eq!(
+            pending,
+            self.memory.pending().unwrap(),
+            "outbox after {after:?}"
+        );
+        assert_eq!(
+            self.sqlite.outbox().unwrap(),
+            self.memory.outbox().unwrap(),
+            "outbox counts after {after:?}"
+        );
+        for doc_id in DOCS {
+            let state = self.sqlite.outbox_state(doc_id).unwrap();
+            assert_eq!(state, self.memory.outbox_state(doc_id).unwrap(), "{doc_id}");
+            let listed = pending.iter().find(|(pending, _)| pending == doc_id);
+            let waiting = match state {
+                Some(PendingState::Pending { seq }) => Some(seq),
+                _ => None,
+            };
+            assert_eq!(
+                waiting,
+                listed.map(|(_, seq)| *seq),
+                "{doc_id}: listed as pending at its state's sequence"
+            );
+        }
     }
 }
 
