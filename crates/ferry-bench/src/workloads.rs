@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferry_client::{ConnectionState, Credentials, Ferry, SyncOptions};
+use ferry_core::protocol::{ClientFrame, Hello, HelloAuth, ServerFrame, VERSIONS};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -76,26 +77,32 @@ async fn idle_sessions_on(server: &FerryServer, db: &str, count: usize) -> Resul
         config.write_buffer_size = 4096;
         let (mut socket, _) =
             tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await?;
-        let hello = json!({
-            "type": "hello", "versions": [1], "db": db, "create": true,
-            "replica_id": format!("idle-{n}"), "auth": {"token": token},
+        let hello = ClientFrame::Hello(Hello {
+            versions: VERSIONS.to_vec(),
+            db: db.to_owned(),
+            create: true,
+            replica_id: format!("idle-{n}"),
+            auth: Some(HelloAuth {
+                token: Some(token.clone()),
+                ..HelloAuth::default()
+            }),
         });
-        socket.send(Message::Text(hello.to_string().into())).await?;
+        socket.send(Message::Text(hello.encode().into())).await?;
         let welcome = socket.next().await.context("no welcome")??;
-        if !welcome.to_text()?.contains("\"welcome\"") {
+        let decode = |frame: &Message| -> Result<ServerFrame> {
+            Ok(ServerFrame::decode(frame.to_text()?.as_bytes(), 64)?)
+        };
+        if !matches!(decode(&welcome)?, ServerFrame::Welcome(_)) {
             bail!("session refused: {welcome}");
         }
         // The pong proves the server has taken the subscription in (frames are handled in
         // order), so the session is fully set up when this returns.
-        for frame in [
-            json!({"type": "subscribe", "since": 0}),
-            json!({"type": "ping"}),
-        ] {
-            socket.send(Message::Text(frame.to_string().into())).await?;
+        for frame in [ClientFrame::Subscribe { since: 0 }, ClientFrame::Ping] {
+            socket.send(Message::Text(frame.encode().into())).await?;
         }
         loop {
             let frame = socket.next().await.context("closed before the pong")??;
-            if frame.to_text()?.contains("\"pong\"") {
+            if matches!(decode(&frame)?, ServerFrame::Pong) {
                 break;
             }
         }

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_core::protocol::HelloAuth;
 use ferry_store::Replica;
 use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, WsPeer};
 use futures_util::Stream;
@@ -51,10 +52,17 @@ impl Credentials {
         }
     }
 
-    fn hello_auth(&self) -> Value {
+    fn hello_auth(&self) -> HelloAuth {
         match self {
-            Credentials::Password { user, password } => json!({"name": user, "password": password}),
-            Credentials::AccessToken(token) => json!({"token": token}),
+            Credentials::Password { user, password } => HelloAuth {
+                name: Some(user.clone()),
+                password: Some(password.clone()),
+                ..HelloAuth::default()
+            },
+            Credentials::AccessToken(token) => HelloAuth {
+                token: Some(token.clone()),
+                ..HelloAuth::default()
+            },
         }
     }
 }
@@ -370,13 +378,16 @@ impl ClientAuth {
 }
 
 impl SessionCredentials for ClientAuth {
-    fn hello_auth(&self) -> Option<Value> {
+    fn hello_auth(&self) -> Option<HelloAuth> {
         let mut state = self.state();
         let now = crate::wall_ms();
         if let Some((token, expires)) = &state.reconnect
             && *expires > now
         {
-            let auth = json!({"reconnect_token": token});
+            let auth = HelloAuth {
+                reconnect_token: Some(token.clone()),
+                ..HelloAuth::default()
+            };
             state.presented_reconnect_token = true;
             return Some(auth);
         }

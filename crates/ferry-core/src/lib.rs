@@ -31,6 +31,7 @@ pub mod filter;
 pub mod hlc;
 pub mod json;
 pub mod model;
+pub mod protocol;
 pub mod replicate;
 pub mod resolve;
 pub mod rev;

@@ -12,9 +12,14 @@ use ferry_core::couch::{parse_revisions, revision_from_json, revision_json, revi
 use ferry_core::hlc::Timestamp;
 use ferry_core::json::{canonical, parse_strict};
 use ferry_core::model::Body;
+use ferry_core::protocol::{ClientFrame, Op};
 use ferry_core::resolve::{Version, merge};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
+use ferry_store::clock::{ManualClock, ReplicaClock};
+use ferry_store::endpoint::{Endpoint, EndpointConfig, NoFanout};
+use ferry_store::memory::MemoryDatabase;
+use ferry_store::{Database, StoreConfig};
 use serde_json::{Map, Value};
 
 /// The depth the server accepts for a sync frame (documents nest one level below it).
@@ -33,35 +38,66 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("query_params", query_params),
 ];
 
-/// A sync-session frame as the server decodes it: strict JSON, then every document in it as a
-/// replicated revision. Whatever decodes must encode and decode to the same thing.
+/// A sync-session frame through the server's own decoder (`ClientFrame::decode`) and, when it
+/// is a request, the server's own handler (`ferry_server::session::handle_request`) on a fresh
+/// in-memory replica: nothing panics; whatever decodes encodes and decodes to the same frame;
+/// every revision of a `bulk_docs` round-trips through the CouchDB form; what the handler
+/// stores is in the replica's changes feed.
 pub fn protocol_frame(data: &[u8]) {
-    let Ok(frame) = parse_strict(data, FRAME_DEPTH) else {
+    let Ok(frame) = ClientFrame::decode(data, FRAME_DEPTH) else {
         return;
     };
-    let text = frame.to_string();
-    let again = parse_strict(text.as_bytes(), FRAME_DEPTH).expect("an encoded frame decodes");
-    assert_eq!(again, frame, "frame round trip");
-    let documents: Vec<Value> = match &frame {
-        Value::Object(map) => match map.get("docs") {
-            Some(Value::Array(docs)) => docs.clone(),
-            _ => vec![frame.clone()],
-        },
-        _ => Vec::new(),
+    let text = frame.encode();
+    let again =
+        ClientFrame::decode(text.as_bytes(), FRAME_DEPTH).expect("an encoded frame decodes");
+    assert_eq!(again, frame, "frame round trip: {text}");
+    let ClientFrame::Request { op, .. } = frame else {
+        return;
     };
-    for document in documents {
-        let Ok(revision) = revision_from_json(document) else {
-            continue;
-        };
-        for with_hlc in [true, false] {
-            let encoded = revision_json(&revision, with_hlc);
-            let decoded = revision_from_json(encoded).expect("an encoded revision decodes");
-            assert_eq!(decoded.doc_id, revision.doc_id);
-            assert_eq!(decoded.path, revision.path);
-            assert_eq!(decoded.deleted, revision.deleted);
-            assert_eq!(decoded.body, revision.body);
-            if with_hlc {
-                assert_eq!(decoded.hlc, revision.hlc);
+    if let Op::BulkDocs { docs } = &op {
+        for document in docs {
+            let Ok(revision) = revision_from_json(document.clone()) else {
+                continue;
+            };
+            for with_hlc in [true, false] {
+                let encoded = revision_json(&revision, with_hlc);
+                let decoded = revision_from_json(encoded).expect("an encoded revision decodes");
+                assert_eq!(decoded.doc_id, revision.doc_id);
+                assert_eq!(decoded.path, revision.path);
+                assert_eq!(decoded.deleted, revision.deleted);
+                assert_eq!(decoded.body, revision.body);
+                if with_hlc {
+                    assert_eq!(decoded.hlc, revision.hlc);
+                }
+            }
+        }
+    }
+    let db = MemoryDatabase::new("fuzz", "server", StoreConfig::default());
+    let config = EndpointConfig {
+        refuse_clocks_ahead: true,
+        ..EndpointConfig::default()
+    };
+    let clock = ReplicaClock::new(std::sync::Arc::new(ManualClock::new(1_000_000)), 60_000);
+    let endpoint = Endpoint::new(&db, &config, &clock, &NoFanout);
+    let stored = match &op {
+        Op::BulkDocs { .. } => Some(()),
+        _ => None,
+    };
+    let Ok(result) = ferry_server::session::handle_request(&endpoint, op) else {
+        return;
+    };
+    if stored.is_some() {
+        let acks = result["acks"].as_array().expect("bulk_docs answers acks");
+        let changed: BTreeSet<String> = db
+            .changes(0, usize::MAX, false)
+            .expect("changes")
+            .into_iter()
+            .map(|change| change.doc_id)
+            .collect();
+        for ack in acks {
+            if ack["ok"] == Value::Bool(true) {
+                let id = ack["id"].as_str().expect("acks name their document");
+                assert!(changed.contains(id), "{id} acknowledged but not stored");
             }
         }
     }

@@ -41,6 +41,12 @@ pub mod error;
 pub mod params;
 mod routes;
 
+/// The sync session's request handler, synchronous (the fuzz targets run it as the server
+/// does).
+pub mod session {
+    pub use crate::routes::sync_session::handle_request;
+}
+
 use auth::{Auth, AuthConfig};
 use error::{ApiError, ApiResult};
 

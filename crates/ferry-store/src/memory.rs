@@ -299,7 +299,10 @@ fn document(doc_id: &str, row: &DocRow, with_body: bool) -> Document {
 impl Replica for MemoryDatabase {
     fn outbox(&self) -> Result<OutboxSummary, StoreError> {
         let state = lock(&self.state);
-        let rejected = state.outbox.values().filter(|(_, refused)| refused.is_some());
+        let rejected = state
+            .outbox
+            .values()
+            .filter(|(_, refused)| refused.is_some());
         let rejected = rejected.count() as u64;
         Ok(OutboxSummary {
             pending: state.outbox.len() as u64 - rejected,

@@ -429,10 +429,12 @@ async fn replicate_once<S: Peer, T: Peer>(
             }
             Action::WaitForChanges { since } => {
                 progress(replication.stats());
-                while !source
+                // A wait that ends with no news still reads the source again: a notification
+                // that never came (lost, or a longpoll cut by a proxy) must not stall a live
+                // replication. Quiet, that is one read per `wait_timeout`.
+                source
                     .wait_for_changes(&since, options.wait_timeout)
-                    .await?
-                {}
+                    .await?;
                 Response::ChangesAvailable
             }
             Action::Finished(stats) => return Ok(stats),

@@ -14,19 +14,24 @@ use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_into_json};
 use ferry_core::model::Revision;
-use ferry_core::replicate::Checkpoint;
+use ferry_core::protocol::{
+    BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, RevRef,
+    ServerFrame, VERSIONS, WireError, result_as,
+};
+use ferry_core::replicate::{ChangeRow, Checkpoint};
 use ferry_core::rev::Rev;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
-/// The protocol versions this client speaks.
-const VERSIONS: &[u64] = &[1];
+/// How deeply a server's frame may nest: a `bulk_get` result holds documents inside
+/// `{"result": {"docs": [...]}}`. The server checks documents against its own depth limit;
+/// this only bounds what a broken server could make the client parse.
+const MAX_FRAME_DEPTH: usize = 256;
 /// How often the client says it is alive.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A session that receives nothing for this long is considered lost.
@@ -41,9 +46,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// A client keeps the latest reconnect token and presents it on the next connection, so an
 /// interrupted session resumes without asking the user to log in again (`docs/protocol.md`).
 pub trait SessionCredentials: Send + Sync {
-    /// The `auth` member of the next `hello`: `{"reconnect_token"}`, `{"token"}` (an access
-    /// token) or `{"name", "password"}`; `None` to send none.
-    fn hello_auth(&self) -> Option<Value>;
+    /// The `auth` member of the next `hello`: a reconnect token, an access token, or a name
+    /// and password; `None` to send none.
+    fn hello_auth(&self) -> Option<HelloAuth>;
     /// The server accepted the session and issued the next reconnect token.
     fn reconnect_token_issued(&self, token: &str, expires_ms: u64);
 }
@@ -55,8 +60,12 @@ struct UrlCredentials {
 }
 
 impl SessionCredentials for UrlCredentials {
-    fn hello_auth(&self) -> Option<Value> {
-        Some(json!({"name": self.name, "password": self.password}))
+    fn hello_auth(&self) -> Option<HelloAuth> {
+        Some(HelloAuth {
+            name: Some(self.name.clone()),
+            password: Some(self.password.clone()),
+            ..HelloAuth::default()
+        })
     }
 
     fn reconnect_token_issued(&self, _token: &str, _expires_ms: u64) {}
@@ -94,12 +103,15 @@ struct Connection {
     alive: Arc<AtomicBool>,
 }
 
+/// What a request came back with: its result, or the server's refusal.
+type Answer = Result<Result<Value, WireError>, SyncError>;
+
 enum Outgoing {
     Request {
-        frame: Map<String, Value>,
-        reply: oneshot::Sender<Result<Value, SyncError>>,
+        op: Op,
+        reply: oneshot::Sender<Answer>,
     },
-    Frame(Value),
+    Frame(ClientFrame),
 }
 
 impl WsPeer {
@@ -194,45 +206,39 @@ impl WsPeer {
         .await
         .map_err(|_| self.lost("timed out connecting"))?
         .map_err(|error| self.lost(format!("cannot connect: {error}")))?;
-        let mut hello = json!({
-            "type": "hello",
-            "versions": VERSIONS,
-            "db": self.db,
-            "create": self.create.load(Ordering::SeqCst),
-            "replica_id": self.replica_id,
+        let hello = ClientFrame::Hello(Hello {
+            versions: VERSIONS.to_vec(),
+            db: self.db.clone(),
+            create: self.create.load(Ordering::SeqCst),
+            replica_id: self.replica_id.clone(),
+            auth: self.credentials.as_ref().and_then(|c| c.hello_auth()),
         });
-        if let Some(auth) = self.credentials.as_ref().and_then(|c| c.hello_auth()) {
-            hello["auth"] = auth;
-        }
         socket
-            .send(Message::Text(hello.to_string().into()))
+            .send(Message::Text(hello.encode().into()))
             .await
             .map_err(|error| self.lost(error.to_string()))?;
-        let welcome = loop {
+        let answer = loop {
             let message = tokio::time::timeout(OPEN_TIMEOUT, socket.next())
                 .await
                 .map_err(|_| self.lost("no welcome"))?
                 .ok_or_else(|| self.lost("closed before welcome"))?
                 .map_err(|error| self.lost(error.to_string()))?;
             if let Message::Text(text) = message {
-                break serde_json::from_str::<Value>(&text)
-                    .map_err(|_| self.lost("the welcome is not JSON"))?;
+                break ServerFrame::decode(text.as_bytes(), MAX_FRAME_DEPTH)
+                    .map_err(|error| self.lost(format!("instead of a welcome: {error}")))?;
             }
         };
-        if welcome["type"] == "error" {
-            return Err(self.refused(&welcome));
-        }
-        if welcome["type"] != "welcome" {
-            return Err(self.lost("expected welcome"));
-        }
-        if let (Some(credentials), Some(token)) =
-            (&self.credentials, welcome["reconnect_token"].as_str())
-        {
-            let expires_ms = welcome["reconnect_expires_at"].as_u64().unwrap_or(0);
+        let welcome = match answer {
+            ServerFrame::Welcome(welcome) => welcome,
+            ServerFrame::Error(error) => return Err(self.refused(&error)),
+            _ => return Err(self.lost("expected welcome")),
+        };
+        if let (Some(credentials), Some(token)) = (&self.credentials, &welcome.reconnect_token) {
+            let expires_ms = welcome.reconnect_expires_at.unwrap_or(0);
             credentials.reconnect_token_issued(token, expires_ms);
         }
         let (requests, outgoing) = mpsc::channel(64);
-        let (changed_sender, changed) = watch::channel(welcome["update_seq"].as_u64().unwrap_or(0));
+        let (changed_sender, changed) = watch::channel(welcome.update_seq);
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(run_connection(
             socket,
@@ -250,37 +256,32 @@ impl WsPeer {
         })
     }
 
-    async fn request(&self, op: &str, mut frame: Map<String, Value>) -> Result<Value, SyncError> {
+    /// Sends one request and returns its result as the type its op answers with.
+    async fn request<T: serde::de::DeserializeOwned>(&self, op: Op) -> Result<T, SyncError> {
+        let name = op.name();
         let connection = self.connection().await?;
-        frame.insert("type".into(), json!("request"));
-        frame.insert("op".into(), json!(op));
         let (reply, answer) = oneshot::channel();
         connection
             .requests
-            .send(Outgoing::Request { frame, reply })
+            .send(Outgoing::Request { op, reply })
             .await
             .map_err(|_| self.lost("the session ended"))?;
         let response = tokio::time::timeout(REQUEST_TIMEOUT, answer)
             .await
-            .map_err(|_| self.lost(format!("no answer to {op}")))?
+            .map_err(|_| self.lost(format!("no answer to {name}")))?
             .map_err(|_| self.lost("the session ended"))??;
-        if let Some(error) = response.get("error") {
-            return Err(self.refused(error));
-        }
-        Ok(response.get("result").cloned().unwrap_or(Value::Null))
+        let result = response.map_err(|error| self.refused(&error))?;
+        result_as(name, result).map_err(|error| self.invalid(error.to_string()))
     }
 
-    /// A refusal from the server (`{"error", "reason", "status"}`), typed like an HTTP error
-    /// with the status the same failure has over HTTP, which says whether retrying can help.
-    fn refused(&self, error: &Value) -> SyncError {
+    /// A refusal from the server, typed like an HTTP error with the status the same failure
+    /// has over HTTP, which says whether retrying can help.
+    fn refused(&self, error: &WireError) -> SyncError {
         SyncError::Http {
             url: self.session_url.to_string(),
-            status: error["status"]
-                .as_u64()
-                .and_then(|status| u16::try_from(status).ok())
-                .unwrap_or(400),
-            error: error["error"].as_str().unwrap_or("error").to_owned(),
-            reason: error["reason"].as_str().unwrap_or_default().to_owned(),
+            status: error.status,
+            error: error.error.clone(),
+            reason: error.reason.clone(),
         }
     }
 
@@ -304,7 +305,7 @@ async fn run_connection(
     heartbeat: Heartbeat,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let mut waiting: HashMap<u64, oneshot::Sender<Result<Value, SyncError>>> = HashMap::new();
+    let mut waiting: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
     let mut next_id = 0u64;
     let mut ping = tokio::time::interval(heartbeat.interval);
     let mut last_heard = tokio::time::Instant::now();
@@ -314,14 +315,13 @@ async fn run_connection(
                 let frame = match message {
                     None => break "the peer was dropped".to_owned(),
                     Some(Outgoing::Frame(frame)) => frame,
-                    Some(Outgoing::Request { mut frame, reply }) => {
+                    Some(Outgoing::Request { op, reply }) => {
                         next_id += 1;
-                        frame.insert("id".into(), json!(next_id));
                         waiting.insert(next_id, reply);
-                        Value::Object(frame)
+                        ClientFrame::Request { id: next_id, op }
                     }
                 };
-                if let Err(error) = sink.send(Message::Text(frame.to_string().into())).await {
+                if let Err(error) = sink.send(Message::Text(frame.encode().into())).await {
                     break error.to_string();
                 }
             }
@@ -334,34 +334,36 @@ async fn run_connection(
                     Some(Ok(Message::Close(_))) => break "closed by the server".to_owned(),
                     Some(Ok(_)) => continue,
                 };
-                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
-                    break "the server sent a frame that is not JSON".to_owned();
+                let frame = match ServerFrame::decode(text.as_bytes(), MAX_FRAME_DEPTH) {
+                    Ok(frame) => frame,
+                    Err(error) => break format!("the server sent an invalid frame: {error}"),
                 };
-                match frame["type"].as_str() {
-                    Some("response") => {
-                        let reply = frame["id"].as_u64().and_then(|id| waiting.remove(&id));
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Ok(frame));
+                match frame {
+                    ServerFrame::Response { id, result, error } => {
+                        if let Some(reply) = waiting.remove(&id) {
+                            let answer = match error {
+                                Some(error) => Err(error),
+                                None => Ok(result.unwrap_or(Value::Null)),
+                            };
+                            let _ = reply.send(Ok(answer));
                         }
                     }
-                    Some("changed") => {
-                        if let Some(seq) = frame["seq"].as_u64() {
-                            changed.send_if_modified(|latest| {
-                                let newer = seq > *latest;
-                                *latest = (*latest).max(seq);
-                                newer
-                            });
-                        }
+                    ServerFrame::Changed { seq } => {
+                        changed.send_if_modified(|latest| {
+                            let newer = seq > *latest;
+                            *latest = (*latest).max(seq);
+                            newer
+                        });
                     }
-                    Some("error") => break format!("server error: {}", frame["reason"]),
-                    _ => {}
+                    ServerFrame::Error(error) => break format!("server error: {}", error.reason),
+                    ServerFrame::Welcome(_) | ServerFrame::Pong => {}
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > heartbeat.silence_timeout {
                     break "the server went silent".to_owned();
                 }
-                let frame = json!({"type": "ping"}).to_string();
+                let frame = ClientFrame::Ping.encode();
                 if let Err(error) = sink.send(Message::Text(frame.into())).await {
                     break error.to_string();
                 }
@@ -393,10 +395,13 @@ impl Peer for WsPeer {
     }
 
     async fn get_checkpoint(&self, replication_id: &str) -> Result<Option<Checkpoint>, SyncError> {
-        let mut frame = Map::new();
-        frame.insert("checkpoint_id".into(), json!(replication_id));
-        let result = self.request("get_checkpoint", frame).await?;
-        Ok(serde_json::from_value(result).ok())
+        // A checkpoint this client cannot read only costs a fuller comparison.
+        let checkpoint: Value = self
+            .request(Op::GetCheckpoint {
+                checkpoint_id: replication_id.to_owned(),
+            })
+            .await?;
+        Ok(serde_json::from_value(checkpoint).ok())
     }
 
     async fn put_checkpoint(
@@ -404,13 +409,13 @@ impl Peer for WsPeer {
         replication_id: &str,
         checkpoint: &Checkpoint,
     ) -> Result<(), SyncError> {
-        let mut frame = Map::new();
-        frame.insert("checkpoint_id".into(), json!(replication_id));
-        frame.insert(
-            "checkpoint".into(),
-            serde_json::to_value(checkpoint).expect("checkpoints serialize"),
-        );
-        self.request("put_checkpoint", frame).await.map(|_| ())
+        let _: Value = self
+            .request(Op::PutCheckpoint {
+                checkpoint_id: replication_id.to_owned(),
+                checkpoint: checkpoint.clone(),
+            })
+            .await?;
+        Ok(())
     }
 
     async fn changes(
@@ -419,20 +424,31 @@ impl Peer for WsPeer {
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
-        let mut frame = Map::new();
-        frame.insert("since".into(), json!(crate::seq_number(since)?));
-        frame.insert("limit".into(), json!(limit));
-        if let Some(doc_ids) = filter.ids() {
-            frame.insert("doc_ids".into(), json!(doc_ids));
-        } else if let Some(selector) = filter.selector_json() {
-            frame.insert("selector".into(), selector.clone());
-        }
-        let result = self.request("changes", frame).await?;
-        let rows = change_rows(&result["results"]).map_err(|detail| self.invalid(detail))?;
+        let (doc_ids, selector) = match filter.ids() {
+            Some(ids) => (Some(ids.iter().cloned().collect()), None),
+            None => (None, filter.selector_json().cloned()),
+        };
+        let result: ChangesResult = self
+            .request(Op::Changes {
+                since: crate::seq_number(since)?,
+                limit: Some(limit as u64),
+                doc_ids,
+                selector,
+            })
+            .await?;
         Ok(ChangesPage {
-            rows,
-            last_seq: result["last_seq"].clone(),
-            pending: result["pending"].as_u64(),
+            rows: result
+                .results
+                .into_iter()
+                .map(|row| ChangeRow {
+                    doc_id: row.id,
+                    seq: Value::from(row.seq),
+                    revs: row.changes.into_iter().map(|change| change.rev).collect(),
+                    deleted: row.deleted,
+                })
+                .collect(),
+            last_seq: Value::from(result.last_seq),
+            pending: Some(result.pending),
         })
     }
 
@@ -440,39 +456,35 @@ impl Peer for WsPeer {
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
-        let mut frame = Map::new();
-        frame.insert("revs".into(), revs_diff_request(&revs));
-        let result = self.request("revs_diff", frame).await?;
-        let Value::Object(missing) = result else {
-            return Err(self.invalid("revs_diff result is not an object"));
-        };
-        missing
-            .into_iter()
-            .map(|(doc_id, revs)| {
-                let revs =
-                    parse_rev_list(&revs).ok_or_else(|| self.invalid("invalid revisions"))?;
-                Ok((doc_id, revs))
+        let missing: std::collections::BTreeMap<String, Vec<Rev>> = self
+            .request(Op::RevsDiff {
+                revs: revs.into_iter().collect(),
             })
-            .collect()
+            .await?;
+        Ok(missing.into_iter().collect())
     }
 
     async fn fetch_revisions(
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let mut frame = Map::new();
-        frame.insert("docs".into(), Value::Array(bulk_get_docs(&wanted)));
-        let result = self.request("bulk_get", frame).await?;
-        for missing in result["missing"].as_array().into_iter().flatten() {
-            tracing::warn!(%missing, "revision not available on the server; skipped");
-        }
-        result["docs"]
-            .as_array()
-            .ok_or_else(|| self.invalid("bulk_get without docs"))?
-            .iter()
-            .map(|doc| {
-                revision_from_json(doc.clone()).map_err(|error| self.invalid(error.to_string()))
+        let docs = wanted
+            .into_iter()
+            .flat_map(|(id, revs)| {
+                revs.into_iter().map(move |rev| RevRef {
+                    id: id.clone(),
+                    rev,
+                })
             })
+            .collect();
+        let result: BulkGetResult = self.request(Op::BulkGet { docs }).await?;
+        for missing in &result.missing {
+            tracing::warn!(doc_id = %missing.id, rev = %missing.rev, "revision not available on the server; skipped");
+        }
+        result
+            .docs
+            .into_iter()
+            .map(|doc| revision_from_json(doc).map_err(|error| self.invalid(error.to_string())))
             .collect()
     }
 
@@ -488,29 +500,24 @@ impl Peer for WsPeer {
             .into_iter()
             .map(|revision| revision_into_json(revision, true))
             .collect();
-        let mut frame = Map::new();
-        frame.insert("docs".into(), Value::Array(docs));
-        let result = self.request("bulk_docs", frame).await?;
-        let acks = result["acks"]
-            .as_array()
-            .ok_or_else(|| self.invalid("bulk_docs without acks"))?;
+        let result: BulkDocsResult = self.request(Op::BulkDocs { docs }).await?;
         // One answer per revision sent, in order: stored, or refused with a reason.
-        if acks.len() != sent.len() {
+        if result.acks.len() != sent.len() {
             return Err(self.invalid("the server did not answer for every revision"));
         }
         let mut rejected = Vec::new();
-        for (ack, (doc_id, rev)) in acks.iter().zip(sent) {
-            if ack["id"] != json!(doc_id) || ack["rev"] != json!(rev.to_string()) {
+        for (ack, (doc_id, rev)) in result.acks.into_iter().zip(sent) {
+            if ack.id != doc_id || ack.rev != rev {
                 return Err(self.invalid("acknowledgements out of order"));
             }
-            if ack["ok"] == json!(true) {
+            if ack.ok {
                 continue;
             }
             rejected.push(RejectedRevision {
                 doc_id,
                 rev,
-                error: ack["error"].as_str().unwrap_or("unknown").to_owned(),
-                reason: ack["reason"].as_str().unwrap_or_default().to_owned(),
+                error: ack.error.unwrap_or_else(|| "unknown".to_owned()),
+                reason: ack.reason.unwrap_or_default(),
             });
         }
         Ok(rejected)
@@ -522,9 +529,7 @@ impl Peer for WsPeer {
         if !connection.subscribed.swap(true, Ordering::SeqCst) {
             connection
                 .requests
-                .send(Outgoing::Frame(
-                    json!({"type": "subscribe", "since": since}),
-                ))
+                .send(Outgoing::Frame(ClientFrame::Subscribe { since }))
                 .await
                 .map_err(|_| self.lost("the session ended"))?;
         }

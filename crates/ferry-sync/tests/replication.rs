@@ -169,6 +169,8 @@ struct Flaky<P> {
     first_since: std::sync::Mutex<Vec<Value>>,
     fetches: Arc<AtomicUsize>,
     before_write: Option<BeforeWrite>,
+    /// Never says changes arrived: a lost notification, every time.
+    deaf: bool,
 }
 
 impl<P: Peer> Flaky<P> {
@@ -182,6 +184,7 @@ impl<P: Peer> Flaky<P> {
             first_since: std::sync::Mutex::new(Vec::new()),
             fetches: Arc::new(AtomicUsize::new(0)),
             before_write: None,
+            deaf: false,
         }
     }
 
@@ -247,6 +250,10 @@ impl<P: Peer> Peer for Flaky<P> {
         self.inner.write_revisions(revisions).await
     }
     async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+        if self.deaf {
+            tokio::time::sleep(timeout).await;
+            return Ok(false);
+        }
         self.inner.wait_for_changes(since, timeout).await
     }
 }
@@ -445,6 +452,46 @@ async fn continuous_replication_picks_up_later_changes() {
         !task.is_finished(),
         "a continuous replication keeps running"
     );
+    task.abort();
+}
+
+/// A live replication whose source never says that changes arrived (a notification lost, a
+/// longpoll cut by a proxy) still reads them: after each quiet wait it reads the source again.
+#[tokio::test]
+async fn a_live_replication_reads_again_after_a_quiet_wait_without_any_notification() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    let deaf_source = Flaky {
+        deaf: true,
+        ..Flaky::new(local(&source).await, usize::MAX)
+    };
+    let target_peer = local(&target).await;
+    let live = ReplicationOptions {
+        continuous: true,
+        wait_timeout: Duration::from_millis(100),
+        ..options(10)
+    };
+    put(&*source, "early", json!({"v": 1}));
+    let task =
+        tokio::spawn(async move { replicate(&deaf_source, &target_peer, &live, |_| {}).await });
+    let arrived = |doc_id: &str| target.get_document(doc_id).unwrap().is_some();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !arrived("early") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first pass never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Caught up and waiting: the next change is announced to nobody.
+    put(&*source, "late", json!({"v": 2}));
+    while !arrived("late") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a change without a notification never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     task.abort();
 }
 

@@ -56,27 +56,6 @@ pub(crate) struct ChangesRequest {
     pub(crate) filter: ChangesFilter,
 }
 
-impl ChangesRequest {
-    /// A one-page read of all leaves after `since`, as replication wants it.
-    pub(crate) fn replication_page(
-        since: u64,
-        limit: usize,
-        filter: ChangesFilter,
-    ) -> ChangesRequest {
-        ChangesRequest {
-            since,
-            limit,
-            all_leaves: true,
-            include_docs: false,
-            conflicts: false,
-            feed: Feed::Normal,
-            timeout: Duration::ZERO,
-            heartbeat: None,
-            filter,
-        }
-    }
-}
-
 /// `GET /{db}/_changes`.
 pub(crate) async fn get_changes(
     State(state): State<AppState>,

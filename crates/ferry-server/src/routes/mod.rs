@@ -11,7 +11,7 @@ mod database;
 mod documents;
 mod replication;
 mod server;
-mod sync_session;
+pub(crate) mod sync_session;
 
 /// Every route. Static segments (`_changes`, `_local`) take precedence over the document
 /// wildcard, so document ids such as `_design/x` or `a/b` still reach the document handlers.

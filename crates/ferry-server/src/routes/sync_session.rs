@@ -12,26 +12,27 @@ use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
+use std::collections::BTreeMap;
+
 use ferry_core::couch::revision_from_json;
 use ferry_core::filter::ChangesFilter;
-use ferry_core::json::parse_strict;
-use ferry_core::replicate::Checkpoint;
+use ferry_core::protocol::{
+    Ack, BulkDocsResult, BulkGetResult, ChangeEntry, ChangesResult, ClientFrame,
+    FRAME_ENVELOPE_DEPTH, FrameError, HelloAuth, Op, RevEntry, RevRef, ServerFrame, VERSIONS,
+    Welcome, WireError,
+};
 use ferry_core::rev::Rev;
-use ferry_store::endpoint::EndpointError;
+use ferry_store::endpoint::Endpoint;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::AppState;
 use crate::auth::{Identity, IssuedToken};
 use crate::error::{ApiError, ApiResult};
-use crate::params::{ENVELOPE_DEPTH, parse_rev, parse_rev_list};
-use crate::routes::changes::{ChangesRequest, page, page_json};
 use crate::routes::documents::revision_document;
 
-/// The protocol versions this server speaks.
-const VERSIONS: &[u64] = &[1];
 /// How long a client may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that sends nothing (not even a ping) for this long is closed.
@@ -40,8 +41,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// reads the next); past this many, the session reads no further frame until one is answered,
 /// which bounds what one session holds in memory.
 const MAX_IN_FLIGHT: usize = 4;
-/// Requests nest one level deeper than `_bulk_docs` bodies: `{"op", "docs": [doc]}`.
-const REQUEST_DEPTH: usize = ENVELOPE_DEPTH;
 
 /// The initial read buffer and the write batching threshold of a session's socket.
 const SESSION_BUFFER_BYTES: usize = 4 * 1024;
@@ -90,30 +89,34 @@ struct Session {
     identity: Option<Identity>,
 }
 
-/// An error as the session sends it: CouchDB's `error` and `reason`, and the HTTP status the
-/// same failure would have (which tells a client whether retrying can help).
-fn error_json(error: &ApiError) -> Value {
-    json!({"error": error.error, "reason": error.reason, "status": error.status.as_u16()})
+/// What the socket brought.
+enum Incoming {
+    Frame(ClientFrame),
+    /// A frame that is not the protocol: the session is refused with the reason.
+    Invalid(FrameError),
+    /// The client closed the session.
+    Closed,
 }
 
-/// The frame refusing a session.
-fn error_frame(error: &ApiError) -> Value {
-    let mut frame = error_json(error);
-    frame["type"] = json!("error");
-    frame
+/// An error as the session carries it.
+fn wire_error(error: &ApiError) -> WireError {
+    WireError {
+        error: error.error.to_owned(),
+        reason: error.reason.clone(),
+        status: error.status.as_u16(),
+    }
 }
 
 impl Session {
-    async fn send(&mut self, frame: &Value) -> Result<(), String> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), String> {
         self.socket
-            .send(Message::Text(frame.to_string().into()))
+            .send(Message::Text(frame.encode().into()))
             .await
             .map_err(|error| error.to_string())
     }
 
-    /// The next JSON frame; `None` when the client closed the session. Cancel-safe: a frame is
-    /// either returned or left unread.
-    async fn receive(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, String> {
+    /// The next frame. Cancel-safe: a frame is either returned or left unread.
+    async fn receive(&mut self, timeout: Option<Duration>) -> Result<Incoming, String> {
         loop {
             let message = match timeout {
                 Some(timeout) => tokio::time::timeout(timeout, self.socket.recv())
@@ -122,46 +125,52 @@ impl Session {
                 None => self.socket.recv().await,
             };
             let Some(message) = message else {
-                return Ok(None);
+                return Ok(Incoming::Closed);
             };
             let text = match message.map_err(|error| error.to_string())? {
                 Message::Text(text) => text,
-                Message::Close(_) => return Ok(None),
-                // Pings are answered by the WebSocket layer; binary frames are not ours.
+                Message::Close(_) => return Ok(Incoming::Closed),
+                // Pings are answered by the WebSocket layer.
                 Message::Ping(_) | Message::Pong(_) => continue,
                 Message::Binary(_) => {
-                    return Err("binary frames are not part of the protocol".into());
+                    return Ok(Incoming::Invalid(FrameError::UnknownType(
+                        "binary frame".into(),
+                    )));
                 }
             };
-            let depth = self.state.limits.max_json_depth + REQUEST_DEPTH;
-            return parse_strict(text.as_bytes(), depth)
-                .map(Some)
-                .map_err(|error| format!("invalid frame: {error}"));
+            let depth = self.state.limits.max_json_depth + FRAME_ENVELOPE_DEPTH;
+            return Ok(match ClientFrame::decode(text.as_bytes(), depth) {
+                Ok(frame) => Incoming::Frame(frame),
+                Err(error) => Incoming::Invalid(error),
+            });
         }
     }
 
     async fn refuse(&mut self, error: ApiError) -> Result<(), String> {
-        let _ = self.send(&error_frame(&error)).await;
+        let _ = self.send(&ServerFrame::Error(wire_error(&error))).await;
         let _ = self.socket.send(Message::Close(None)).await;
         Err(error.reason)
     }
 
     async fn run(&mut self) -> Result<(), String> {
-        let Some(hello) = self.receive(Some(HELLO_TIMEOUT)).await? else {
-            return Ok(());
+        let hello = match self.receive(Some(HELLO_TIMEOUT)).await? {
+            Incoming::Closed => return Ok(()),
+            Incoming::Frame(ClientFrame::Hello(hello)) => hello,
+            Incoming::Frame(_) => {
+                return self
+                    .refuse(ApiError::bad_request("the first message must be hello"))
+                    .await;
+            }
+            Incoming::Invalid(error) => {
+                return self.refuse(ApiError::bad_request(error.to_string())).await;
+            }
         };
-        if hello["type"] != "hello" {
-            return self
-                .refuse(ApiError::bad_request("the first message must be hello"))
-                .await;
-        }
-        let offered: Vec<u64> = hello["versions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_u64)
-            .collect();
-        let Some(version) = VERSIONS.iter().rev().find(|v| offered.contains(v)).copied() else {
+        let Some(version) = VERSIONS
+            .iter()
+            .rev()
+            .find(|v| hello.versions.contains(v))
+            .copied()
+        else {
             return self
                 .refuse(ApiError::new(
                     axum::http::StatusCode::BAD_REQUEST,
@@ -170,10 +179,8 @@ impl Session {
                 ))
                 .await;
         };
-        let Some(db) = hello["db"].as_str().map(str::to_owned) else {
-            return self.refuse(ApiError::bad_request("hello needs a db")).await;
-        };
-        let replica = hello["replica_id"].as_str().unwrap_or_default().to_owned();
+        let db = hello.db;
+        let replica = hello.replica_id;
         if replica.is_empty() || replica.len() > MAX_REPLICA_ID {
             return self
                 .refuse(ApiError::bad_request(format!(
@@ -184,7 +191,7 @@ impl Session {
         let (identity, reconnect) = match authenticate(
             &self.state,
             self.identity.clone(),
-            &hello["auth"],
+            hello.auth.unwrap_or_default(),
             &replica,
         )
         .await
@@ -192,7 +199,7 @@ impl Session {
             Ok(authenticated) => authenticated,
             Err(error) => return self.refuse(error).await,
         };
-        let create = hello["create"].as_bool().unwrap_or(false);
+        let create = hello.create;
         let opened = {
             let db = db.clone();
             self.state
@@ -217,18 +224,15 @@ impl Session {
             Ok(info) => info,
             Err(error) => return self.refuse(error).await,
         };
-        let mut welcome = json!({
-            "type": "welcome",
-            "version": version,
-            "server": self.state.server_uuid(),
-            "update_seq": info.update_seq,
-            "user": identity.user,
-        });
-        if let Some(reconnect) = reconnect {
-            welcome["reconnect_token"] = json!(reconnect.token);
-            welcome["reconnect_expires_at"] = json!(reconnect.expires_ms);
-        }
-        self.send(&welcome).await?;
+        let welcome = Welcome {
+            version,
+            server: self.state.server_uuid().to_owned(),
+            update_seq: info.update_seq,
+            user: identity.user.clone(),
+            reconnect_token: reconnect.as_ref().map(|issued| issued.token.clone()),
+            reconnect_expires_at: reconnect.as_ref().map(|issued| issued.expires_ms),
+        };
+        self.send(&ServerFrame::Welcome(welcome)).await?;
         tracing::debug!(user = ?identity.user, %replica, %db, "sync session opened");
 
         let mut notifications = self.state.subscribe(&db, info.update_seq);
@@ -238,7 +242,7 @@ impl Session {
         // going to read everything up to then anyway, and a client that stopped reading (a
         // backgrounded app) then costs nothing per write, however busy the database.
         let mut armed = true;
-        // Requests being answered: whether each is a `changes` read, and its response.
+        // Requests being answered: the last sequence a `changes` read, and the response.
         let mut in_flight = FuturesUnordered::new();
         loop {
             // A session waiting on its own requests is not idle.
@@ -254,41 +258,47 @@ impl Session {
                     armed &= !self.announce(&mut notifications, &mut announced).await?;
                 }
                 Some((read_changes, response)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let response: Value = response;
-                    if read_changes {
+                    let (read_changes, response): (Option<u64>, ServerFrame) = (read_changes, response);
+                    if let Some(read) = read_changes {
                         armed = true;
                         // What the response carries needs no announcement: announcing it
                         // would wake the client for nothing and disarm the session before the
                         // write that matters.
-                        if let (Some(last), Some(read)) =
-                            (announced, response["result"]["last_seq"].as_u64())
-                        {
+                        if let Some(last) = announced {
                             announced = Some(last.max(read));
                         }
                     }
                     self.send(&response).await?;
                 }
-                frame = self.receive(idle_timeout), if in_flight.len() < MAX_IN_FLIGHT => {
-                    let Some(frame) = frame? else { return Ok(()) };
-                    match frame["type"].as_str() {
-                        Some("request") => {
+                incoming = self.receive(idle_timeout), if in_flight.len() < MAX_IN_FLIGHT => {
+                    match incoming? {
+                        Incoming::Closed => return Ok(()),
+                        // A request the server cannot carry out is an error, not a close.
+                        Incoming::Invalid(FrameError::InvalidRequest { id, detail }) => {
+                            let response = ServerFrame::Response {
+                                id,
+                                result: None,
+                                error: Some(wire_error(&ApiError::bad_request(detail))),
+                            };
+                            self.send(&response).await?;
+                        }
+                        Incoming::Invalid(error) => {
+                            return self.refuse(ApiError::bad_request(error.to_string())).await;
+                        }
+                        Incoming::Frame(ClientFrame::Request { id, op }) => {
                             let state = self.state.clone();
                             let db = db.clone();
-                            let read_changes = frame["op"] == "changes";
-                            in_flight.push(async move {
-                                (read_changes, answer(&state, &db, frame).await)
-                            });
+                            in_flight.push(async move { answer(&state, &db, id, op).await });
                         }
-                        Some("subscribe") => {
-                            let since = frame["since"].as_u64().unwrap_or(0);
+                        Incoming::Frame(ClientFrame::Subscribe { since }) => {
                             announced = Some(since);
                             armed = !self.announce(&mut notifications, &mut announced).await?;
                         }
-                        Some("unsubscribe") => announced = None,
-                        Some("ping") => self.send(&json!({"type": "pong"})).await?,
-                        _ => {
+                        Incoming::Frame(ClientFrame::Unsubscribe) => announced = None,
+                        Incoming::Frame(ClientFrame::Ping) => self.send(&ServerFrame::Pong).await?,
+                        Incoming::Frame(ClientFrame::Hello(_)) => {
                             return self
-                                .refuse(ApiError::bad_request("unknown message type"))
+                                .refuse(ApiError::bad_request("hello was already said"))
                                 .await;
                         }
                     }
@@ -308,8 +318,7 @@ impl Session {
             && latest > last
         {
             *announced = Some(latest);
-            self.send(&json!({"type": "changed", "seq": latest}))
-                .await?;
+            self.send(&ServerFrame::Changed { seq: latest }).await?;
             return Ok(true);
         }
         Ok(false)
@@ -321,25 +330,24 @@ impl Session {
 async fn authenticate(
     state: &AppState,
     upgraded_as: Option<Identity>,
-    auth: &Value,
+    auth: HelloAuth,
     replica: &str,
 ) -> ApiResult<(Identity, Option<IssuedToken>)> {
     if !state.auth().config().required {
         return Ok((Identity::anonymous_admin(), None));
     }
     let replica = replica.to_owned();
-    let field = |name: &str| auth[name].as_str().map(str::to_owned);
-    if let Some(token) = field("reconnect_token") {
+    if let Some(token) = auth.reconnect_token {
         let (identity, next) = state
             .authenticate(move |auth| auth.resume(&token, &replica))
             .await?;
         return Ok((identity, Some(next)));
     }
-    let identity = if let Some(token) = field("token") {
+    let identity = if let Some(token) = auth.token {
         state
             .authenticate(move |auth| auth.verify_access_token(&token))
             .await?
-    } else if let (Some(name), Some(password)) = (field("name"), field("password")) {
+    } else if let (Some(name), Some(password)) = (auth.name, auth.password) {
         state
             .authenticate(move |auth| auth.verify_password(&name, &password))
             .await?
@@ -357,122 +365,125 @@ async fn authenticate(
     Ok((identity, Some(first)))
 }
 
-/// The response to one request frame.
-async fn answer(state: &AppState, db: &str, frame: Value) -> Value {
-    let id = frame["id"].clone();
-    match operation(state, db, frame).await {
-        Ok(result) => json!({"type": "response", "id": id, "result": result}),
-        Err(error) => json!({"type": "response", "id": id, "error": error_json(&error)}),
+/// The response to one request, and the sequence a `changes` read up to.
+async fn answer(state: &AppState, db: &str, id: u64, op: Op) -> (Option<u64>, ServerFrame) {
+    let reads_changes = matches!(op, Op::Changes { .. });
+    let handled = state
+        .with_endpoint(db, move |endpoint| handle_request(endpoint, op))
+        .await;
+    match handled {
+        Ok(result) => {
+            let read = reads_changes.then(|| result["last_seq"].as_u64()).flatten();
+            let response = ServerFrame::Response {
+                id,
+                result: Some(result),
+                error: None,
+            };
+            (read, response)
+        }
+        Err(error) => {
+            let response = ServerFrame::Response {
+                id,
+                result: None,
+                error: Some(wire_error(&error)),
+            };
+            (reads_changes.then_some(0), response)
+        }
     }
 }
 
-/// Carries out one request on the database's replica endpoint (the same calls as the HTTP
-/// routes make).
-async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Value> {
-    let frame = &mut frame;
-    match frame["op"].as_str().unwrap_or_default() {
-        "get_checkpoint" => {
-            let id = checkpoint_id(frame)?;
-            let checkpoint = state
-                .with_endpoint(db, move |endpoint| endpoint.checkpoint(&id))
-                .await?;
-            Ok(serde_json::to_value(checkpoint).expect("checkpoints serialize"))
+fn to_result(result: impl serde::Serialize) -> Value {
+    serde_json::to_value(result).expect("results serialize")
+}
+
+/// Carries out one session request on a database's replica endpoint and returns its result
+/// (`docs/protocol.md`): the synchronous part of the session, run on a blocking thread. Public
+/// so the fuzz targets run exactly what the server runs.
+pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
+    match op {
+        Op::GetCheckpoint { checkpoint_id } => {
+            let id = non_empty(checkpoint_id)?;
+            Ok(to_result(endpoint.checkpoint(&id)?))
         }
-        "put_checkpoint" => {
-            let id = checkpoint_id(frame)?;
-            let checkpoint: Checkpoint = serde_json::from_value(frame["checkpoint"].take())
-                .map_err(|error| {
-                    ApiError::bad_request(format!("put_checkpoint needs a checkpoint: {error}"))
-                })?;
-            state
-                .with_endpoint(db, move |endpoint| {
-                    endpoint.put_checkpoint(&id, &checkpoint)
-                })
-                .await?;
+        Op::PutCheckpoint {
+            checkpoint_id,
+            checkpoint,
+        } => {
+            let id = non_empty(checkpoint_id)?;
+            endpoint.put_checkpoint(&id, &checkpoint)?;
             Ok(json!({}))
         }
-        "changes" => {
-            let since = frame["since"].as_u64().unwrap_or(0);
-            let limit = frame["limit"].as_u64().map_or(usize::MAX, |limit| {
+        Op::Changes {
+            since,
+            limit,
+            doc_ids,
+            selector,
+        } => {
+            let limit = limit.map_or(usize::MAX, |limit| {
                 usize::try_from(limit).unwrap_or(usize::MAX)
             });
-            let filter = if let Some(ids) = frame.get("doc_ids") {
-                let ids = ids
-                    .as_array()
-                    .ok_or_else(|| ApiError::bad_request("doc_ids must be an array"))?
-                    .iter()
-                    .filter_map(|id| id.as_str().map(str::to_owned));
-                ChangesFilter::doc_ids(ids)
-            } else if let Some(selector) = frame.get_mut("selector") {
-                ChangesFilter::selector(selector.take())
-                    .map_err(|error| ApiError::bad_request(error.to_string()))?
-            } else {
-                ChangesFilter::all()
+            let filter = match (doc_ids, selector) {
+                (Some(ids), _) => ChangesFilter::doc_ids(ids),
+                (None, Some(selector)) => ChangesFilter::selector(selector)
+                    .map_err(|error| ApiError::bad_request(error.to_string()))?,
+                (None, None) => ChangesFilter::all(),
             };
-            let request = ChangesRequest::replication_page(since, limit, filter);
-            let page = page(state, db, &request, since, limit).await?;
-            Ok(page_json(&page, &request))
-        }
-        "revs_diff" => {
-            let Some(Value::Object(map)) = frame.get("revs") else {
-                return Err(ApiError::bad_request("revs_diff needs a revs object"));
-            };
-            let asked: Vec<(String, Vec<Rev>)> = map
-                .iter()
-                .map(|(doc_id, revs)| Ok((doc_id.clone(), parse_rev_list(revs)?)))
-                .collect::<ApiResult<_>>()?;
-            let answers = state
-                .with_endpoint(db, move |endpoint| endpoint.revs_diff(&asked))
-                .await?;
-            let missing: Map<String, Value> = answers
+            let page = endpoint.changes(since, limit, &filter, false)?;
+            let pending = page.pending();
+            let results = page
+                .changes
                 .into_iter()
-                .map(|(doc_id, diff)| {
-                    (
-                        doc_id,
-                        diff.missing
-                            .iter()
-                            .map(|rev| Value::String(rev.to_string()))
-                            .collect(),
-                    )
+                .map(|change| ChangeEntry {
+                    seq: change.seq,
+                    // The winner first, then the other leaves, as CouchDB lists them.
+                    changes: std::iter::once(change.rev.clone())
+                        .chain(
+                            change
+                                .leaves
+                                .into_iter()
+                                .map(|leaf| leaf.rev)
+                                .filter(|rev| *rev != change.rev),
+                        )
+                        .map(|rev| RevEntry { rev })
+                        .collect(),
+                    id: change.doc_id,
+                    deleted: change.deleted,
                 })
                 .collect();
-            Ok(Value::Object(missing))
+            Ok(to_result(ChangesResult {
+                results,
+                last_seq: page.last_seq,
+                pending,
+            }))
         }
-        "bulk_get" => {
-            let requests = frame["docs"]
-                .as_array()
-                .ok_or_else(|| ApiError::bad_request("bulk_get needs docs"))?;
-            let wanted: Vec<(String, Rev)> = requests
-                .iter()
-                .map(|request| {
-                    let id = request["id"]
-                        .as_str()
-                        .ok_or_else(|| ApiError::bad_request("each doc needs an id"))?;
-                    let rev = parse_rev(request["rev"].as_str().unwrap_or_default())?;
-                    Ok((id.to_owned(), rev))
-                })
-                .collect::<ApiResult<_>>()?;
-            let found = state
-                .with_endpoint(db, move |endpoint| {
-                    let stored = endpoint.fetch(&wanted)?;
-                    Ok::<_, EndpointError>(wanted.into_iter().zip(stored).collect::<Vec<_>>())
-                })
-                .await?;
-            let mut docs = Vec::new();
-            let mut missing = Vec::new();
-            for ((id, rev), stored) in found {
+        Op::RevsDiff { revs } => {
+            let asked: Vec<(String, Vec<Rev>)> = revs.into_iter().collect();
+            let missing: BTreeMap<String, Vec<Rev>> = endpoint
+                .revs_diff(&asked)?
+                .into_iter()
+                .map(|(doc_id, diff)| (doc_id, diff.missing))
+                .collect();
+            Ok(to_result(missing))
+        }
+        Op::BulkGet { docs } => {
+            let wanted: Vec<(String, Rev)> = docs
+                .into_iter()
+                .map(|wanted| (wanted.id, wanted.rev))
+                .collect();
+            let stored = endpoint.fetch(&wanted)?;
+            let mut result = BulkGetResult {
+                docs: Vec::new(),
+                missing: Vec::new(),
+            };
+            for ((id, rev), stored) in wanted.into_iter().zip(stored) {
                 match stored {
-                    Some(stored) => docs.push(revision_document(&stored, true, true)),
-                    None => missing.push(json!({"id": id, "rev": rev.to_string()})),
+                    Some(stored) => result.docs.push(revision_document(&stored, true, true)),
+                    None => result.missing.push(RevRef { id, rev }),
                 }
             }
-            Ok(json!({"docs": docs, "missing": missing}))
+            Ok(to_result(result))
         }
-        "bulk_docs" => {
-            // Taken out of the frame, not copied: the bodies become the stored revisions.
-            let Value::Array(docs) = frame["docs"].take() else {
-                return Err(ApiError::bad_request("bulk_docs needs docs"));
-            };
+        Op::BulkDocs { docs } => {
             // A revision that cannot be read is a broken client: refuse the request.
             let revisions = docs
                 .into_iter()
@@ -481,33 +492,31 @@ async fn operation(state: &AppState, db: &str, mut frame: Value) -> ApiResult<Va
                         .map_err(|error| ApiError::bad_request(error.to_string()))
                 })
                 .collect::<ApiResult<Vec<_>>>()?;
-            let outcome = state
-                .with_endpoint(db, move |endpoint| endpoint.write_revisions(revisions))
-                .await?;
-            let acks: Vec<Value> = outcome
+            let outcome = endpoint.write_revisions(revisions)?;
+            let acks = outcome
                 .acks
                 .into_iter()
-                .map(|ack| match ack.refused {
-                    None => json!({"id": ack.doc_id, "rev": ack.rev.to_string(), "ok": true}),
-                    Some(refused) => {
-                        let error = ApiError::from(refused);
-                        json!({
-                            "id": ack.doc_id, "rev": ack.rev.to_string(),
-                            "error": error.error, "reason": error.reason,
-                        })
+                .map(|ack| {
+                    let refused = ack.refused.map(ApiError::from);
+                    Ack {
+                        id: ack.doc_id,
+                        rev: ack.rev,
+                        ok: refused.is_none(),
+                        error: refused.as_ref().map(|error| error.error.to_owned()),
+                        reason: refused.map(|error| error.reason),
                     }
                 })
                 .collect();
-            Ok(json!({ "acks": acks }))
+            Ok(to_result(BulkDocsResult { acks }))
         }
-        other => Err(ApiError::bad_request(format!("unknown op {other:?}"))),
     }
 }
 
-fn checkpoint_id(frame: &Value) -> ApiResult<String> {
-    frame["checkpoint_id"]
-        .as_str()
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned)
-        .ok_or_else(|| ApiError::bad_request("checkpoint_id must be a non-empty string"))
+fn non_empty(checkpoint_id: String) -> ApiResult<String> {
+    if checkpoint_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "checkpoint_id must be a non-empty string",
+        ));
+    }
+    Ok(checkpoint_id)
 }
