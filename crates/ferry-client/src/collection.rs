@@ -408,29 +408,43 @@ impl<T: Serialize + DeserializeOwned> Query<T> {
 
 /// A stream that reads a value now and after every change of the replica, and yields it
 /// whenever its `key` (what identifies the version shown) differs from the last one yielded.
+/// The reads are store calls: they run on tokio's blocking threads, not on the executor.
 pub(crate) fn watch_values<K: PartialEq + Send + 'static, V: Send + 'static>(
     ferry: Ferry,
-    read: impl Fn() -> Result<(K, V), ClientError> + Send + 'static,
+    read: impl Fn() -> Result<(K, V), ClientError> + Send + Sync + 'static,
 ) -> impl Stream<Item = Result<V, ClientError>> {
     let changes = ferry.subscribe();
+    let read = std::sync::Arc::new(read);
     futures_util::stream::unfold(
-        (changes, None::<K>, read, true),
-        |(mut changes, last, read, first)| async move {
-            let mut last = last;
-            let mut first = first;
-            loop {
-                if !first && changes.changed().await.is_err() {
-                    return None;
-                }
-                first = false;
-                match read() {
-                    Ok((key, value)) => {
-                        if last.as_ref() != Some(&key) {
-                            return Some((Ok(value), (changes, Some(key), read, false)));
-                        }
-                        last = Some(key);
+        (changes, None::<K>, true),
+        move |(mut changes, last, first)| {
+            let (ferry, read) = (ferry.clone(), read.clone());
+            async move {
+                // A stream made outside a runtime starts the cross-process poller here.
+                ferry.ensure_poller();
+                let mut last = last;
+                let mut first = first;
+                loop {
+                    if !first && changes.changed().await.is_err() {
+                        return None;
                     }
-                    Err(error) => return Some((Err(error), (changes, last, read, false))),
+                    first = false;
+                    let read = read.clone();
+                    let outcome = match tokio::task::spawn_blocking(move || read()).await {
+                        Ok(outcome) => outcome,
+                        Err(error) => Err(ClientError::Sync(ferry_sync::SyncError::Task(
+                            error.to_string(),
+                        ))),
+                    };
+                    match outcome {
+                        Ok((key, value)) => {
+                            if last.as_ref() != Some(&key) {
+                                return Some((Ok(value), (changes, Some(key), false)));
+                            }
+                            last = Some(key);
+                        }
+                        Err(error) => return Some((Err(error), (changes, last, false))),
+                    }
                 }
             }
         },

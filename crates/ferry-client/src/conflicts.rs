@@ -71,6 +71,7 @@ pub type CustomResolver = Arc<dyn Fn(&Conflict<Value>) -> Option<Value> + Send +
 
 /// How a collection's conflicts are resolved on this replica.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub enum ConflictPolicy {
     /// Left for the application ([`Collection::resolve`]). The default.
     #[default]
@@ -131,6 +132,7 @@ impl From<Policy> for ConflictPolicy {
 
 /// Something that happened to a conflict on this replica.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum ConflictEvent {
     /// A document got concurrent versions that no policy resolved.
     Appeared {

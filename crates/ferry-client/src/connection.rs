@@ -30,6 +30,7 @@ use crate::{ClientError, Ferry};
 
 /// How a replica authenticates to the server.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Credentials {
     /// A user name and password (checked by the server with argon2; sent only inside the
     /// session's `hello`).
@@ -568,7 +569,13 @@ impl Ferry {
     /// returned handle is dropped. Interruptions are retried as [`SyncOptions::reconnect`]
     /// says; watch [`Ferry::connection_events`] to follow them. Local writes keep working
     /// whatever the connection does.
+    ///
+    /// Must be called inside a tokio runtime (the sync runs as a task on it); outside one it
+    /// fails with [`ClientError::NoRuntime`].
     pub fn start_sync(&self, options: SyncOptions) -> Result<SyncHandle, ClientError> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(ClientError::NoRuntime);
+        };
         // Fail now, not in the background, on a URL or replica that can never work.
         let local = self.local_peer()?.with_wakeup(self.subscribe());
         let (remote, auth) = self.session_peer(&options)?;
@@ -581,7 +588,7 @@ impl Ferry {
             return Err(ClientError::AlreadySyncing);
         }
         let ferry = self.clone();
-        let task = tokio::spawn(async move {
+        let task = runtime.spawn(async move {
             // Held until the task ends (or the process dies, when the OS releases it).
             let _leadership = ferry.become_sync_leader().await;
             ferry.sync_loop(options, local, remote, auth).await;

@@ -14,6 +14,14 @@
 //! [`SyncOptions`] for credentials, the fallback authentication callback and offline
 //! subscriptions.
 //!
+//! **Blocking calls.** The local API (`Collection`'s reads and writes, queries, conflicts,
+//! [`Ferry::status`]) is synchronous: each call is a SQLite transaction, and each write waits
+//! for its commit to reach the disk (an fsync) before it returns, so a saved write survives a
+//! crash or power loss. That takes microseconds to a few milliseconds; in async code, call
+//! batches of them through `tokio::task::spawn_blocking` when latency matters. What the SDK
+//! does in the background (syncing, resolving pulled conflicts) runs on tokio's blocking
+//! threads.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), ferry_client::ClientError> {
 //! use ferry_client::{Credentials, Ferry, SyncOptions};
@@ -55,7 +63,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_core::hlc::Timestamp;
 use ferry_core::model::Limits;
 use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{Endpoint, EndpointConfig, EndpointError, Fanout};
@@ -77,7 +84,9 @@ pub use conflicts::{
 pub use connection::{
     AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
 };
+pub use ferry_core::hlc::Timestamp;
 pub use ferry_core::resolve::{Method as ResolutionMethod, Overridden, ResolutionRecord};
+pub use ferry_core::rev::Rev;
 pub use offline::OfflineSubscription;
 
 /// How often a replica looks for changes written by other processes on the same file.
@@ -136,6 +145,11 @@ pub enum ClientError {
     /// [`Ferry::start_sync`] was called while a sync it started is still running.
     #[error("this replica is already syncing; drop its SyncHandle first")]
     AlreadySyncing,
+    /// [`Ferry::start_sync`] was called outside a tokio runtime, which the sync runs on.
+    #[error(
+        "start_sync needs a tokio runtime: call it from async code (inside #[tokio::main] or Runtime::block_on)"
+    )]
+    NoRuntime,
 }
 
 impl From<EndpointError> for ClientError {
@@ -161,6 +175,7 @@ pub struct SyncCounts {
 
 /// Where one document stands with respect to the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DocumentStatus {
     /// Changed locally; the server has not acknowledged it yet.
     Pending,
@@ -195,7 +210,9 @@ struct Inner {
     endpoint: EndpointConfig,
     /// The replica's latest sequence, as last observed; watchers wait on it.
     changes: watch::Sender<u64>,
-    poller_started: std::sync::Once,
+    /// Whether the cross-process poller runs (started by the first `subscribe` made inside a
+    /// runtime).
+    poller_started: std::sync::atomic::AtomicBool,
     connection: Arc<connection::ConnectionShared>,
     conflicts: conflicts::ConflictState,
     /// Bumped whenever this process changes the offline subscriptions.
@@ -291,7 +308,7 @@ impl Ferry {
                     ..EndpointConfig::default()
                 },
                 changes: watch::channel(update_seq).0,
-                poller_started: std::sync::Once::new(),
+                poller_started: std::sync::atomic::AtomicBool::new(false),
                 connection: Arc::new(connection::ConnectionShared::new()),
                 conflicts: conflicts::ConflictState::new(),
                 subscriptions_changed: watch::channel(0).0,
@@ -426,19 +443,33 @@ impl Ferry {
     /// A receiver woken whenever the replica's sequence moves, whoever wrote: this process,
     /// sync, or another process on the same file (noticed by a poller started on first use).
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.inner.poller_started.call_once(|| {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-                runtime.spawn(async move {
-                    loop {
-                        tokio::time::sleep(CROSS_PROCESS_POLL).await;
-                        let Some(inner) = weak.upgrade() else { break };
-                        Ferry { inner }.notify_changed();
-                    }
-                });
-            }
-        });
+        self.ensure_poller();
         self.inner.changes.subscribe()
+    }
+
+    /// Starts the poller that notices other processes' writes, if it does not run yet and
+    /// this is called inside a runtime (outside one, a later call inside one starts it).
+    pub(crate) fn ensure_poller(&self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && !self
+                .inner
+                .poller_started
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(CROSS_PROCESS_POLL).await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    // Reading the sequence is a store call: not on the executor.
+                    let read =
+                        tokio::task::spawn_blocking(move || Ferry { inner }.notify_changed());
+                    if read.await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -230,3 +230,43 @@ async fn live_queries_follow_writes_from_another_handle_on_the_same_file() {
     todos.patch("x", &json!({"done": true})).unwrap();
     assert!(next(&mut open_todos).await.unwrap().is_empty());
 }
+
+/// Sync runs on a tokio runtime; asking for it outside one is a clear error, not a panic.
+#[test]
+fn starting_sync_outside_a_runtime_is_a_clear_error() {
+    let ferry = Ferry::temporary("ann").unwrap();
+    let started = ferry.start_sync(ferry_client::SyncOptions::new("http://127.0.0.1:9/db"));
+    assert!(
+        matches!(started, Err(ClientError::NoRuntime)),
+        "{:?}",
+        started.err()
+    );
+}
+
+/// A watch stream built before any runtime exists (in setup code) still hears the writes
+/// another process makes on the same replica once it is polled inside one.
+#[test]
+fn a_watch_made_outside_a_runtime_still_sees_another_process_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let ferry = open(&dir);
+    let watch = ferry.collection::<Todo>("todos").watch("a");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut watch = std::pin::pin!(watch);
+        let first = watch.next().await.unwrap().unwrap();
+        assert!(first.is_none(), "nothing yet");
+        // Another handle on the same file: its writes wake only its own watchers, so the
+        // first one hears of them by polling the file, as it would another process's.
+        let other = open(&dir);
+        other
+            .collection::<Todo>("todos")
+            .insert_with_id("a", &todo("from elsewhere"))
+            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("the other writer's document was noticed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.unwrap().value, todo("from elsewhere"));
+    });
+}
