@@ -182,9 +182,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// How many changes one scan step reads.
-const SCAN_PAGE: usize = 500;
-
 fn own_id(collection: &str, doc_id: &str) -> String {
     doc_id
         .strip_prefix(collection)
@@ -250,30 +247,10 @@ impl Ferry {
     /// batch brings as it stores it; call this after opening a replica or changing a policy to
     /// apply the policies to what is there. Returns how many conflicts were resolved.
     pub fn resolve_conflicts(&self) -> Result<usize, ClientError> {
-        let db = self.database();
-        let mut resolved = 0;
-        loop {
-            let since = *lock(&self.inner.conflicts.scanned);
-            let changes = db.changes(since, SCAN_PAGE, false)?;
-            let Some(last) = changes.last().map(|change| change.seq) else {
-                break;
-            };
-            for change in &changes {
-                let live = change.leaves.iter().filter(|leaf| !leaf.deleted).count();
-                if live >= 2 && self.resolve_automatically(&change.doc_id)?.is_some() {
-                    resolved += 1;
-                }
-            }
-            // Resolutions add changes past `last`; the next page examines them (no conflict).
-            let mut scanned = lock(&self.inner.conflicts.scanned);
-            *scanned = (*scanned).max(last);
-            if changes.len() < SCAN_PAGE {
-                break;
-            }
-        }
-        if resolved > 0 {
-            self.notify_changed();
-        }
+        let since = *lock(&self.inner.conflicts.scanned);
+        let (through, resolved) = self.endpoint(|endpoint| endpoint.settle_conflicts(since))?;
+        let mut scanned = lock(&self.inner.conflicts.scanned);
+        *scanned = (*scanned).max(through);
         Ok(resolved)
     }
 

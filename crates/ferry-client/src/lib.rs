@@ -409,12 +409,14 @@ impl Ferry {
         work: impl FnOnce(&Endpoint<'_>) -> Result<T, EndpointError>,
     ) -> Result<T, ClientError> {
         let fanout = Watchers(Arc::downgrade(&self.inner));
+        let resolver = conflicts::PolicyResolver(Arc::downgrade(&self.inner));
         let endpoint = Endpoint::new(
             &*self.inner.db,
             &self.inner.endpoint,
             &self.inner.clock,
             &fanout,
-        );
+        )
+        .resolving_by(&resolver);
         Ok(work(&endpoint)?)
     }
 

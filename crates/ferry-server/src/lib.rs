@@ -365,6 +365,55 @@ fn server_uuid(data_dir: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// The local document recording the sequence through which a database's conflicts were last
+/// settled at start-up.
+const SETTLED_THROUGH: &str = "ferry-settled-through";
+
+/// Resolves what a crash may have left unresolved: a batch of replicated revisions commits
+/// before its conflicts are resolved, so a server killed in between restarts with them.
+/// Every database's changes since the last start-up are examined by the conflict policies
+/// (in the background: requests are served meanwhile, and resolutions are idempotent).
+async fn settle_after_restart(state: AppState) {
+    if !state.conflict_policies().any_automatic() {
+        return;
+    }
+    let names = match state.run(|backend| backend.database_names()).await {
+        Ok(names) => names,
+        Err(error) => {
+            tracing::warn!(reason = %error.reason, "could not list databases to settle");
+            return;
+        }
+    };
+    for name in names {
+        let settled = state
+            .with_endpoint(&name, |endpoint| {
+                let db = endpoint.database();
+                let marker = db.get_local(SETTLED_THROUGH)?;
+                let since = marker
+                    .as_ref()
+                    .and_then(|marker| marker.body.get("seq")?.as_u64())
+                    .unwrap_or(0);
+                let (through, resolved) = endpoint.settle_conflicts(since)?;
+                let body = serde_json::json!({ "seq": through });
+                let serde_json::Value::Object(body) = body else {
+                    unreachable!("an object")
+                };
+                db.put_local(SETTLED_THROUGH, marker.map(|marker| marker.rev), Some(body))?;
+                Ok::<_, ferry_store::endpoint::EndpointError>(resolved)
+            })
+            .await;
+        match settled {
+            Ok(0) => {}
+            Ok(resolved) => {
+                tracing::info!(db = %name, resolved, "conflicts left by a crash resolved")
+            }
+            Err(error) => {
+                tracing::warn!(db = %name, reason = %error.reason, "could not settle conflicts")
+            }
+        }
+    }
+}
+
 /// Runs the server until `shutdown` completes.
 pub async fn serve(
     config: ServerConfig,
@@ -381,6 +430,7 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = open_state(&config)?;
+    tokio::spawn(settle_after_restart(state.clone()));
     tracing::info!(
         address = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),

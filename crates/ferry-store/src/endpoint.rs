@@ -506,6 +506,7 @@ impl<'a> Endpoint<'a> {
         written.sort();
         written.dedup();
         outcome.report = self.db.write_revisions(admitted, self.clock.now())?;
+        failpoint::reached(failpoint::BEFORE_RESOLVING);
         if self.resolver.resolves_anything() {
             for doc_id in &written {
                 if let Some(record) = self.resolver.resolve(self.db, doc_id)? {
@@ -591,5 +592,40 @@ impl<'a> Endpoint<'a> {
             self.fanout.committed(update_seq, &[doc_id.to_owned()]);
         }
         Ok(resolved)
+    }
+
+    /// Resolves, by the replica's resolver, the conflicts among the documents changed after
+    /// sequence `since` (a replica opened again, a policy changed, a crash between a batch
+    /// and its resolutions), scanning [`SCAN_CHUNK`] changes at a time. Returns the sequence
+    /// it examined through (continue from there next time) and how many conflicts it
+    /// resolved.
+    pub fn settle_conflicts(&self, since: u64) -> Result<(u64, usize), EndpointError> {
+        let mut cursor = since;
+        let mut resolved = 0;
+        if !self.resolver.resolves_anything() {
+            return Ok((self.db.info()?.update_seq, 0));
+        }
+        loop {
+            let changes = self.db.changes(cursor, SCAN_CHUNK, false)?;
+            let Some(last) = changes.last().map(|change| change.seq) else {
+                break;
+            };
+            for change in &changes {
+                let live = change.leaves.iter().filter(|leaf| !leaf.deleted).count();
+                if live >= 2 && self.resolver.resolve(self.db, &change.doc_id)?.is_some() {
+                    resolved += 1;
+                }
+            }
+            // Resolutions add changes past `last`; the next chunk examines them (settled).
+            cursor = cursor.max(last);
+            if changes.len() < SCAN_CHUNK {
+                break;
+            }
+        }
+        if resolved > 0 {
+            let update_seq = self.db.info()?.update_seq;
+            self.fanout.committed(update_seq, &[]);
+        }
+        Ok((cursor, resolved))
     }
 }

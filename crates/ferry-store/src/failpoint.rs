@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const AFTER_COMMIT_BEFORE_ACK: &str = "after_commit_before_ack";
 /// Server: a checkpoint arrived for a batch already committed; it is not stored yet.
 pub const BEFORE_CHECKPOINT: &str = "before_checkpoint";
+/// After a batch of replicated revisions committed, before the conflicts it created are
+/// resolved (a crash here leaves them for the start-up repair).
+pub const BEFORE_RESOLVING: &str = "before_resolving";
 /// Client: the server acknowledged a batch; the outbox does not record it yet.
 pub const BEFORE_RECORDING_ACK: &str = "before_recording_ack";
 

@@ -293,3 +293,79 @@ async fn a_server_killed_anywhere_keeps_every_acknowledged_write_once() {
     .unwrap();
     assert_eq!(db.info().unwrap().doc_count, everything.len() as u64);
 }
+
+/// A batch of replicated revisions commits before the conflicts it created are resolved. A
+/// server killed in between restarts with an unresolved conflict on its disk; it resolves it
+/// by its policy after starting, without any client writing to the document again.
+#[tokio::test]
+async fn a_server_killed_between_a_batch_and_its_resolutions_resolves_them_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server =
+        ServerProcess::start(dir.path(), &["--conflict-policy", "todos=last-write-wins"]);
+    let client = reqwest::Client::new();
+    let base = server.bare_url.clone();
+    let url = |path: &str| format!("{base}/{DB}{path}");
+    let created = client
+        .put(url(""))
+        .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{created:?}");
+    let frozen = server.restart_armed(Some(ferry_store::failpoint::BEFORE_RESOLVING));
+    // Two concurrent branches of one document in one batch: a conflict to resolve.
+    let batch = json!({"new_edits": false, "docs": [
+        {"_id": "todos:x", "_rev": "2-bb", "_revisions": {"start": 2, "ids": ["bb", "aa"]}, "v": "b"},
+        {"_id": "todos:x", "_rev": "2-cc", "_revisions": {"start": 2, "ids": ["cc", "aa"]}, "v": "c"},
+    ]});
+    // A new client: the first one's pooled connection died with the first server process.
+    let push = tokio::spawn(
+        reqwest::Client::new()
+            .post(url("/_bulk_docs"))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+            .json(&batch)
+            .send(),
+    );
+    let froze = tokio::task::spawn_blocking(move || frozen.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    if froze.is_err() {
+        panic!(
+            "the server did not freeze after the batch: {:?}",
+            push.await
+        );
+    }
+    server.kill();
+    assert!(
+        push.await.unwrap().is_err(),
+        "the batch was never acknowledged"
+    );
+
+    let file = dir.path().join(format!("{DB}.sqlite"));
+    let on_disk = || {
+        SqliteDatabase::open(&file, DB, StoreConfig::default())
+            .unwrap()
+            .conflict("todos:x")
+            .unwrap()
+    };
+    assert!(
+        on_disk().is_some(),
+        "the crash left the conflict unresolved"
+    );
+    server.restart();
+    wait_until(
+        30,
+        Duration::from_millis(20),
+        "the conflict resolved after restart",
+        || on_disk().is_none(),
+    );
+    let records = SqliteDatabase::open(&file, DB, StoreConfig::default())
+        .unwrap()
+        .resolutions("todos:x")
+        .unwrap();
+    assert_eq!(
+        records.len(),
+        1,
+        "resolved once, by the policy: {records:?}"
+    );
+}
