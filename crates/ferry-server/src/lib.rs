@@ -1,6 +1,7 @@
 //! The Ferry sync server: the CouchDB replication protocol over HTTP, on top of `ferry-store`.
 //!
-//! [`serve`] binds a listener and runs [`router`] until shutdown. Every route handler is a thin
+//! [`serve`] binds a listener and runs [`router`] until shutdown, terminating TLS itself when
+//! [`ServerConfig::tls`] is set ([`TlsConfig`]). Every route handler is a thin
 //! shell: it parses the request (`params`), calls the store on a blocking thread
 //! ([`AppState::run`]), and writes CouchDB-shaped JSON through `ferry_core::couch`. Handlers
 //! are grouped by what they serve: `routes::server` (`/`, `/_all_dbs`, `/health`),
@@ -39,9 +40,11 @@ pub mod auth;
 pub mod error;
 pub mod params;
 mod routes;
+mod tls;
 
 use auth::{Auth, AuthConfig};
 use error::{ApiError, ApiResult};
+pub use tls::{TlsConfig, TlsConfigError};
 
 /// The default listen address: loopback only, so a fresh server is not exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5984";
@@ -67,6 +70,9 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// How each collection's conflicts are resolved when replicated revisions create them.
     pub conflict_policies: ferry_core::resolve::Policies,
+    /// Serve HTTPS and WSS with this certificate instead of plain HTTP (`None`: plain, for
+    /// loopback or behind a TLS-terminating proxy).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +87,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             max_sessions: 20_000,
             conflict_policies: ferry_core::resolve::Policies::default(),
+            tls: None,
         }
     }
 }
@@ -372,7 +379,8 @@ pub async fn serve(
     serve_on(listener, config, shutdown).await
 }
 
-/// Runs the server on an already bound listener (tests bind `127.0.0.1:0`).
+/// Runs the server on an already bound listener (tests bind `127.0.0.1:0`), over TLS when
+/// `config.tls` is set.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     config: ServerConfig,
@@ -382,8 +390,15 @@ pub async fn serve_on(
     tracing::info!(
         address = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
+        tls = config.tls.is_some(),
         "ferry server listening"
     );
+    if let Some(tls) = &config.tls {
+        let listener = tls::TlsListener::new(listener, tls);
+        return axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+    }
     // Sync sessions exchange small frames; Nagle's algorithm would delay each by up to 40 ms.
     let listener = listener.tap_io(|stream| {
         if let Err(error) = stream.set_nodelay(true) {
