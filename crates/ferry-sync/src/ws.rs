@@ -204,25 +204,29 @@ impl WsPeer {
     }
 
     async fn open(&self) -> Result<Connection, SyncError> {
-        let (mut socket, _) = tokio::time::timeout(
+        // Connecting (TCP, TLS, the WebSocket upgrade) runs in a task of its own, which starts
+        // at the top of a worker thread's stack. Polled from here it would run below every
+        // future of the replication and the client's sync loop, which in unoptimized builds
+        // fill most of a 2 MiB stack: rustls' certificate checks overflowed it.
+        let url = self.session_url.to_string();
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let connecting = tokio::spawn(tokio::time::timeout(
             OPEN_TIMEOUT,
             // Nagle's algorithm would hold small frames back for tens of milliseconds.
-            tokio_tungstenite::connect_async_tls_with_config(
-                self.session_url.as_str(),
-                None,
-                true,
-                Some(tokio_tungstenite::Connector::Rustls(self.tls.clone())),
-            ),
-        )
-        .await
-        .map_err(|_| self.lost("timed out connecting"))?
-        .map_err(|error| match tls_problem(&error) {
-            Some(problem) => SyncError::Tls {
-                url: self.session_url.to_string(),
-                problem,
-            },
-            None => self.lost(format!("cannot connect: {error}")),
-        })?;
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)),
+        ));
+        let _abort_if_dropped = AbortOnDrop(connecting.abort_handle());
+        let (mut socket, _) = connecting
+            .await
+            .map_err(|error| self.lost(format!("the connecting task failed: {error}")))?
+            .map_err(|_| self.lost("timed out connecting"))?
+            .map_err(|error| match tls_problem(&error) {
+                Some(problem) => SyncError::Tls {
+                    url: self.session_url.to_string(),
+                    problem,
+                },
+                None => self.lost(format!("cannot connect: {error}")),
+            })?;
         let mut hello = json!({
             "type": "hello",
             "versions": VERSIONS,
@@ -318,6 +322,16 @@ impl WsPeer {
             url: self.session_url.to_string(),
             detail: detail.into(),
         }
+    }
+}
+
+/// Aborts a task when dropped, so that a cancelled open does not leave its connecting task
+/// behind.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
