@@ -15,13 +15,16 @@
 //! is never touched by any of this: pending writes wait for a session that is accepted.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_core::protocol::HelloAuth;
 use ferry_store::Replica;
-use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, WsPeer};
+use ferry_sync::{
+    LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, TlsOptions, WsPeer,
+};
 use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
@@ -133,11 +136,12 @@ pub struct SyncOptions {
     batch_size: usize,
     heartbeat: Option<(Duration, Duration)>,
     only_subscribed: bool,
+    ca_file: Option<PathBuf>,
 }
 
 impl SyncOptions {
     /// Sync with the server database at `url` (`http://host:port/db`; the session itself runs
-    /// over a WebSocket on the same host).
+    /// over a WebSocket on the same host, over TLS for `https://host:port/db`).
     pub fn new(url: impl Into<String>) -> SyncOptions {
         SyncOptions {
             url: url.into(),
@@ -147,6 +151,7 @@ impl SyncOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             heartbeat: None,
             only_subscribed: false,
+            ca_file: None,
         }
     }
 
@@ -199,6 +204,18 @@ impl SyncOptions {
     #[must_use]
     pub fn only_subscribed(mut self) -> SyncOptions {
         self.only_subscribed = true;
+        self
+    }
+
+    /// Trust the certificate authority (or the self-signed certificate) in the PEM file at
+    /// `path` for an `https://` server, in addition to the web's authorities: for servers
+    /// whose certificate a private authority issued. The file is read when syncing starts
+    /// ([`Ferry::start_sync`] and [`Ferry::sync_once`] fail if it is unreadable or holds no
+    /// certificate). A certificate that is still not trusted shows as
+    /// [`ConnectionState::Disconnected`] with a reason that says so.
+    #[must_use]
+    pub fn trust_ca_file(mut self, path: impl Into<PathBuf>) -> SyncOptions {
+        self.ca_file = Some(path.into());
         self
     }
 
@@ -644,6 +661,9 @@ impl Ferry {
     ) -> Result<(WsPeer, Arc<ClientAuth>), ClientError> {
         let replica_id = self.inner.db.info()?.replica_id;
         let mut peer = WsPeer::new(&options.url, &replica_id)?;
+        if let Some(ca_file) = &options.ca_file {
+            peer = peer.with_tls(&TlsOptions::trusting_ca_file(ca_file)?)?;
+        }
         if let Some((interval, silence_timeout)) = options.heartbeat {
             peer = peer.with_heartbeat(interval, silence_timeout);
         }

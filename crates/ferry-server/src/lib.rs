@@ -1,6 +1,7 @@
 //! The Ferry sync server: the CouchDB replication protocol over HTTP, on top of `ferry-store`.
 //!
-//! [`serve`] binds a listener and runs [`router`] until shutdown. Every route handler is a thin
+//! [`serve`] binds a listener and runs [`router`] until shutdown, terminating TLS itself when
+//! [`ServerConfig::tls`] is set ([`TlsConfig`]). Every route handler is a thin
 //! shell: it parses the request (`params`), calls the store on a blocking thread
 //! ([`AppState::run`]), and writes CouchDB-shaped JSON through `ferry_core::couch`. Handlers
 //! are grouped by what they serve: `routes::server` (`/`, `/_all_dbs`, `/health`),
@@ -40,6 +41,7 @@ pub mod auth;
 pub mod error;
 pub mod params;
 mod routes;
+mod tls;
 
 /// The sync session's request handler, synchronous (the fuzz targets run it as the server
 /// does).
@@ -49,6 +51,7 @@ pub mod session {
 
 use auth::{Auth, AuthConfig};
 use error::{ApiError, ApiResult};
+pub use tls::{TlsConfig, TlsConfigError};
 
 /// The default listen address: loopback only, so a fresh server is not exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5984";
@@ -77,6 +80,9 @@ pub struct ServerConfig {
     /// The time the server goes by (revision clocks, drift checks); the system's clock but in
     /// tests.
     pub wall_clock: Arc<dyn WallClock>,
+    /// Serve HTTPS and WSS with this certificate instead of plain HTTP (`None`: plain, for
+    /// loopback or behind a TLS-terminating proxy).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +98,7 @@ impl Default for ServerConfig {
             max_sessions: 20_000,
             conflict_policies: ferry_core::resolve::Policies::default(),
             wall_clock: Arc::new(SystemClock),
+            tls: None,
         }
     }
 }
@@ -423,7 +430,8 @@ pub async fn serve(
     serve_on(listener, config, shutdown).await
 }
 
-/// Runs the server on an already bound listener (tests bind `127.0.0.1:0`).
+/// Runs the server on an already bound listener (tests bind `127.0.0.1:0`), over TLS when
+/// `config.tls` is set.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     config: ServerConfig,
@@ -434,8 +442,15 @@ pub async fn serve_on(
     tracing::info!(
         address = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
+        tls = config.tls.is_some(),
         "ferry server listening"
     );
+    if let Some(tls) = &config.tls {
+        let listener = tls::TlsListener::new(listener, tls);
+        return axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+    }
     // Sync sessions exchange small frames; Nagle's algorithm would delay each by up to 40 ms.
     let listener = listener.tap_io(|stream| {
         if let Err(error) = stream.set_nodelay(true) {

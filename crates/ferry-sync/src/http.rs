@@ -10,6 +10,7 @@ use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
+use crate::tls::{TlsOptions, default_client_config, tls_problem};
 use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
@@ -20,7 +21,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A replication peer on a server database, such as `http://127.0.0.1:5984/notes`.
 ///
 /// Credentials in the URL (`http://user:password@host/db`) are sent with HTTP basic
-/// authentication and never appear in [`Peer::describe`], errors or logs.
+/// authentication and never appear in [`Peer::describe`], errors or logs. An `https://` URL
+/// is reached over TLS, trusting the web's certificate authorities and any added with
+/// [`HttpPeer::with_tls`].
 #[derive(Clone)]
 pub struct HttpPeer {
     client: reqwest::Client,
@@ -45,19 +48,20 @@ impl HttpPeer {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|source| SyncError::Transport {
-                url: base.to_string(),
-                source,
-            })?;
+        let client = http_client(&base, default_client_config())?;
         Ok(HttpPeer {
             client,
             base,
             credentials,
             send_ferry_meta: true,
         })
+    }
+
+    /// Trusts the certificates `tls` names, in addition to the web's authorities, when the
+    /// URL is `https://` (a server with a self-signed certificate or a private authority).
+    pub fn with_tls(mut self, tls: &TlsOptions) -> Result<HttpPeer, SyncError> {
+        self.client = http_client(&self.base, tls.client_config()?)?;
+        Ok(self)
     }
 
     /// Whether to exchange Ferry's revision clocks (`_ferry`) with the server. On by default;
@@ -90,10 +94,7 @@ impl HttpPeer {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let transport = |source| SyncError::Transport {
-            url: url.to_string(),
-            source,
-        };
+        let transport = |error| transport_error(&url, error);
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?;
@@ -131,6 +132,32 @@ impl HttpPeer {
             url: self.url(path).to_string(),
             detail: detail.into(),
         }
+    }
+}
+
+fn http_client(
+    base: &Url,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<reqwest::Client, SyncError> {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .use_preconfigured_tls(rustls::ClientConfig::clone(&tls))
+        .build()
+        .map_err(|error| transport_error(base, error))
+}
+
+/// A failed request: a TLS problem when TLS is what failed (retrying cannot help), a
+/// transport error (transient) otherwise.
+fn transport_error(url: &Url, error: reqwest::Error) -> SyncError {
+    match tls_problem(&error) {
+        Some(problem) => SyncError::Tls {
+            url: url.to_string(),
+            problem,
+        },
+        None => SyncError::Transport {
+            url: url.to_string(),
+            source: Box::new(error),
+        },
     }
 }
 

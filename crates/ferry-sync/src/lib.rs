@@ -4,7 +4,8 @@
 //! The algorithm itself is `ferry_core::replicate::Replication`, a state machine with no I/O.
 //! This crate is its async shell: a [`Peer`] trait with two implementations ([`LocalPeer`] over
 //! a `ferry_store::Database`, [`HttpPeer`] over HTTP, [`WsPeer`] over a WebSocket sync
-//! session as `docs/protocol.md` describes it), and the drivers [`replicate`] (one way,
+//! session as `docs/protocol.md` describes it; both speak TLS for `https://` URLs, trusting
+//! what [`TlsOptions`] says), and the drivers [`replicate`] (one way,
 //! one-shot or continuous), [`sync`] (push, then pull) and [`sync_live`] (both ways,
 //! continuously).
 //!
@@ -48,6 +49,7 @@ use sha2::{Digest, Sha256};
 mod http;
 mod local;
 mod read_ahead;
+mod tls;
 mod wire;
 mod ws;
 
@@ -55,6 +57,7 @@ pub use ferry_core::filter::ChangesFilter;
 pub use ferry_core::replicate::Stats;
 pub use http::HttpPeer;
 pub use local::LocalPeer;
+pub use tls::{TlsOptions, TlsProblem};
 pub use ws::{SessionCredentials, WsPeer};
 
 /// Replication failed.
@@ -84,9 +87,21 @@ pub enum SyncError {
     Transport {
         /// The request URL (without credentials).
         url: String,
-        /// The underlying error.
-        source: reqwest::Error,
+        /// The underlying error (boxed: the HTTP client is not part of this crate's API).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A TLS connection to the server could not be set up: its certificate was refused, or the
+    /// handshake failed. Not transient: retrying gives the same answer.
+    #[error("TLS with {url} failed: {problem}")]
+    Tls {
+        /// The URL (without credentials).
+        url: String,
+        /// What went wrong.
+        problem: TlsProblem,
+    },
+    /// The TLS settings cannot be used (a CA file that cannot be read or holds no certificate).
+    #[error("invalid TLS settings: {0}")]
+    InvalidTlsOptions(String),
     /// The server answered something that is not the CouchDB protocol.
     #[error("invalid response from {url}: {detail}")]
     InvalidResponse {
@@ -96,7 +111,7 @@ pub enum SyncError {
         detail: String,
     },
     /// The URL is not an http(s) database URL.
-    #[error("invalid database URL {0:?}: expected http://host:port/database")]
+    #[error("invalid database URL {0:?}: expected http(s)://host:port/database")]
     InvalidUrl(String),
     /// The peers broke the replication protocol.
     #[error("replication protocol: {0}")]

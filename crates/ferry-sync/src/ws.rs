@@ -26,6 +26,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::tls::{TlsOptions, default_client_config, tls_problem};
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
 
 /// How deeply a server's frame may nest: a `bulk_get` result holds documents inside
@@ -74,11 +75,15 @@ impl SessionCredentials for UrlCredentials {
 /// A replication peer on a Ferry server database, over one WebSocket session.
 ///
 /// Built from the database's HTTP URL (`http://host:port/db`); the session goes to
-/// `ws://host:port/_ferry/sync`. [`Peer::describe`] is the same as [`crate::HttpPeer`]'s for the
-/// same database, so switching transport keeps the replication's checkpoints. Credentials come
-/// from the URL (`http://user:password@host/db`) or from [`WsPeer::with_credentials`].
+/// `ws://host:port/_ferry/sync` (`wss://` over TLS for an `https://` URL; `ws://` and `wss://`
+/// database URLs are taken as they are). [`Peer::describe`] is the same as
+/// [`crate::HttpPeer`]'s for the same database, so switching transport keeps the replication's
+/// checkpoints. Credentials come from the URL (`http://user:password@host/db`) or from
+/// [`WsPeer::with_credentials`]. Which certificates a `wss://` session trusts:
+/// [`WsPeer::with_tls`].
 pub struct WsPeer {
     session_url: Url,
+    tls: Arc<rustls::ClientConfig>,
     database_url: String,
     db: String,
     replica_id: String,
@@ -117,13 +122,18 @@ enum Outgoing {
 impl WsPeer {
     /// A peer on the database at `url` (`http://host:port/db`), for the replica `replica_id`.
     pub fn new(url: &str, replica_id: &str) -> Result<WsPeer, SyncError> {
-        let parsed = Url::parse(url).map_err(|_| SyncError::InvalidUrl(url.to_owned()))?;
+        let mut parsed = Url::parse(url).map_err(|_| SyncError::InvalidUrl(url.to_owned()))?;
         let db = parsed.path().trim_matches('/').to_owned();
-        let scheme = match parsed.scheme() {
-            "http" => "ws",
-            "https" => "wss",
+        let (scheme, database_scheme) = match parsed.scheme() {
+            "http" | "ws" => ("ws", "http"),
+            "https" | "wss" => ("wss", "https"),
             _ => return Err(SyncError::InvalidUrl(url.to_owned())),
         };
+        // The database is named by its HTTP URL whatever the transport, so that the
+        // replication id (and so the checkpoints) stays the same.
+        parsed
+            .set_scheme(database_scheme)
+            .map_err(|()| SyncError::InvalidUrl(url.to_owned()))?;
         if db.is_empty() || db.contains('/') || parsed.host_str().is_none() {
             return Err(SyncError::InvalidUrl(url.to_owned()));
         }
@@ -140,6 +150,7 @@ impl WsPeer {
         database_url.set_path(&format!("/{db}/"));
         Ok(WsPeer {
             session_url,
+            tls: default_client_config(),
             database_url: database_url.to_string(),
             db,
             replica_id: replica_id.to_owned(),
@@ -163,6 +174,13 @@ impl WsPeer {
             silence_timeout: silence_timeout.max(interval),
         };
         self
+    }
+
+    /// Trusts the certificates `tls` names, in addition to the web's authorities, for a
+    /// `wss://` session (a server with a self-signed certificate or a private authority).
+    pub fn with_tls(mut self, tls: &TlsOptions) -> Result<WsPeer, SyncError> {
+        self.tls = tls.client_config()?;
+        Ok(self)
     }
 
     /// Presents `credentials` when opening sessions (instead of the URL's).
@@ -198,14 +216,29 @@ impl WsPeer {
     }
 
     async fn open(&self) -> Result<Connection, SyncError> {
-        let (mut socket, _) = tokio::time::timeout(
+        // Connecting (TCP, TLS, the WebSocket upgrade) runs in a task of its own, which starts
+        // at the top of a worker thread's stack. Polled from here it would run below every
+        // future of the replication and the client's sync loop, which in unoptimized builds
+        // fill most of a 2 MiB stack: rustls' certificate checks overflowed it.
+        let url = self.session_url.to_string();
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let connecting = tokio::spawn(tokio::time::timeout(
             OPEN_TIMEOUT,
             // Nagle's algorithm would hold small frames back for tens of milliseconds.
-            tokio_tungstenite::connect_async_with_config(self.session_url.as_str(), None, true),
-        )
-        .await
-        .map_err(|_| self.lost("timed out connecting"))?
-        .map_err(|error| self.lost(format!("cannot connect: {error}")))?;
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)),
+        ));
+        let _abort_if_dropped = AbortOnDrop(connecting.abort_handle());
+        let (mut socket, _) = connecting
+            .await
+            .map_err(|error| self.lost(format!("the connecting task failed: {error}")))?
+            .map_err(|_| self.lost("timed out connecting"))?
+            .map_err(|error| match tls_problem(&error) {
+                Some(problem) => SyncError::Tls {
+                    url: self.session_url.to_string(),
+                    problem,
+                },
+                None => self.lost(format!("cannot connect: {error}")),
+            })?;
         let hello = ClientFrame::Hello(Hello {
             versions: VERSIONS.to_vec(),
             db: self.db.clone(),
@@ -290,6 +323,16 @@ impl WsPeer {
             url: self.session_url.to_string(),
             detail: detail.into(),
         }
+    }
+}
+
+/// Aborts a task when dropped, so that a cancelled open does not leave its connecting task
+/// behind.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -193,6 +193,16 @@ struct ServeArgs {
     /// in seconds.
     #[arg(long, env = "FERRY_RECONNECT_TOKEN_TTL", default_value_t = AuthConfig::default().reconnect_token_ttl.as_secs())]
     reconnect_token_ttl: u64,
+    /// Serve HTTPS and WSS with this certificate chain (PEM, the server's certificate first);
+    /// needs --tls-key. Without both, the server speaks plain HTTP.
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// How long a client may take to complete the TLS handshake, in seconds.
+    #[arg(long, env = "FERRY_TLS_HANDSHAKE_TIMEOUT", default_value_t = ferry_server::TlsConfig::DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
+    tls_handshake_timeout: u64,
 }
 
 impl ServeArgs {
@@ -205,8 +215,19 @@ impl ServeArgs {
                 ferry_core::json::PARSER_HARD_DEPTH_LIMIT - ferry_server::params::ENVELOPE_DEPTH
             );
         }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let mut tls = ferry_server::TlsConfig::from_pem_files(cert, key)?;
+                tls.handshake_timeout = Duration::from_secs(self.tls_handshake_timeout.max(1));
+                Some(tls)
+            }
+            (Some(_), None) => bail!("--tls-cert needs --tls-key (or FERRY_TLS_KEY) too"),
+            (None, Some(_)) => bail!("--tls-key needs --tls-cert (or FERRY_TLS_CERT) too"),
+        };
         Ok(ferry_server::ServerConfig {
             data_dir: self.data_dir.clone(),
+            tls,
             listen: self.listen,
             limits: Limits {
                 max_document_bytes: self.max_document_bytes,

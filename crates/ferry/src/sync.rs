@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_sync::{HttpPeer, LocalPeer, ReplicationOptions, Stats};
+use ferry_sync::{
+    HttpPeer, LocalPeer, ReplicationOptions, Stats, SyncError, TlsOptions, TlsProblem,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -16,8 +18,13 @@ use crate::{open_replica, print};
 pub(crate) struct SyncArgs {
     /// The local replica file.
     replica: PathBuf,
-    /// The server database, e.g. http://127.0.0.1:5984/notes (created if missing).
+    /// The server database, e.g. http://127.0.0.1:5984/notes or https://… (created if
+    /// missing).
     url: String,
+    /// Trust the certificate authority (or self-signed certificate) in this PEM file for an
+    /// https:// server, in addition to the web's authorities.
+    #[arg(long, env = "FERRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Keep following changes in both directions until interrupted.
     #[arg(long)]
     live: bool,
@@ -37,8 +44,12 @@ pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let local = LocalPeer::new(db)?;
-        let remote =
+        let mut remote =
             HttpPeer::new(&args.url).with_context(|| format!("invalid URL {}", args.url))?;
+        if let Some(ca_file) = &args.ca_file {
+            let tls = TlsOptions::trusting_ca_file(ca_file).context("--ca-file")?;
+            remote = remote.with_tls(&tls).context("--ca-file")?;
+        }
         let options = ReplicationOptions {
             batch_size: args.batch_size.max(1),
             create_target: true,
@@ -90,6 +101,7 @@ async fn one_way<S: ferry_sync::Peer, T: ferry_sync::Peer>(
         }
     })
     .await
+    .map_err(explain)
     .with_context(|| format!("{direction} failed"))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -128,9 +140,30 @@ async fn live(
     }
     tokio::select! {
         result = ferry_sync::sync_live(local, remote, &options) => {
-            result.context("live sync failed")?;
+            result.map_err(explain).context("live sync failed")?;
         }
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
+}
+
+/// A sync error, with what to do about it when that is a matter of `ferry sync`'s arguments.
+fn explain(error: SyncError) -> anyhow::Error {
+    let untrusted = matches!(
+        &error,
+        SyncError::Tls {
+            problem: TlsProblem::UntrustedCertificate { .. },
+            ..
+        }
+    );
+    let error = anyhow::Error::new(error);
+    if untrusted {
+        error.context(
+            "the server's TLS certificate is not trusted; if the server uses a self-signed \
+             certificate or a private certificate authority, pass that certificate with \
+             --ca-file PATH (or FERRY_CA_FILE)",
+        )
+    } else {
+        error
+    }
 }

@@ -42,10 +42,13 @@ pub const TEST_PASSWORD: &str = "test-password";
 pub struct ServerProcess {
     child: Child,
     /// `http://tester:test-password@127.0.0.1:PORT`: the server with the test user's
-    /// credentials, which the CLI, reqwest and PouchDB send as HTTP basic auth.
+    /// credentials, which the CLI, reqwest and PouchDB send as HTTP basic auth (`https://`
+    /// when the server was started with `--tls-cert`).
     pub url: String,
     /// `http://127.0.0.1:PORT`, without credentials.
     pub bare_url: String,
+    /// `127.0.0.1:PORT`.
+    pub address: String,
     /// Its data directory.
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
@@ -105,10 +108,16 @@ impl ServerProcess {
             .expect("run ferry users add");
         assert!(added.status.success(), "{added:?}");
         let listen = format!("127.0.0.1:{}", free_port());
+        let scheme = if extra_args.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         let server = ServerProcess {
             child: spawn_server(data_dir, &listen, extra_args, None).0,
-            url: format!("http://{TEST_USER}:{TEST_PASSWORD}@{listen}"),
-            bare_url: format!("http://{listen}"),
+            url: format!("{scheme}://{TEST_USER}:{TEST_PASSWORD}@{listen}"),
+            bare_url: format!("{scheme}://{listen}"),
+            address: listen.clone(),
             data_dir: data_dir.to_owned(),
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
@@ -125,9 +134,8 @@ impl ServerProcess {
     /// server has frozen there.
     pub fn restart_armed(&mut self, failpoint: Option<&str>) -> mpsc::Receiver<()> {
         self.kill();
-        let listen = self.bare_url.trim_start_matches("http://").to_owned();
         let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        let (child, frozen) = spawn_server(&self.data_dir, &listen, &extra, failpoint);
+        let (child, frozen) = spawn_server(&self.data_dir, &self.address, &extra, failpoint);
         self.child = child;
         self.wait_until_up();
         frozen
@@ -135,9 +143,8 @@ impl ServerProcess {
 
     fn wait_until_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let address = self.bare_url.trim_start_matches("http://").to_owned();
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&address).is_ok() {
+            if std::net::TcpStream::connect(&self.address).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
