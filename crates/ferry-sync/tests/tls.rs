@@ -275,9 +275,7 @@ fn unusable_ca_certificates_are_refused_when_the_peer_is_built() {
             .expect("refused");
         assert!(matches!(error, SyncError::InvalidTlsOptions(_)), "{error}");
     }
-    let missing = TlsOptions::trusting_ca_file("/nonexistent/ca.pem")
-        .err()
-        .expect("refused");
+    let missing = TlsOptions::trusting_ca_file("/nonexistent/ca.pem").expect_err("refused");
     assert!(
         missing.to_string().contains("/nonexistent/ca.pem"),
         "{missing}"
