@@ -72,6 +72,7 @@ impl TlsConfig {
                 "holds no PEM CERTIFICATE block".into(),
             ));
         }
+        warn_if_refused_as_server_certificate(&chain);
         let key = PrivateKeyDer::from_pem_slice(private_key).map_err(|error| {
             TlsConfigError::PrivateKey(format!(
                 "holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {error}"
@@ -116,6 +117,45 @@ impl TlsConfig {
             }
             other => other,
         })
+    }
+}
+
+/// Warns about a server certificate that is a certificate authority's (`CA:TRUE`, what
+/// `openssl req -x509` makes by default): rustls clients (`ferry sync`, the SDK) refuse it even
+/// when trusted, OpenSSL-based ones (PouchDB under Node) accept it, so it is not an error.
+fn warn_if_refused_as_server_certificate(chain: &[CertificateDer<'static>]) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    // The certificate vouches for itself: only the checks of the certificate itself matter.
+    if roots.add(chain[0].clone()).is_err() {
+        return;
+    }
+    let Ok(verifier) =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+    else {
+        return;
+    };
+    let name = rustls_pki_types::ServerName::try_from("ferry.invalid").expect("a valid name");
+    let verified = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+        &*verifier,
+        &chain[0],
+        &chain[1..],
+        &name,
+        &[],
+        rustls_pki_types::UnixTime::now(),
+    );
+    if let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) = verified
+        && matches!(
+            other.0.downcast_ref::<webpki::Error>(),
+            Some(webpki::Error::CaUsedAsEndEntity)
+        )
+    {
+        tracing::warn!(
+            "the TLS certificate is a certificate authority's (CA:TRUE): ferry sync and the SDK \
+             refuse it as a server's certificate; make it with basicConstraints CA:FALSE (see \
+             docs/protocol.md, TLS)"
+        );
     }
 }
 

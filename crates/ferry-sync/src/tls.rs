@@ -141,6 +141,17 @@ pub enum TlsProblem {
         /// What the verifier said.
         detail: String,
     },
+    /// The server presents a certificate authority's certificate (`CA:TRUE`) as its own, as
+    /// `openssl req -x509` makes by default: refused even when trusted.
+    #[error(
+        "the server's certificate is a certificate authority's (CA:TRUE), which cannot be a \
+         server's own ({detail}): make the server's certificate with CA:FALSE, or issue one \
+         from that authority"
+    )]
+    CaCertificateAsServerCertificate {
+        /// What the verifier said.
+        detail: String,
+    },
     /// The certificate was refused for another reason (revoked, malformed, wrong purpose).
     #[error("the server's certificate was refused ({detail})")]
     InvalidCertificate {
@@ -176,6 +187,14 @@ impl TlsProblem {
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. } => TlsProblem::Expired { detail },
+                CertificateError::Other(other)
+                    if matches!(
+                        other.0.downcast_ref::<webpki::Error>(),
+                        Some(webpki::Error::CaUsedAsEndEntity)
+                    ) =>
+                {
+                    TlsProblem::CaCertificateAsServerCertificate { detail }
+                }
                 _ => TlsProblem::InvalidCertificate { detail },
             },
             rustls::Error::InvalidMessage(_) => TlsProblem::NotTls { detail },

@@ -207,7 +207,7 @@ async fn a_certificate_nobody_vouches_for_is_reported_as_untrusted_on_both_trans
 }
 
 #[tokio::test]
-async fn wrong_names_expired_certificates_and_plain_servers_are_told_apart() {
+async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart() {
     let authority = Authority::new("Ferry test CA");
     let trusted = TlsOptions::trusting_ca_pem(authority.pem.as_bytes());
     let replicas = Replicas::new();
@@ -236,6 +236,31 @@ async fn wrong_names_expired_certificates_and_plain_servers_are_told_apart() {
     let error = push_error(&a, &wss).await;
     assert!(
         matches!(problem(&error), TlsProblem::Expired { .. }),
+        "{error}"
+    );
+
+    // A certificate authority's certificate (CA:TRUE, as `openssl req -x509` makes) served as
+    // the server's own, trusted.
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let certificate = params.self_signed(&key).unwrap();
+    let tls = ferry_server::TlsConfig::from_pem(
+        certificate.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
+    let (url, _dir, _stop) = start_server(Some(tls)).await;
+    let https = HttpPeer::new(&format!("{url}/db"))
+        .unwrap()
+        .with_tls(&TlsOptions::trusting_ca_pem(certificate.pem()))
+        .unwrap();
+    let error = push_error(&a, &https).await;
+    assert!(
+        matches!(
+            problem(&error),
+            TlsProblem::CaCertificateAsServerCertificate { .. }
+        ),
         "{error}"
     );
 
@@ -275,9 +300,7 @@ fn unusable_ca_certificates_are_refused_when_the_peer_is_built() {
             .expect("refused");
         assert!(matches!(error, SyncError::InvalidTlsOptions(_)), "{error}");
     }
-    let Err(missing) = TlsOptions::trusting_ca_file("/nonexistent/ca.pem") else {
-        panic!("a missing CA file is refused");
-    };
+    let missing = TlsOptions::trusting_ca_file("/nonexistent/ca.pem").expect_err("refused");
     assert!(
         missing.to_string().contains("/nonexistent/ca.pem"),
         "{missing}"
