@@ -1458,12 +1458,7 @@ fn change_rows(page: ferry_store::endpoint::ChangesPage) -> (Vec<ChangeRow>, u64
     let rows = page
         .changes
         .into_iter()
-        .map(|change| ChangeRow {
-            doc_id: change.doc_id,
-            seq: json!(change.seq),
-            revs: change.leaves.into_iter().map(|leaf| leaf.rev).collect(),
-            deleted: change.deleted,
-        })
+        .map(ferry_store::Change::into_row)
         .collect();
     (rows, page.last_seq, pending)
 }

@@ -285,6 +285,18 @@ pub struct Change {
     pub body: Option<Body>,
 }
 
+impl Change {
+    /// The row as the replication state machine reads it (the leaves, the sequence as JSON).
+    pub fn into_row(self) -> ferry_core::replicate::ChangeRow {
+        ferry_core::replicate::ChangeRow {
+            doc_id: self.doc_id,
+            seq: serde_json::Value::from(self.seq),
+            revs: self.leaves.into_iter().map(|leaf| leaf.rev).collect(),
+            deleted: self.deleted,
+        }
+    }
+}
+
 /// A local (never replicated) document.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalDoc {

@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::model::Revision;
-use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::replicate::Checkpoint;
 use ferry_core::rev::Rev;
 use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{
     Endpoint, EndpointConfig, EndpointError, Fanout, KeepConflicts, NoFanout, Resolver,
 };
-use ferry_store::{Database, StoreError};
+use ferry_store::{Change, Database, StoreError};
 use serde_json::Value;
 
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
@@ -168,16 +168,7 @@ impl Peer for LocalPeer {
             .await?;
         let pending = page.pending();
         Ok(ChangesPage {
-            rows: page
-                .changes
-                .into_iter()
-                .map(|change| ChangeRow {
-                    doc_id: change.doc_id,
-                    seq: Value::from(change.seq),
-                    revs: change.leaves.into_iter().map(|leaf| leaf.rev).collect(),
-                    deleted: change.deleted,
-                })
-                .collect(),
+            rows: page.changes.into_iter().map(Change::into_row).collect(),
             last_seq: Value::from(page.last_seq),
             pending: Some(pending),
         })
