@@ -23,17 +23,6 @@ fn options(server: &ServerProcess) -> SyncOptions {
         })
 }
 
-async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !probe() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn ids(ferry: &Ferry) -> Vec<String> {
     ferry
         .collection::<Value>("todos")
@@ -68,7 +57,7 @@ async fn clients_survive_a_sigkill_of_the_server_mid_session() {
         }
     };
     write(0..WRITES / 2);
-    eventually("some writes to reach b", || ids(&b).len() >= WRITES / 4).await;
+    support::eventually(60, "some writes to reach b", || ids(&b).len() >= WRITES / 4).await;
     server.kill();
     let mut wait_for = async |what: &str, matches: fn(&ConnectionState) -> bool| {
         let seen = tokio::time::timeout(Duration::from_secs(30), async {
@@ -98,7 +87,7 @@ async fn clients_survive_a_sigkill_of_the_server_mid_session() {
             .await
             .unwrap()
     );
-    eventually("b to have every write", || ids(&b).len() == WRITES).await;
+    support::eventually(60, "b to have every write", || ids(&b).len() == WRITES).await;
     assert_eq!(ids(&a), ids(&b));
     assert_eq!(a.connection_state(), ConnectionState::Connected);
 

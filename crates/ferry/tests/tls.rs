@@ -174,17 +174,6 @@ fn sdk_options(server: &ServerProcess, db: &str) -> SyncOptions {
         .credentials(Credentials::password(TEST_USER, TEST_PASSWORD))
 }
 
-async fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !probe() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn titles(ferry: &Ferry) -> Vec<String> {
     let mut titles: Vec<String> = ferry
         .collection::<Value>("todos")
@@ -212,11 +201,14 @@ async fn sdk_replicas_sync_over_wss_trusting_the_ca_file() {
     a.collection::<Value>("todos")
         .insert_with_id("milk", &json!({"title": "milk"}))
         .unwrap();
-    eventually("a's write to reach b", || titles(&b) == ["milk"]).await;
+    support::eventually(30, "a's write to reach b", || titles(&b) == ["milk"]).await;
     b.collection::<Value>("todos")
         .insert_with_id("eggs", &json!({"title": "eggs"}))
         .unwrap();
-    eventually("b's write to reach a", || titles(&a) == ["eggs", "milk"]).await;
+    support::eventually(30, "b's write to reach a", || {
+        titles(&a) == ["eggs", "milk"]
+    })
+    .await;
     assert!(
         a.wait_for_acknowledgement(Duration::from_secs(30))
             .await
@@ -252,7 +244,7 @@ async fn the_sdk_says_when_the_certificate_is_not_trusted_and_keeps_the_outbox()
     );
 
     let _sync = a.start_sync(sdk_options(&server, "sdk")).unwrap();
-    eventually("a connection state saying why", || {
+    support::eventually(30, "a connection state saying why", || {
         matches!(
             a.connection_state(),
             ConnectionState::Disconnected { reason } if reason.contains("not trusted")
