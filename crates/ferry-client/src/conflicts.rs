@@ -16,7 +16,7 @@ use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, collection_of, doc_id_in};
 use ferry_core::resolve::{self, Overridden, Policy, ResolutionRecord, resolve_with};
 use ferry_core::rev::Rev;
-use ferry_store::Database;
+use ferry_store::{Database, StoreError};
 use futures_util::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -289,12 +289,17 @@ impl Ferry {
                 };
                 let view = typed_conflict::<Value>(own_id(&collection, doc_id), &conflict)?;
                 match resolver(&view) {
-                    Some(Value::Object(body)) => {
-                        let mut resolution = resolve_with(&conflict, body);
-                        resolution.record.policy = "custom".into();
-                        db.apply_resolution(doc_id, &resolution)?
-                            .map(|_| resolution.record)
-                    }
+                    Some(Value::Object(body)) => match resolve_with(&conflict, body) {
+                        Ok(mut resolution) => {
+                            resolution.record.policy = "custom".into();
+                            db.apply_resolution(doc_id, &resolution)?
+                                .map(|_| resolution.record)
+                        }
+                        Err(error) => {
+                            tracing::warn!(%doc_id, %error, "conflict kept");
+                            None
+                        }
+                    },
                     Some(_) => {
                         tracing::warn!(%doc_id, "the custom resolver returned a non-object; conflict kept");
                         None
@@ -414,7 +419,11 @@ impl<T: Serialize + DeserializeOwned> Collection<T> {
                 })?,
             Resolve::Value(value) => Self::to_body(&value)?,
         };
-        let mut resolution = resolve_with(&conflict, body);
+        let mut resolution =
+            resolve_with(&conflict, body).map_err(|error| StoreError::InvalidRevision {
+                doc_id: doc_id.clone(),
+                reason: error.to_string(),
+            })?;
         // The resolution is this replica's edit: a fresh clock, later than every version.
         resolution.hlc = resolution.hlc.max(self.ferry().now());
         let record = resolution.record.clone();

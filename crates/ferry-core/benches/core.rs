@@ -32,13 +32,14 @@ fn tree(depth: u64, branches: u64) -> (RevTree, Vec<Rev>) {
     let mut tree = RevTree::new();
     let mut parent: Option<Rev> = None;
     for n in 0..depth {
-        let rev = Rev::compute(parent.as_ref(), false, &canonical_object(&body(n)));
+        let rev = Rev::compute(parent.as_ref(), false, &canonical_object(&body(n))).unwrap();
         tree.add_child(parent.as_ref(), rev.clone(), false);
         parent = Some(rev);
     }
     let leaves = (0..branches)
         .map(|b| {
-            let rev = Rev::compute(parent.as_ref(), false, &canonical_object(&body(1000 + b)));
+            let rev =
+                Rev::compute(parent.as_ref(), false, &canonical_object(&body(1000 + b))).unwrap();
             tree.add_child(parent.as_ref(), rev.clone(), false);
             rev
         })
@@ -74,7 +75,7 @@ fn benches(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let canonical = canonical_object(black_box(&document));
-                black_box(Rev::compute(None, false, &canonical))
+                black_box(Rev::compute(None, false, &canonical).unwrap())
             })
         },
     );
@@ -84,7 +85,7 @@ fn benches(c: &mut Criterion) {
             changed.insert("title".into(), json!(format!("edited by {n}")));
             changed.insert(format!("field{n}"), json!(n));
             Version {
-                rev: Rev::compute(None, false, &canonical_object(&changed)),
+                rev: Rev::compute(None, false, &canonical_object(&changed)).unwrap(),
                 hlc: Timestamp::new(1000 + n, 0),
                 body: changed,
             }
@@ -92,7 +93,7 @@ fn benches(c: &mut Criterion) {
         .collect();
     let conflict = Conflict {
         versions,
-        ancestor: Some((Rev::compute(None, false, b"{}"), Some(body(7)))),
+        ancestor: Some((Rev::compute(None, false, b"{}").unwrap(), Some(body(7)))),
     };
     c.bench_function("resolve: three-way merge of 3 versions", |b| {
         b.iter(|| black_box(resolve(Policy::Merge, black_box(&conflict))))

@@ -10,6 +10,7 @@
 //! crate in the dependency graph enabling serde_json's `preserve_order` feature would silently
 //! change that order and with it every revision id.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -34,30 +35,88 @@ pub enum JsonError {
     /// A document body must be a JSON object.
     #[error("a document must be a JSON object")]
     NotAnObject,
+    /// An integer outside the 64-bit range (JSON numbers are kept as 64-bit integers or
+    /// doubles; a larger integer would silently lose digits).
+    #[error(
+        "the integer {0} is outside the range kept exactly (-2^63 to 2^64 - 1): send it as a string, or as a number with a fraction or an exponent to store it as a double"
+    )]
+    IntegerOutOfRange(String),
 }
 
-/// Parses `text` as JSON, refusing duplicate keys and nesting deeper than `max_depth`.
+/// Parses `text` as JSON, refusing duplicate keys, nesting deeper than `max_depth`, and
+/// integers outside the 64-bit range.
 ///
-/// Depth counts containers: `{}` has depth 1, `{"a":[1]}` has depth 2.
+/// Depth counts containers: `{}` has depth 1, `{"a":[1]}` has depth 2. Integers (numbers
+/// written without a fraction or an exponent) are kept exactly from -2^63 to 2^64 - 1; any
+/// other number is a double, as in JavaScript.
 ///
 /// ```
 /// use ferry_core::json::{parse_strict, JsonError};
 /// assert!(parse_strict(br#"{"a":{"b":1}}"#, 2).is_ok());
 /// assert_eq!(parse_strict(br#"{"a":{"b":1}}"#, 1), Err(JsonError::TooDeep(1)));
 /// assert!(matches!(parse_strict(br#"{"a":1,"a":2}"#, 8), Err(JsonError::DuplicateKey(_))));
+/// assert!(matches!(
+///     parse_strict(br#"{"n":123456789012345678901234567890}"#, 8),
+///     Err(JsonError::IntegerOutOfRange(_))
+/// ));
+/// assert!(parse_strict(br#"{"n":1.2345678901234568e29}"#, 8).is_ok());
 /// ```
 pub fn parse_strict(text: &[u8], max_depth: usize) -> Result<Value, JsonError> {
     let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let huge_double = Cell::new(false);
     let value = StrictValue {
         remaining_depth: max_depth,
-        max_depth,
+        huge_double: &huge_double,
     }
     .deserialize(&mut deserializer)
     .map_err(|err| classify(err, max_depth))?;
     deserializer
         .end()
         .map_err(|err| JsonError::Syntax(err.to_string()))?;
+    // serde_json reads an integer too large for 64 bits as a double without saying so, so
+    // the text is scanned for one, but only when such a double was seen (almost never).
+    if huge_double.get()
+        && let Some(integer) = oversized_integer(text)
+    {
+        return Err(JsonError::IntegerOutOfRange(integer));
+    }
     Ok(value)
+}
+
+/// The first integer token of the JSON `text` (outside strings) that does not fit in 64
+/// bits, truncated to 40 characters.
+fn oversized_integer(text: &[u8]) -> Option<String> {
+    let mut index = 0;
+    while index < text.len() {
+        match text[index] {
+            b'"' => {
+                index += 1;
+                while index < text.len() && text[index] != b'"' {
+                    index += if text[index] == b'\\' { 2 } else { 1 };
+                }
+                index += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = index;
+                index += 1;
+                while index < text.len() && text[index].is_ascii_digit() {
+                    index += 1;
+                }
+                let is_integer = !matches!(text.get(index), Some(b'.' | b'e' | b'E'));
+                while index < text.len()
+                    && matches!(text[index], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    index += 1;
+                }
+                let token = std::str::from_utf8(&text[start..index]).unwrap_or_default();
+                if is_integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                    return Some(token.chars().take(40).collect());
+                }
+            }
+            _ => index += 1,
+        }
+    }
+    None
 }
 
 /// Parses `text` as a JSON object (a document body), with the checks of [`parse_strict`].
@@ -117,6 +176,30 @@ pub fn canonical_object(map: &Map<String, Value>) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     write_canonical_object(map, &mut out);
     out
+}
+
+/// The length in bytes of the JSON encoding of `map` (the same for every key order), counted
+/// without building the text.
+///
+/// ```
+/// let body = serde_json::json!({"title": "milk", "n": 1});
+/// let map = body.as_object().unwrap();
+/// assert_eq!(ferry_core::json::encoded_len_object(map), ferry_core::json::canonical_object(map).len());
+/// ```
+pub fn encoded_len_object(map: &Map<String, Value>) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, map).expect("counting cannot fail");
+    count.0
 }
 
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
@@ -200,24 +283,26 @@ fn classify(err: serde_json::Error, max_depth: usize) -> JsonError {
 }
 
 /// Deserializes a `serde_json::Value` while tracking depth and refusing duplicate keys.
-struct StrictValue {
+struct StrictValue<'a> {
     remaining_depth: usize,
-    max_depth: usize,
+    /// Set when a double with an integral value beyond 64 bits is read: it may have been
+    /// written as an integer.
+    huge_double: &'a Cell<bool>,
 }
 
-impl StrictValue {
-    fn nested<E: de::Error>(&self) -> Result<StrictValue, E> {
+impl<'a> StrictValue<'a> {
+    fn nested<E: de::Error>(&self) -> Result<StrictValue<'a>, E> {
         if self.remaining_depth == 0 {
             return Err(E::custom(DEPTH_MARKER));
         }
         Ok(StrictValue {
             remaining_depth: self.remaining_depth - 1,
-            max_depth: self.max_depth,
+            ..*self
         })
     }
 }
 
-impl<'de> DeserializeSeed<'de> for StrictValue {
+impl<'de> DeserializeSeed<'de> for StrictValue<'_> {
     type Value = Value;
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
@@ -225,7 +310,7 @@ impl<'de> DeserializeSeed<'de> for StrictValue {
     }
 }
 
-impl<'de> Visitor<'de> for StrictValue {
+impl<'de> Visitor<'de> for StrictValue<'_> {
     type Value = Value;
 
     fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
@@ -245,6 +330,13 @@ impl<'de> Visitor<'de> for StrictValue {
     }
 
     fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
+        // Integers from -2^63 + 1 to 2^64 - 1 arrive as integers; a double at or beyond
+        // those bounds may be an integer just past them, rounded.
+        const BELOW_I64: f64 = -9_223_372_036_854_775_808.0;
+        const ABOVE_U64: f64 = 18_446_744_073_709_551_616.0;
+        if value.fract() == 0.0 && (value <= BELOW_I64 || value >= ABOVE_U64) {
+            self.huge_double.set(true);
+        }
         serde_json::Number::from_f64(value)
             .map(Value::Number)
             .ok_or_else(|| E::custom("number out of range"))
@@ -324,11 +416,51 @@ mod tests {
     /// between two replicas and with it the revision id computed from the body.
     #[test]
     fn a_huge_number_keeps_its_value_through_text_round_trips() {
-        let text = format!("{{\"n\": {}}}", "2".repeat(79));
+        let text = format!("{{\"n\": {}.5}}", "2".repeat(79));
         let value = parse_strict(text.as_bytes(), 8).unwrap();
         let again = parse_strict(value.to_string().as_bytes(), 8).unwrap();
         assert_eq!(again, value);
         assert_eq!(canonical(&again), canonical(&value));
+    }
+
+    /// serde_json reads an integer beyond 64 bits as the nearest double: stored, it would
+    /// have lost its digits without a word (and replicas hash the changed body).
+    #[test]
+    fn integers_are_kept_exactly_to_64_bits_and_refused_beyond() {
+        for (kept, value) in [
+            ("18446744073709551615", json!(u64::MAX)),
+            ("-9223372036854775808", json!(i64::MIN)),
+            ("9007199254740993", json!(9_007_199_254_740_993_u64)),
+        ] {
+            let text = format!(r#"{{"n":{kept},"s":"12345678901234567890123"}}"#);
+            assert_eq!(parse_strict(text.as_bytes(), 8).unwrap()["n"], value);
+        }
+        for refused in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            "-123456789012345678901234567890",
+        ] {
+            // Digits in strings (after an escaped quote too) are not numbers.
+            let text = format!(r#"{{"a":"x\"99999999999999999999999","b":[1.5e300,{refused}]}}"#);
+            assert_eq!(
+                parse_strict(text.as_bytes(), 8),
+                Err(JsonError::IntegerOutOfRange(refused.to_owned())),
+                "{refused}"
+            );
+        }
+        // The same magnitudes written as doubles are doubles.
+        for double in [
+            "1.8446744073709552e19",
+            "123456789012345678901234567890.0",
+            "-1E30",
+        ] {
+            let text = format!(r#"{{"n":{double}}}"#);
+            assert!(
+                parse_strict(text.as_bytes(), 8).unwrap()["n"].is_f64(),
+                "{double}"
+            );
+        }
     }
 
     #[test]

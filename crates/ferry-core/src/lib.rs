@@ -21,7 +21,7 @@
 //! let body = json::parse_object(br#"{"title":"buy milk"}"#, 64).unwrap();
 //! let mut tree = RevTree::new();
 //! let parent = tree.edit_parent(None).unwrap();
-//! let rev = Rev::compute(parent.as_ref(), false, &json::canonical_object(&body));
+//! let rev = Rev::compute(parent.as_ref(), false, &json::canonical_object(&body)).unwrap();
 //! tree.add_child(parent.as_ref(), rev.clone(), false);
 //! assert_eq!(tree.winner().unwrap().rev, rev);
 //! ```

@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 use crate::hlc::Timestamp;
 use crate::json::canonical_object;
 use crate::model::Body;
-use crate::rev::Rev;
+use crate::rev::{GenerationExhausted, Rev};
 use crate::tree::RevTree;
 
 /// How a collection's conflicts are resolved.
@@ -215,11 +215,11 @@ pub struct Resolution {
 impl Resolution {
     /// The revision holding the resolved body.
     pub fn rev(&self) -> Rev {
-        Rev::compute(Some(&self.parent), false, &canonical_object(&self.body))
+        self.record.resolved.clone()
     }
 
     /// The tombstone written on top of a superseded leaf.
-    pub fn tombstone(leaf: &Rev) -> Rev {
+    pub fn tombstone(leaf: &Rev) -> Result<Rev, GenerationExhausted> {
         Rev::compute(Some(leaf), true, &canonical_object(&Map::new()))
     }
 
@@ -259,7 +259,9 @@ fn latest(versions: &[Version]) -> &Version {
         .expect("a conflict has versions")
 }
 
-/// Resolves `conflict` by `policy`; `None` for [`Policy::Keep`] or when there is no conflict.
+/// Resolves `conflict` by `policy`; `None` for [`Policy::Keep`], when there is no conflict, or
+/// when a version is at [`MAX_GENERATION`](crate::rev::MAX_GENERATION) (no revision can be
+/// written on it, so the conflict is kept).
 pub fn resolve(policy: Policy, conflict: &Conflict) -> Option<Resolution> {
     if conflict.versions.len() < 2 {
         return None;
@@ -275,17 +277,12 @@ pub fn resolve(policy: Policy, conflict: &Conflict) -> Option<Resolution> {
             _ => last_write_wins(conflict, true),
         },
     };
-    Some(resolution_of(
-        conflict,
-        policy.name(),
-        method,
-        body,
-        overridden,
-    ))
+    resolution_of(conflict, policy.name(), method, body, overridden).ok()
 }
 
-/// The resolution writing `body` (chosen or written by the application) over `conflict`.
-pub fn resolve_with(conflict: &Conflict, body: Body) -> Resolution {
+/// The resolution writing `body` (chosen or written by the application) over `conflict`; an
+/// error when a version is at [`MAX_GENERATION`](crate::rev::MAX_GENERATION).
+pub fn resolve_with(conflict: &Conflict, body: Body) -> Result<Resolution, GenerationExhausted> {
     resolution_of(
         conflict,
         "application",
@@ -301,7 +298,17 @@ fn resolution_of(
     method: Method,
     body: Body,
     overridden: Vec<Overridden>,
-) -> Resolution {
+) -> Result<Resolution, GenerationExhausted> {
+    // Every version gets a child (the resolved body or a tombstone): none may be exhausted.
+    if let Some(exhausted) = conflict
+        .versions
+        .iter()
+        .find(|version| version.rev.generation() >= crate::rev::MAX_GENERATION)
+    {
+        return Err(GenerationExhausted {
+            parent: exhausted.rev.clone(),
+        });
+    }
     let parent = winner(&conflict.versions).rev.clone();
     let mut superseded: Vec<Rev> = conflict
         .versions
@@ -313,8 +320,8 @@ fn resolution_of(
     let hlc = latest(&conflict.versions).hlc;
     let mut versions: Vec<Rev> = conflict.versions.iter().map(|v| v.rev.clone()).collect();
     versions.sort();
-    let resolved = Rev::compute(Some(&parent), false, &canonical_object(&body));
-    Resolution {
+    let resolved = Rev::compute(Some(&parent), false, &canonical_object(&body))?;
+    Ok(Resolution {
         parent,
         body,
         hlc,
@@ -326,7 +333,7 @@ fn resolution_of(
             versions,
             overridden,
         },
-    }
+    })
 }
 
 fn last_write_wins(conflict: &Conflict, without_ancestor: bool) -> (Method, Body, Vec<Overridden>) {
@@ -470,6 +477,35 @@ mod tests {
             versions,
             ancestor: base.map(|base| ("1-aa".parse().unwrap(), Some(body(base)))),
         }
+    }
+
+    /// Every resolution writes a child on each version: with one at the largest generation
+    /// there is none to write, so policies keep the conflict and an application's choice is
+    /// an error (before, the child's generation overflowed).
+    #[test]
+    fn a_conflict_at_the_largest_generation_is_kept() {
+        let largest = crate::rev::MAX_GENERATION;
+        let exhausted = conflict(
+            Some(json!({"n": 0})),
+            vec![
+                version(&format!("{largest}-bb"), 1, json!({"n": 1})),
+                version(&format!("{}-cc", largest - 5), 2, json!({"n": 2})),
+            ],
+        );
+        for policy in [Policy::LastWriteWins, Policy::Merge] {
+            assert_eq!(resolve(policy, &exhausted), None, "{policy:?}");
+        }
+        let error = resolve_with(&exhausted, body(json!({"n": 3}))).unwrap_err();
+        assert_eq!(error.parent.generation(), largest);
+        let below = conflict(
+            None,
+            vec![
+                version(&format!("{}-bb", largest - 1), 1, json!({"n": 1})),
+                version(&format!("{}-cc", largest - 1), 2, json!({"n": 2})),
+            ],
+        );
+        let resolution = resolve(Policy::LastWriteWins, &below).unwrap();
+        assert_eq!(resolution.rev().generation(), largest);
     }
 
     #[test]

@@ -15,6 +15,22 @@ use sha2::{Digest, Sha256};
 /// The longest revision hash accepted from another peer (CouchDB and PouchDB use 32).
 pub const MAX_REV_HASH_LEN: usize = 64;
 
+/// The largest generation a revision may have: 2^53 - 1, the largest integer a JavaScript
+/// peer (PouchDB parses generations into numbers) holds exactly. A revision beyond it is
+/// refused wherever it comes from, so no stored revision is one that some replica cannot read,
+/// and a revision at it cannot be edited further ([`GenerationExhausted`]): the child's
+/// generation would be one past it. No real document comes near: at a million edits a second
+/// it takes 285 years.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
+/// Why no child of a revision can be made: it is at [`MAX_GENERATION`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("revision {parent} is at the largest generation ({MAX_GENERATION}): it cannot be edited")]
+pub struct GenerationExhausted {
+    /// The revision that cannot have a child.
+    pub parent: Rev,
+}
+
 /// A revision id such as `3-8f2a…`.
 ///
 /// Ordering is the one winner selection uses: generation first, then the hash compared as
@@ -42,9 +58,7 @@ impl Rev {
             text: format!("{generation}-{}", truncate(hash)),
             reason,
         };
-        if generation == 0 {
-            return Err(refuse("generation must be at least 1"));
-        }
+        validate_generation(generation).map_err(refuse)?;
         validate_hash(hash).map_err(refuse)?;
         Ok(Rev {
             generation,
@@ -53,17 +67,32 @@ impl Rev {
     }
 
     /// Computes the revision id of an edit: the child of `parent` (or a first revision) with the
-    /// given deleted flag and canonical body bytes.
+    /// given deleted flag and canonical body bytes. Fails only for a parent at
+    /// [`MAX_GENERATION`].
     ///
     /// ```
     /// use ferry_core::rev::Rev;
-    /// let first = Rev::compute(None, false, br#"{"title":"milk"}"#);
+    /// let first = Rev::compute(None, false, br#"{"title":"milk"}"#)?;
     /// assert_eq!(first.generation(), 1);
-    /// assert_eq!(first, Rev::compute(None, false, br#"{"title":"milk"}"#));
-    /// let second = Rev::compute(Some(&first), true, b"{}");
+    /// assert_eq!(first, Rev::compute(None, false, br#"{"title":"milk"}"#)?);
+    /// let second = Rev::compute(Some(&first), true, b"{}")?;
     /// assert_eq!(second.generation(), 2);
+    /// # Ok::<(), ferry_core::rev::GenerationExhausted>(())
     /// ```
-    pub fn compute(parent: Option<&Rev>, deleted: bool, canonical_body: &[u8]) -> Rev {
+    pub fn compute(
+        parent: Option<&Rev>,
+        deleted: bool,
+        canonical_body: &[u8],
+    ) -> Result<Rev, GenerationExhausted> {
+        let generation = match parent {
+            None => 1,
+            Some(parent) if parent.generation >= MAX_GENERATION => {
+                return Err(GenerationExhausted {
+                    parent: parent.clone(),
+                });
+            }
+            Some(parent) => parent.generation + 1,
+        };
         let mut hasher = Sha256::new();
         // Length-prefixed fields, so no two different inputs share an encoding.
         let parent_text = parent.map(Rev::to_string).unwrap_or_default();
@@ -79,10 +108,10 @@ impl Rev {
             hash.push(char::from_digit(u32::from(byte >> 4), 16).expect("nibble"));
             hash.push(char::from_digit(u32::from(byte & 0xf), 16).expect("nibble"));
         }
-        Rev {
-            generation: parent.map_or(1, |parent| parent.generation + 1),
+        Ok(Rev {
+            generation,
             hash: hash.into(),
-        }
+        })
     }
 
     /// The generation: 1 for a first revision, the parent's plus one otherwise.
@@ -98,6 +127,16 @@ impl Rev {
 
 fn truncate(text: &str) -> String {
     text.chars().take(80).collect()
+}
+
+fn validate_generation(generation: u64) -> Result<(), &'static str> {
+    if generation == 0 {
+        Err("generation must be at least 1")
+    } else if generation > MAX_GENERATION {
+        Err("the generation is larger than 9007199254740991 (2^53 - 1)")
+    } else {
+        Ok(())
+    }
 }
 
 fn validate_hash(hash: &str) -> Result<(), &'static str> {
@@ -129,10 +168,8 @@ impl FromStr for Rev {
         }
         let generation: u64 = generation
             .parse()
-            .map_err(|_| refuse("the generation is too large"))?;
-        if generation == 0 {
-            return Err(refuse("generation must be at least 1"));
-        }
+            .map_err(|_| refuse("the generation is larger than 9007199254740991 (2^53 - 1)"))?;
+        validate_generation(generation).map_err(refuse)?;
         validate_hash(hash).map_err(refuse)?;
         Ok(Rev {
             generation,
@@ -206,6 +243,27 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_generation_is_read_but_has_no_child() {
+        let largest: Rev = format!("{MAX_GENERATION}-a").parse().unwrap();
+        assert_eq!(largest.generation(), MAX_GENERATION);
+        for beyond in [MAX_GENERATION + 1, u64::MAX] {
+            let error = format!("{beyond}-a").parse::<Rev>().unwrap_err();
+            assert!(error.reason.contains("larger"), "{error}");
+            assert!(Rev::new(beyond, "a").is_err());
+        }
+        assert_eq!(
+            Rev::compute(Some(&largest), false, b"{}"),
+            Err(GenerationExhausted {
+                parent: largest.clone()
+            })
+        );
+        let below: Rev = format!("{}-a", MAX_GENERATION - 1).parse().unwrap();
+        let child = Rev::compute(Some(&below), false, b"{}").unwrap();
+        assert_eq!(child.generation(), MAX_GENERATION);
+        assert_eq!(child.to_string().parse::<Rev>(), Ok(child));
+    }
+
+    #[test]
     fn ordering_is_generation_then_hash_bytes() {
         let revs: Vec<Rev> = ["2-a", "10-a", "2-b", "2-B"]
             .iter()
@@ -220,10 +278,10 @@ mod tests {
     #[test]
     fn hash_depends_on_every_input() {
         let body = br#"{"a":1}"#;
-        let base = Rev::compute(None, false, body);
-        assert_ne!(base, Rev::compute(None, true, body));
-        assert_ne!(base, Rev::compute(None, false, br#"{"a":2}"#));
-        let child = Rev::compute(Some(&base), false, body);
+        let base = Rev::compute(None, false, body).unwrap();
+        assert_ne!(base, Rev::compute(None, true, body).unwrap());
+        assert_ne!(base, Rev::compute(None, false, br#"{"a":2}"#).unwrap());
+        let child = Rev::compute(Some(&base), false, body).unwrap();
         assert_ne!(child.hash(), base.hash());
         assert_eq!(child.generation(), 2);
     }

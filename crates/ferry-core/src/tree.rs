@@ -53,6 +53,9 @@ pub enum EditError {
     /// A base was given but the document does not exist.
     #[error("document update conflict: the document does not exist")]
     NoSuchDocument,
+    /// The base is at the largest generation: no revision can follow it.
+    #[error(transparent)]
+    Exhausted(#[from] crate::rev::GenerationExhausted),
 }
 
 /// Why a path of revisions was refused.
@@ -195,11 +198,11 @@ impl RevTree {
                 let _ = base;
                 Err(EditError::NoSuchDocument)
             }
-            Some(base) if self.is_leaf(base) => Ok(Some(base.clone())),
+            Some(base) if self.is_leaf(base) => exhaustion(base.clone()).map(Some),
             Some(base) => Err(EditError::StaleBase(base.clone())),
             None => match self.winner() {
                 None => Ok(None),
-                Some(winner) if winner.deleted => Ok(Some(winner.rev)),
+                Some(winner) if winner.deleted => exhaustion(winner.rev).map(Some),
                 Some(_) => Err(EditError::MissingBase),
             },
         }
@@ -569,6 +572,14 @@ fn winner_order(a: &Leaf, b: &Leaf) -> std::cmp::Ordering {
         .then_with(|| a.rev.cmp(&b.rev))
 }
 
+/// `parent` as the base of an edit, unless it is at the largest generation.
+fn exhaustion(parent: Rev) -> Result<Rev, EditError> {
+    if parent.generation() >= crate::rev::MAX_GENERATION {
+        return Err(crate::rev::GenerationExhausted { parent }.into());
+    }
+    Ok(parent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +590,23 @@ mod tests {
 
     fn path(texts: &[&str]) -> Vec<Rev> {
         texts.iter().map(|text| rev(text)).collect()
+    }
+
+    #[test]
+    fn a_revision_at_the_largest_generation_is_no_base_for_an_edit() {
+        let largest: Rev = format!("{}-aa", crate::rev::MAX_GENERATION)
+            .parse()
+            .unwrap();
+        for deleted in [false, true] {
+            let mut tree = RevTree::new();
+            tree.merge_path(std::slice::from_ref(&largest), deleted)
+                .unwrap();
+            let base = (!deleted).then_some(&largest);
+            assert!(
+                matches!(tree.edit_parent(base), Err(EditError::Exhausted(_))),
+                "deleted: {deleted}"
+            );
+        }
     }
 
     #[test]

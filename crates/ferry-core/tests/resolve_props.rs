@@ -33,7 +33,7 @@ struct Replica {
 
 impl Replica {
     fn add(&mut self, parent: Option<&Rev>, deleted: bool, body: Body, hlc: Timestamp) -> Rev {
-        let rev = Rev::compute(parent, deleted, &canonical_object(&body));
+        let rev = Rev::compute(parent, deleted, &canonical_object(&body)).unwrap();
         self.tree.add_child(parent, rev.clone(), deleted);
         self.revs.entry(rev.clone()).or_insert((deleted, body, hlc));
         rev
@@ -106,7 +106,7 @@ impl Replica {
                     None => return,
                 },
                 Resolver::MergeWithoutAncestors => resolve(Policy::Merge, &conflict).unwrap(),
-                Resolver::Custom => resolve_with(&conflict, largest_values(&conflict)),
+                Resolver::Custom => resolve_with(&conflict, largest_values(&conflict)).unwrap(),
             };
             self.apply(&resolution);
         }
@@ -123,7 +123,7 @@ impl Replica {
         assert_eq!(written, resolution.rev());
         for leaf in &resolution.superseded {
             let tombstone = self.add(Some(leaf), true, Body::new(), resolution.hlc);
-            assert_eq!(tombstone, Resolution::tombstone(leaf));
+            assert_eq!(tombstone, Resolution::tombstone(leaf).unwrap());
         }
     }
 

@@ -22,7 +22,7 @@ fn arb_history() -> impl Strategy<Value = Vec<(Vec<Rev>, bool)>> {
                     paths[pick.index(paths.len())].0.clone()
                 };
                 let body = canonical(&json!({ "v": value }));
-                let rev = Rev::compute(parent_path.first(), deleted, &body);
+                let rev = Rev::compute(parent_path.first(), deleted, &body).unwrap();
                 let mut path = vec![rev];
                 path.extend(parent_path);
                 paths.push((path, deleted));
@@ -90,8 +90,8 @@ proptest! {
         let body = canonical(&json!({"edited": value}));
         let parent_first = first.winner().map(|leaf| leaf.rev);
         let parent_second = second.winner().map(|leaf| leaf.rev);
-        let rev_first = Rev::compute(parent_first.as_ref(), deleted, &body);
-        let rev_second = Rev::compute(parent_second.as_ref(), deleted, &body);
+        let rev_first = Rev::compute(parent_first.as_ref(), deleted, &body).unwrap();
+        let rev_second = Rev::compute(parent_second.as_ref(), deleted, &body).unwrap();
         prop_assert_eq!(&rev_first, &rev_second);
         first.add_child(parent_first.as_ref(), rev_first, deleted);
         second.add_child(parent_second.as_ref(), rev_second, deleted);

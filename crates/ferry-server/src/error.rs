@@ -104,6 +104,16 @@ impl From<StoreError> for ApiError {
                     "The server could not store the request: its disk is full. Nothing of it was stored; retry later.",
                 )
             }
+            StoreError::Corrupt { what, .. } => {
+                tracing::error!(%error, "stored data cannot be read");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_data",
+                    format!(
+                        "The stored {what} cannot be read; the rest of the database is served. The details are in the server's log."
+                    ),
+                )
+            }
             other => ApiError::internal(other),
         }
     }

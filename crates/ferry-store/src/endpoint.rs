@@ -42,7 +42,7 @@ use ferry_core::hlc::ClockDrift;
 use ferry_core::model::{DocumentError, Limits, Revision, validate_document};
 use ferry_core::replicate::Checkpoint;
 use ferry_core::resolve::{Policies, Resolution, ResolutionRecord};
-use ferry_core::rev::Rev;
+use ferry_core::rev::{GenerationExhausted, Rev};
 use ferry_core::tree::{EditError, RevsDiff};
 use serde_json::Value;
 
@@ -148,6 +148,18 @@ pub enum Refusal {
     /// A local edit's base revision is not a leaf of the document.
     #[error("document update conflict")]
     Conflict(EditError),
+    /// A local edit's base revision is at the largest generation.
+    #[error(transparent)]
+    Exhausted(GenerationExhausted),
+}
+
+impl From<EditError> for Refusal {
+    fn from(error: EditError) -> Refusal {
+        match error {
+            EditError::Exhausted(exhausted) => Refusal::Exhausted(exhausted),
+            other => Refusal::Conflict(other),
+        }
+    }
 }
 
 impl Refusal {
@@ -156,7 +168,7 @@ impl Refusal {
         match self {
             Refusal::Invalid(DocumentError::Id(_)) => "illegal_docid",
             Refusal::Invalid(DocumentError::TooLarge { .. }) => "document_too_large",
-            Refusal::Invalid(_) => "bad_request",
+            Refusal::Invalid(_) | Refusal::Exhausted(_) => "bad_request",
             Refusal::ClockAhead(_) => "clock_ahead",
             Refusal::Conflict(_) => "conflict",
         }
@@ -412,6 +424,39 @@ impl<'a> Endpoint<'a> {
             .collect())
     }
 
+    /// [`Endpoint::fetch`] of the longest prefix of `wanted` whose bodies come to at most
+    /// `max_bytes` (as encoded JSON), and at least one revision: the answer's length says how
+    /// many of `wanted` it covers. Revisions are read a few at a time, so memory is bounded by
+    /// `max_bytes`, not by how many are wanted.
+    pub fn fetch_within(
+        &self,
+        wanted: &[(String, Rev)],
+        max_bytes: usize,
+    ) -> Result<Vec<Option<StoredRevision>>, EndpointError> {
+        const READ_AT_ONCE: usize = 16;
+        self.check_batch("revisions", wanted.len())?;
+        let mut answered = Vec::new();
+        let mut bytes = 0usize;
+        for chunk in wanted.chunks(READ_AT_ONCE) {
+            let stored = self
+                .db
+                .get_revisions(chunk, self.config.limits.revs_limit)?;
+            for stored in stored {
+                let stored = stored.filter(|stored| stored.body.is_some());
+                let size = stored
+                    .as_ref()
+                    .and_then(|stored| stored.body.as_ref())
+                    .map_or(0, ferry_core::json::encoded_len_object);
+                bytes = bytes.saturating_add(size);
+                if bytes > max_bytes && !answered.is_empty() {
+                    return Ok(answered);
+                }
+                answered.push(stored);
+            }
+        }
+        Ok(answered)
+    }
+
     /// The revisions CouchDB's `open_revs` asks for: every leaf (`wanted: None`), or the
     /// listed ones, each replaced by the leaves descending from it when `latest` is set. A
     /// revision that cannot be returned with its body comes back as `Err(rev)`.
@@ -563,7 +608,7 @@ impl<'a> Endpoint<'a> {
         let mut written = self.db.write_edits(admitted)?.into_iter();
         for slot in results.iter_mut().filter(|slot| slot.is_none()) {
             let result = written.next().expect("one result per edit written");
-            *slot = Some(result.map_err(Refusal::Conflict));
+            *slot = Some(result.map_err(Refusal::from));
         }
         doc_ids.sort();
         doc_ids.dedup();

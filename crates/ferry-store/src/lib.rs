@@ -588,6 +588,20 @@ pub(crate) fn count_change(was_deleted: Option<bool>, deleted: bool) -> (i64, i6
     }
 }
 
+/// The revision of an edit of `doc_id` (see [`Rev::compute`]); refused as an invalid revision
+/// when `parent` is at the largest generation, so the edit is written nowhere.
+pub(crate) fn edit_rev(
+    doc_id: &str,
+    parent: Option<&Rev>,
+    deleted: bool,
+    canonical_body: &[u8],
+) -> Result<Rev, StoreError> {
+    Rev::compute(parent, deleted, canonical_body).map_err(|error| StoreError::InvalidRevision {
+        doc_id: doc_id.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
 /// The clock of the replica's latest change: a replica's clock resumes after it when the
 /// replica is opened again, so its timestamps keep increasing across restarts.
 pub fn newest_clock(db: &dyn Database) -> Result<Timestamp, StoreError> {

@@ -252,7 +252,7 @@ impl MemoryDatabase {
         body: &Body,
         hlc: Timestamp,
     ) -> Result<(Rev, Option<Option<u64>>), StoreError> {
-        let rev = Rev::compute(parent, deleted, &canonical_object(body));
+        let rev = crate::edit_rev(doc_id, parent, deleted, &canonical_object(body))?;
         let before = state.docs.get(doc_id).map(|row| row.tree.clone());
         let mut tree = before.clone().unwrap_or_default();
         if tree.add_child(parent, rev.clone(), deleted) != Applied::Added {

@@ -738,7 +738,7 @@ impl SqliteDatabase {
         child: Child<'_>,
     ) -> Result<(Rev, bool), StoreError> {
         let body = body_text(child.body);
-        let rev = Rev::compute(child.parent, child.deleted, body.as_bytes());
+        let rev = crate::edit_rev(doc_id, child.parent, child.deleted, body.as_bytes())?;
         let mut tree = before
             .map(|current| current.tree.clone())
             .unwrap_or_default();
@@ -1273,27 +1273,42 @@ impl Database for SqliteDatabase {
                 "SELECT seq, doc_id, rev, deleted, leaves, CASE WHEN ?3 THEN body END \
                  FROM docs WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let mut rows = statement.query(params![
-                to_i64(since),
-                i64::try_from(limit).unwrap_or(i64::MAX),
-                include_bodies
-            ])?;
             let mut changes = Vec::new();
-            while let Some(row) = rows.next()? {
-                let body: Option<String> = row.get(5)?;
-                let rev = parse_rev(&row.get::<_, String>(2)?)?;
-                let deleted = row.get(3)?;
-                let leaves: Option<String> = row.get(4)?;
-                changes.push(Change {
-                    seq: to_u64(row.get(0)?),
-                    doc_id: row.get(1)?,
-                    leaves: decode_leaves(leaves.as_deref(), &rev, deleted)?,
-                    rev,
-                    deleted,
-                    body: body.as_deref().map(parse_body).transpose()?,
-                });
+            let mut cursor = since;
+            // Rows that cannot be decoded are left out, so the scan goes on until `limit`
+            // readable ones or the end: callers take a short page for the end of the feed.
+            loop {
+                let wanted = limit - changes.len();
+                let mut rows = statement.query(params![
+                    to_i64(cursor),
+                    i64::try_from(wanted).unwrap_or(i64::MAX),
+                    include_bodies
+                ])?;
+                let mut scanned = 0;
+                while let Some(row) = rows.next()? {
+                    scanned += 1;
+                    cursor = to_u64(row.get(0)?);
+                    let doc_id: String = row.get(1)?;
+                    let decoded = (|| {
+                        let body: Option<String> = row.get(5)?;
+                        let rev = parse_rev(&row.get::<_, String>(2)?)?;
+                        let deleted = row.get(3)?;
+                        let leaves: Option<String> = row.get(4)?;
+                        Ok(Change {
+                            seq: cursor,
+                            doc_id: doc_id.clone(),
+                            leaves: decode_leaves(leaves.as_deref(), &rev, deleted)?,
+                            rev,
+                            deleted,
+                            body: body.as_deref().map(parse_body).transpose()?,
+                        })
+                    })();
+                    changes.extend(readable(&doc_id, decoded)?);
+                }
+                if scanned < wanted || changes.len() >= limit {
+                    return Ok(changes);
+                }
             }
-            Ok(changes)
         })
     }
 
@@ -1492,7 +1507,8 @@ impl Database for SqliteDatabase {
             None,
             false,
             format!("{collection}\u{0}{field}").as_bytes(),
-        );
+        )
+        .expect("a revision without a parent always has an id");
         let name = format!("ix_{}", digest.hash());
         self.with_write_transaction(|transaction| {
             transaction.execute_batch(&format!(
@@ -1613,10 +1629,27 @@ fn document_from_sql_row(row: &rusqlite::Row<'_>) -> Result<Document, StoreError
     )
 }
 
+/// The documents of `rows`, leaving out (see [`readable`]) those that cannot be decoded.
 fn documents_from_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Document>, StoreError> {
     let mut documents = Vec::new();
     while let Some(row) = rows.next()? {
-        documents.push(document_from_sql_row(row)?);
+        let doc_id: String = row.get(0)?;
+        documents.extend(readable(&doc_id, document_from_sql_row(row))?);
     }
     Ok(documents)
+}
+
+/// A decoded row, or `None` (logged) for a row whose stored data cannot be decoded: one
+/// damaged document must not take its database's feeds and listings down with it. Reading
+/// that document itself still fails with [`StoreError::Corrupt`]; any other error is the
+/// whole read's.
+fn readable<T>(doc_id: &str, decoded: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+    match decoded {
+        Ok(value) => Ok(Some(value)),
+        Err(error @ StoreError::Corrupt { .. }) => {
+            tracing::error!(%doc_id, %error, "a stored document cannot be read; it is left out");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
 }

@@ -320,7 +320,7 @@ fn old_file(path: &std::path::Path, version: i64) -> ferry_core::rev::Rev {
         )
         .unwrap();
     let body = r#"{"v":1}"#;
-    let rev = ferry_core::rev::Rev::compute(None, false, body.as_bytes());
+    let rev = ferry_core::rev::Rev::compute(None, false, body.as_bytes()).unwrap();
     let mut tree = ferry_core::tree::RevTree::new();
     tree.add_child(None, rev.clone(), false);
     let leaves = serde_json::json!([[rev.to_string(), false]]).to_string();

@@ -174,7 +174,7 @@ impl Pair {
                 for level in 0..length {
                     let deleted = delete && level + 1 == length;
                     let salt = format!("{step}-{level}-{value}");
-                    let rev = Rev::compute(path.first(), deleted, salt.as_bytes());
+                    let rev = Rev::compute(path.first(), deleted, salt.as_bytes()).unwrap();
                     path.insert(0, rev);
                 }
                 let revision = Revision {
@@ -191,7 +191,7 @@ impl Pair {
                 let mut batch = vec![revision.clone()];
                 if extended {
                     let mut longer = revision;
-                    let next = Rev::compute(longer.path.first(), false, b"extended");
+                    let next = Rev::compute(longer.path.first(), false, b"extended").unwrap();
                     longer.path.insert(0, next);
                     longer.deleted = false;
                     longer.body = body(value.wrapping_add(1), step);
@@ -272,7 +272,7 @@ impl Pair {
             wanted.extend(tree.revs().map(|rev| ((*doc_id).to_owned(), rev.clone())));
             wanted.push((
                 (*doc_id).to_owned(),
-                Rev::compute(None, false, b"never written"),
+                Rev::compute(None, false, b"never written").unwrap(),
             ));
         }
         let batched = sqlite.get_revisions(&wanted, 10).unwrap();

@@ -515,7 +515,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             // One transaction: the chosen or merged body on the winning version, a tombstone on
             // every other one, and a resolution record.
-            let mut resolution = ferry_core::resolve::resolve_with(&conflict, body);
+            let mut resolution = ferry_core::resolve::resolve_with(&conflict, body)?;
             resolution.hlc = resolution.hlc.max(local_now(&*db)?);
             db.apply_resolution(&doc_id, &resolution)?
                 .context("the document changed meanwhile; run `ferry conflicts` again")?;

@@ -1,0 +1,287 @@
+//! Hostile and careless input against a real `ferry serve`: nothing a client sends may leave
+//! a database that its feeds, listings or other clients cannot read (issue 13, "A database
+//! can be poisoned for good"). Each test checks the refusal, that the rest of the database is
+//! still served, and that nothing stored changed.
+
+mod support;
+
+use std::path::Path;
+
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use support::{ServerProcess, TEST_PASSWORD, TEST_USER, ferry_json};
+
+const DB: &str = "hostile";
+/// `ferry_core::rev::MAX_GENERATION`, written out as a client would send it.
+const LARGEST: &str = "9007199254740991";
+
+struct Http {
+    client: Client,
+    base: String,
+}
+
+impl Http {
+    async fn new(server: &ServerProcess) -> Http {
+        let http = Http {
+            client: Client::new(),
+            base: format!("{}/{DB}", server.bare_url),
+        };
+        let (status, body) = http.send(reqwest::Method::PUT, "", None).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        http
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the server answers");
+        let status = response.status();
+        let text = response.text().await.expect("a body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// The ids `_changes` lists, after asserting it answers 200.
+    async fn changed_ids(&self) -> Vec<String> {
+        let (status, changes) = self.get("/_changes?style=all_docs").await;
+        assert_eq!(status, StatusCode::OK, "{changes}");
+        let mut ids: Vec<String> = changes["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|row| row["id"].as_str().expect("an id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The ids `_all_docs` lists, after asserting it answers 200.
+    async fn listed_ids(&self) -> Vec<String> {
+        let (status, all) = self.get("/_all_docs").await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        all["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|row| row["id"].as_str().expect("an id").to_owned())
+            .collect()
+    }
+}
+
+/// A replica that pulls the whole database through the WebSocket session (`ferry sync`).
+fn pulled_ids(server: &ServerProcess, dir: &Path) -> Vec<String> {
+    let replica = dir.join("pull.ferry").display().to_string();
+    ferry_json(&["init", &replica]);
+    ferry_json(&["sync", &replica, &format!("{}/{DB}", server.url)]);
+    let listed = ferry_json(&["list", &replica, "todos"]);
+    let mut ids: Vec<String> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|doc| format!("todos:{}", doc["_id"].as_str().expect("an id")))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Before the fix, `18446744073709551615-aaaa` was accepted and its child wrapped to
+/// generation 0, a revision no replica can read: every feed of the database answered 500 from
+/// then on. Now a generation past 2^53 - 1 is refused on every path, a revision at it cannot
+/// be edited, and the database keeps serving.
+#[tokio::test]
+async fn revision_generations_cannot_overflow_into_an_unreadable_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--default-conflict-policy", "last-write-wins"],
+    );
+    let http = Http::new(&server).await;
+    let (status, _) = http.put("/todos:plain", json!({"title": "milk"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Past the largest generation: refused on every write path, stored nowhere.
+    for beyond in ["18446744073709551615", "9007199254740992"] {
+        let rev = format!("{beyond}-aaaa");
+        let (status, refusal) = http
+            .put("/todos:ovf?new_edits=false", json!({"_rev": rev}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refusal}");
+        assert_eq!(refusal["error"], json!("bad_request"), "{refusal}");
+        let (status, answer) = http
+            .post(
+                "/_bulk_docs",
+                json!({"new_edits": false, "docs": [{"_id": "todos:ovf", "_rev": rev}]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let (status, _) = http.get("/todos:ovf").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    // At the largest generation: stored, readable, and an edit of it is refused alone.
+    let top = format!("{LARGEST}-aaaa");
+    let (status, stored) = http
+        .put("/todos:top?new_edits=false", json!({"_rev": top, "v": 1}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    let (status, refusal) = http.put("/todos:top", json!({"_rev": top, "v": 2})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refusal}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("largest generation"),
+        "{refusal}"
+    );
+    let (status, answer) = http
+        .post(
+            "/_bulk_docs",
+            json!({"docs": [{"_id": "todos:top", "_rev": top, "v": 3}, {"_id": "todos:next", "v": 1}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert!(answer[0]["error"].is_string(), "{answer}");
+    assert_eq!(answer[1]["ok"], json!(true), "{answer}");
+
+    // Two branches at the largest generation in one replicated batch: a conflict that no
+    // policy can resolve (a resolution is a child of each), kept as it is, and the batch
+    // answered (before the fix: 500 after the commit, so the client retried forever).
+    let branches = json!({"new_edits": false, "docs": [
+        {"_id": "todos:twins", "_rev": format!("{LARGEST}-bb"), "v": "b"},
+        {"_id": "todos:twins", "_rev": format!("{LARGEST}-cc"), "v": "c"},
+    ]});
+    let (status, answer) = http.post("/_bulk_docs", branches).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, twins) = http.get("/todos:twins?conflicts=true").await;
+    assert_eq!(status, StatusCode::OK, "{twins}");
+    assert_eq!(twins["_rev"], json!(format!("{LARGEST}-cc")));
+    assert_eq!(twins["_conflicts"], json!([format!("{LARGEST}-bb")]));
+
+    let (status, kept) = http.get("/todos:top").await;
+    assert_eq!(
+        (status, kept["v"].clone()),
+        (StatusCode::OK, json!(1)),
+        "{kept}"
+    );
+    let everything = ["todos:next", "todos:plain", "todos:top", "todos:twins"];
+    assert_eq!(http.changed_ids().await, everything);
+    assert_eq!(http.listed_ids().await, everything);
+    assert_eq!(pulled_ids(&server, dir.path()), everything);
+}
+
+/// A row whose stored data cannot be decoded (a damaged file, a bug of an older version):
+/// reading that document is a clear error, and everything else is still listed, fed and
+/// replicated. Before, `_changes`, `_all_docs` and every pull of the database answered 500.
+#[tokio::test]
+async fn one_unreadable_document_does_not_take_its_database_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path(), &[]);
+    let http = Http::new(&server).await;
+    for id in ["todos:a", "todos:b", "todos:c"] {
+        let (status, _) = http.put(&format!("/{id}"), json!({"title": id})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    server.kill();
+    let file = dir.path().join(format!("{DB}.sqlite"));
+    let connection = rusqlite::Connection::open(&file).unwrap();
+    let damaged = connection
+        .execute(
+            "UPDATE docs SET rev = '0-damaged', body = '{not json' WHERE doc_id = 'todos:b'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(damaged, 1);
+    drop(connection);
+    server.restart();
+    let http = Http {
+        client: Client::new(),
+        base: format!("{}/{DB}", server.bare_url),
+    };
+
+    let (status, error) = http.get("/todos:b").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{error}");
+    assert_eq!(error["error"], json!("corrupt_data"), "{error}");
+    let (status, a) = http.get("/todos:a").await;
+    assert_eq!(
+        (status, a["title"].clone()),
+        (StatusCode::OK, json!("todos:a"))
+    );
+    assert_eq!(http.changed_ids().await, ["todos:a", "todos:c"]);
+    assert_eq!(http.listed_ids().await, ["todos:a", "todos:c"]);
+    let (status, page) = http.get("/_changes?limit=1&since=1").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["results"][0]["id"], json!("todos:c"), "{page}");
+    assert_eq!(pulled_ids(&server, dir.path()), ["todos:a", "todos:c"]);
+}
+
+/// Integers beyond 64 bits were silently rounded to doubles (and revision ids hashed the
+/// changed body). They are refused with a clear error on every path; the same magnitude
+/// written as a double is a double.
+#[tokio::test]
+async fn integers_beyond_64_bits_are_refused_not_rounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let http = Http::new(&server).await;
+    let huge = "123456789012345678901234567890";
+    let raw = |text: String| {
+        http.client
+            .put(format!("{}/todos:n", http.base))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+            .header("content-type", "application/json")
+            .body(text)
+            .send()
+    };
+    let refused = raw(format!(r#"{{"n":{huge}}}"#)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let refusal: Value = refused.json().await.unwrap();
+    assert!(
+        refusal["reason"].as_str().unwrap().contains(huge),
+        "{refusal}"
+    );
+    let bulk = http
+        .client
+        .post(format!("{}/_bulk_docs", http.base))
+        .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"docs":[{{"_id":"todos:m","n":{huge}}}]}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bulk.status(), StatusCode::BAD_REQUEST);
+    let (status, _) = http.get("/todos:n").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = http.get("/todos:m").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let largest = raw(r#"{"n":18446744073709551615,"d":1.2345678901234568e29}"#.to_owned())
+        .await
+        .unwrap();
+    assert_eq!(largest.status(), StatusCode::CREATED);
+    let (_, stored) = http.get("/todos:n").await;
+    assert_eq!(stored["n"], json!(u64::MAX), "{stored}");
+    assert_eq!(stored["d"], json!(1.2345678901234568e29), "{stored}");
+}
