@@ -134,6 +134,7 @@ pub struct SyncOptions {
     fallback: Option<Fallback>,
     reconnect: ReconnectPolicy,
     batch_size: usize,
+    max_write_bytes: usize,
     heartbeat: Option<(Duration, Duration)>,
     only_subscribed: bool,
     ca_file: Option<PathBuf>,
@@ -149,6 +150,7 @@ impl SyncOptions {
             fallback: None,
             reconnect: ReconnectPolicy::default(),
             batch_size: DEFAULT_BATCH_SIZE,
+            max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
             heartbeat: None,
             only_subscribed: false,
             ca_file: None,
@@ -186,6 +188,22 @@ impl SyncOptions {
     #[must_use]
     pub fn batch_size(mut self, batch_size: usize) -> SyncOptions {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// The most bytes one write of a batch carries (default 4 MiB): a batch of large
+    /// documents goes in several writes, each under the server's request limit, so any
+    /// document within the document limit syncs. Keep it below the server's
+    /// `--max-request-bytes`.
+    ///
+    /// ```
+    /// let options = ferry_client::SyncOptions::new("ws://127.0.0.1:4984/todos")
+    ///     .max_write_bytes(1024 * 1024);
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn max_write_bytes(mut self, bytes: usize) -> SyncOptions {
+        self.max_write_bytes = bytes;
         self
     }
 
@@ -513,6 +531,7 @@ impl Ferry {
         let replication = ReplicationOptions {
             create_target: true,
             batch_size: options.batch_size,
+            max_write_bytes: options.max_write_bytes,
             ..ReplicationOptions::default()
         };
         let pull_filter = self.pull_filter(options)?;
@@ -689,6 +708,7 @@ impl Ferry {
             continuous: true,
             retry_transient: false,
             batch_size: options.batch_size,
+            max_write_bytes: options.max_write_bytes,
             wait_timeout: Duration::from_secs(10),
             ..ReplicationOptions::default()
         };

@@ -165,6 +165,11 @@ pub enum Op {
     BulkGet {
         /// The revisions.
         docs: Vec<RevRef>,
+        /// Answer about this many bytes of bodies at most (and at least one revision),
+        /// leaving the rest in [`BulkGetResult::unserved`] to be asked for again, so no answer
+        /// outgrows a frame. Without it, every revision is answered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
     },
     /// Store these replicated revisions (CouchDB documents with `_revisions` and `_ferry`).
     BulkDocs {
@@ -306,6 +311,10 @@ pub struct BulkGetResult {
     /// Those the server does not have (or no longer keeps the body of).
     #[serde(default)]
     pub missing: Vec<RevRef>,
+    /// Those left out to keep the answer within the request's `max_bytes`, in request
+    /// order: ask for them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unserved: Vec<RevRef>,
 }
 
 /// What storing one revision of a `bulk_docs` came to.
@@ -397,6 +406,8 @@ impl Op {
         #[derive(Deserialize)]
         struct BulkGet {
             docs: Vec<RevRef>,
+            #[serde(default)]
+            max_bytes: Option<u64>,
         }
         #[derive(Deserialize)]
         struct BulkDocs {
@@ -436,8 +447,8 @@ impl Op {
                 Op::RevsDiff { revs }
             }
             "bulk_get" => {
-                let BulkGet { docs } = members(name, map)?;
-                Op::BulkGet { docs }
+                let BulkGet { docs, max_bytes } = members(name, map)?;
+                Op::BulkGet { docs, max_bytes }
             }
             "bulk_docs" => {
                 let BulkDocs { docs } = members(name, map)?;
@@ -583,6 +594,7 @@ mod tests {
                 revs: BTreeMap::from([("a".to_owned(), vec![rev.clone()])]),
             },
             Op::BulkGet {
+                max_bytes: Some(4096),
                 docs: vec![RevRef {
                     id: "a".into(),
                     rev: rev.clone(),

@@ -49,9 +49,18 @@ pub struct ReplicationConfig {
     pub session_id: String,
     /// How many changes one batch reads.
     pub batch_size: usize,
+    /// The most bytes of revisions one write carries (bodies as encoded JSON, with ids and
+    /// ancestry): a batch of large documents is written in several requests, so none exceeds
+    /// the target's request or frame limit. A revision larger than this is written alone.
+    pub max_write_bytes: usize,
     /// Whether to keep following the source once caught up.
     pub continuous: bool,
 }
+
+/// The default of [`ReplicationConfig::max_write_bytes`]: far below the server's default
+/// request limit (32 MiB), and above its document limit (1 MiB), so the largest document
+/// shares a write with others.
+pub const DEFAULT_MAX_WRITE_BYTES: usize = 4 * 1024 * 1024;
 
 impl ReplicationConfig {
     /// A one-shot replication with batches of 100.
@@ -60,6 +69,7 @@ impl ReplicationConfig {
             replication_id: replication_id.into(),
             session_id: session_id.into(),
             batch_size: 100,
+            max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
             continuous: false,
         }
     }
@@ -235,9 +245,10 @@ enum State {
     AwaitMissing,
     Fetch,
     AwaitRevisions,
+    /// The fetched revisions not written yet, in order.
     Write(Vec<Revision>),
-    /// How many revisions are being written.
-    AwaitWritten(u64),
+    /// How many revisions are being written, and those to write after them.
+    AwaitWritten(u64, Vec<Revision>),
     Checkpoint,
     AwaitCheckpointWritten,
     Wait,
@@ -325,17 +336,18 @@ impl Replication {
                 }
             }
             State::Write(_) => {
-                let State::Write(revisions) =
-                    std::mem::replace(&mut self.state, State::AwaitWritten(0))
+                let State::Write(mut revisions) =
+                    std::mem::replace(&mut self.state, State::AwaitWritten(0, Vec::new()))
                 else {
                     unreachable!("matched above")
                 };
-                self.state = State::AwaitWritten(revisions.len() as u64);
+                let rest = revisions.split_off(write_len(&revisions, self.config.max_write_bytes));
+                self.state = State::AwaitWritten(revisions.len() as u64, rest);
                 Action::WriteRevisions { revisions }
             }
             // The revisions moved to the caller with the first request; nothing is left to
             // hand out until the write is answered.
-            State::AwaitWritten(_) => Action::WriteRevisions {
+            State::AwaitWritten(..) => Action::WriteRevisions {
                 revisions: Vec::new(),
             },
             State::Checkpoint | State::AwaitCheckpointWritten => {
@@ -356,6 +368,23 @@ impl Replication {
 
     /// Hands the result of the last action to the state machine.
     pub fn handle(&mut self, response: Response) -> Result<(), ReplicationError> {
+        if let (State::AwaitWritten(count, _), Response::Written { rejected }) =
+            (&mut self.state, &response)
+        {
+            let rejected = (*rejected).min(*count);
+            self.stats.docs_written += *count - rejected;
+            self.stats.doc_write_failures += rejected;
+            let State::AwaitWritten(_, rest) =
+                std::mem::replace(&mut self.state, State::Checkpoint)
+            else {
+                unreachable!("matched above")
+            };
+            if !rest.is_empty() {
+                // The rest of the batch, in further writes; the checkpoint follows the last.
+                self.state = State::Write(rest);
+            }
+            return Ok(());
+        }
         match (&self.state, response) {
             (State::AwaitCheckpoints, Response::Checkpoints { source, target }) => {
                 let (since, history) = agree_on_start(source.as_ref(), target.as_ref());
@@ -409,12 +438,6 @@ impl Replication {
                 } else {
                     State::Write(revisions)
                 };
-            }
-            (State::AwaitWritten(count), Response::Written { rejected }) => {
-                let rejected = rejected.min(*count);
-                self.stats.docs_written += count - rejected;
-                self.stats.doc_write_failures += rejected;
-                self.state = State::Checkpoint;
             }
             (State::AwaitCheckpointWritten, Response::CheckpointWritten) => {
                 self.stats.batches += 1;
@@ -493,7 +516,7 @@ fn describe(state: &State) -> &'static str {
         State::ReadChanges | State::AwaitChanges => "reading changes",
         State::RevsDiff | State::AwaitMissing => "asking for missing revisions",
         State::Fetch | State::AwaitRevisions => "fetching revisions",
-        State::Write(_) | State::AwaitWritten(_) => "writing revisions",
+        State::Write(_) | State::AwaitWritten(..) => "writing revisions",
         State::Checkpoint | State::AwaitCheckpointWritten => "writing the checkpoint",
         State::Wait | State::AwaitChangesAvailable => "waiting for changes",
         State::Finished => "finished",
@@ -530,6 +553,26 @@ fn agree_on_start(
     (Value::from(0), Vec::new())
 }
 
+/// How many of `revisions` (at least one) the next write carries: as many as fit in
+/// `max_bytes`.
+fn write_len(revisions: &[Revision], max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    for (index, revision) in revisions.iter().enumerate() {
+        bytes = bytes.saturating_add(revision_bytes(revision));
+        if bytes > max_bytes {
+            return index.max(1);
+        }
+    }
+    revisions.len()
+}
+
+/// About what a revision takes on the wire: its body's JSON, its id, and its ancestry.
+fn revision_bytes(revision: &Revision) -> usize {
+    let body = crate::json::encoded_len_object(&revision.body);
+    let path: usize = revision.path.iter().map(|rev| rev.hash().len() + 3).sum();
+    body + revision.doc_id.len() + path + 64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,6 +607,79 @@ mod tests {
             continuous,
             ..ReplicationConfig::new("rep", "s2")
         }
+    }
+
+    /// 40 documents of 900 KB each fit the document limit but not one request: before, the
+    /// batch went out as one 36 MB write, refused every time, and nothing ever synced.
+    #[test]
+    fn a_batch_of_large_documents_is_written_in_requests_bounded_by_bytes() {
+        let mut replication = Replication::new(ReplicationConfig {
+            max_write_bytes: 4_000_000,
+            ..config(100, false)
+        });
+        replication.next_action();
+        replication
+            .handle(Response::Checkpoints {
+                source: None,
+                target: None,
+            })
+            .unwrap();
+        replication.next_action();
+        let ids: Vec<String> = (0..40).map(|n| format!("doc{n:02}")).collect();
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| row(id, n as u64 + 1, &["1-a"]));
+        replication
+            .handle(Response::Changes {
+                rows: rows.collect(),
+                last_seq: json!(40),
+                pending: Some(0),
+            })
+            .unwrap();
+        replication.next_action();
+        let wanted: Vec<(String, Vec<Rev>)> = ids
+            .iter()
+            .map(|id| (id.clone(), vec![rev("1-a")]))
+            .collect();
+        replication.handle(Response::Missing(wanted)).unwrap();
+        replication.next_action();
+        let large = |id: &String| Revision {
+            body: json!({"blob": "x".repeat(900_000)})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ..revision(id, "1-a")
+        };
+        let mut fetched: Vec<Revision> = ids.iter().map(large).collect();
+        // One larger than a whole write goes alone.
+        fetched[10].body = json!({"blob": "y".repeat(5_000_000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        replication.handle(Response::Revisions(fetched)).unwrap();
+        let mut written = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            match replication.next_action() {
+                Action::WriteRevisions { revisions } => {
+                    sizes.push(revisions.len());
+                    written.extend(revisions.into_iter().map(|revision| revision.doc_id));
+                    replication
+                        .handle(Response::Written { rejected: 1 })
+                        .unwrap();
+                }
+                Action::WriteCheckpoint { checkpoint } => {
+                    assert_eq!(checkpoint.last_seq, json!(40));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(written, ids, "every revision once, in order");
+        assert_eq!(sizes, [4, 4, 2, 1, 4, 4, 4, 4, 4, 4, 4, 1]);
+        assert_eq!(replication.stats().docs_written, 40 - sizes.len() as u64);
+        assert_eq!(replication.stats().doc_write_failures, sizes.len() as u64);
     }
 
     #[test]

@@ -683,6 +683,7 @@ impl World {
                 replication_id: replication_id.clone(),
                 session_id,
                 batch_size: BATCH,
+                max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
                 continuous: false,
             }),
             replication_id,

@@ -674,3 +674,45 @@ impl<'a> Endpoint<'a> {
         Ok((cursor, resolved))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Edit;
+    use crate::StoreConfig;
+    use crate::clock::{ReplicaClock, SystemClock};
+    use crate::memory::MemoryDatabase;
+    use std::sync::Arc;
+
+    /// A fetch answer bounded by bytes covers the longest prefix within the bound, and at
+    /// least one revision, however small the bound.
+    #[test]
+    fn a_fetch_within_a_byte_bound_answers_the_prefix_that_fits() {
+        let db = MemoryDatabase::new("db", "replica", StoreConfig::default());
+        let config = EndpointConfig::default();
+        let clock = ReplicaClock::new(Arc::new(SystemClock), 60_000);
+        let endpoint = Endpoint::new(&db, &config, &clock, &NoFanout);
+        let body = serde_json::json!({"blob": "x".repeat(1000)});
+        let body = body.as_object().expect("an object").clone();
+        let size = ferry_core::json::encoded_len_object(&body);
+        let edits = ["a", "b", "c"].map(|id| Edit::put(id, None, body.clone()));
+        let wanted: Vec<(String, Rev)> = endpoint
+            .write_edits(edits.into())
+            .expect("written")
+            .into_iter()
+            .zip(["a", "b", "c"])
+            .map(|(rev, id)| (id.to_owned(), rev.expect("stored")))
+            .collect();
+        let mut unknown = wanted.clone();
+        unknown.insert(1, ("nobody".to_owned(), wanted[0].1.clone()));
+        for (max_bytes, answered) in [(2 * size, 2), (2 * size - 1, 1), (0, 1), (usize::MAX, 3)] {
+            let answer = endpoint.fetch_within(&wanted, max_bytes).expect("fetched");
+            assert_eq!(answer.len(), answered, "within {max_bytes}");
+            assert!(answer.iter().all(Option::is_some));
+        }
+        // A revision this replica lacks takes no room and is answered as lacking.
+        let answer = endpoint.fetch_within(&unknown, 2 * size).expect("fetched");
+        assert_eq!(answer.len(), 3);
+        assert!(answer[1].is_none());
+    }
+}

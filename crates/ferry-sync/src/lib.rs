@@ -244,6 +244,9 @@ pub trait Peer: Send + Sync {
 pub struct ReplicationOptions {
     /// Changes per batch; memory use is proportional to it.
     pub batch_size: usize,
+    /// The most bytes one write of a batch carries (see
+    /// [`ReplicationConfig::max_write_bytes`]); keep it below the target's request limit.
+    pub max_write_bytes: usize,
     /// Keep following the source once caught up, retrying after transient errors.
     pub continuous: bool,
     /// Which changes to carry.
@@ -263,6 +266,7 @@ impl Default for ReplicationOptions {
     fn default() -> ReplicationOptions {
         ReplicationOptions {
             batch_size: 100,
+            max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
             continuous: false,
             filter: ChangesFilter::default(),
             create_target: false,
@@ -358,6 +362,7 @@ async fn replicate_once<S: Peer, T: Peer>(
         replication_id: replication_id.clone(),
         session_id: uuid::Uuid::new_v4().simple().to_string(),
         batch_size: options.batch_size.max(1),
+        max_write_bytes: options.max_write_bytes,
         continuous: options.continuous,
     });
     // The page after the current one, read while the current one is written.

@@ -72,6 +72,10 @@ impl SessionCredentials for UrlCredentials {
     fn reconnect_token_issued(&self, _token: &str, _expires_ms: u64) {}
 }
 
+/// The most bytes of bodies one fetch answer carries (the server may answer less): a batch
+/// of large documents is fetched in several answers, each far below the frame limit.
+const FETCH_ANSWER_BYTES: u64 = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES as u64;
+
 /// A replication peer on a Ferry server database, over one WebSocket session.
 ///
 /// Built from the database's HTTP URL (`http://host:port/db`); the session goes to
@@ -511,7 +515,7 @@ impl Peer for WsPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let docs = wanted
+        let mut docs: Vec<RevRef> = wanted
             .into_iter()
             .flat_map(|(id, revs)| {
                 revs.into_iter().map(move |rev| RevRef {
@@ -520,15 +524,31 @@ impl Peer for WsPeer {
                 })
             })
             .collect();
-        let result: BulkGetResult = self.request(Op::BulkGet { docs }).await?;
-        for missing in &result.missing {
-            tracing::warn!(doc_id = %missing.id, rev = %missing.rev, "revision not available on the server; skipped");
+        let mut revisions = Vec::new();
+        // Answers are bounded by bytes, so a batch of large documents comes in several; each
+        // answers at least one revision, so this ends.
+        while !docs.is_empty() {
+            let asked = docs.len();
+            let result: BulkGetResult = self
+                .request(Op::BulkGet {
+                    docs,
+                    max_bytes: Some(FETCH_ANSWER_BYTES),
+                })
+                .await?;
+            for missing in &result.missing {
+                tracing::warn!(doc_id = %missing.id, rev = %missing.rev, "revision not available on the server; skipped");
+            }
+            if result.unserved.len() >= asked {
+                return Err(self.invalid("the server answered none of the revisions asked for"));
+            }
+            for doc in result.docs {
+                revisions.push(
+                    revision_from_json(doc).map_err(|error| self.invalid(error.to_string()))?,
+                );
+            }
+            docs = result.unserved;
         }
-        result
-            .docs
-            .into_iter()
-            .map(|doc| revision_from_json(doc).map_err(|error| self.invalid(error.to_string())))
-            .collect()
+        Ok(revisions)
     }
 
     async fn write_revisions(

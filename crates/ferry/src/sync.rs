@@ -31,6 +31,10 @@ pub(crate) struct SyncArgs {
     /// Changes per batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
+    /// The most bytes one write request carries (a batch of large documents is written in
+    /// several); keep it below the server's --max-request-bytes.
+    #[arg(long, default_value_t = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES)]
+    max_write_bytes: usize,
     /// Only push local changes.
     #[arg(long, conflicts_with = "pull_only")]
     push_only: bool,
@@ -52,6 +56,7 @@ pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
         }
         let options = ReplicationOptions {
             batch_size: args.batch_size.max(1),
+            max_write_bytes: args.max_write_bytes,
             create_target: true,
             ..ReplicationOptions::default()
         };

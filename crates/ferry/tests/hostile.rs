@@ -7,6 +7,9 @@ mod support;
 
 use std::path::Path;
 
+use ferry_client::{Credentials, Ferry, SyncOptions};
+use ferry_store::sqlite::SqliteDatabase;
+use ferry_store::{Database, Edit, StoreConfig};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use support::{ServerProcess, TEST_PASSWORD, TEST_USER, ferry_json};
@@ -284,4 +287,68 @@ async fn integers_beyond_64_bits_are_refused_not_rounded() {
     let (_, stored) = http.get("/todos:n").await;
     assert_eq!(stored["n"], json!(u64::MAX), "{stored}");
     assert_eq!(stored["d"], json!(1.2345678901234568e29), "{stored}");
+}
+
+/// 40 documents of 900 KB each: every one within the 1 MiB document limit, 36 MB together,
+/// more than one 32 MiB request or frame. Before, `ferry sync` got 413 on every try and the
+/// SDK's sessions were cut for a 36 MB frame, and nothing synced. Now writes and session
+/// fetches are bounded by bytes, in both directions, on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_within_the_limit_sync_however_large_their_batch() {
+    const COUNT: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let http = Http::new(&server).await;
+    let doc_count = || async {
+        let (status, info) = http.get("").await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        info["doc_count"].as_u64().unwrap()
+    };
+    let large = |n: usize| json!({"n": n, "blob": "x".repeat(900_000)});
+    let options = SyncOptions::new(format!("{}/{DB}", server.bare_url))
+        .credentials(Credentials::password(TEST_USER, TEST_PASSWORD));
+
+    // The SDK pushes over the session.
+    let sdk = Ferry::initialize_offline(dir.path().join("sdk.ferry"), TEST_USER).unwrap();
+    let photos = sdk.collection::<Value>("photos");
+    for n in 0..COUNT {
+        photos
+            .insert_with_id(&format!("p{n:02}"), &large(n))
+            .unwrap();
+    }
+    let stats = sdk.sync_once(&options).await.unwrap();
+    assert_eq!(stats.push.docs_written, COUNT as u64, "{stats:?}");
+    assert_eq!(doc_count().await, COUNT as u64);
+
+    // A CLI replica pushes over HTTP (_bulk_docs).
+    let cli = dir.path().join("cli.ferry");
+    ferry_json(&["init", cli.to_str().unwrap()]);
+    let db = SqliteDatabase::open(&cli, "replica", StoreConfig::default()).unwrap();
+    let edits = (0..COUNT)
+        .map(|n| {
+            let body = large(n).as_object().unwrap().clone();
+            Edit::put(format!("scans:s{n:02}"), None, body)
+        })
+        .collect();
+    assert!(db.write_edits(edits).unwrap().iter().all(Result::is_ok));
+    drop(db);
+    let url = format!("{}/{DB}", server.url);
+    let pushed = ferry_json(&["sync", cli.to_str().unwrap(), &url]);
+    assert_eq!(pushed["push"]["docs_written"], json!(COUNT), "{pushed}");
+    assert_eq!(doc_count().await, 2 * COUNT as u64);
+
+    // A fresh SDK replica pulls all of it over the session, a fresh CLI one over HTTP.
+    let puller = Ferry::initialize_offline(dir.path().join("pull.ferry"), TEST_USER).unwrap();
+    let stats = puller.sync_once(&options).await.unwrap();
+    assert_eq!(stats.pull.docs_written, 2 * COUNT as u64, "{stats:?}");
+    let scan = puller
+        .collection::<Value>("scans")
+        .get("s39")
+        .unwrap()
+        .unwrap();
+    assert_eq!(scan.value, large(39));
+    let fresh = dir.path().join("fresh.ferry");
+    ferry_json(&["init", fresh.to_str().unwrap()]);
+    let pulled = ferry_json(&["sync", fresh.to_str().unwrap(), &url]);
+    assert_eq!(pulled["pull"]["docs_written"], json!(2 * COUNT), "{pulled}");
 }

@@ -465,20 +465,33 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
                 .collect();
             Ok(to_result(missing))
         }
-        Op::BulkGet { docs } => {
+        Op::BulkGet { docs, max_bytes } => {
             let wanted: Vec<(String, Rev)> = docs
                 .into_iter()
                 .map(|wanted| (wanted.id, wanted.rev))
                 .collect();
-            let stored = endpoint.fetch(&wanted)?;
+            // A client that bounds its answers gets at most that much, and never more than a
+            // frame the server would itself accept.
+            let stored = match max_bytes {
+                Some(max_bytes) => endpoint.fetch_within(
+                    &wanted,
+                    usize::try_from(max_bytes)
+                        .unwrap_or(usize::MAX)
+                        .min(endpoint.limits().max_request_bytes),
+                )?,
+                None => endpoint.fetch(&wanted)?,
+            };
             let mut result = BulkGetResult {
                 docs: Vec::new(),
                 missing: Vec::new(),
+                unserved: Vec::new(),
             };
-            for ((id, rev), stored) in wanted.into_iter().zip(stored) {
-                match stored {
-                    Some(stored) => result.docs.push(revision_document(&stored, true, true)),
-                    None => result.missing.push(RevRef { id, rev }),
+            let mut stored = stored.into_iter();
+            for (id, rev) in wanted {
+                match stored.next() {
+                    Some(Some(stored)) => result.docs.push(revision_document(&stored, true, true)),
+                    Some(None) => result.missing.push(RevRef { id, rev }),
+                    None => result.unserved.push(RevRef { id, rev }),
                 }
             }
             Ok(to_result(result))
