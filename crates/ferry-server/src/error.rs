@@ -104,6 +104,14 @@ impl From<StoreError> for ApiError {
                     "The server could not store the request: its disk is full. Nothing of it was stored; retry later.",
                 )
             }
+            StoreError::TooManyDatabases { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "database_quota", error.to_string())
+            }
+            StoreError::TooManyOpen { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_open_databases",
+                format!("{error}; retry shortly"),
+            ),
             StoreError::Corrupt { what, .. } => {
                 tracing::error!(%error, "stored data cannot be read");
                 ApiError::new(

@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// The most WebSocket sync sessions open at once; the next upgrade is refused with 503.
     pub max_sessions: usize,
+    /// How many databases the server holds, and keeps open at once.
+    pub databases: ferry_store::sqlite::BackendLimits,
     /// How each collection's conflicts are resolved when replicated revisions create them.
     pub conflict_policies: ferry_core::resolve::Policies,
     /// The time the server goes by (revision clocks, drift checks); the system's clock but in
@@ -96,6 +98,7 @@ impl Default for ServerConfig {
             max_clock_drift: Duration::from_secs(60),
             auth: AuthConfig::default(),
             max_sessions: 20_000,
+            databases: ferry_store::sqlite::BackendLimits::default(),
             conflict_policies: ferry_core::resolve::Policies::default(),
             wall_clock: Arc::new(SystemClock),
             tls: None,
@@ -331,8 +334,9 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
         // The server is where edits are acknowledged; it has no outbox of its own.
         track_pending: false,
     };
-    let backend =
-        SqliteBackend::open(&config.data_dir, store_config).map_err(std::io::Error::other)?;
+    let backend = SqliteBackend::open(&config.data_dir, store_config)
+        .map_err(std::io::Error::other)?
+        .with_limits(config.databases);
     let uuid = server_uuid(&config.data_dir)?;
     let auth_config = AuthConfig {
         clock: config.wall_clock.clone(),

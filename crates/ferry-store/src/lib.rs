@@ -114,6 +114,19 @@ pub enum StoreError {
     /// once there is room).
     #[error("cannot write to storage (disk full, file size limit or device error): {0}")]
     StorageFull(String),
+    /// Creating the database would pass the backend's limit on databases.
+    #[error("this server holds at most {limit} databases")]
+    TooManyDatabases {
+        /// The limit.
+        limit: usize,
+    },
+    /// Every open database is in use and opening one more would pass the limit on open
+    /// databases; retry when a request or session has finished with its database.
+    #[error("at most {limit} databases are open at once, all in use")]
+    TooManyOpen {
+        /// The limit.
+        limit: usize,
+    },
     /// The underlying SQLite call failed.
     #[error("sqlite: {0}")]
     Sqlite(rusqlite::Error),

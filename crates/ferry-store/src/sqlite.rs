@@ -125,10 +125,74 @@ ALTER TABLE outbox_v4 RENAME TO outbox;
 const READERS: usize = 4;
 
 /// Databases stored as SQLite files in one directory: `{dir}/{name}.sqlite`.
+///
+/// Open databases are a bounded cache (each holds a few file descriptors): past
+/// [`BackendLimits::max_open`], the least recently used one that nobody holds is closed, to
+/// be opened again on demand.
 pub struct SqliteBackend {
     dir: PathBuf,
     config: StoreConfig,
-    open: Mutex<HashMap<String, Arc<SqliteDatabase>>>,
+    limits: BackendLimits,
+    open: Mutex<OpenDatabases>,
+}
+
+/// How many databases a backend holds and keeps open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLimits {
+    /// The most databases (files); creating one more is refused.
+    pub max_databases: usize,
+    /// The most databases open at once (each keeps up to six file descriptors: the file, its
+    /// WAL and shared memory, and its connections).
+    pub max_open: usize,
+}
+
+impl Default for BackendLimits {
+    fn default() -> BackendLimits {
+        BackendLimits {
+            max_databases: 10_000,
+            max_open: 100,
+        }
+    }
+}
+
+/// The open databases, each with when it was last handed out.
+#[derive(Default)]
+struct OpenDatabases {
+    databases: HashMap<String, (Arc<SqliteDatabase>, u64)>,
+    uses: u64,
+}
+
+impl OpenDatabases {
+    fn get(&mut self, name: &str) -> Option<Arc<SqliteDatabase>> {
+        self.uses += 1;
+        let (database, used) = self.databases.get_mut(name)?;
+        *used = self.uses;
+        Some(database.clone())
+    }
+
+    /// Makes room for one more under `max_open`, closing the least recently used databases
+    /// only the cache holds.
+    fn make_room(&mut self, max_open: usize) -> Result<(), StoreError> {
+        while self.databases.len() >= max_open.max(1) {
+            let idle = self
+                .databases
+                .iter()
+                .filter(|(_, (database, _))| Arc::strong_count(database) == 1)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(name, _)| name.clone());
+            let Some(idle) = idle else {
+                return Err(StoreError::TooManyOpen { limit: max_open });
+            };
+            self.databases.remove(&idle);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, name: &str, database: Arc<SqliteDatabase>) {
+        self.uses += 1;
+        self.databases
+            .insert(name.to_owned(), (database, self.uses));
+    }
 }
 
 impl SqliteBackend {
@@ -138,8 +202,16 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             dir: dir.to_owned(),
             config,
-            open: Mutex::new(HashMap::new()),
+            limits: BackendLimits::default(),
+            open: Mutex::new(OpenDatabases::default()),
         })
+    }
+
+    /// The same backend with other limits on databases.
+    #[must_use]
+    pub fn with_limits(mut self, limits: BackendLimits) -> SqliteBackend {
+        self.limits = limits;
+        self
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
@@ -162,11 +234,17 @@ impl Backend for SqliteBackend {
         Self::check_name(name)?;
         let mut open = lock(&self.open);
         let path = self.path_of(name);
-        if open.contains_key(name) || path.exists() {
+        if open.databases.contains_key(name) || path.exists() {
             return Err(StoreError::DatabaseExists(name.to_owned()));
         }
+        if self.database_names()?.len() >= self.limits.max_databases {
+            return Err(StoreError::TooManyDatabases {
+                limit: self.limits.max_databases,
+            });
+        }
+        open.make_room(self.limits.max_open)?;
         let database = Arc::new(SqliteDatabase::open(&path, name, self.config.clone())?);
-        open.insert(name.to_owned(), database.clone());
+        open.insert(name, database.clone());
         Ok(database)
     }
 
@@ -174,14 +252,15 @@ impl Backend for SqliteBackend {
         Self::check_name(name).map_err(|_| StoreError::NoSuchDatabase(name.to_owned()))?;
         let mut open = lock(&self.open);
         if let Some(database) = open.get(name) {
-            return Ok(database.clone());
+            return Ok(database);
         }
         let path = self.path_of(name);
         if !path.exists() {
             return Err(StoreError::NoSuchDatabase(name.to_owned()));
         }
+        open.make_room(self.limits.max_open)?;
         let database = Arc::new(SqliteDatabase::open(&path, name, self.config.clone())?);
-        open.insert(name.to_owned(), database.clone());
+        open.insert(name, database.clone());
         Ok(database)
     }
 
@@ -192,7 +271,7 @@ impl Backend for SqliteBackend {
         if !path.exists() {
             return Err(StoreError::NoSuchDatabase(name.to_owned()));
         }
-        open.remove(name);
+        open.databases.remove(name);
         std::fs::remove_file(&path)?;
         for suffix in ["-wal", "-shm"] {
             let mut extra = path.clone().into_os_string();

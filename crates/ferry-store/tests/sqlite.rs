@@ -91,6 +91,58 @@ fn data_and_replica_id_survive_reopening() {
     assert_eq!(backend.database_names().unwrap(), ["keep"]);
 }
 
+/// Open databases are a bounded cache: idle ones are closed past the limit and reopened on
+/// demand (with what they hold), and when every open one is in use the next is refused
+/// rather than opened past the limit. Creation is refused past the limit on databases.
+#[test]
+fn open_databases_are_bounded_and_creation_has_a_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = ferry_store::sqlite::BackendLimits {
+        max_databases: 3,
+        max_open: 2,
+    };
+    let backend = SqliteBackend::open(dir.path(), StoreConfig::default())
+        .unwrap()
+        .with_limits(limits);
+    for name in ["a", "b", "c"] {
+        let db = backend.create_database(name).unwrap();
+        db.write_edits(vec![Edit::put(
+            name,
+            None,
+            body(serde_json::json!({"v": name})),
+        )])
+        .unwrap();
+    }
+    assert!(matches!(
+        backend.create_database("d"),
+        Err(StoreError::TooManyDatabases { limit: 3 })
+    ));
+    assert_eq!(backend.database_names().unwrap(), ["a", "b", "c"]);
+    // Round and round: each open closes the least recently used idle one.
+    for _ in 0..3 {
+        for name in ["a", "b", "c"] {
+            let db = backend.open_database(name).unwrap();
+            assert!(db.get_document(name).unwrap().is_some(), "{name}");
+        }
+    }
+    let held_a = backend.open_database("a").unwrap();
+    let held_b = backend.open_database("b").unwrap();
+    assert!(matches!(
+        backend.open_database("c"),
+        Err(StoreError::TooManyOpen { limit: 2 })
+    ));
+    drop(held_b);
+    assert!(
+        backend
+            .open_database("c")
+            .unwrap()
+            .get_document("c")
+            .unwrap()
+            .is_some()
+    );
+    assert!(held_a.get_document("a").unwrap().is_some());
+}
+
 #[test]
 fn full_durability_sets_synchronous_full_and_wal() {
     // SIGKILL cannot reveal a missing fsync, so the setting itself is asserted.

@@ -182,6 +182,13 @@ struct ServeArgs {
     /// The most WebSocket sync sessions open at once.
     #[arg(long, env = "FERRY_MAX_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_sessions)]
     max_sessions: usize,
+    /// The most databases the server holds; creating one more is refused with 403.
+    #[arg(long, env = "FERRY_MAX_DATABASES", default_value_t = ferry_store::sqlite::BackendLimits::default().max_databases)]
+    max_databases: usize,
+    /// The most databases open at once (each holds up to six file descriptors); past it the
+    /// least recently used idle one is closed, and reopened when asked for.
+    #[arg(long, env = "FERRY_MAX_OPEN_DATABASES", default_value_t = ferry_store::sqlite::BackendLimits::default().max_open)]
+    max_open_databases: usize,
     /// Accept every request without credentials, as an administrator. For local development
     /// only: by default the server requires a user (see `ferry users add`).
     #[arg(long, env = "FERRY_INSECURE_NO_AUTH")]
@@ -246,6 +253,10 @@ impl ServeArgs {
                 ..AuthConfig::default()
             },
             max_sessions: self.max_sessions,
+            databases: ferry_store::sqlite::BackendLimits {
+                max_databases: self.max_databases,
+                max_open: self.max_open_databases,
+            },
             max_clock_drift: Duration::from_secs(self.max_clock_drift),
             conflict_policies: ferry_core::resolve::Policies {
                 default: self.default_conflict_policy,

@@ -352,3 +352,74 @@ async fn documents_within_the_limit_sync_however_large_their_batch() {
     let pulled = ferry_json(&["sync", fresh.to_str().unwrap(), &url]);
     assert_eq!(pulled["pull"]["docs_written"], json!(2 * COUNT), "{pulled}");
 }
+
+/// A client creating databases in a loop exhausted the server's file descriptors after about
+/// 200 (five each, never closed); creation and `/health` then answered 500 until restart. Now
+/// creation stops at `--max-databases` with a clear 403, and open databases are a bounded
+/// cache: the server's descriptors stay bounded however many databases are used.
+#[tokio::test]
+async fn databases_have_a_quota_and_open_ones_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--max-databases", "6", "--max-open-databases", "2"],
+    );
+    let client = Client::new();
+    let base = server.bare_url.clone();
+    let send = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let mut request = client
+            .request(method, format!("{base}{path}"))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.expect("the server answers");
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let names: Vec<String> = (0..6).map(|n| format!("db{n}")).collect();
+    let (status, _) = send(reqwest::Method::GET, "/health".into(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = descriptors();
+    for name in &names {
+        let (status, body) = send(reqwest::Method::PUT, format!("/{name}"), None).await;
+        assert_eq!(status, StatusCode::CREATED, "{name}: {body}");
+    }
+    let (status, refusal) = send(reqwest::Method::PUT, "/db6".into(), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refusal}");
+    assert_eq!(refusal["error"], json!("database_quota"), "{refusal}");
+    let (status, _) = send(reqwest::Method::GET, "/db6".into(), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for round in 0..3 {
+        for name in &names {
+            let path = format!("/{name}/todos:r{round}");
+            let (status, body) =
+                send(reqwest::Method::PUT, path, Some(json!({"round": round}))).await;
+            assert_eq!(status, StatusCode::CREATED, "{name}: {body}");
+        }
+    }
+    // Each open database holds up to six descriptors, and two are open at most (four more
+    // for connections opened meanwhile).
+    let after = descriptors();
+    assert!(
+        after <= before + 2 * 6 + 4,
+        "{after} descriptors, {before} before"
+    );
+    for name in &names {
+        let (status, all) = send(reqwest::Method::GET, format!("/{name}/_all_docs"), None).await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        assert_eq!(all["total_rows"], json!(3), "{name}: {all}");
+    }
+    let (status, health) = send(reqwest::Method::GET, "/health".into(), None).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+}

@@ -165,6 +165,11 @@ impl ServerProcess {
         panic!("ferry serve did not come up at {}", self.url);
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server with SIGKILL (no graceful shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
