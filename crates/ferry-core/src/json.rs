@@ -32,6 +32,11 @@ pub enum JsonError {
     /// Objects and arrays are nested deeper than allowed.
     #[error("JSON nesting deeper than {0} levels")]
     TooDeep(usize),
+    /// The text holds more values (scalars, arrays and objects) than allowed: each costs
+    /// memory well beyond its bytes of text, so a request of many tiny values is bounded by
+    /// their count.
+    #[error("more than {0} JSON values in one request; send fewer documents at once")]
+    TooManyValues(usize),
     /// A document body must be a JSON object.
     #[error("a document must be a JSON object")]
     NotAnObject,
@@ -62,14 +67,28 @@ pub enum JsonError {
 /// assert!(parse_strict(br#"{"n":1.2345678901234568e29}"#, 8).is_ok());
 /// ```
 pub fn parse_strict(text: &[u8], max_depth: usize) -> Result<Value, JsonError> {
+    parse_within(text, max_depth, usize::MAX)
+}
+
+/// [`parse_strict`], refusing also a text of more than `max_values` values (every scalar,
+/// array and object counts one), so the memory a parse takes is bounded by the count.
+///
+/// ```
+/// use ferry_core::json::{parse_within, JsonError};
+/// assert!(parse_within(b"[1,2]", 8, 3).is_ok());
+/// assert_eq!(parse_within(b"[1,2,3]", 8, 3), Err(JsonError::TooManyValues(3)));
+/// ```
+pub fn parse_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<Value, JsonError> {
     let mut deserializer = serde_json::Deserializer::from_slice(text);
     let huge_double = Cell::new(false);
+    let values_left = Cell::new(max_values);
     let value = StrictValue {
         remaining_depth: max_depth,
         huge_double: &huge_double,
+        values_left: &values_left,
     }
     .deserialize(&mut deserializer)
-    .map_err(|err| classify(err, max_depth))?;
+    .map_err(|err| classify(err, max_depth, max_values))?;
     deserializer
         .end()
         .map_err(|err| JsonError::Syntax(err.to_string()))?;
@@ -269,9 +288,13 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 const DUPLICATE_MARKER: &str = "ferry: duplicate key ";
 const DEPTH_MARKER: &str = "ferry: too deep";
+const VALUES_MARKER: &str = "ferry: too many values";
 
-fn classify(err: serde_json::Error, max_depth: usize) -> JsonError {
+fn classify(err: serde_json::Error, max_depth: usize, max_values: usize) -> JsonError {
     let message = err.to_string();
+    if message.starts_with(VALUES_MARKER) {
+        return JsonError::TooManyValues(max_values);
+    }
     if let Some(rest) = message.strip_prefix(DUPLICATE_MARKER) {
         let key = rest.split(" at line ").next().unwrap_or(rest);
         return JsonError::DuplicateKey(key.to_owned());
@@ -288,6 +311,8 @@ struct StrictValue<'a> {
     /// Set when a double with an integral value beyond 64 bits is read: it may have been
     /// written as an integer.
     huge_double: &'a Cell<bool>,
+    /// How many more values may be read.
+    values_left: &'a Cell<usize>,
 }
 
 impl<'a> StrictValue<'a> {
@@ -306,6 +331,11 @@ impl<'de> DeserializeSeed<'de> for StrictValue<'_> {
     type Value = Value;
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        // Counted before the value is built, so a refused text never gets past the bound.
+        match self.values_left.get().checked_sub(1) {
+            Some(left) => self.values_left.set(left),
+            None => return Err(de::Error::custom(VALUES_MARKER)),
+        }
         deserializer.deserialize_any(self)
     }
 }

@@ -63,6 +63,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// The deepest nesting of arrays and objects in a document.
     pub max_json_depth: usize,
+    /// The most JSON values (scalars, arrays and objects) in one request body or session
+    /// frame: each costs far more memory parsed than its bytes of text, so this bounds what a
+    /// request of many tiny values takes (about 100 bytes each at worst).
+    pub max_json_values: usize,
     /// The longest document id, in bytes.
     pub max_doc_id_bytes: usize,
     /// The most documents in one `_bulk_docs`, `_bulk_get`, `_revs_diff` or `_all_docs` request.
@@ -81,6 +85,7 @@ impl Default for Limits {
             max_document_bytes: 1024 * 1024,
             max_request_bytes: 32 * 1024 * 1024,
             max_json_depth: 64,
+            max_json_values: 1_000_000,
             max_doc_id_bytes: 512,
             max_batch_docs: 10_000,
             max_page_rows: 10_000,

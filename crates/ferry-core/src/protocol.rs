@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::json::{JsonError, parse_strict};
+use crate::json::{JsonError, parse_within};
 use crate::replicate::Checkpoint;
 use crate::rev::Rev;
 
@@ -354,8 +354,9 @@ fn members<T: DeserializeOwned>(what: &str, map: Map<String, Value>) -> Result<T
 fn object_and_type(
     text: &[u8],
     max_depth: usize,
+    max_values: usize,
 ) -> Result<(Map<String, Value>, String), FrameError> {
-    let Value::Object(mut map) = parse_strict(text, max_depth)? else {
+    let Value::Object(mut map) = parse_within(text, max_depth, max_values)? else {
         return Err(FrameError::UnknownType("(not an object)".into()));
     };
     let kind = match map.remove("type") {
@@ -463,7 +464,17 @@ impl ClientFrame {
     /// Decodes a frame as the server receives it: strict JSON no deeper than `max_depth`,
     /// then the members of its type.
     pub fn decode(text: &[u8], max_depth: usize) -> Result<ClientFrame, FrameError> {
-        let (mut map, kind) = object_and_type(text, max_depth)?;
+        ClientFrame::decode_within(text, max_depth, usize::MAX)
+    }
+
+    /// [`ClientFrame::decode`] of a frame of at most `max_values` JSON values (see
+    /// [`crate::json::parse_within`]).
+    pub fn decode_within(
+        text: &[u8],
+        max_depth: usize,
+        max_values: usize,
+    ) -> Result<ClientFrame, FrameError> {
+        let (mut map, kind) = object_and_type(text, max_depth, max_values)?;
         Ok(match kind.as_str() {
             "hello" => ClientFrame::Hello(members("hello", map)?),
             "request" => {
@@ -512,7 +523,7 @@ impl ClientFrame {
 impl ServerFrame {
     /// Decodes a frame as a client receives it.
     pub fn decode(text: &[u8], max_depth: usize) -> Result<ServerFrame, FrameError> {
-        let (mut map, kind) = object_and_type(text, max_depth)?;
+        let (mut map, kind) = object_and_type(text, max_depth, usize::MAX)?;
         Ok(match kind.as_str() {
             "welcome" => ServerFrame::Welcome(members("welcome", map)?),
             "response" => {

@@ -127,6 +127,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ferry_core::json::JsonError> for ApiError {
+    fn from(error: ferry_core::json::JsonError) -> ApiError {
+        match error {
+            ferry_core::json::JsonError::TooManyValues(_) => ApiError::too_large(error.to_string()),
+            other => ApiError::bad_request(other.to_string()),
+        }
+    }
+}
+
 impl From<&Refusal> for ApiError {
     fn from(refusal: &Refusal) -> ApiError {
         let status = match refusal {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Query, Request};
-use ferry_core::json::parse_strict;
+use ferry_core::json::parse_within;
 use ferry_core::rev::Rev;
 use serde_json::Value;
 
@@ -144,8 +144,12 @@ impl FromRequest<AppState> for JsonBody {
                 "Request body is empty; JSON expected",
             ));
         }
-        let value = parse_strict(&bytes, state.limits.max_json_depth + ENVELOPE_DEPTH)
-            .map_err(|error| ApiError::bad_request(error.to_string()))?;
+        let value = parse_within(
+            &bytes,
+            state.limits.max_json_depth + ENVELOPE_DEPTH,
+            state.limits.max_json_values,
+        )
+        .map_err(ApiError::from)?;
         Ok(JsonBody(value))
     }
 }

@@ -152,6 +152,10 @@ struct ServeArgs {
     /// The deepest nesting of arrays and objects in a document.
     #[arg(long, env = "FERRY_MAX_JSON_DEPTH", default_value_t = Limits::default().max_json_depth)]
     max_json_depth: usize,
+    /// The most JSON values in one request body or session frame (bounds the memory a
+    /// request of many tiny values takes: about 100 bytes each at worst).
+    #[arg(long, env = "FERRY_MAX_JSON_VALUES", default_value_t = Limits::default().max_json_values)]
+    max_json_values: usize,
     /// The longest document id, in bytes.
     #[arg(long, env = "FERRY_MAX_DOC_ID_BYTES", default_value_t = Limits::default().max_doc_id_bytes)]
     max_doc_id_bytes: usize,
@@ -240,6 +244,7 @@ impl ServeArgs {
                 max_document_bytes: self.max_document_bytes,
                 max_request_bytes: self.max_request_bytes,
                 max_json_depth: self.max_json_depth,
+                max_json_values: self.max_json_values,
                 max_doc_id_bytes: self.max_doc_id_bytes,
                 max_batch_docs: self.max_batch_docs,
                 max_page_rows: self.max_page_rows,

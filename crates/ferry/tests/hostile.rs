@@ -423,3 +423,76 @@ async fn databases_have_a_quota_and_open_ones_a_bound() {
     let (status, health) = send(reqwest::Method::GET, "/health".into(), None).await;
     assert_eq!(status, StatusCode::OK, "{health}");
 }
+
+/// The peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/PID/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .expect("a size in kB");
+    kib * 1024
+}
+
+/// One 32 MiB request of tiny values took the server from 207 to 1,011 MB: each value parsed
+/// costs far more than its two bytes of text. A request holds at most `--max-json-values`
+/// values (refused with 413 at one past), which bounds that memory.
+#[tokio::test]
+async fn a_request_of_tiny_values_is_bounded_by_their_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let limited = ServerProcess::start(dir.path(), &["--max-json-values", "1000"]);
+    let http = Http::new(&limited).await;
+    // An object, an array and its items: 1000 values, then 1001.
+    let with_values = |count: usize| json!({"v": vec![0; count - 2]});
+    let (status, body) = http.put("/todos:at", with_values(1000)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = http.put("/todos:past", with_values(1001)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1000 JSON values"),
+        "{body}"
+    );
+    let (status, _) = http.get("/todos:past").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    drop(limited);
+
+    // On the defaults: 16 million zeros in a 32 MiB request.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let http = Http::new(&server).await;
+    let (status, _) = http.put("/todos:warm", json!({"title": "warm"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let before = peak_memory(server.pid());
+    let mut text = String::with_capacity(32 * 1024 * 1024);
+    text.push_str(r#"{"docs":["#);
+    while text.len() < 32 * 1024 * 1024 - 16 {
+        text.push_str("0,");
+    }
+    text.push_str("0]}");
+    let response = http
+        .client
+        .post(format!("{}/_bulk_docs", http.base))
+        .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+        .header("content-type", "application/json")
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let grown = peak_memory(server.pid()).saturating_sub(before);
+    // The body itself (32 MiB) and a million parsed values (about 100 bytes each at worst).
+    assert!(
+        grown < 200 * 1024 * 1024,
+        "the server's peak memory grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+    assert_eq!(http.listed_ids().await, ["todos:warm"]);
+}

@@ -80,8 +80,12 @@ pub(crate) async fn post_changes(
         None
     } else {
         Some(
-            ferry_core::json::parse_strict(&body, state.limits.max_json_depth + ENVELOPE_DEPTH)
-                .map_err(|error| ApiError::bad_request(error.to_string()))?,
+            ferry_core::json::parse_within(
+                &body,
+                state.limits.max_json_depth + ENVELOPE_DEPTH,
+                state.limits.max_json_values,
+            )
+            .map_err(ApiError::from)?,
         )
     };
     let request = parse_request(&state, &db, &params, body.as_ref()).await?;

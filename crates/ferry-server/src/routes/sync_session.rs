@@ -139,10 +139,13 @@ impl Session {
                 }
             };
             let depth = self.state.limits.max_json_depth + FRAME_ENVELOPE_DEPTH;
-            return Ok(match ClientFrame::decode(text.as_bytes(), depth) {
-                Ok(frame) => Incoming::Frame(frame),
-                Err(error) => Incoming::Invalid(error),
-            });
+            let values = self.state.limits.max_json_values;
+            return Ok(
+                match ClientFrame::decode_within(text.as_bytes(), depth, values) {
+                    Ok(frame) => Incoming::Frame(frame),
+                    Err(error) => Incoming::Invalid(error),
+                },
+            );
         }
     }
 
