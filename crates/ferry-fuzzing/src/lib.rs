@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
+use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use ferry_core::couch::{parse_revisions, revision_from_json, revision_json, revisions_json};
@@ -36,6 +37,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("merge_laws", merge_laws),
     ("canonical_json", canonical_json),
     ("query_params", query_params),
+    ("http_request", http_request),
 ];
 
 /// A sync-session frame through the server's own decoder (`ClientFrame::decode`) and, when it
@@ -390,4 +392,130 @@ pub fn query_params(data: &[u8]) {
     if let Err(error) = params.rev("rev") {
         bad_request(error.status.as_u16());
     }
+}
+
+/// What an HTTP request may answer: a 5xx other than 503 (busy) and 507 (disk full) is a
+/// server bug, whatever the request.
+fn acceptable(status: u16) -> bool {
+    status < 500 || status == 503 || status == 507
+}
+
+/// The server every `http_request` input is sent to: the real router over a fresh in-memory
+/// backend holding database `db` (a document in conflict and a local document), without
+/// authentication so every route is reachable.
+fn fuzz_router() -> axum::Router {
+    use ferry_store::Backend;
+    use ferry_store::memory::MemoryBackend;
+    static AUTH: std::sync::OnceLock<std::sync::Arc<ferry_server::auth::Auth>> =
+        std::sync::OnceLock::new();
+    let config = ferry_server::ServerConfig {
+        auth: ferry_server::auth::AuthConfig {
+            required: false,
+            ..ferry_server::auth::AuthConfig::default()
+        },
+        default_feed_timeout: Duration::from_millis(20),
+        ..ferry_server::ServerConfig::default()
+    };
+    let auth = AUTH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ferry-fuzz-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the fuzz accounts");
+        std::sync::Arc::new(
+            ferry_server::auth::Auth::open(&dir, config.auth.clone()).expect("accounts"),
+        )
+    });
+    let backend = MemoryBackend::new(StoreConfig::default());
+    let db = backend.create_database("db").expect("a database");
+    let branch = |rev: &str, value: &str| ferry_core::model::Revision {
+        doc_id: "todos:a".into(),
+        path: vec![
+            rev.parse().expect("a revision"),
+            "1-aa".parse().expect("a revision"),
+        ],
+        deleted: false,
+        body: serde_json::json!({"title": value})
+            .as_object()
+            .cloned()
+            .expect("an object"),
+        hlc: Some(Timestamp::new(1_000, 0)),
+    };
+    db.write_revisions(
+        vec![branch("2-bb", "b"), branch("2-cc", "c")],
+        Timestamp::new(1_000, 0),
+    )
+    .expect("two branches");
+    db.put_local("checkpoint", None, Some(Map::new()))
+        .expect("a local document");
+    let state = ferry_server::AppState::new(
+        std::sync::Arc::new(backend),
+        auth.clone(),
+        "fuzz".into(),
+        &config,
+    );
+    ferry_server::router(state)
+}
+
+/// An HTTP request through the server's real router (`ferry_server::router`): nothing panics
+/// and nothing answers a 5xx but 503 or 507. The input is a request as text: a request line
+/// (`METHOD TARGET`), header lines (`name: value`), an empty line, then the body; the
+/// corpus seeds every route that way. Basic credentials are dropped (each costs a password
+/// hash: `ferry-server`'s tests cover them).
+pub fn http_request(data: &[u8]) {
+    if let Some(status) = http_status(data) {
+        assert!(acceptable(status), "answered {status}");
+    }
+}
+
+/// The status the router answers the request `data` (see [`http_request`]) with; `None` when
+/// the input is not a request, or the answer is a feed still running after a moment.
+pub fn http_status(data: &[u8]) -> Option<u16> {
+    use tower::ServiceExt;
+    let text = String::from_utf8_lossy(data);
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let request_line = lines.next()?;
+    let (method, target) = request_line.split_once(' ').unwrap_or((request_line, "/"));
+    let method = axum::http::Method::from_bytes(method.trim().as_bytes()).ok()?;
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(target.trim());
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("authorization")
+            && value.len() >= 5
+            && value[..5].eq_ignore_ascii_case("basic")
+        {
+            continue;
+        }
+        request = request.header(name.trim(), value);
+    }
+    let request = request
+        .body(axum::body::Body::from(body.as_bytes().to_vec()))
+        .ok()?;
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    });
+    runtime.block_on(async {
+        // Feeds wait for changes and continuous ones never end: a request still running
+        // after a moment is a feed doing its job.
+        let exchange = async {
+            let response = fuzz_router()
+                .oneshot(request)
+                .await
+                .expect("the router is infallible");
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024).await;
+            (status, body.map(|bytes| bytes.len()).unwrap_or(0))
+        };
+        let (status, _length) = tokio::time::timeout(Duration::from_millis(200), exchange)
+            .await
+            .ok()?;
+        Some(status)
+    })
 }
