@@ -17,6 +17,7 @@ use anyhow::Result;
 use clap::Parser;
 use serde_json::{Value, json};
 
+mod flood;
 mod process;
 mod workloads;
 
@@ -43,6 +44,9 @@ struct Cli {
     /// Skip the PouchDB peer (Ferry's figures only, no ratios).
     #[arg(long)]
     no_peer: bool,
+    /// Run only workload 7 (a legitimate client under floods).
+    #[arg(long)]
+    floods_only: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -50,6 +54,39 @@ struct Cli {
     /// client's peak memory is its own (the parent process has run other workloads).
     #[arg(long, hide = true)]
     child: Option<String>,
+}
+
+/// Workload 7's rows: each flood against the quiet figures of the same server (latency within
+/// 5x, memory under 512 MiB).
+fn flood_rows(floods: &flood::Floods) -> Vec<Row> {
+    let mut rows = Vec::new();
+    rows.push(Row {
+        workload: "7. legitimate read/write p99 (ms), quiet".into(),
+        ferry: floods.quiet_p99_ms,
+        peer: None,
+        higher_is_better: false,
+        target: None,
+    });
+    for flood in &floods.floods {
+        rows.push(Row {
+            workload: format!(
+                "7. p99 (ms) during a {} flood vs quiet ({} failed)",
+                flood.name, flood.failures
+            ),
+            ferry: flood.p99_ms,
+            peer: Some(floods.quiet_p99_ms),
+            higher_is_better: false,
+            target: Some(Target::AtMostTimesBaseline(5.0)),
+        });
+        rows.push(Row {
+            workload: format!("   server peak RSS (MiB), {} flood", flood.name),
+            ferry: flood.server_peak_mib,
+            peer: Some(floods.quiet_peak_mib),
+            higher_is_better: false,
+            target: Some(Target::AtMost(512.0)),
+        });
+    }
+    rows
 }
 
 /// Runs a client workload in a fresh process of this binary.
@@ -222,6 +259,12 @@ async fn main() -> Result<()> {
     if let Some(kind) = &cli.child {
         return run_child(kind, cli.n.unwrap_or(1_000)).await;
     }
+    let flood_seconds = if cli.quick { 3 } else { 20 };
+    if cli.floods_only {
+        let floods = flood::floods(std::time::Duration::from_secs(flood_seconds)).await?;
+        print_table(&flood_rows(&floods));
+        return Ok(());
+    }
     let n = cli.n.unwrap_or(if cli.quick { 2_000 } else { 100_000 });
     let live_docs = cli.live_docs.unwrap_or(if cli.quick { 100 } else { 1_000 });
     let (single, batched) = if cli.quick {
@@ -305,6 +348,8 @@ async fn main() -> Result<()> {
     }
     eprintln!("Ferry: local writes…");
     let local = workloads::local_writes(single, batched)?;
+    eprintln!("Ferry: a legitimate client under floods ({flood_seconds} s each)…");
+    let floods = flood::floods(std::time::Duration::from_secs(flood_seconds)).await?;
 
     let live_key = ["latency_ms_A_write_to_B_visible"];
     let mut rows = vec![
@@ -428,6 +473,7 @@ async fn main() -> Result<()> {
             target: None,
         },
     ];
+    rows.extend(flood_rows(&floods));
     // Memory must not grow with the backlog: each size against the smallest.
     let smallest = backlog_results.first().cloned();
     for result in &backlog_results {
@@ -455,7 +501,7 @@ async fn main() -> Result<()> {
     }
     println!();
     println!(
-        "baseline: the PouchDB peer; rows 4: the smallest backlog; rows 5: raw rusqlite with the same durability"
+        "baseline: the PouchDB peer; rows 4: the smallest backlog; rows 5: raw rusqlite with the same durability; rows 7: the same server, quiet"
     );
     print_table(&rows);
     if let Some(path) = cli.out {

@@ -256,7 +256,7 @@ pub struct Latency {
 }
 
 /// The nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], percent: usize) -> f64 {
+pub fn percentile(sorted: &[f64], percent: usize) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
