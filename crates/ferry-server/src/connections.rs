@@ -6,6 +6,8 @@
 //!   the open connection that has been waiting longest without a request in progress (a
 //!   half-open flood is made of exactly those, while a legitimate client sends its request at
 //!   once); when every open connection is busy, the new one is closed at once.
+//! - A response the client stops reading for [`HttpLimits::idle_timeout`] (its writes wait
+//!   that long; it is noticed within half as long again) closes the connection.
 //! - A connection must deliver a request's complete head within
 //!   [`HttpLimits::header_read_timeout`] of its first byte (of the connection's opening, for
 //!   the first request), and an idle keep-alive connection is closed after
@@ -57,8 +59,15 @@ pub(crate) struct HttpLimits {
 /// The open connections.
 #[derive(Default)]
 struct Registry {
-    open: Mutex<HashMap<u64, Arc<Connection>>>,
+    open: Mutex<Open>,
     next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Open {
+    connections: HashMap<u64, Arc<Connection>>,
+    /// Those told to close for a newer one, which still count until they have.
+    evicting: usize,
 }
 
 /// What the layer knows of one open connection.
@@ -85,6 +94,8 @@ struct Activity {
     upgraded: bool,
     /// Chosen for eviction already.
     evicting: bool,
+    /// Since when a write to the client has been waiting (the client does not read).
+    write_blocked_since: Option<Instant>,
     /// A cap on bytes read from now on (a WebSocket session before authentication), and the
     /// bytes read since it was set.
     read_budget: Option<(u64, u64)>,
@@ -116,9 +127,16 @@ impl Connection {
     }
 
     /// When the watchdog closes the connection unless something happens first (`None`: a
-    /// request is in progress, whose body deadline is the router's).
+    /// request is in progress, whose body deadline is the router's, and its response is not
+    /// stuck).
     fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
         let activity = self.lock();
+        // A response the client stopped reading holds the connection no longer than an idle
+        // one. (hyper may hold a whole response after its body is done, so this comes before
+        // the request count: a response still being written is not idle.)
+        if let Some(since) = activity.write_blocked_since {
+            return Some(since + limits.idle_timeout);
+        }
         if activity.in_flight > 0 {
             return None;
         }
@@ -139,11 +157,15 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.registry
+        let mut open = self
+            .registry
             .open
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.connection.id);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.connections.remove(&self.connection.id);
+        if self.connection.lock().evicting {
+            open.evicting -= 1;
+        }
     }
 }
 
@@ -155,9 +177,9 @@ impl Registry {
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let evicting = open.values().filter(|c| c.lock().evicting).count();
-        if open.len() - evicting >= max {
+        if open.connections.len() - open.evicting >= max {
             let victim = open
+                .connections
                 .values()
                 .filter_map(|connection| {
                     let activity = connection.lock();
@@ -168,6 +190,7 @@ impl Registry {
                 .map(|(_, connection)| connection.clone())?;
             victim.lock().evicting = true;
             victim.evict.notify_one();
+            open.evicting += 1;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let connection = Arc::new(Connection {
@@ -179,12 +202,13 @@ impl Registry {
                 head_started: None,
                 upgraded: false,
                 evicting: false,
+                write_blocked_since: None,
                 read_budget: None,
             }),
             evict: Notify::new(),
             idle_again: Notify::new(),
         });
-        open.insert(id, connection.clone());
+        open.connections.insert(id, connection.clone());
         Some(Slot {
             registry: self.clone(),
             connection,
@@ -224,17 +248,43 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
     }
 }
 
+impl<I> Tracked<I> {
+    /// Records whether a write is waiting on the client.
+    fn wrote<T>(&self, poll: Poll<T>) -> Poll<T> {
+        let mut activity = self.slot.connection.lock();
+        match poll {
+            Poll::Pending => {
+                activity
+                    .write_blocked_since
+                    .get_or_insert_with(Instant::now);
+            }
+            Poll::Ready(_) => {
+                activity.write_blocked_since = None;
+                // Idle counts from the last byte written, not from when the body was done.
+                if activity.in_flight == 0 {
+                    activity.idle_since = Instant::now();
+                }
+            }
+        }
+        poll
+    }
+}
+
 impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(poll)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.wrote(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -246,7 +296,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -459,7 +511,9 @@ async fn serve_http<I>(
     let mut draining = false;
     loop {
         let deadline = connection.deadline(limits);
-        let wake = deadline.unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        // Without a deadline (a request in progress), look again at half the idle timeout:
+        // a response whose writes stopped is closed within one and a half of it.
+        let wake = deadline.unwrap_or_else(|| Instant::now() + limits.idle_timeout / 2);
         tokio::select! {
             result = serving.as_mut() => {
                 if let Err(error) = result {

@@ -212,6 +212,95 @@ async fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_response_read_slowly_is_served_whole_and_one_not_read_is_cut_at_the_idle_timeout() {
+    let (_dir, server, rev) = server(&["--idle-timeout", "1"]).await;
+    // About 12 MB of documents: more than loopback's socket buffers hold.
+    let big = "x".repeat(1_000_000);
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let id = format!("big-{n}");
+        let put = client()
+            .put(format!("{}/{DB}/{id}", server.bare_url))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+            .json(&json!({"pad": big}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201);
+        let rev = put.json::<Value>().await.unwrap()["rev"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        ids.push((id, rev));
+    }
+    let request = format!(
+        "GET /{DB}/_all_docs?include_docs=true HTTP/1.1\r\nHost: x\r\n\
+         Authorization: {BASIC}\r\n\r\n"
+    );
+    // Read slowly, in pauses shorter than the idle timeout, for longer than it: served whole.
+    let mut slow = raw(&server).await;
+    slow.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let length = loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buffer))
+            .await
+            .expect("the response goes on")
+            .unwrap();
+        assert!(
+            read > 0,
+            "a slow reader was cut after {} bytes",
+            received.len()
+        );
+        received.extend_from_slice(&buffer[..read]);
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .parse()
+                .unwrap();
+            if received.len() >= end + 4 + length {
+                break length;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    };
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "not slow enough to tell"
+    );
+    // Stop reading altogether: the connection is closed a moment past the idle timeout, with
+    // the response unfinished, and a legitimate client is served meanwhile.
+    let mut stalled = raw(&server).await;
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    still_served(&server, &rev).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (answer, closed) = until_closed(&mut stalled, Duration::from_secs(10)).await;
+    assert!(closed, "the stalled response's connection is still open");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("the response started");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        body.len() < length,
+        "the whole response arrived: {} bytes",
+        body.len()
+    );
+    for (id, rev) in ids {
+        let deleted = client()
+            .delete(format!("{}/{DB}/{id}?rev={rev}", server.bare_url))
+            .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 200);
+    }
+    nothing_changed(&server, &rev).await;
+}
+
+#[tokio::test]
 async fn short_and_unfinished_bodies_are_answered_408_at_the_body_timeout() {
     let (_dir, server, rev) = server(&["--request-body-timeout", "1"]).await;
     // Within the timeout: a body trickled in two parts is stored.
