@@ -792,3 +792,43 @@ async fn the_default_frame_limit_is_the_request_limit_not_16_mib() {
     );
     nothing_changed(&server, &rev).await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_progress_finish_and_closes_idle_connections() {
+    let (_dir, mut server, _rev) = server(&[]).await;
+    let mut idle = raw(&server).await;
+    idle.write_all(GET_WELCOME).await.unwrap();
+    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let mut poll = raw(&server).await;
+    let head = format!(
+        "GET /{DB}/_changes?feed=longpoll&since=now&timeout=1500 HTTP/1.1\r\nHost: x\r\n\
+         Authorization: {BASIC}\r\n\r\n"
+    );
+    poll.write_all(head.as_bytes()).await.unwrap();
+    let mut session = open(&server, "shutdown").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.interrupt();
+    assert!(
+        is_closed(&mut idle, Duration::from_secs(2)).await,
+        "an idle connection outlived the shutdown"
+    );
+    let (answer, _) = until_closed(&mut poll, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.contains("last_seq"),
+        "the long poll was cut: {answer:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = server.exited() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ferry serve did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        receive(&mut session).await.is_none(),
+        "the session outlived the server"
+    );
+}
