@@ -653,6 +653,26 @@ async fn sessions_that_never_say_hello_do_not_lock_users_out() {
 }
 
 #[tokio::test]
+async fn a_session_authenticated_when_every_place_is_taken_is_closed_1013() {
+    let (_dir, server, rev) = server(&["--max-sessions", "1"]).await;
+    // Both upgrades are accepted while no one holds the one place.
+    let mut first = connect(&server).await.unwrap();
+    let mut second = connect(&server).await.unwrap();
+    send(&mut first, &hello("first")).await;
+    assert_eq!(receive(&mut first).await.unwrap()["type"], json!("welcome"));
+    send(&mut second, &hello("second")).await;
+    let (frames, close) = closing(&mut second).await;
+    assert_eq!(frames[0]["error"], json!("too_many_sessions"), "{frames:?}");
+    assert_eq!(frames[0]["status"], json!(503), "{frames:?}");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1013, "{reason}");
+    // The one in place is served.
+    send(&mut first, &json!({"type": "ping"})).await;
+    assert_eq!(receive(&mut first).await.unwrap()["type"], json!("pong"));
+    nothing_changed(&server, &rev).await;
+}
+
+#[tokio::test]
 async fn a_hello_frame_past_the_pre_authentication_limit_is_closed_1009_unread() {
     let (_dir, server, rev) = server(&["--max-unauthenticated-bytes", "4096"]).await;
     let padded = |size: usize| {
@@ -721,6 +741,23 @@ async fn a_login_flood_waits_for_few_password_checks_and_the_rest_get_503() {
         statuses.contains(&503),
         "no login was refused: {statuses:?}"
     );
+    nothing_changed(&server, &rev).await;
+}
+
+#[tokio::test]
+async fn logins_past_the_password_checks_wait_their_turn_within_the_wait() {
+    let (_dir, server, rev) =
+        server(&["--max-password-checks", "1", "--password-check-wait", "60"]).await;
+    let wrong = || {
+        client()
+            .post(format!("{}/_session", server.bare_url))
+            .json(&json!({"name": TEST_USER, "password": "not the password"}))
+            .send()
+    };
+    let flood: Vec<_> = (0..4).map(|_| tokio::spawn(wrong())).collect();
+    for answer in flood {
+        assert_eq!(answer.await.unwrap().unwrap().status(), 401);
+    }
     nothing_changed(&server, &rev).await;
 }
 
