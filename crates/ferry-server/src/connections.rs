@@ -249,22 +249,38 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
 }
 
 impl<I> Tracked<I> {
-    /// Records whether a write is waiting on the client.
-    fn wrote<T>(&self, poll: Poll<T>) -> Poll<T> {
+    /// Records a write: waiting on the client, or bytes gone out. Only bytes written count as
+    /// activity: hyper also polls for nothing (a flush with nothing to flush, whenever its
+    /// connection is polled), which must not keep an idle connection alive.
+    fn wrote(&self, poll: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         let mut activity = self.slot.connection.lock();
-        match poll {
+        match &poll {
             Poll::Pending => {
                 activity
                     .write_blocked_since
                     .get_or_insert_with(Instant::now);
             }
-            Poll::Ready(_) => {
+            Poll::Ready(written) => {
                 activity.write_blocked_since = None;
                 // Idle counts from the last byte written, not from when the body was done.
-                if activity.in_flight == 0 {
+                if activity.in_flight == 0 && written.as_ref().is_ok_and(|n| *n > 0) {
                     activity.idle_since = Instant::now();
                 }
             }
+        }
+        poll
+    }
+
+    /// Records a flush: waiting on the client (TLS records), or done.
+    fn flushed(&self, poll: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+        let mut activity = self.slot.connection.lock();
+        match &poll {
+            Poll::Pending => {
+                activity
+                    .write_blocked_since
+                    .get_or_insert_with(Instant::now);
+            }
+            Poll::Ready(_) => activity.write_blocked_since = None,
         }
         poll
     }
@@ -284,7 +300,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_flush(cx);
-        this.wrote(poll)
+        this.flushed(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

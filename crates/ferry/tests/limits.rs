@@ -177,8 +177,8 @@ async fn partial_headers_are_cut_at_the_header_read_timeout() {
     let (answer, closed) = until_closed(&mut partial, Duration::from_secs(5)).await;
     assert!(closed, "partial headers still open after 5 s");
     assert!(answer.is_empty(), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(is_closed(&mut silent, Duration::from_secs(3)).await);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(is_closed(&mut silent, Duration::from_secs(4)).await);
     nothing_changed(&server, &rev).await;
 }
 
@@ -213,7 +213,7 @@ async fn idle_keep_alive_connections_are_closed_at_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_response_read_slowly_is_served_whole_and_one_not_read_is_cut_at_the_idle_timeout() {
-    let (_dir, server, rev) = server(&["--idle-timeout", "1"]).await;
+    let (_dir, server, rev) = server(&["--idle-timeout", "2"]).await;
     // About 12 MB of documents: more than loopback's socket buffers hold.
     let big = "x".repeat(1_000_000);
     let mut ids = Vec::new();
@@ -278,7 +278,7 @@ async fn a_response_read_slowly_is_served_whole_and_one_not_read_is_cut_at_the_i
     stalled.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     still_served(&server, &rev).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let (answer, closed) = until_closed(&mut stalled, Duration::from_secs(10)).await;
     assert!(closed, "the stalled response's connection is still open");
     let (head, body) = answer.split_once("\r\n\r\n").expect("the response started");
@@ -417,7 +417,8 @@ async fn a_declared_length_past_the_limit_is_refused_before_the_body() {
         let (answer, _) = until_closed(&mut stream, Duration::from_secs(5)).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{declared}: {answer:?}");
         assert!(answer.contains("too_large"), "{answer}");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        // Well before the body timeout (60 s): nothing waited for the body.
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
     let deleted = client()
         .delete(format!(
@@ -477,7 +478,7 @@ async fn a_connection_flood_evicts_idle_connections_and_legitimate_clients_are_s
     }
     // One past it: the connection idle longest makes room.
     flood.push(raw(&server).await);
-    assert!(is_closed(&mut flood[0], Duration::from_secs(2)).await);
+    assert!(is_closed(&mut flood[0], Duration::from_secs(10)).await);
     // A flood many times the limit: legitimate clients are still served throughout.
     for round in 0..5 {
         for _ in 0..20 {
@@ -507,7 +508,7 @@ async fn when_every_connection_is_busy_a_new_one_is_closed_at_once() {
     for _ in 0..2 {
         let mut stream = raw(&server).await;
         let head = format!(
-            "GET /{DB}/_changes?feed=longpoll&since=now&timeout=2000 HTTP/1.1\r\nHost: x\r\n\
+            "GET /{DB}/_changes?feed=longpoll&since=now&timeout=6000 HTTP/1.1\r\nHost: x\r\n\
              Authorization: {BASIC}\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).await.unwrap();
@@ -516,8 +517,9 @@ async fn when_every_connection_is_busy_a_new_one_is_closed_at_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut refused = raw(&server).await;
     let started = Instant::now();
-    assert!(is_closed(&mut refused, Duration::from_secs(2)).await);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(is_closed(&mut refused, Duration::from_secs(4)).await);
+    // Before the long polls end: it was not kept waiting for a place.
+    assert!(started.elapsed() < Duration::from_secs(4));
     for stream in &mut polls {
         let (_, closed) = until_closed(stream, Duration::from_millis(300)).await;
         assert!(!closed, "a long poll was cut");
@@ -846,7 +848,7 @@ async fn shutdown_lets_requests_in_progress_finish_and_closes_idle_connections()
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.interrupt();
     assert!(
-        is_closed(&mut idle, Duration::from_secs(2)).await,
+        is_closed(&mut idle, Duration::from_secs(5)).await,
         "an idle connection outlived the shutdown"
     );
     let (answer, _) = until_closed(&mut poll, Duration::from_secs(5)).await;
