@@ -169,7 +169,9 @@ async fn wrong_logins(url: String) {
 
 /// Runs each flood for `duration` beside the legitimate client.
 pub async fn floods(duration: Duration) -> Result<Floods> {
-    let server = FerryServer::start(&[])?;
+    // The defaults, with the open files limit many hosts have: the connection flood holds
+    // more connections than it.
+    let server = FerryServer::start_with_open_files(&[], Some(1_024))?;
     let address = server.url.trim_start_matches("http://").to_owned();
     let legit = Legitimate::login(&server).await?;
     // Warm up, then the quiet figures.

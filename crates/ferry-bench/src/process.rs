@@ -84,6 +84,15 @@ fn free_port() -> Result<u16> {
 impl FerryServer {
     /// Starts a server with a fresh data directory and the bench user.
     pub fn start(extra_args: &[&str]) -> Result<FerryServer> {
+        FerryServer::start_with_open_files(extra_args, None)
+    }
+
+    /// [`FerryServer::start`] with its open files limit (`ulimit -n`) lowered to `open_files`,
+    /// as on many hosts (1,024), for the floods that try to exhaust it.
+    pub fn start_with_open_files(
+        extra_args: &[&str],
+        open_files: Option<u64>,
+    ) -> Result<FerryServer> {
         let binary = ferry_binary()?;
         let data = tempfile::tempdir()?;
         let added = Command::new(&binary)
@@ -98,7 +107,19 @@ impl FerryServer {
             );
         }
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let child = Command::new(&binary)
+        let mut command = match open_files {
+            // The shell lowers the limit and becomes the server (same process id).
+            Some(limit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(&binary);
+                shell
+            }
+            None => Command::new(&binary),
+        };
+        let child = command
             .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(data.path())
             .args(extra_args)

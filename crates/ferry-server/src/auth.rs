@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -54,6 +54,11 @@ pub struct AuthConfig {
     pub reconnect_token_ttl: Duration,
     /// The time tokens expire by (`ferry serve` sets the server's own clock here).
     pub clock: Arc<dyn WallClock>,
+    /// The most password checks (argon2, about 19 MiB of memory each) running at once.
+    pub max_password_checks: usize,
+    /// How long a password check waits for one of those before it is answered 503
+    /// `too_many_logins`.
+    pub password_check_wait: Duration,
 }
 
 impl Default for AuthConfig {
@@ -63,6 +68,8 @@ impl Default for AuthConfig {
             access_token_ttl: Duration::from_secs(3600),
             reconnect_token_ttl: Duration::from_secs(30 * 24 * 3600),
             clock: Arc::new(SystemClock),
+            max_password_checks: 4,
+            password_check_wait: Duration::from_secs(2),
         }
     }
 }
@@ -110,6 +117,9 @@ pub enum AuthError {
     /// The accounts store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Too many password checks are running; retry shortly.
+    #[error("too many logins at once; retry shortly")]
+    Busy,
 }
 
 /// An issued token and when it expires.
@@ -126,6 +136,23 @@ pub struct Auth {
     accounts: Arc<dyn Accounts>,
     config: AuthConfig,
     verified_passwords: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Password checks running now (at most `config.max_password_checks`).
+    password_checks: Mutex<usize>,
+    password_check_done: Condvar,
+}
+
+/// One of the password checks allowed at once, given back when dropped.
+struct PasswordCheck<'a>(&'a Auth);
+
+impl Drop for PasswordCheck<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .password_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
+        self.0.password_check_done.notify_one();
+    }
 }
 
 /// The accounts file inside a data directory.
@@ -206,7 +233,31 @@ impl Auth {
             accounts,
             config,
             verified_passwords: Mutex::new(HashMap::new()),
+            password_checks: Mutex::new(0),
+            password_check_done: Condvar::new(),
         }
+    }
+
+    /// Waits (blocking, up to `password_check_wait`) for a password check to be allowed.
+    /// Each argon2 check holds its memory while it runs, so a login flood is bounded by
+    /// this, not by the number of requests.
+    fn password_check(&self) -> Result<PasswordCheck<'_>, AuthError> {
+        let running = self
+            .password_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let max = self.config.max_password_checks.max(1);
+        let (mut running, _) = self
+            .password_check_done
+            .wait_timeout_while(running, self.config.password_check_wait, |running| {
+                *running >= max
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *running >= max {
+            return Err(AuthError::Busy);
+        }
+        *running += 1;
+        Ok(PasswordCheck(self))
     }
 
     /// Opens the accounts file in `data_dir`.
@@ -246,6 +297,7 @@ impl Auth {
     pub fn verify_password(&self, name: &str, password: &str) -> Result<Identity, AuthError> {
         let Some(user) = self.accounts.get_user(name)? else {
             // Spend the time a real check takes, so timing does not reveal which names exist.
+            let _check = self.password_check()?;
             let _ = password_matches(password, DUMMY_HASH);
             return Err(AuthError::Rejected(BAD_PASSWORD));
         };
@@ -266,9 +318,11 @@ impl Auth {
                 return Ok(Identity::of(&user));
             }
         }
+        let check = self.password_check()?;
         if !password_matches(password, &user.password_hash) {
             return Err(AuthError::Rejected(BAD_PASSWORD));
         }
+        drop(check);
         let mut remembered = self
             .verified_passwords
             .lock()

@@ -171,6 +171,11 @@ impl From<crate::auth::AuthError> for ApiError {
             crate::auth::AuthError::Rejected(reason) => ApiError::unauthorized(reason),
             crate::auth::AuthError::Invalid(reason) => ApiError::bad_request(reason),
             crate::auth::AuthError::Store(error) => ApiError::from(error),
+            crate::auth::AuthError::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_logins",
+                "The server is checking as many passwords as it is configured for; retry shortly.",
+            ),
         }
     }
 }

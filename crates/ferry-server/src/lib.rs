@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, Limits, validate_document};
 use ferry_store::clock::{ReplicaClock, SystemClock, WallClock};
@@ -38,6 +37,7 @@ use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
+mod connections;
 pub mod error;
 pub mod params;
 mod routes;
@@ -73,10 +73,31 @@ pub struct ServerConfig {
     pub max_clock_drift: Duration,
     /// Who may connect, and how long tokens last.
     pub auth: AuthConfig,
-    /// The most WebSocket sync sessions open at once; the next upgrade is refused with 503.
+    /// The most authenticated WebSocket sync sessions open at once; a session authenticated
+    /// past it is refused with 503 `too_many_sessions`.
     pub max_sessions: usize,
     /// How many databases the server holds, and keeps open at once.
     pub databases: ferry_store::sqlite::BackendLimits,
+    /// The most sync sessions at once that have not authenticated yet (their `hello` not
+    /// received or checked); the next upgrade is refused with 503.
+    pub max_unauthenticated_sessions: usize,
+    /// How long a sync session may take to send its `hello`; it is closed (1008) after.
+    pub hello_timeout: Duration,
+    /// The largest request body or `hello` frame before authentication (`POST /_session`,
+    /// `POST /_ferry/login`, a session's bytes until it is authenticated).
+    pub max_unauthenticated_bytes: usize,
+    /// The most TCP connections open at once, TLS handshakes and sync sessions included. A
+    /// connection past it evicts the one idle longest, or is closed at once when none is idle.
+    /// Lowered at start-up to what the open files limit leaves room for.
+    pub max_connections: usize,
+    /// How long a request's head (request line and headers) may take to arrive, from its
+    /// first byte (from the connection's opening for its first request).
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive in full; past it the request is answered
+    /// 408 and the connection closed.
+    pub request_body_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
     /// How each collection's conflicts are resolved when replicated revisions create them.
     pub conflict_policies: ferry_core::resolve::Policies,
     /// The time the server goes by (revision clocks, drift checks); the system's clock but in
@@ -99,6 +120,13 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             max_sessions: 20_000,
             databases: ferry_store::sqlite::BackendLimits::default(),
+            max_unauthenticated_sessions: 256,
+            hello_timeout: Duration::from_secs(10),
+            max_unauthenticated_bytes: 64 * 1024,
+            max_connections: 25_000,
+            header_read_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
             conflict_policies: ferry_core::resolve::Policies::default(),
             wall_clock: Arc::new(SystemClock),
             tls: None,
@@ -127,8 +155,13 @@ struct Inner {
     /// Per database, the latest sequence, for feeds waiting on changes.
     notifiers: Mutex<HashMap<String, watch::Sender<u64>>>,
     default_feed_timeout: Duration,
-    /// One permit per sync session that may be open.
+    /// One permit per authenticated sync session that may be open.
     sessions: Arc<tokio::sync::Semaphore>,
+    /// One permit per sync session that may be open before authenticating.
+    unauthenticated_sessions: Arc<tokio::sync::Semaphore>,
+    hello_timeout: Duration,
+    request_body_timeout: Duration,
+    max_unauthenticated_bytes: usize,
 }
 
 /// Announces a database's committed writes to its waiting feeds and sessions.
@@ -168,6 +201,12 @@ impl AppState {
                 notifiers: Mutex::new(HashMap::new()),
                 default_feed_timeout: config.default_feed_timeout,
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+                unauthenticated_sessions: Arc::new(tokio::sync::Semaphore::new(
+                    config.max_unauthenticated_sessions,
+                )),
+                hello_timeout: config.hello_timeout,
+                request_body_timeout: config.request_body_timeout,
+                max_unauthenticated_bytes: config.max_unauthenticated_bytes,
             }),
             limits: Arc::new(config.limits.clone()),
         }
@@ -200,10 +239,40 @@ impl AppState {
             .map_err(ApiError::from)
     }
 
-    /// A permit to open one more sync session, if the limit allows; the session holds it
-    /// until it ends.
+    /// A permit to open one more authenticated sync session, if the limit allows; the
+    /// session holds it until it ends.
     pub fn session_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.inner.sessions.clone().try_acquire_owned().ok()
+    }
+
+    /// Whether every authenticated session slot is taken.
+    pub fn sessions_full(&self) -> bool {
+        self.inner.sessions.available_permits() == 0
+    }
+
+    /// A permit for one more sync session that has not authenticated yet, if the limit
+    /// allows; the session holds it until it authenticates or ends.
+    pub fn unauthenticated_session_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner
+            .unauthenticated_sessions
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
+    /// How long a sync session may take to say hello.
+    pub fn hello_timeout(&self) -> Duration {
+        self.inner.hello_timeout
+    }
+
+    /// How long a request body may take to arrive.
+    pub fn request_body_timeout(&self) -> Duration {
+        self.inner.request_body_timeout
+    }
+
+    /// The most bytes a client sends before it is authenticated (a login body, a `hello`).
+    pub fn max_unauthenticated_bytes(&self) -> usize {
+        self.inner.max_unauthenticated_bytes
     }
 
     /// The conflict policy of every collection.
@@ -314,9 +383,20 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_request_bytes;
     routes::routes()
+        // Inside authentication: a body is read only once its sender is known (or the route
+        // is a public one, with the small pre-authentication limit).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::body::read_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::auth::authenticate,
+        ))
+        // Outside it: a declared length past the limit is refused before anything else.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::body::refuse_declared_length,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         // Browser PouchDB fetches with credentials, so CORS must mirror the origin and allow
@@ -449,19 +529,17 @@ pub async fn serve_on(
         tls = config.tls.is_some(),
         "ferry server listening"
     );
-    if let Some(tls) = &config.tls {
-        let listener = tls::TlsListener::new(listener, tls);
-        return axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
-    }
-    // Sync sessions exchange small frames; Nagle's algorithm would delay each by up to 40 ms.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = connections::HttpLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    connections::serve(
+        listener,
+        router(state),
+        limits,
+        config.tls.clone(),
+        shutdown,
+    )
+    .await
 }

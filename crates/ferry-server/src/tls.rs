@@ -1,9 +1,8 @@
 //! TLS termination: `ferry serve --tls-cert --tls-key` serves HTTPS and WSS itself.
 //!
-//! [`TlsListener`] is an `axum::serve::Listener` whose `accept` hands axum connections that
-//! finished their handshake. Each handshake runs in a task of its own under a timeout, so a
-//! client that connects and then says nothing (or trickles its ClientHello) holds only its own
-//! task, never the accept loop.
+//! Each connection's handshake runs in the connection's own task (`connections`) under a
+//! timeout, so a client that connects and then says nothing (or trickles its ClientHello) holds
+//! only its own task and connection slot, never the accept loop.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,8 +12,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -159,6 +157,12 @@ fn warn_if_refused_as_server_certificate(chain: &[CertificateDer<'static>]) {
     }
 }
 
+impl TlsConfig {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.server.clone())
+    }
+}
+
 impl std::fmt::Debug for TlsConfig {
     // Never print key material, even in debug logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,66 +172,11 @@ impl std::fmt::Debug for TlsConfig {
     }
 }
 
-/// Accepts TCP connections and hands axum those that completed a TLS handshake.
-pub(crate) struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-    /// Handshakes under way; dropping the listener (at shutdown) aborts them.
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, config: &TlsConfig) -> TlsListener {
-        TlsListener {
-            tcp,
-            acceptor: TlsAcceptor::from(config.server.clone()),
-            handshake_timeout: config.handshake_timeout,
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                // axum's own accept for TCP retries (and logs) errors such as EMFILE.
-                (stream, address) = axum::serve::Listener::accept(&mut self.tcp) => {
-                    // Sync sessions exchange small frames; Nagle's algorithm would delay each
-                    // by up to 40 ms.
-                    if let Err(error) = stream.set_nodelay(true) {
-                        tracing::debug!(%error, "could not set TCP_NODELAY");
-                    }
-                    self.handshakes.spawn(handshake(
-                        self.acceptor.clone(),
-                        stream,
-                        address,
-                        self.handshake_timeout,
-                    ));
-                }
-                Some(done) = self.handshakes.join_next() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Completes the handshake of one connection, or gives up on it after `timeout`.
-async fn handshake(
+pub(crate) async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
     address: SocketAddr,

@@ -323,6 +323,9 @@ async fn a_frame_over_the_request_limit_closes_the_session() {
     assert_eq!(receive(&mut socket).await.unwrap()["type"], json!("pong"));
     let past = padded(4_097);
     socket.send(Message::Text(past.into())).await.unwrap();
+    let refused = receive(&mut socket).await.unwrap();
+    assert_eq!(refused["type"], json!("error"), "{refused}");
+    assert_eq!(refused["error"], json!("too_large"), "{refused}");
     assert!(
         receive(&mut socket).await.is_none(),
         "the oversized frame ended the session"

@@ -183,7 +183,7 @@ struct ServeArgs {
     /// revisions further ahead are refused (they would win every last-write-wins conflict).
     #[arg(long, env = "FERRY_MAX_CLOCK_DRIFT", default_value_t = ferry_server::ServerConfig::default().max_clock_drift.as_secs())]
     max_clock_drift: u64,
-    /// The most WebSocket sync sessions open at once.
+    /// The most authenticated WebSocket sync sessions open at once.
     #[arg(long, env = "FERRY_MAX_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_sessions)]
     max_sessions: usize,
     /// The most databases the server holds; creating one more is refused with 403.
@@ -193,6 +193,35 @@ struct ServeArgs {
     /// least recently used idle one is closed, and reopened when asked for.
     #[arg(long, env = "FERRY_MAX_OPEN_DATABASES", default_value_t = ferry_store::sqlite::BackendLimits::default().max_open)]
     max_open_databases: usize,
+    /// The most sync sessions open at once that have not authenticated yet.
+    #[arg(long, env = "FERRY_MAX_UNAUTHENTICATED_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_unauthenticated_sessions)]
+    max_unauthenticated_sessions: usize,
+    /// How long a sync session may take to send its hello, in seconds.
+    #[arg(long, env = "FERRY_HELLO_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().hello_timeout.as_secs())]
+    hello_timeout: u64,
+    /// The largest login body (`POST /_session`, `/_ferry/login`) and the most a sync session
+    /// sends before it is authenticated, in bytes.
+    #[arg(long, env = "FERRY_MAX_UNAUTHENTICATED_BYTES", default_value_t = ferry_server::ServerConfig::default().max_unauthenticated_bytes)]
+    max_unauthenticated_bytes: usize,
+    /// The most TCP connections open at once (sessions included); lowered to what the open
+    /// files limit leaves room for.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = ferry_server::ServerConfig::default().max_connections)]
+    max_connections: usize,
+    /// How long a request's headers may take to arrive, in seconds.
+    #[arg(long, env = "FERRY_HEADER_READ_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().header_read_timeout.as_secs())]
+    header_read_timeout: u64,
+    /// How long a request body may take to arrive in full, in seconds.
+    #[arg(long, env = "FERRY_REQUEST_BODY_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().request_body_timeout.as_secs())]
+    request_body_timeout: u64,
+    /// How long an idle keep-alive connection is kept open, in seconds.
+    #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().idle_timeout.as_secs())]
+    idle_timeout: u64,
+    /// The most password checks (argon2, about 19 MiB each) running at once.
+    #[arg(long, env = "FERRY_MAX_PASSWORD_CHECKS", default_value_t = AuthConfig::default().max_password_checks)]
+    max_password_checks: usize,
+    /// How long a login waits for a password check before it is answered 503, in seconds.
+    #[arg(long, env = "FERRY_PASSWORD_CHECK_WAIT", default_value_t = AuthConfig::default().password_check_wait.as_secs())]
+    password_check_wait: u64,
     /// Accept every request without credentials, as an administrator. For local development
     /// only: by default the server requires a user (see `ferry users add`).
     #[arg(long, env = "FERRY_INSECURE_NO_AUTH")]
@@ -255,6 +284,8 @@ impl ServeArgs {
                 required: !self.insecure_no_auth,
                 access_token_ttl: Duration::from_secs(self.access_token_ttl),
                 reconnect_token_ttl: Duration::from_secs(self.reconnect_token_ttl),
+                max_password_checks: self.max_password_checks.max(1),
+                password_check_wait: Duration::from_secs(self.password_check_wait),
                 ..AuthConfig::default()
             },
             max_sessions: self.max_sessions,
@@ -262,6 +293,14 @@ impl ServeArgs {
                 max_databases: self.max_databases,
                 max_open: self.max_open_databases,
             },
+            max_unauthenticated_sessions: self.max_unauthenticated_sessions,
+            // A zero timeout would close every connection at once: one second at least.
+            hello_timeout: Duration::from_secs(self.hello_timeout.max(1)),
+            max_unauthenticated_bytes: self.max_unauthenticated_bytes,
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
+            request_body_timeout: Duration::from_secs(self.request_body_timeout.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
             max_clock_drift: Duration::from_secs(self.max_clock_drift),
             conflict_policies: ferry_core::resolve::Policies {
                 default: self.default_conflict_policy,

@@ -453,3 +453,35 @@ fn the_server_refuses_to_start_with_tls_settings_it_cannot_use() {
     );
     assert!(missing.contains("/nonexistent.pem"), "{missing}");
 }
+
+#[test]
+fn a_flood_of_silent_connections_at_the_tls_port_makes_room_for_tls_clients() {
+    let certificate = Certificate::new();
+    let (_server_dir, server) = tls_server(&certificate, &["--max-connections", "10"]);
+    let work = tempfile::tempdir().unwrap();
+    let alice = path(&work, "alice.ferry");
+    ferry_json(&["init", &alice]);
+    ferry_json(&["put", &alice, "todos", "milk", "-d", r#"{"title": "milk"}"#]);
+    // Four times the limit, none of them starting its handshake (which lasts 10 s by default).
+    let silent: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&server.address).unwrap())
+        .collect();
+    let url = format!("{}/groceries", server.url);
+    let synced = ferry_json(&["sync", &alice, &url, "--ca-file", &certificate.cert_arg()]);
+    assert_eq!(synced["push"]["docs_written"], json!(1), "{synced}");
+    let open = silent
+        .iter()
+        .filter(|stream| {
+            stream.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            matches!(
+                (&**stream).read(&mut byte),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock
+            )
+        })
+        .count();
+    assert!(
+        open <= 10,
+        "{open} silent connections open past the limit of 10"
+    );
+}

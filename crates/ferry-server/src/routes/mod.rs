@@ -6,6 +6,7 @@ use axum::routing::{get, post};
 use crate::AppState;
 
 pub(crate) mod auth;
+pub(crate) mod body;
 mod changes;
 mod database;
 mod documents;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use std::collections::BTreeMap;
 
@@ -30,11 +30,10 @@ use tokio::sync::watch;
 
 use crate::AppState;
 use crate::auth::{Identity, IssuedToken};
+use crate::connections::{BudgetExceeded, ConnectionHandle};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::documents::revision_document;
 
-/// How long a client may take to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that sends nothing (not even a ping) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests a session answers at once. A client pipelines (a push writes one batch while it
@@ -48,33 +47,81 @@ const SESSION_BUFFER_BYTES: usize = 4 * 1024;
 /// Replica ids are at most this long.
 const MAX_REPLICA_ID: usize = 128;
 
+/// What a session may send before authenticating beyond `max_unauthenticated_bytes`: the
+/// WebSocket framing of its hello, and pings.
+const PRE_HELLO_FRAMING_BYTES: usize = 1024;
+
+/// How long a refused session is kept open after its close frame, so that the client reads
+/// the close frame before the connection goes (closing a socket with unread data resets it).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// The close codes a session ends with (RFC 6455, section 7.4.1; `docs/protocol.md`).
+mod close {
+    /// The frame broke the WebSocket protocol itself.
+    pub(super) const PROTOCOL: u16 = 1002;
+    /// A binary frame: the protocol is text frames of JSON.
+    pub(super) const UNSUPPORTED: u16 = 1003;
+    /// A text frame that is not UTF-8.
+    pub(super) const INVALID_PAYLOAD: u16 = 1007;
+    /// A frame that is not the protocol (not JSON, not a known frame, out of order), a
+    /// refused `hello`, or no `hello` in time.
+    pub(super) const POLICY: u16 = 1008;
+    /// A frame larger than the limit.
+    pub(super) const TOO_BIG: u16 = 1009;
+    /// The server is full (sessions); retry later.
+    pub(super) const TRY_AGAIN_LATER: u16 = 1013;
+}
+
 /// Upgrades the request to a session. Credentials on the upgrade request itself (a cookie, a
 /// bearer token) are enough; otherwise `hello` must carry them.
+///
+/// A session holds one of the few unauthenticated slots until its `hello` is checked, and one
+/// of `max_sessions` only from then on, so clients that never say hello cannot lock real users
+/// out; until then it may send `max_unauthenticated_bytes` at most.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
     identity: Option<Extension<Identity>>,
+    connection: Option<Extension<ConnectionHandle>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Some(permit) = state.session_permit() else {
+    // Saves the client a hello when the answer would be no anyway.
+    if state.sessions_full() {
+        return too_many_sessions().into_response();
+    }
+    let Some(unauthenticated) = state.unauthenticated_session_permit() else {
         return ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_sessions",
-            "The server holds as many sync sessions as it is configured for; retry later.",
+            "too_many_unauthenticated_sessions",
+            "The server holds as many sessions waiting for hello as it is configured for; \
+             retry later.",
         )
         .into_response();
     };
+    let connection = connection.map(|Extension(connection)| connection);
+    if let Some(connection) = &connection {
+        // The hello itself, with room for its framing and a few pings.
+        connection.limit_reads(Some(
+            state
+                .max_unauthenticated_bytes()
+                .saturating_add(PRE_HELLO_FRAMING_BYTES),
+        ));
+    }
+    let limit = state.limits.max_request_bytes;
     upgrade
-        .max_message_size(state.limits.max_request_bytes)
+        .max_message_size(limit)
+        .max_frame_size(limit)
         // Most sessions sit idle: small buffers (they grow for large frames) keep thousands
         // of open sessions cheap, instead of 128 KiB of read buffer each.
         .read_buffer_size(SESSION_BUFFER_BYTES)
         .write_buffer_size(SESSION_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
-            let _permit = permit;
             let mut session = Session {
                 state,
                 socket,
                 identity: identity.map(|Extension(identity)| identity),
+                connection,
+                unauthenticated: Some(unauthenticated),
+                permit: None,
             };
             if let Err(reason) = session.run().await {
                 tracing::debug!(%reason, "sync session ended");
@@ -82,11 +129,25 @@ pub(crate) async fn upgrade(
         })
 }
 
+fn too_many_sessions() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_sessions",
+        "The server holds as many sync sessions as it is configured for; retry later.",
+    )
+}
+
 struct Session {
     state: AppState,
     socket: WebSocket,
     /// Who the upgrade request authenticated as, if anyone.
     identity: Option<Identity>,
+    /// The connection the session runs on, when served by `ferry serve`.
+    connection: Option<ConnectionHandle>,
+    /// The session's unauthenticated slot, until its hello is checked.
+    unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its session slot, from then on.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What the socket brought.
@@ -94,8 +155,54 @@ enum Incoming {
     Frame(ClientFrame),
     /// A frame that is not the protocol: the session is refused with the reason.
     Invalid(FrameError),
+    /// A frame the socket refused (too big, binary, not UTF-8, not WebSocket): the session is
+    /// closed with this code.
+    Refused(u16, ApiError),
+    /// Nothing arrived in time.
+    TimedOut,
     /// The client closed the session.
     Closed,
+}
+
+/// The close code and error for a frame the WebSocket layer could not read, or `None` when
+/// the connection itself is gone (nothing can be said on it).
+fn refusal_of(error: axum::Error) -> Option<(u16, ApiError)> {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let error = error.into_inner().downcast::<Error>().ok()?;
+    Some(match *error {
+        Error::Capacity(error) => (
+            close::TOO_BIG,
+            ApiError::too_large(format!("frame too large: {error}")),
+        ),
+        Error::Utf8(_) => (
+            close::INVALID_PAYLOAD,
+            ApiError::bad_request("a text frame is not valid UTF-8"),
+        ),
+        Error::Io(error)
+            if error
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<BudgetExceeded>())
+                .is_some() =>
+        {
+            let budget = error
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<BudgetExceeded>())
+                .map_or(0, |budget| budget.0);
+            (
+                close::TOO_BIG,
+                ApiError::too_large(format!(
+                    "more than {budget} bytes before authentication: hello must be small"
+                )),
+            )
+        }
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
+        Error::Protocol(error) => (
+            close::PROTOCOL,
+            ApiError::bad_request(format!("WebSocket protocol error: {error}")),
+        ),
+        _ => return None,
+    })
 }
 
 /// An error as the session carries it.
@@ -119,25 +226,48 @@ impl Session {
     async fn receive(&mut self, timeout: Option<Duration>) -> Result<Incoming, String> {
         loop {
             let message = match timeout {
-                Some(timeout) => tokio::time::timeout(timeout, self.socket.recv())
-                    .await
-                    .map_err(|_| "idle timeout".to_owned())?,
+                Some(timeout) => match tokio::time::timeout(timeout, self.socket.recv()).await {
+                    Ok(message) => message,
+                    Err(_) => return Ok(Incoming::TimedOut),
+                },
                 None => self.socket.recv().await,
             };
             let Some(message) = message else {
                 return Ok(Incoming::Closed);
             };
-            let text = match message.map_err(|error| error.to_string())? {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    let reason = error.to_string();
+                    return match refusal_of(error) {
+                        Some((code, error)) => Ok(Incoming::Refused(code, error)),
+                        None => Err(reason),
+                    };
+                }
+            };
+            let text = match message {
                 Message::Text(text) => text,
                 Message::Close(_) => return Ok(Incoming::Closed),
                 // Pings are answered by the WebSocket layer.
                 Message::Ping(_) | Message::Pong(_) => continue,
                 Message::Binary(_) => {
-                    return Ok(Incoming::Invalid(FrameError::UnknownType(
-                        "binary frame".into(),
-                    )));
+                    return Ok(Incoming::Refused(
+                        close::UNSUPPORTED,
+                        ApiError::bad_request("binary frames are not the protocol: send text"),
+                    ));
                 }
             };
+            let before_hello = self.unauthenticated.is_some();
+            let most = self.state.max_unauthenticated_bytes();
+            if before_hello && text.len() > most {
+                // Not parsed: a JSON tree costs many times its text.
+                return Ok(Incoming::Refused(
+                    close::TOO_BIG,
+                    ApiError::too_large(format!(
+                        "a frame before authentication may have {most} bytes at most"
+                    )),
+                ));
+            }
             let depth = self.state.limits.max_json_depth + FRAME_ENVELOPE_DEPTH;
             let values = self.state.limits.max_json_values;
             return Ok(
@@ -149,24 +279,77 @@ impl Session {
         }
     }
 
-    async fn refuse(&mut self, error: ApiError) -> Result<(), String> {
+    /// Ends the session: an error frame, then a close frame with `code` and the reason.
+    async fn refuse_with(&mut self, code: u16, error: ApiError) -> Result<(), String> {
         let _ = self.send(&ServerFrame::Error(wire_error(&error))).await;
-        let _ = self.socket.send(Message::Close(None)).await;
+        let reason = close_reason(&error.reason);
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.socket.send(Message::Close(Some(frame))).await;
+        // The session is over: its places are free for others while it lingers.
+        self.unauthenticated = None;
+        self.permit = None;
+        // A frame read in full leaves the socket readable: wait for the client's own close.
+        // After one that was not (too big), what follows is the rest of it, so only wait.
+        let readable = !matches!(code, close::TOO_BIG | close::PROTOCOL);
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            if !readable {
+                return std::future::pending().await;
+            }
+            while let Some(Ok(message)) = self.socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
         Err(error.reason)
     }
 
+    async fn refuse(&mut self, error: ApiError) -> Result<(), String> {
+        self.refuse_with(close::POLICY, error).await
+    }
+
+    /// Ends the session for what [`Session::receive`] brought instead of a frame.
+    async fn refuse_incoming(&mut self, incoming: Incoming) -> Result<(), String> {
+        match incoming {
+            Incoming::Closed => Ok(()),
+            Incoming::Refused(code, error) => self.refuse_with(code, error).await,
+            Incoming::TimedOut => {
+                let reason = if self.unauthenticated.is_some() {
+                    format!(
+                        "no hello within {} s",
+                        self.state.hello_timeout().as_secs_f64()
+                    )
+                } else {
+                    format!("nothing received for {} s", IDLE_TIMEOUT.as_secs())
+                };
+                self.refuse(ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    reason,
+                ))
+                .await
+            }
+            Incoming::Invalid(error) => self.refuse(ApiError::bad_request(error.to_string())).await,
+            Incoming::Frame(_) => {
+                self.refuse(ApiError::bad_request("this frame is not expected here"))
+                    .await
+            }
+        }
+    }
+
     async fn run(&mut self) -> Result<(), String> {
-        let hello = match self.receive(Some(HELLO_TIMEOUT)).await? {
-            Incoming::Closed => return Ok(()),
+        let hello = match self.receive(Some(self.state.hello_timeout())).await? {
             Incoming::Frame(ClientFrame::Hello(hello)) => hello,
             Incoming::Frame(_) => {
                 return self
                     .refuse(ApiError::bad_request("the first message must be hello"))
                     .await;
             }
-            Incoming::Invalid(error) => {
-                return self.refuse(ApiError::bad_request(error.to_string())).await;
-            }
+            other => return self.refuse_incoming(other).await,
         };
         let Some(version) = VERSIONS
             .iter()
@@ -202,6 +385,16 @@ impl Session {
             Ok(authenticated) => authenticated,
             Err(error) => return self.refuse(error).await,
         };
+        let Some(permit) = self.state.session_permit() else {
+            return self
+                .refuse_with(close::TRY_AGAIN_LATER, too_many_sessions())
+                .await;
+        };
+        self.permit = Some(permit);
+        self.unauthenticated = None;
+        if let Some(connection) = &self.connection {
+            connection.limit_reads(None);
+        }
         let create = hello.create;
         let opened = {
             let db = db.clone();
@@ -275,7 +468,6 @@ impl Session {
                 }
                 incoming = self.receive(idle_timeout), if in_flight.len() < MAX_IN_FLIGHT => {
                     match incoming? {
-                        Incoming::Closed => return Ok(()),
                         // A request the server cannot carry out is an error, not a close.
                         Incoming::Invalid(FrameError::InvalidRequest { id, detail }) => {
                             let response = ServerFrame::Response {
@@ -284,9 +476,6 @@ impl Session {
                                 error: Some(wire_error(&ApiError::bad_request(detail))),
                             };
                             self.send(&response).await?;
-                        }
-                        Incoming::Invalid(error) => {
-                            return self.refuse(ApiError::bad_request(error.to_string())).await;
                         }
                         Incoming::Frame(ClientFrame::Request { id, op }) => {
                             let state = self.state.clone();
@@ -304,6 +493,7 @@ impl Session {
                                 .refuse(ApiError::bad_request("hello was already said"))
                                 .await;
                         }
+                        other => return self.refuse_incoming(other).await,
                     }
                 }
             }
@@ -366,6 +556,15 @@ async fn authenticate(
         .authenticate(move |auth| auth.issue_reconnect_token(&user, &replica))
         .await?;
     Ok((identity, Some(first)))
+}
+
+/// A close frame's reason: at most 123 bytes (RFC 6455), cut at a character boundary.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
 }
 
 /// The response to one request, and the sequence a `changes` read up to.

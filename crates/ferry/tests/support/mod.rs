@@ -170,6 +170,20 @@ impl ServerProcess {
         self.child.id()
     }
 
+    /// Asks the server to shut down as Ctrl-C does (SIGINT).
+    pub fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// How the server exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for ferry serve")
+    }
+
     /// Kills the server with SIGKILL (no graceful shutdown).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
