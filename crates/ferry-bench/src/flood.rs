@@ -39,12 +39,15 @@ pub struct Floods {
 const DB: &str = "flood";
 /// Connections the connection flood keeps open (more than the common 1,024 descriptors).
 const FLOOD_CONNECTIONS: usize = 1_100;
+/// Tasks opening the flood's connections, so they are all open within a moment.
+const FLOODERS: usize = 50;
 /// Connections sending their bodies a byte at a time.
 const SLOW_BODIES: usize = 200;
 /// Concurrent wrong-password logins.
 const LOGINS: usize = 64;
 
-/// A client with a token (as the SDK has), so its requests cost no password check.
+/// A client with a token (as the SDK has), so its requests cost no password check; a failed or
+/// timed-out request counts its time (up to 10 s) and as a failure.
 struct Legitimate {
     client: reqwest::Client,
     url: String,
@@ -53,8 +56,11 @@ struct Legitimate {
 
 impl Legitimate {
     async fn login(server: &FerryServer) -> Result<Legitimate> {
+        // A new connection per request, as new users arrive: a flood that exhausts the
+        // server's connections shows, which a kept-alive connection would not see.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
             .build()?;
         let answer: Value = client
             .post(format!("{}/_ferry/login", server.url))
@@ -120,16 +126,18 @@ impl Legitimate {
     }
 }
 
-/// Connections that connect and never send a byte, replaced as the server closes them.
+/// Connections that connect and never send a byte, replaced as the server closes them; one
+/// of `FLOODERS` tasks holding its share.
 async fn hold_connections(address: String) {
-    let mut open: Vec<TcpStream> = Vec::with_capacity(FLOOD_CONNECTIONS);
+    let share = FLOOD_CONNECTIONS / FLOODERS;
+    let mut open: std::collections::VecDeque<TcpStream> = std::collections::VecDeque::new();
     loop {
         match TcpStream::connect(&address).await {
             Ok(stream) => {
-                if open.len() >= FLOOD_CONNECTIONS {
-                    open.remove(0);
+                if open.len() >= share {
+                    open.pop_front();
                 }
-                open.push(stream);
+                open.push_back(stream);
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
@@ -183,7 +191,9 @@ pub async fn floods(duration: Duration) -> Result<Floods> {
     for name in ["connections", "slow bodies", "logins"] {
         reset_peak(server.pid());
         let attackers: Vec<tokio::task::JoinHandle<()>> = match name {
-            "connections" => vec![tokio::spawn(hold_connections(address.clone()))],
+            "connections" => (0..FLOODERS)
+                .map(|_| tokio::spawn(hold_connections(address.clone())))
+                .collect(),
             "slow bodies" => (0..SLOW_BODIES)
                 .map(|_| tokio::spawn(slow_body(address.clone())))
                 .collect(),
@@ -192,7 +202,7 @@ pub async fn floods(duration: Duration) -> Result<Floods> {
                 .collect(),
         };
         // Let the flood build up before measuring.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let (latencies, failures) = legit.measure(duration, name).await;
         let server_peak_mib = memory_mib(server.pid())?.0;
         for attacker in &attackers {
