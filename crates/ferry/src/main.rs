@@ -47,7 +47,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sync server (CouchDB replication protocol over HTTP).
-    Serve(ServeArgs),
+    // Boxed: its many flags make it far larger than the other commands.
+    Serve(Box<ServeArgs>),
     /// Create a local replica file (a SQLite database).
     Init {
         /// The replica file to create.
