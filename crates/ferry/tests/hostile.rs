@@ -496,3 +496,56 @@ async fn a_request_of_tiny_values_is_bounded_by_their_count() {
     );
     assert_eq!(http.listed_ids().await, ["todos:warm"]);
 }
+
+/// A small request can ask for a large answer: `_bulk_get` of one 1 MB document 500 times is
+/// a 500 MB response. It is written a few documents at a time as the client reads it, so the
+/// server's memory does not grow with it.
+#[tokio::test]
+async fn a_large_bulk_get_answer_is_streamed_not_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let http = Http::new(&server).await;
+    let (status, stored) = http
+        .put("/todos:big", json!({"blob": "x".repeat(1_000_000)}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{stored}");
+    let (status, _) = http.get("/todos:big").await;
+    assert_eq!(status, StatusCode::OK);
+    let before = peak_memory(server.pid());
+    let asked: Vec<Value> = (0..500).map(|_| json!({"id": "todos:big"})).collect();
+    let mut response = http
+        .client
+        .post(format!("{}/_bulk_get", http.base))
+        .basic_auth(TEST_USER, Some(TEST_PASSWORD))
+        .json(&json!({"docs": asked}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (mut length, mut head, mut tail) = (0usize, Vec::new(), Vec::new());
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        if head.len() < 64 {
+            head.extend_from_slice(&chunk[..chunk.len().min(64)]);
+        }
+        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(64)..]);
+        tail.drain(..tail.len().saturating_sub(64));
+        length += chunk.len();
+    }
+    assert!(length > 500 * 1_000_000, "{length} bytes");
+    assert!(
+        head.starts_with(br#"{"results":[{"docs":[{"ok":{"#),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(
+        tail.ends_with(b"}]}"),
+        "{:?}",
+        String::from_utf8_lossy(&tail)
+    );
+    let grown = peak_memory(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 150 * 1024 * 1024,
+        "the server's peak memory grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+}

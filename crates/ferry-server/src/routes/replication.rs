@@ -3,14 +3,18 @@
 use std::collections::HashMap;
 
 use axum::Json;
+use axum::body::{Body as HttpBody, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use ferry_core::couch::CouchDoc;
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
-use ferry_store::endpoint::EndpointError;
+use ferry_store::StoredRevision;
+use ferry_store::endpoint::{Endpoint, EndpointError};
 use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -55,7 +59,7 @@ pub(crate) async fn bulk_get(
     Path(db): Path<String>,
     query: QueryMap,
     JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let params = Params::from_query(query);
     let revs = params.flag("revs", false)?;
     let latest = params.flag("latest", false)?;
@@ -77,48 +81,114 @@ pub(crate) async fn bulk_get(
         };
         wanted.push((doc_id.to_owned(), rev));
     }
-    let rows = state
+    // The answer is written a few documents at a time as the client reads it, so what the
+    // server holds is bounded by the chunk, not by the request (up to `max_batch_docs`
+    // documents of `max_document_bytes` each). The first chunk is read before the response
+    // starts, so a missing database or an oversized request still gets its status.
+    let total = wanted.len();
+    let mut chunks: std::collections::VecDeque<Vec<(String, Option<Rev>)>> =
+        wanted.chunks(BULK_GET_CHUNK).map(<[_]>::to_vec).collect();
+    let first = chunks.pop_front().unwrap_or_default();
+    let first = state
         .with_endpoint(&db, move |endpoint| {
-            endpoint.check_batch("documents", wanted.len())?;
-            let mut rows = Vec::with_capacity(wanted.len());
-            for (doc_id, rev) in wanted {
-                let revisions = match rev {
-                    Some(rev) => endpoint.open_revisions(&doc_id, Some(vec![rev]), latest)?,
-                    None => match endpoint.database().get_document(&doc_id)? {
-                        Some(document) => {
-                            endpoint.open_revisions(&doc_id, Some(vec![document.rev]), false)?
-                        }
-                        None => Vec::new(),
-                    },
-                };
-                rows.push((doc_id, revisions));
-            }
-            Ok::<_, EndpointError>(rows)
+            endpoint.check_batch("documents", total)?;
+            bulk_get_rows(endpoint, first, latest)
         })
         .await?;
-    let results: Vec<Value> = rows
-        .into_iter()
-        .map(|(doc_id, revisions)| {
-            let docs: Vec<Value> = if revisions.is_empty() {
-                vec![json!({"error": {
-                    "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
-                }})]
-            } else {
-                revisions
-                    .into_iter()
-                    .map(|revision| match revision {
-                        Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
-                        Err(rev) => json!({"error": {
-                            "id": doc_id, "rev": rev.to_string(),
-                            "error": "not_found", "reason": "missing"
-                        }}),
-                    })
-                    .collect()
+    let mut text = String::from("{\"results\":[");
+    push_results(&mut text, first, revs, with_hlc);
+    let (sender, receiver) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let mut written = !text.ends_with('[');
+        if sender.send(Bytes::from(text)).await.is_err() {
+            return;
+        }
+        while let Some(chunk) = chunks.pop_front() {
+            let rows = state
+                .with_endpoint(&db, move |endpoint| bulk_get_rows(endpoint, chunk, latest))
+                .await;
+            let Ok(rows) = rows else {
+                // The status is sent: an unfinished body tells the client it failed.
+                tracing::warn!(db = %db, "a _bulk_get answer failed midway");
+                return;
             };
-            json!({"id": doc_id, "docs": docs})
-        })
-        .collect();
-    Ok(Json(json!({ "results": results })))
+            let mut text = String::new();
+            if written && !rows.is_empty() {
+                text.push(',');
+            }
+            written |= !rows.is_empty();
+            push_results(&mut text, rows, revs, with_hlc);
+            if sender.send(Bytes::from(text)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sender.send(Bytes::from_static(b"]}")).await;
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        HttpBody::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Documents of a `_bulk_get` read at once.
+const BULK_GET_CHUNK: usize = 16;
+
+/// What `_bulk_get` answers for each of `wanted`: the asked revision (or the winner), or the
+/// leaves descending from it with `latest`.
+type BulkGetRow = (String, Vec<Result<StoredRevision, Rev>>);
+
+fn bulk_get_rows(
+    endpoint: &Endpoint<'_>,
+    wanted: Vec<(String, Option<Rev>)>,
+    latest: bool,
+) -> Result<Vec<BulkGetRow>, EndpointError> {
+    let mut rows = Vec::with_capacity(wanted.len());
+    for (doc_id, rev) in wanted {
+        let revisions = match rev {
+            Some(rev) => endpoint.open_revisions(&doc_id, Some(vec![rev]), latest)?,
+            None => match endpoint.database().get_document(&doc_id)? {
+                Some(document) => {
+                    endpoint.open_revisions(&doc_id, Some(vec![document.rev]), false)?
+                }
+                None => Vec::new(),
+            },
+        };
+        rows.push((doc_id, revisions));
+    }
+    Ok(rows)
+}
+
+/// Appends the `results` entries of `rows` to `text`, comma-separated.
+fn push_results(text: &mut String, rows: Vec<BulkGetRow>, revs: bool, with_hlc: bool) {
+    for (index, (doc_id, revisions)) in rows.into_iter().enumerate() {
+        let docs: Vec<Value> = if revisions.is_empty() {
+            vec![json!({"error": {
+                "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
+            }})]
+        } else {
+            revisions
+                .into_iter()
+                .map(|revision| match revision {
+                    Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
+                    Err(rev) => json!({"error": {
+                        "id": doc_id, "rev": rev.to_string(),
+                        "error": "not_found", "reason": "missing"
+                    }}),
+                })
+                .collect()
+        };
+        if index > 0 {
+            text.push(',');
+        }
+        text.push_str(&json!({"id": doc_id, "docs": docs}).to_string());
+    }
 }
 
 /// A replicated document of a `_bulk_docs` or `PUT ?new_edits=false` request, as a revision;
