@@ -278,7 +278,78 @@ pub(crate) fn page_json(page: &ChangesPage, request: &ChangesRequest) -> Value {
     })
 }
 
+/// Rows of a page with documents read at once.
+const PAGE_CHUNK: usize = 16;
+
+/// A normal feed with documents, written a few rows at a time as the client reads it: up to
+/// `limit` rows of up to `max_document_bytes` each would otherwise be held whole. The first
+/// rows are read before the response starts, so errors keep their status.
+async fn streamed_page(
+    state: AppState,
+    db: String,
+    request: ChangesRequest,
+) -> ApiResult<Response> {
+    let limit = request.limit.max(1);
+    let asked = PAGE_CHUNK.min(limit);
+    let first = page(&state, &db, &request, request.since, asked).await?;
+    let (sender, receiver) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let mut text = String::from("{\"results\":[");
+        let mut sent = 0;
+        let mut current = first;
+        let mut asked = asked;
+        loop {
+            for change in &current.changes {
+                if sent > 0 {
+                    text.push(',');
+                }
+                text.push_str(&change_row(change, &request).to_string());
+                sent += 1;
+            }
+            let cursor = current.last_seq;
+            if current.changes.len() < asked || sent >= limit {
+                text.push_str(&format!(
+                    "],\"last_seq\":{cursor},\"pending\":{}}}",
+                    current.pending()
+                ));
+                let _ = sender.send(Bytes::from(text)).await;
+                return;
+            }
+            if sender
+                .send(Bytes::from(std::mem::take(&mut text)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            asked = PAGE_CHUNK.min(limit - sent);
+            match page(&state, &db, &request, cursor, asked).await {
+                Ok(next) => current = next,
+                Err(error) => {
+                    // The status is sent: an unfinished body tells the client it failed.
+                    tracing::warn!(db = %db, reason = %error.reason, "a changes page failed midway");
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        HttpBody::from_stream(stream),
+    )
+        .into_response())
+}
+
 async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiResult<Response> {
+    if request.feed == Feed::Normal && request.include_docs {
+        return Ok(streamed_page(state, db, request).await?.into_response());
+    }
     if request.feed == Feed::Normal {
         let page = page(&state, &db, &request, request.since, request.limit).await?;
         return Ok(Json(page_json(&page, &request)).into_response());
