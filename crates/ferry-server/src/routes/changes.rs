@@ -15,9 +15,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::{Body as HttpBody, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use ferry_core::couch::{DocExtras, document_json};
 use ferry_core::filter::ChangesFilter;
@@ -333,22 +332,12 @@ async fn streamed_page(
             }
         }
     });
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        HttpBody::from_stream(stream),
-    )
-        .into_response())
+    Ok(super::json_stream(receiver))
 }
 
 async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiResult<Response> {
     if request.feed == Feed::Normal && request.include_docs {
-        return Ok(streamed_page(state, db, request).await?.into_response());
+        return streamed_page(state, db, request).await;
     }
     if request.feed == Feed::Normal {
         let page = page(&state, &db, &request, request.since, request.limit).await?;
@@ -369,17 +358,7 @@ async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiRes
             let _ = sender.send(Bytes::from(line)).await;
         }
     });
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        HttpBody::from_stream(stream),
-    )
-        .into_response())
+    Ok(super::json_stream(receiver))
 }
 
 /// What ended a wait for changes.

@@ -73,3 +73,22 @@ pub(crate) fn routes() -> Router<AppState> {
                 .delete(documents::delete_document),
         )
 }
+
+/// A JSON response whose body is the chunks a task sends on `receiver`, written as the client
+/// reads them (the task waits while the channel is full); it ends when the sender is dropped.
+pub(crate) fn json_stream(
+    receiver: tokio::sync::mpsc::Receiver<axum::body::Bytes>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::body::{Body as HttpBody, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use ferry_core::couch::CouchDoc;
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
@@ -124,17 +124,7 @@ pub(crate) async fn bulk_get(
         }
         let _ = sender.send(Bytes::from_static(b"]}")).await;
     });
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|chunk| (Ok::<_, std::io::Error>(chunk), receiver))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        HttpBody::from_stream(stream),
-    )
-        .into_response())
+    Ok(super::json_stream(receiver))
 }
 
 /// Documents of a `_bulk_get` read at once.
