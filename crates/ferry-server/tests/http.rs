@@ -580,3 +580,73 @@ async fn a_bad_document_is_refused_alone_by_the_same_rule_on_every_http_path() {
     assert_eq!(server.get("/db/small").await.0, StatusCode::OK);
     assert_eq!(server.get("/db/large").await.0, StatusCode::NOT_FOUND);
 }
+
+/// Ferry's `_bulk_get?max_bytes=N`: the answer's entries fit in N bytes (at least one is
+/// served), the rest are listed in `unserved` as they were asked for, to be asked again, so a
+/// client holds one bounded answer at a time; without it, everything is answered (CouchDB).
+#[tokio::test]
+async fn bulk_get_answers_within_max_bytes_and_lists_the_rest() {
+    let server = start(Limits::default()).await;
+    server.call("PUT", "/db", None).await;
+    let docs: Vec<Value> = (0..40)
+        .map(|n| json!({"_id": format!("d{n:02}"), "blob": "x".repeat(1000 + n)}))
+        .collect();
+    let (status, written) = server
+        .json("POST", "/db/_bulk_docs", json!({ "docs": docs }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{written}");
+    // Every other one by revision, the rest by id alone (the winner).
+    let asked: Vec<Value> = written
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(n, row)| match n % 2 {
+            0 => json!({"id": row["id"], "rev": row["rev"]}),
+            _ => json!({"id": row["id"]}),
+        })
+        .collect();
+    let (status, everything) = fetch_within(&server, &asked, None).await;
+    assert_eq!(status, StatusCode::OK, "{everything}");
+    let results = everything["results"].as_array().unwrap();
+    assert_eq!(results.len(), 40);
+    assert!(everything.get("unserved").is_none(), "{everything}");
+    let sizes: Vec<usize> = results.iter().map(|row| row.to_string().len()).collect();
+    let served_within = async |bytes: usize| {
+        let (status, answer) = fetch_within(&server, &asked, Some(&bytes.to_string())).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let served = answer["results"].as_array().unwrap().clone();
+        let unserved = answer["unserved"].as_array().cloned().unwrap_or_default();
+        assert_eq!(served[..], results[..served.len()], "within {bytes}");
+        assert_eq!(unserved[..], asked[served.len()..], "within {bytes}");
+        served.len()
+    };
+    // At the limit and one past, within the first chunk of 16 and beyond it (the rest of the
+    // first chunk and every later one unserved).
+    let first_two: usize = sizes[..2].iter().sum();
+    assert_eq!(served_within(first_two).await, 2);
+    assert_eq!(served_within(first_two - 1).await, 1);
+    let first_seventeen: usize = sizes[..17].iter().sum();
+    assert_eq!(served_within(first_seventeen).await, 17);
+    assert_eq!(served_within(first_seventeen - 1).await, 16);
+    // However small the budget, one entry is served, so a client asking again always ends.
+    assert_eq!(served_within(0).await, 1);
+    assert_eq!(served_within(sizes.iter().sum()).await, 40);
+    assert_error(
+        fetch_within(&server, &asked, Some("lots")).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+}
+
+async fn fetch_within(
+    server: &Server,
+    asked: &[Value],
+    max_bytes: Option<&str>,
+) -> (StatusCode, Value) {
+    let path = match max_bytes {
+        Some(bytes) => format!("/db/_bulk_get?max_bytes={bytes}"),
+        None => "/db/_bulk_get".to_owned(),
+    };
+    server.json("POST", &path, json!({ "docs": asked })).await
+}

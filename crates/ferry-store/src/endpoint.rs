@@ -53,6 +53,10 @@ use crate::{Change, Database, Edit, StoreError, StoredRevision, WriteReport, fai
 /// at most its limit of rows however many changes it scans.
 pub const SCAN_CHUNK: usize = 500;
 
+/// [`SCAN_CHUNK`] when the scan reads bodies (a selector filter, or bodies asked for): rows of
+/// up to [`Limits::max_document_bytes`] each, so a scan step holds a few of them, not 500.
+pub const BODY_SCAN_CHUNK: usize = 16;
+
 /// What a replica's endpoint decides by, besides its database and clock.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointConfig {
@@ -359,10 +363,11 @@ impl<'a> Endpoint<'a> {
     ) -> Result<ChangesPage, StoreError> {
         let limit = limit.clamp(1, self.config.limits.max_page_rows.max(1));
         let bodies = include_bodies || filter.needs_bodies();
-        let chunk = if filter.is_everything() {
-            limit
-        } else {
-            SCAN_CHUNK
+        let chunk = match (filter.is_everything(), bodies) {
+            (true, false) => limit,
+            (true, true) => limit.min(BODY_SCAN_CHUNK),
+            (false, false) => SCAN_CHUNK,
+            (false, true) => BODY_SCAN_CHUNK,
         };
         let mut changes = Vec::new();
         let mut cursor = since;

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
 use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
-use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
+use crate::{ChangesFilter, ChangesPage, FETCH_ANSWER_BYTES, Peer, RejectedRevision, SyncError};
 
 /// Requests other than waits for changes give up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -329,28 +329,44 @@ impl Peer for HttpPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let docs = bulk_get_docs(&wanted);
+        // A Ferry server answers up to `max_bytes` and lists the rest as `unserved`, asked for
+        // again; CouchDB ignores the parameter and answers everything at once.
         let path = if self.send_ferry_meta {
-            "_bulk_get?revs=true&ferry=true"
+            format!("_bulk_get?revs=true&ferry=true&max_bytes={FETCH_ANSWER_BYTES}")
         } else {
-            "_bulk_get?revs=true"
+            "_bulk_get?revs=true".to_owned()
         };
-        let response = self
-            .call(Method::POST, path, Some(&json!({ "docs": docs })))
-            .await?;
-        let results = response["results"]
-            .as_array()
-            .ok_or_else(|| self.invalid(path, "no results array"))?;
+        let mut docs = bulk_get_docs(&wanted);
         let mut revisions = Vec::with_capacity(docs.len());
-        for result in results {
-            for doc in result["docs"].as_array().into_iter().flatten() {
-                if let Some(ok) = doc.get("ok") {
-                    let revision = revision_from_json(ok.clone())
-                        .map_err(|error| self.invalid(path, error.to_string()))?;
-                    revisions.push(revision);
-                } else {
-                    tracing::warn!(error = %doc["error"], "revision not available on the server; skipped");
+        while !docs.is_empty() {
+            let asked = docs.len();
+            let response = self
+                .call(Method::POST, &path, Some(&json!({ "docs": docs })))
+                .await?;
+            let results = response["results"]
+                .as_array()
+                .ok_or_else(|| self.invalid(&path, "no results array"))?;
+            for result in results {
+                for doc in result["docs"].as_array().into_iter().flatten() {
+                    if let Some(ok) = doc.get("ok") {
+                        let revision = revision_from_json(ok.clone())
+                            .map_err(|error| self.invalid(&path, error.to_string()))?;
+                        revisions.push(revision);
+                    } else {
+                        tracing::warn!(error = %doc["error"], "revision not available on the server; skipped");
+                    }
                 }
+            }
+            docs = match response.get("unserved") {
+                None => Vec::new(),
+                Some(Value::Array(unserved)) => unserved.clone(),
+                Some(_) => return Err(self.invalid(&path, "`unserved` is not an array")),
+            };
+            // Each answer serves at least one revision, so this ends.
+            if docs.len() >= asked {
+                return Err(
+                    self.invalid(&path, "the server answered none of the revisions asked for")
+                );
             }
         }
         Ok(revisions)

@@ -72,10 +72,6 @@ impl SessionCredentials for UrlCredentials {
     fn reconnect_token_issued(&self, _token: &str, _expires_ms: u64) {}
 }
 
-/// The most bytes of bodies one fetch answer carries (the server may answer less): a batch
-/// of large documents is fetched in several answers, each far below the frame limit.
-const FETCH_ANSWER_BYTES: u64 = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES as u64;
-
 /// A replication peer on a Ferry server database, over one WebSocket session.
 ///
 /// Built from the database's HTTP URL (`http://host:port/db`); the session goes to
@@ -532,7 +528,7 @@ impl Peer for WsPeer {
             let result: BulkGetResult = self
                 .request(Op::BulkGet {
                     docs,
-                    max_bytes: Some(FETCH_ANSWER_BYTES),
+                    max_bytes: Some(crate::FETCH_ANSWER_BYTES as u64),
                 })
                 .await?;
             for missing in &result.missing {

@@ -288,51 +288,72 @@ async fn streamed_page(
     db: String,
     request: ChangesRequest,
 ) -> ApiResult<Response> {
-    let limit = request.limit.max(1);
-    let asked = PAGE_CHUNK.min(limit);
+    let asked = first_read(&request);
     let first = page(&state, &db, &request, request.since, asked).await?;
     let (sender, receiver) = mpsc::channel::<Bytes>(1);
     tokio::spawn(async move {
-        let mut text = String::from("{\"results\":[");
-        let mut sent = 0;
-        let mut current = first;
-        let mut asked = asked;
-        loop {
-            for change in &current.changes {
-                if sent > 0 {
-                    text.push(',');
-                }
-                text.push_str(&change_row(change, &request).to_string());
-                sent += 1;
-            }
-            let cursor = current.last_seq;
-            if current.changes.len() < asked || sent >= limit {
-                text.push_str(&format!(
-                    "],\"last_seq\":{cursor},\"pending\":{}}}",
-                    current.pending()
-                ));
-                let _ = sender.send(Bytes::from(text)).await;
-                return;
-            }
-            if sender
-                .send(Bytes::from(std::mem::take(&mut text)))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            asked = PAGE_CHUNK.min(limit - sent);
-            match page(&state, &db, &request, cursor, asked).await {
-                Ok(next) => current = next,
-                Err(error) => {
-                    // The status is sent: an unfinished body tells the client it failed.
-                    tracing::warn!(db = %db, reason = %error.reason, "a changes page failed midway");
-                    return;
-                }
-            }
-        }
+        send_page_in_chunks(&state, &db, &request, first, asked, &sender).await;
     });
     Ok(super::json_stream(receiver))
+}
+
+/// How many rows a feed reads at once: [`PAGE_CHUNK`] with documents, the whole limit without.
+fn first_read(request: &ChangesRequest) -> usize {
+    if request.include_docs {
+        PAGE_CHUNK.min(request.limit.max(1))
+    } else {
+        request.limit
+    }
+}
+
+/// Sends a page in CouchDB's form, starting with `first` (read with `asked` rows) and reading
+/// the rest [`PAGE_CHUNK`] rows at a time while the client takes them.
+async fn send_page_in_chunks(
+    state: &AppState,
+    db: &str,
+    request: &ChangesRequest,
+    first: ChangesPage,
+    mut asked: usize,
+    sender: &mpsc::Sender<Bytes>,
+) {
+    let limit = request.limit.max(1);
+    let mut text = String::from("{\"results\":[");
+    let mut sent = 0;
+    let mut current = first;
+    loop {
+        for change in &current.changes {
+            if sent > 0 {
+                text.push(',');
+            }
+            text.push_str(&change_row(change, request).to_string());
+            sent += 1;
+        }
+        let cursor = current.last_seq;
+        if current.changes.len() < asked || sent >= limit {
+            text.push_str(&format!(
+                "],\"last_seq\":{cursor},\"pending\":{}}}",
+                current.pending()
+            ));
+            let _ = sender.send(Bytes::from(text)).await;
+            return;
+        }
+        if sender
+            .send(Bytes::from(std::mem::take(&mut text)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        asked = PAGE_CHUNK.min(limit - sent);
+        match page(state, db, request, cursor, asked).await {
+            Ok(next) => current = next,
+            Err(error) => {
+                // The status is sent: an unfinished body tells the client it failed.
+                tracing::warn!(db = %db, reason = %error.reason, "a changes page failed midway");
+                return;
+            }
+        }
+    }
 }
 
 async fn respond(state: AppState, db: String, request: ChangesRequest) -> ApiResult<Response> {
@@ -411,14 +432,19 @@ async fn longpoll(
     sender: &mpsc::Sender<Bytes>,
 ) -> ApiResult<()> {
     let deadline = Instant::now() + request.timeout;
+    let asked = first_read(request);
     loop {
         notifications.borrow_and_update();
-        let page = page(state, db, request, request.since, request.limit).await?;
+        let page = page(state, db, request, request.since, asked).await?;
         let filtered_progress = page.last_seq > request.since;
         if !page.changes.is_empty() || filtered_progress || Instant::now() >= deadline {
-            let _ = sender
-                .send(Bytes::from(page_json(&page, request).to_string()))
-                .await;
+            if request.include_docs {
+                send_page_in_chunks(state, db, request, page, asked, sender).await;
+            } else {
+                let _ = sender
+                    .send(Bytes::from(page_json(&page, request).to_string()))
+                    .await;
+            }
             return Ok(());
         }
         if !wait_with_heartbeats(notifications, request.heartbeat, deadline, sender).await {
@@ -439,7 +465,13 @@ async fn continuous(
     let mut sent = 0usize;
     loop {
         notifications.borrow_and_update();
-        let page = page(state, db, request, since, request.limit - sent).await?;
+        let left = request.limit - sent;
+        let asked = if request.include_docs {
+            PAGE_CHUNK.min(left)
+        } else {
+            left
+        };
+        let page = page(state, db, request, since, asked).await?;
         since = page.last_seq;
         let found = page.changes.len();
         for change in &page.changes {

@@ -254,7 +254,7 @@ pub(crate) async fn get_all_docs(
     State(state): State<AppState>,
     Path(db): Path<String>,
     query: QueryMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let params = Params::from_query(query);
     let keys = match params.json(&["keys"])? {
         Some(keys) => Some(keys),
@@ -269,7 +269,7 @@ pub(crate) async fn post_all_docs(
     Path(db): Path<String>,
     query: QueryMap,
     JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let params = Params::from_query(query);
     all_docs(state, db, params, body.get("keys").cloned()).await
 }
@@ -302,12 +302,17 @@ fn all_docs_row(document: &Document, include_docs: bool, conflicts: bool) -> Val
     row
 }
 
+/// Rows with documents read at once: an `_all_docs` answer of up to `max_page_rows` (or
+/// `max_batch_docs` keys) documents of up to `max_document_bytes` each is written a chunk at a
+/// time as the client reads it, instead of being held whole.
+const ROWS_CHUNK: usize = 16;
+
 async fn all_docs(
     state: AppState,
     db: String,
     params: Params,
     keys: Option<Value>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let include_docs = params.flag("include_docs", false)?;
     let conflicts = params.flag("conflicts", false)?;
     let max_rows = state.limits.max_page_rows;
@@ -333,27 +338,11 @@ async fn all_docs(
                 state.limits.max_batch_docs
             )));
         }
-        let (total, documents) = state
-            .with_db(&db, move |db| {
-                let mut documents = Vec::with_capacity(keys.len());
-                for key in keys {
-                    let document = db.get_document(&key)?;
-                    documents.push((key, document));
-                }
-                Ok((db.info()?.doc_count, documents))
-            })
-            .await?;
-        let rows: Vec<Value> = documents
-            .iter()
-            .map(|(key, document)| match document {
-                Some(document) => all_docs_row(document, include_docs, conflicts),
-                None => json!({"key": key, "error": "not_found"}),
-            })
-            .collect();
-        return Ok(Json(
-            json!({"total_rows": total, "offset": 0, "rows": rows}),
-        ));
+        let total = state.with_db(&db, |db| Ok(db.info()?.doc_count)).await?;
+        let head = format!("{{\"total_rows\":{total},\"offset\":0,\"rows\":[");
+        return streamed_rows(state, db, head, keys, include_docs, conflicts).await;
     }
+    // The ids and revisions first (small rows); documents, if asked for, a chunk at a time.
     let query = AllDocsQuery {
         start_key: params.key(&["startkey", "start_key"])?,
         end_key: params.key(&["endkey", "end_key"])?,
@@ -361,20 +350,97 @@ async fn all_docs(
         descending: params.flag("descending", false)?,
         skip,
         limit,
-        include_bodies: include_docs,
+        include_bodies: false,
     };
     let (total, documents) = state
         .with_db(&db, move |db| {
             Ok((db.info()?.doc_count, db.all_docs(&query)?))
         })
         .await?;
+    if include_docs {
+        let head = format!("{{\"total_rows\":{total},\"offset\":{skip},\"rows\":[");
+        let ids = documents
+            .into_iter()
+            .map(|document| document.doc_id)
+            .collect();
+        return streamed_rows(state, db, head, ids, true, conflicts).await;
+    }
     let rows: Vec<Value> = documents
         .iter()
-        .map(|document| all_docs_row(document, include_docs, conflicts))
+        .map(|document| all_docs_row(document, false, conflicts))
         .collect();
-    Ok(Json(
-        json!({"total_rows": total, "offset": skip, "rows": rows}),
-    ))
+    Ok(Json(json!({"total_rows": total, "offset": skip, "rows": rows})).into_response())
+}
+
+/// The `_all_docs` rows of `keys`, in order, each read as it is written: `head` opens the
+/// answer up to its `rows` array. The first chunk is read before the response starts, so a
+/// failure there keeps its status.
+async fn streamed_rows(
+    state: AppState,
+    db: String,
+    head: String,
+    keys: Vec<String>,
+    include_docs: bool,
+    conflicts: bool,
+) -> ApiResult<Response> {
+    let mut keys = keys.into_iter();
+    let mut rows = read_rows(&state, &db, keys.by_ref().take(ROWS_CHUNK).collect()).await?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<axum::body::Bytes>(1);
+    tokio::spawn(async move {
+        let mut text = head;
+        let mut written = 0usize;
+        loop {
+            for (key, document) in &rows {
+                if written > 0 {
+                    text.push(',');
+                }
+                let row = match document {
+                    Ok(Some(document)) => all_docs_row(document, include_docs, conflicts),
+                    Ok(None) => json!({"key": key, "error": "not_found"}),
+                    Err(error) => json!({"key": key, "error": error}),
+                };
+                text.push_str(&row.to_string());
+                written += 1;
+            }
+            let next: Vec<String> = keys.by_ref().take(ROWS_CHUNK).collect();
+            if next.is_empty() {
+                text.push_str("]}");
+                let _ = sender.send(text.into()).await;
+                return;
+            }
+            if sender.send(std::mem::take(&mut text).into()).await.is_err() {
+                return;
+            }
+            match read_rows(&state, &db, next).await {
+                Ok(next) => rows = next,
+                Err(error) => {
+                    // The status is sent: an unfinished body tells the client it failed.
+                    tracing::warn!(db = %db, reason = %error.reason, "an _all_docs answer failed midway");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(super::json_stream(receiver))
+}
+
+/// The current winner of each of `keys`: `None` for a document that does not exist, and the
+/// error code for one whose stored data cannot be read (that row alone fails, as in the
+/// listing and the feeds).
+type Row = (String, Result<Option<Document>, &'static str>);
+
+async fn read_rows(state: &AppState, db: &str, keys: Vec<String>) -> ApiResult<Vec<Row>> {
+    state
+        .with_db(db, move |db| {
+            keys.into_iter()
+                .map(|key| match db.get_document(&key) {
+                    Ok(document) => Ok((key, Ok(document))),
+                    Err(ferry_store::StoreError::Corrupt { .. }) => Ok((key, Err("corrupt_data"))),
+                    Err(error) => Err(error),
+                })
+                .collect()
+        })
+        .await
 }
 
 fn local_rev(text: &str) -> ApiResult<u64> {

@@ -81,6 +81,11 @@ pub(crate) async fn bulk_get(
         };
         wanted.push((doc_id.to_owned(), rev));
     }
+    // Ferry's extension: answer entries up to `max_bytes` (at least one), and list the rest
+    // as `unserved`, so a client's memory for one answer is bounded by what it asks.
+    let max_bytes = params.number("max_bytes")?.map_or(usize::MAX, |bytes| {
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    });
     // The answer is written a few documents at a time as the client reads it, so what the
     // server holds is bounded by the chunk, not by the request (up to `max_batch_docs`
     // documents of `max_document_bytes` each). The first chunk is read before the response
@@ -88,41 +93,67 @@ pub(crate) async fn bulk_get(
     let total = wanted.len();
     let mut chunks: std::collections::VecDeque<Vec<(String, Option<Rev>)>> =
         wanted.chunks(BULK_GET_CHUNK).map(<[_]>::to_vec).collect();
-    let first = chunks.pop_front().unwrap_or_default();
+    let first_asked = chunks.pop_front().unwrap_or_default();
+    let asked = first_asked.clone();
     let first = state
         .with_endpoint(&db, move |endpoint| {
             endpoint.check_batch("documents", total)?;
-            bulk_get_rows(endpoint, first, latest)
+            bulk_get_rows(endpoint, asked, latest)
         })
         .await?;
-    let mut text = String::from("{\"results\":[");
-    push_results(&mut text, first, revs, with_hlc);
     let (sender, receiver) = mpsc::channel::<Bytes>(1);
     tokio::spawn(async move {
-        let mut written = !text.ends_with('[');
-        if sender.send(Bytes::from(text)).await.is_err() {
-            return;
-        }
-        while let Some(chunk) = chunks.pop_front() {
+        let mut text = String::from("{\"results\":[");
+        let (mut written, mut bytes) = (0usize, 0usize);
+        let mut unserved: Vec<Value> = Vec::new();
+        let mut current = Some((first_asked, first));
+        while let Some((asked, rows)) = current.take() {
+            for ((doc_id, rev), row) in asked.into_iter().zip(rows) {
+                let entry = result_entry(row, revs, with_hlc);
+                if !unserved.is_empty() || (written > 0 && bytes + entry.len() > max_bytes) {
+                    unserved.push(asked_entry(doc_id, rev));
+                    continue;
+                }
+                if written > 0 {
+                    text.push(',');
+                }
+                text.push_str(&entry);
+                written += 1;
+                bytes += entry.len();
+            }
+            if sender
+                .send(Bytes::from(std::mem::take(&mut text)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if !unserved.is_empty() {
+                // Over the budget: the rest is listed, not read.
+                let rest = chunks.drain(..).flatten();
+                unserved.extend(rest.map(|(doc_id, rev)| asked_entry(doc_id, rev)));
+                break;
+            }
+            let Some(next) = chunks.pop_front() else {
+                break;
+            };
+            let asked = next.clone();
             let rows = state
-                .with_endpoint(&db, move |endpoint| bulk_get_rows(endpoint, chunk, latest))
+                .with_endpoint(&db, move |endpoint| bulk_get_rows(endpoint, asked, latest))
                 .await;
             let Ok(rows) = rows else {
                 // The status is sent: an unfinished body tells the client it failed.
                 tracing::warn!(db = %db, "a _bulk_get answer failed midway");
                 return;
             };
-            let mut text = String::new();
-            if written && !rows.is_empty() {
-                text.push(',');
-            }
-            written |= !rows.is_empty();
-            push_results(&mut text, rows, revs, with_hlc);
-            if sender.send(Bytes::from(text)).await.is_err() {
-                return;
-            }
+            current = Some((next, rows));
         }
-        let _ = sender.send(Bytes::from_static(b"]}")).await;
+        let end = if unserved.is_empty() {
+            "]}".to_owned()
+        } else {
+            format!("],\"unserved\":{}}}", Value::Array(unserved))
+        };
+        let _ = sender.send(Bytes::from(end)).await;
     });
     Ok(super::json_stream(receiver))
 }
@@ -155,30 +186,33 @@ fn bulk_get_rows(
     Ok(rows)
 }
 
-/// Appends the `results` entries of `rows` to `text`, comma-separated.
-fn push_results(text: &mut String, rows: Vec<BulkGetRow>, revs: bool, with_hlc: bool) {
-    for (index, (doc_id, revisions)) in rows.into_iter().enumerate() {
-        let docs: Vec<Value> = if revisions.is_empty() {
-            vec![json!({"error": {
-                "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
-            }})]
-        } else {
-            revisions
-                .into_iter()
-                .map(|revision| match revision {
-                    Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
-                    Err(rev) => json!({"error": {
-                        "id": doc_id, "rev": rev.to_string(),
-                        "error": "not_found", "reason": "missing"
-                    }}),
-                })
-                .collect()
-        };
-        if index > 0 {
-            text.push(',');
-        }
-        text.push_str(&json!({"id": doc_id, "docs": docs}).to_string());
+/// A `_bulk_get` request entry as the client wrote it.
+fn asked_entry(doc_id: String, rev: Option<Rev>) -> Value {
+    match rev {
+        Some(rev) => json!({"id": doc_id, "rev": rev.to_string()}),
+        None => json!({"id": doc_id}),
     }
+}
+
+/// The `results` entry of one row, as JSON text.
+fn result_entry((doc_id, revisions): BulkGetRow, revs: bool, with_hlc: bool) -> String {
+    let docs: Vec<Value> = if revisions.is_empty() {
+        vec![json!({"error": {
+            "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
+        }})]
+    } else {
+        revisions
+            .into_iter()
+            .map(|revision| match revision {
+                Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
+                Err(rev) => json!({"error": {
+                    "id": doc_id, "rev": rev.to_string(),
+                    "error": "not_found", "reason": "missing"
+                }}),
+            })
+            .collect()
+    };
+    json!({"id": doc_id, "docs": docs}).to_string()
 }
 
 /// A replicated document of a `_bulk_docs` or `PUT ?new_edits=false` request, as a revision;
