@@ -76,8 +76,10 @@ pub(crate) struct Connection {
     activity: Mutex<Activity>,
     /// Told to close the connection now (eviction).
     evict: Notify,
-    /// Told when a response is done, which may bring the watchdog's deadline closer.
-    idle_again: Notify,
+    /// Told when the watchdog's deadline may have changed: a request starts (the deadline goes,
+    /// and the watchdog looks at blocked writes instead), a head starts arriving, a write
+    /// blocks, a response is done.
+    deadline_moved: Notify,
 }
 
 struct Activity {
@@ -206,7 +208,7 @@ impl Registry {
                 read_budget: None,
             }),
             evict: Notify::new(),
-            idle_again: Notify::new(),
+            deadline_moved: Notify::new(),
         });
         open.connections.insert(id, connection.clone());
         Some(Slot {
@@ -236,6 +238,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
             let mut activity = this.slot.connection.lock();
             if activity.in_flight == 0 && activity.head_started.is_none() {
                 activity.head_started = Some(Instant::now());
+                this.slot.connection.deadline_moved.notify_one();
             }
             if let Some((budget, used)) = &mut activity.read_budget {
                 *used += read as u64;
@@ -255,11 +258,7 @@ impl<I> Tracked<I> {
     fn wrote(&self, poll: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         let mut activity = self.slot.connection.lock();
         match &poll {
-            Poll::Pending => {
-                activity
-                    .write_blocked_since
-                    .get_or_insert_with(Instant::now);
-            }
+            Poll::Pending => self.write_blocked(&mut activity),
             Poll::Ready(written) => {
                 activity.write_blocked_since = None;
                 // Idle counts from the last byte written, not from when the body was done.
@@ -275,14 +274,18 @@ impl<I> Tracked<I> {
     fn flushed(&self, poll: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
         let mut activity = self.slot.connection.lock();
         match &poll {
-            Poll::Pending => {
-                activity
-                    .write_blocked_since
-                    .get_or_insert_with(Instant::now);
-            }
+            Poll::Pending => self.write_blocked(&mut activity),
             Poll::Ready(_) => activity.write_blocked_since = None,
         }
         poll
+    }
+
+    /// A write waits on the client: from now, the watchdog's deadline counts from here.
+    fn write_blocked(&self, activity: &mut Activity) {
+        if activity.write_blocked_since.is_none() {
+            activity.write_blocked_since = Some(Instant::now());
+            self.slot.connection.deadline_moved.notify_one();
+        }
     }
 }
 
@@ -333,6 +336,7 @@ impl InFlight {
             activity.requests += 1;
             activity.head_started = None;
         }
+        connection.deadline_moved.notify_one();
         InFlight(connection)
     }
 }
@@ -343,7 +347,7 @@ impl Drop for InFlight {
         activity.in_flight -= 1;
         if activity.in_flight == 0 {
             activity.idle_since = Instant::now();
-            self.0.idle_again.notify_one();
+            self.0.deadline_moved.notify_one();
         }
     }
 }
@@ -541,7 +545,7 @@ async fn serve_http<I>(
                 tracing::debug!("connection evicted for a new one");
                 break;
             }
-            () = connection.idle_again.notified() => {}
+            () = connection.deadline_moved.notified() => {}
             () = tokio::time::sleep_until(wake) => {
                 // The deadline may have moved meanwhile; only an expired one closes.
                 if connection.deadline(limits).is_some_and(|at| at <= Instant::now()) {
