@@ -240,6 +240,14 @@ pub struct Welcome {
     /// When the reconnect token chain expires (ms since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect_expires_at: Option<u64>,
+    /// The largest frame the session takes (`--max-request-bytes`): a client keeps each
+    /// request below it (a larger one ends the session with 1009).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
+    /// How long the session may stay silent before it is closed (`--session-idle-timeout`), in
+    /// milliseconds: a client pings well within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// A frame the server sends.

@@ -54,6 +54,8 @@ pub(crate) struct HttpLimits {
     pub(crate) header_read_timeout: Duration,
     /// How long a keep-alive connection may wait for its next request.
     pub(crate) idle_timeout: Duration,
+    /// The largest request head (request line and headers), and so hyper's read buffer.
+    pub(crate) max_header_bytes: usize,
 }
 
 /// The open connections.
@@ -522,7 +524,9 @@ async fn serve_http<I>(
             }))
         }
     });
-    let builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // A larger head is answered 431 and the connection closed (hyper's floor is 8 KiB).
+    builder.max_buf_size(limits.max_header_bytes.max(8192));
     let mut serving = std::pin::pin!(
         builder
             .serve_connection(TokioIo::new(io), service)

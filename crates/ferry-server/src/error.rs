@@ -180,13 +180,24 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
+/// Seconds a client is asked to wait before retrying a 503 (every 503 is a momentary lack of
+/// capacity: password checks, session places, open databases).
+const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({ "error": self.error, "reason": self.reason })),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 

@@ -83,6 +83,10 @@ pub struct ServerConfig {
     pub max_unauthenticated_sessions: usize,
     /// How long a sync session may take to send its `hello`; it is closed (1008) after.
     pub hello_timeout: Duration,
+    /// How long an authenticated sync session may send nothing (not even a ping) while none
+    /// of its requests is being answered; it is closed (1008) after. Clients learn it from
+    /// `welcome` and ping well within it.
+    pub session_idle_timeout: Duration,
     /// The largest request body or `hello` frame before authentication (`POST /_session`,
     /// `POST /_ferry/login`, a session's bytes until it is authenticated).
     pub max_unauthenticated_bytes: usize,
@@ -98,6 +102,9 @@ pub struct ServerConfig {
     pub request_body_timeout: Duration,
     /// How long a keep-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// The largest request head (request line and headers) in bytes, at least 8 KiB; a larger
+    /// one is answered 431 and its connection closed.
+    pub max_header_bytes: usize,
     /// How each collection's conflicts are resolved when replicated revisions create them.
     pub conflict_policies: ferry_core::resolve::Policies,
     /// The time the server goes by (revision clocks, drift checks); the system's clock but in
@@ -122,11 +129,13 @@ impl Default for ServerConfig {
             databases: ferry_store::sqlite::BackendLimits::default(),
             max_unauthenticated_sessions: 256,
             hello_timeout: Duration::from_secs(10),
+            session_idle_timeout: Duration::from_secs(60),
             max_unauthenticated_bytes: 64 * 1024,
             max_connections: 25_000,
             header_read_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 400 * 1024,
             conflict_policies: ferry_core::resolve::Policies::default(),
             wall_clock: Arc::new(SystemClock),
             tls: None,
@@ -160,6 +169,7 @@ struct Inner {
     /// One permit per sync session that may be open before authenticating.
     unauthenticated_sessions: Arc<tokio::sync::Semaphore>,
     hello_timeout: Duration,
+    session_idle_timeout: Duration,
     request_body_timeout: Duration,
     max_unauthenticated_bytes: usize,
 }
@@ -205,6 +215,7 @@ impl AppState {
                     config.max_unauthenticated_sessions,
                 )),
                 hello_timeout: config.hello_timeout,
+                session_idle_timeout: config.session_idle_timeout,
                 request_body_timeout: config.request_body_timeout,
                 max_unauthenticated_bytes: config.max_unauthenticated_bytes,
             }),
@@ -263,6 +274,11 @@ impl AppState {
     /// How long a sync session may take to say hello.
     pub fn hello_timeout(&self) -> Duration {
         self.inner.hello_timeout
+    }
+
+    /// How long an authenticated sync session may stay silent.
+    pub fn session_idle_timeout(&self) -> Duration {
+        self.inner.session_idle_timeout
     }
 
     /// How long a request body may take to arrive.
@@ -533,6 +549,7 @@ pub async fn serve_on(
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
+        max_header_bytes: config.max_header_bytes,
     };
     connections::serve(
         listener,

@@ -133,6 +133,55 @@ impl HttpPeer {
             detail: detail.into(),
         }
     }
+
+    /// One `_bulk_docs` request with `new_edits=false`: the revisions the server refused.
+    async fn write_batch(
+        &self,
+        revisions: &[Revision],
+    ) -> Result<Vec<RejectedRevision>, SyncError> {
+        let docs: Vec<Value> = revisions
+            .iter()
+            .map(|revision| revision_json(revision, self.send_ferry_meta))
+            .collect();
+        let response = self
+            .call(
+                Method::POST,
+                "_bulk_docs",
+                Some(&json!({"new_edits": false, "docs": docs})),
+            )
+            .await?;
+        // With new_edits=false a server answers [] or only the documents it refused (as
+        // CouchDB's replicator, count them as failures and go on).
+        let rejected = response
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|row| row.get("error").is_some())
+            .map(|row| {
+                let doc_id = row["id"].as_str().unwrap_or_default().to_owned();
+                let rev = row["rev"]
+                    .as_str()
+                    .and_then(|rev| rev.parse().ok())
+                    .or_else(|| {
+                        revisions
+                            .iter()
+                            .find(|revision| revision.doc_id == doc_id)
+                            .map(|revision| revision.rev().clone())
+                    })
+                    .ok_or_else(|| SyncError::InvalidResponse {
+                        url: self.url("_bulk_docs").to_string(),
+                        detail: format!("a refusal of an unknown document {doc_id:?}"),
+                    })?;
+                Ok(RejectedRevision {
+                    doc_id,
+                    rev,
+                    error: row["error"].as_str().unwrap_or("unknown").to_owned(),
+                    reason: row["reason"].as_str().unwrap_or_default().to_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, SyncError>>()?;
+        Ok(rejected)
+    }
 }
 
 fn http_client(
@@ -376,47 +425,37 @@ impl Peer for HttpPeer {
         &self,
         revisions: Vec<Revision>,
     ) -> Result<Vec<RejectedRevision>, SyncError> {
-        let docs: Vec<Value> = revisions
-            .iter()
-            .map(|revision| revision_json(revision, self.send_ferry_meta))
-            .collect();
-        let response = self
-            .call(
-                Method::POST,
-                "_bulk_docs",
-                Some(&json!({"new_edits": false, "docs": docs})),
-            )
-            .await?;
-        // With new_edits=false a server answers [] or only the documents it refused (as
-        // CouchDB's replicator, count them as failures and go on).
-        let rejected = response
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|row| row.get("error").is_some())
-            .map(|row| {
-                let doc_id = row["id"].as_str().unwrap_or_default().to_owned();
-                let rev = row["rev"]
-                    .as_str()
-                    .and_then(|rev| rev.parse().ok())
-                    .or_else(|| {
-                        revisions
-                            .iter()
-                            .find(|revision| revision.doc_id == doc_id)
-                            .map(|revision| revision.rev().clone())
-                    })
-                    .ok_or_else(|| SyncError::InvalidResponse {
-                        url: self.url("_bulk_docs").to_string(),
-                        detail: format!("a refusal of an unknown document {doc_id:?}"),
-                    })?;
-                Ok(RejectedRevision {
-                    doc_id,
-                    rev,
-                    error: row["error"].as_str().unwrap_or("unknown").to_owned(),
-                    reason: row["reason"].as_str().unwrap_or_default().to_owned(),
-                })
-            })
-            .collect::<Result<Vec<_>, SyncError>>()?;
+        // A server whose request limit is below this batch answers 413 for all of it: the
+        // batch is written in halves until each fits, and a revision that is too large on its
+        // own is refused alone, so the rest still goes.
+        let mut batches = vec![revisions];
+        let mut rejected = Vec::new();
+        while let Some(mut batch) = batches.pop() {
+            match self.write_batch(&batch).await {
+                Ok(mut refused) => rejected.append(&mut refused),
+                Err(SyncError::Http {
+                    status: 413,
+                    error,
+                    reason,
+                    ..
+                }) if !batch.is_empty() => {
+                    if batch.len() == 1 {
+                        let revision = &batch[0];
+                        rejected.push(RejectedRevision {
+                            doc_id: revision.doc_id.clone(),
+                            rev: revision.rev().clone(),
+                            error,
+                            reason,
+                        });
+                    } else {
+                        let second = batch.split_off(batch.len() / 2);
+                        batches.push(second);
+                        batches.push(batch);
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
         Ok(rejected)
     }
 

@@ -190,6 +190,12 @@ pub trait Peer: Send + Sync {
     /// Makes sure the database exists, creating it when `create` is set.
     fn prepare(&self, create: bool) -> impl Future<Output = Result<(), SyncError>> + Send;
 
+    /// The largest request the peer takes, when it said so (after [`Peer::prepare`]): writes
+    /// to it are kept below it, whatever [`ReplicationOptions::max_write_bytes`] allows.
+    fn max_request_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Reads the checkpoint `_local/{replication_id}`.
     fn get_checkpoint(
         &self,
@@ -363,11 +369,16 @@ async fn replicate_once<S: Peer, T: Peer>(
 ) -> Result<Stats, SyncError> {
     target.prepare(options.create_target).await?;
     let replication_id = replication_id(source, target, &options.filter);
+    // Room for the request's envelope (its framing, ids, commas) around the revisions.
+    let max_write_bytes = match target.max_request_bytes() {
+        Some(limit) => options.max_write_bytes.min(limit - limit / 8),
+        None => options.max_write_bytes,
+    };
     let mut replication = Replication::new(ReplicationConfig {
         replication_id: replication_id.clone(),
         session_id: uuid::Uuid::new_v4().simple().to_string(),
         batch_size: options.batch_size.max(1),
-        max_write_bytes: options.max_write_bytes,
+        max_write_bytes,
         continuous: options.continuous,
     });
     // The page after the current one, read while the current one is written.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_into_json};
@@ -91,6 +91,8 @@ pub struct WsPeer {
     credentials: Option<Arc<dyn SessionCredentials>>,
     heartbeat: Heartbeat,
     connection: Mutex<Option<Arc<Connection>>>,
+    /// The largest frame the server takes, from its last `welcome` (0: not known).
+    max_frame_bytes: AtomicU64,
 }
 
 /// How often the client pings, and how long a silent session lives.
@@ -161,6 +163,7 @@ impl WsPeer {
                 silence_timeout: SILENCE_TIMEOUT,
             },
             connection: Mutex::new(None),
+            max_frame_bytes: AtomicU64::new(0),
         })
     }
 
@@ -270,6 +273,17 @@ impl WsPeer {
             let expires_ms = welcome.reconnect_expires_at.unwrap_or(0);
             credentials.reconnect_token_issued(token, expires_ms);
         }
+        self.max_frame_bytes
+            .store(welcome.max_frame_bytes.unwrap_or(0), Ordering::SeqCst);
+        // Ping well within the server's idle timeout, whatever this client was set to.
+        let mut heartbeat = self.heartbeat;
+        if let Some(idle_ms) = welcome.idle_timeout_ms {
+            heartbeat.interval = heartbeat
+                .interval
+                .min(Duration::from_millis(idle_ms / 3))
+                .max(Duration::from_millis(10));
+            heartbeat.silence_timeout = heartbeat.silence_timeout.max(heartbeat.interval);
+        }
         let (requests, outgoing) = mpsc::channel(64);
         let (changed_sender, changed) = watch::channel(welcome.update_seq);
         let alive = Arc::new(AtomicBool::new(true));
@@ -279,7 +293,7 @@ impl WsPeer {
             changed_sender,
             alive.clone(),
             self.session_url.to_string(),
-            self.heartbeat,
+            heartbeat,
         ));
         Ok(Connection {
             requests,
@@ -435,6 +449,13 @@ impl Peer for WsPeer {
             self.create.store(true, Ordering::SeqCst);
         }
         self.connection().await.map(|_| ())
+    }
+
+    fn max_request_bytes(&self) -> Option<usize> {
+        match self.max_frame_bytes.load(Ordering::SeqCst) {
+            0 => None,
+            bytes => Some(usize::try_from(bytes).unwrap_or(usize::MAX)),
+        }
     }
 
     async fn get_checkpoint(&self, replication_id: &str) -> Result<Option<Checkpoint>, SyncError> {

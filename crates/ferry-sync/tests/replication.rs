@@ -540,6 +540,12 @@ async fn filtered_replication_moves_only_matching_documents() {
 }
 
 async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
+    start_server_with(|_| {}).await
+}
+
+async fn start_server_with(
+    configure: impl FnOnce(&mut ferry_server::ServerConfig),
+) -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -552,6 +558,8 @@ async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sen
         },
         ..ferry_server::ServerConfig::default()
     };
+    let mut config = config;
+    configure(&mut config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(ferry_server::serve_on(listener, config, async move {
         let _ = stopped.await;
@@ -720,4 +728,93 @@ async fn websocket_session_errors_are_typed() {
         WsPeer::new("http://127.0.0.1:1/a/b", "a"),
         Err(SyncError::InvalidUrl(_))
     ));
+}
+
+/// Counts the sessions a `WsPeer` opens: each `hello` asks its credentials once.
+#[derive(Default)]
+struct CountedSessions(AtomicUsize);
+
+impl ferry_sync::SessionCredentials for CountedSessions {
+    fn hello_auth(&self) -> Option<ferry_core::protocol::HelloAuth> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        None
+    }
+
+    fn reconnect_token_issued(&self, _token: &str, _expires_ms: u64) {}
+}
+
+/// The server's session idle timeout comes in `welcome`: a client set to ping every 15 s
+/// pings within the server's 1 s instead, and its one session outlives a silence of 2.5 s
+/// (before, the server closed it after 1 s and the next request opened another).
+#[tokio::test]
+async fn a_session_pings_within_the_servers_idle_timeout() {
+    use ferry_sync::WsPeer;
+    let (url, _dir, _stop) = start_server_with(|config| {
+        config.session_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let sessions = Arc::new(CountedSessions::default());
+    let remote = WsPeer::new(&format!("{url}/idle"), "quiet")
+        .unwrap()
+        .with_heartbeat(Duration::from_secs(15), Duration::from_secs(30))
+        .with_credentials(sessions.clone());
+    remote.prepare(true).await.unwrap();
+    // Silence from the application, longer than the server's idle timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(remote.get_checkpoint("nothing").await.unwrap(), None);
+    assert_eq!(
+        sessions.0.load(Ordering::SeqCst),
+        1,
+        "the session was closed"
+    );
+}
+
+/// A server whose request limit is below the client's write batches (2 MB here, against
+/// batches of up to 4 MiB): over the session the client keeps each write below the limit the
+/// `welcome` states, over HTTP it halves a batch answered 413, and every document arrives.
+/// Before, every write was refused (413, or the session closed with 1009) and nothing synced.
+#[tokio::test]
+async fn writes_stay_below_a_servers_lowered_request_limit_on_both_transports() {
+    use ferry_sync::WsPeer;
+    let (url, _dir, _stop) = start_server_with(|config| {
+        config.limits.max_request_bytes = 2_000_000;
+    })
+    .await;
+    let replicas = Replicas::new();
+    let source = replicas.create("large");
+    for n in 0..10 {
+        put(
+            &*source,
+            &format!("scans:{n}"),
+            json!({"n": n, "blob": "x".repeat(900_000)}),
+        );
+    }
+    let source_peer = local(&source).await;
+    let create = ReplicationOptions {
+        create_target: true,
+        ..options(100)
+    };
+    let over_session = WsPeer::new(&format!("{url}/by-session"), "large").unwrap();
+    let stats = replicate(&source_peer, &over_session, &create, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stats.docs_written, 10, "{stats:?}");
+    let over_http = HttpPeer::new(&format!("{url}/by-http")).unwrap();
+    let stats = replicate(&source_peer, &over_http, &create, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stats.docs_written, 10, "{stats:?}");
+    assert_eq!(stats.doc_write_failures, 0, "{stats:?}");
+    // And back: every document pulled from each.
+    for (name, remote) in [("by-session", 0), ("by-http", 1)] {
+        let target = replicas.create(&format!("pulled-{name}"));
+        let target_peer = local(&target).await;
+        let stats = if remote == 0 {
+            replicate(&over_session, &target_peer, &options(100), |_| {}).await
+        } else {
+            replicate(&over_http, &target_peer, &options(100), |_| {}).await
+        }
+        .unwrap();
+        assert_eq!(stats.docs_written, 10, "{name}: {stats:?}");
+    }
 }

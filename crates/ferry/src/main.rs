@@ -200,6 +200,10 @@ struct ServeArgs {
     /// How long a sync session may take to send its hello, in seconds.
     #[arg(long, env = "FERRY_HELLO_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().hello_timeout.as_secs())]
     hello_timeout: u64,
+    /// How long an authenticated sync session may send nothing (not even a ping) before it is
+    /// closed, in seconds. Clients learn it when their session opens and ping within it.
+    #[arg(long, env = "FERRY_SESSION_IDLE_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().session_idle_timeout.as_secs())]
+    session_idle_timeout: u64,
     /// The largest login body (`POST /_session`, `/_ferry/login`) and the most a sync session
     /// sends before it is authenticated, in bytes.
     #[arg(long, env = "FERRY_MAX_UNAUTHENTICATED_BYTES", default_value_t = ferry_server::ServerConfig::default().max_unauthenticated_bytes)]
@@ -217,6 +221,9 @@ struct ServeArgs {
     /// How long an idle keep-alive connection is kept open, in seconds.
     #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value_t = ferry_server::ServerConfig::default().idle_timeout.as_secs())]
     idle_timeout: u64,
+    /// The largest request head (request line and headers), in bytes (at least 8192).
+    #[arg(long, env = "FERRY_MAX_HEADER_BYTES", default_value_t = ferry_server::ServerConfig::default().max_header_bytes)]
+    max_header_bytes: usize,
     /// The most password checks (argon2, about 19 MiB each) running at once.
     #[arg(long, env = "FERRY_MAX_PASSWORD_CHECKS", default_value_t = AuthConfig::default().max_password_checks)]
     max_password_checks: usize,
@@ -297,11 +304,13 @@ impl ServeArgs {
             max_unauthenticated_sessions: self.max_unauthenticated_sessions,
             // A zero timeout would close every connection at once: one second at least.
             hello_timeout: Duration::from_secs(self.hello_timeout.max(1)),
+            session_idle_timeout: Duration::from_secs(self.session_idle_timeout.max(1)),
             max_unauthenticated_bytes: self.max_unauthenticated_bytes,
             max_connections: self.max_connections.max(1),
             header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
             request_body_timeout: Duration::from_secs(self.request_body_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            max_header_bytes: self.max_header_bytes.max(8192),
             max_clock_drift: Duration::from_secs(self.max_clock_drift),
             conflict_policies: ferry_core::resolve::Policies {
                 default: self.default_conflict_policy,

@@ -399,6 +399,32 @@ async fn short_and_unfinished_bodies_are_answered_408_at_the_body_timeout() {
 }
 
 #[tokio::test]
+async fn a_request_head_past_the_header_limit_is_answered_431() {
+    let (_dir, server, rev) = server(&["--max-header-bytes", "16384"]).await;
+    let head_of = |size: usize| {
+        let skeleton = "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n".len();
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(size - skeleton)
+        )
+    };
+    // At the limit: served.
+    let mut at_limit = raw(&server).await;
+    let head = head_of(16384);
+    assert_eq!(head.len(), 16384);
+    at_limit.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_response(&mut at_limit).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // One past it: 431, and the connection closed.
+    let mut past = raw(&server).await;
+    past.write_all(head_of(16385).as_bytes()).await.unwrap();
+    let (answer, closed) = until_closed(&mut past, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(closed);
+    still_served(&server, &rev).await;
+}
+
+#[tokio::test]
 async fn a_declared_length_past_the_limit_is_refused_before_the_body() {
     let limit = 64 * 1024;
     let (_dir, server, rev) = server(&[
@@ -654,6 +680,7 @@ async fn sessions_that_never_say_hello_do_not_lock_users_out() {
     match connect(&server).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 503);
+            assert_eq!(response.headers()["retry-after"], "1");
             if let Some(body) = response.body() {
                 let body = String::from_utf8_lossy(body);
                 assert!(body.contains("too_many_unauthenticated_sessions"), "{body}");
@@ -673,6 +700,41 @@ async fn sessions_that_never_say_hello_do_not_lock_users_out() {
     let mut later = open(&server, "later-user").await;
     send(&mut later, &json!({"type": "ping"})).await;
     assert_eq!(receive(&mut later).await.unwrap()["type"], json!("pong"));
+    nothing_changed(&server, &rev).await;
+}
+
+/// `--session-idle-timeout`: a session that pings within it lives on, one silent past it is
+/// closed with 1008 and the reason, and `welcome` tells clients the timeout and the frame limit.
+#[tokio::test]
+async fn a_silent_session_is_closed_at_the_session_idle_timeout() {
+    let (_dir, server, rev) = server(&["--session-idle-timeout", "1"]).await;
+    let mut pinging = connect(&server).await.unwrap();
+    send(&mut pinging, &hello("pinging")).await;
+    let welcome = receive(&mut pinging).await.unwrap();
+    assert_eq!(welcome["idle_timeout_ms"], json!(1000), "{welcome}");
+    assert_eq!(
+        welcome["max_frame_bytes"],
+        json!(32 * 1024 * 1024),
+        "{welcome}"
+    );
+    let mut silent = open(&server, "silent").await;
+    let started = Instant::now();
+    // Pings 0.6 s apart, inside the timeout, for 2.4 s: more than twice the timeout.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        send(&mut pinging, &json!({"type": "ping"})).await;
+        assert_eq!(receive(&mut pinging).await.unwrap()["type"], json!("pong"));
+    }
+    let (frames, close) = closing(&mut silent).await;
+    assert_eq!(frames[0]["error"], json!("timeout"), "{frames:?}");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(reason.contains("nothing received for 1 s"), "{reason}");
+    // Closed past the timeout, well before the default of 60 s.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    send(&mut pinging, &json!({"type": "ping"})).await;
+    assert_eq!(receive(&mut pinging).await.unwrap()["type"], json!("pong"));
     nothing_changed(&server, &rev).await;
 }
 
@@ -751,9 +813,11 @@ async fn a_login_flood_waits_for_few_password_checks_and_the_rest_get_503() {
     for answer in flood {
         let answer = answer.await.unwrap().unwrap();
         let status = answer.status().as_u16();
+        let retry_after = answer.headers().get("retry-after").cloned();
         let body: Value = answer.json().await.unwrap();
         if status == 503 {
             assert_eq!(body["error"], json!("too_many_logins"), "{body}");
+            assert_eq!(retry_after.unwrap(), "1");
         }
         statuses.push(status);
     }

@@ -34,8 +34,6 @@ use crate::connections::{BudgetExceeded, ConnectionHandle};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::documents::revision_document;
 
-/// A session that sends nothing (not even a ping) for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests a session answers at once. A client pipelines (a push writes one batch while it
 /// reads the next); past this many, the session reads no further frame until one is answered,
 /// which bounds what one session holds in memory.
@@ -324,7 +322,10 @@ impl Session {
                         self.state.hello_timeout().as_secs_f64()
                     )
                 } else {
-                    format!("nothing received for {} s", IDLE_TIMEOUT.as_secs())
+                    format!(
+                        "nothing received for {} s",
+                        self.state.session_idle_timeout().as_secs_f64()
+                    )
                 };
                 self.refuse(ApiError::new(
                     axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -427,6 +428,10 @@ impl Session {
             user: identity.user.clone(),
             reconnect_token: reconnect.as_ref().map(|issued| issued.token.clone()),
             reconnect_expires_at: reconnect.as_ref().map(|issued| issued.expires_ms),
+            max_frame_bytes: Some(self.state.limits.max_request_bytes as u64),
+            idle_timeout_ms: Some(
+                u64::try_from(self.state.session_idle_timeout().as_millis()).unwrap_or(u64::MAX),
+            ),
         };
         self.send(&ServerFrame::Welcome(welcome)).await?;
         tracing::debug!(user = ?identity.user, %replica, %db, "sync session opened");
@@ -442,7 +447,9 @@ impl Session {
         let mut in_flight = FuturesUnordered::new();
         loop {
             // A session waiting on its own requests is not idle.
-            let idle_timeout = in_flight.is_empty().then_some(IDLE_TIMEOUT);
+            let idle_timeout = in_flight
+                .is_empty()
+                .then_some(self.state.session_idle_timeout());
             tokio::select! {
                 // Notifications first: they are cheap, and a client should hear of a change
                 // before the session turns to its next (possibly large) request.
