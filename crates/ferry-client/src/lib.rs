@@ -152,6 +152,75 @@ pub enum ClientError {
     NoRuntime,
 }
 
+/// What kind of failure a [`ClientError`] is: for code that decides what to do about one
+/// (tell the user, retry later, ask for a new login) without matching every variant.
+///
+/// ```
+/// use ferry_client::{ClientError, ErrorKind};
+/// let error = ClientError::NotFound { collection: "todos".into(), id: "42".into() };
+/// assert_eq!(error.kind(), ErrorKind::NotFound);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The document does not exist (or is deleted).
+    NotFound,
+    /// An insert's id is taken.
+    AlreadyExists,
+    /// The document changed since the revision the write was based on: read it and retry.
+    Conflict,
+    /// A document or value was refused before anything was stored (its shape, size, id or
+    /// type).
+    InvalidDocument,
+    /// A query or selector was refused.
+    InvalidQuery,
+    /// The device's storage refused a write (full, a file size limit, a failing device);
+    /// nothing of the call was stored and the replica is intact.
+    StorageFull,
+    /// The replica's file is damaged, or was written by a newer Ferry.
+    Corrupt,
+    /// Another failure of the local storage.
+    Storage,
+    /// The server refused the credentials: log in again.
+    Unauthorized,
+    /// The server could not be reached, or could not serve for now (overloaded, restarting):
+    /// the same call may succeed later.
+    Unavailable,
+    /// The server refused a request, or the sync is misconfigured (its URL, TLS settings).
+    Sync,
+    /// The call was made where it cannot work: a second `start_sync`, or outside a runtime.
+    Usage,
+}
+
+impl ClientError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Store(error) => store_error_kind(error),
+            ClientError::Serde(_) | ClientError::InvalidDocument(_) => ErrorKind::InvalidDocument,
+            ClientError::InvalidQuery(_) => ErrorKind::InvalidQuery,
+            ClientError::NotFound { .. } => ErrorKind::NotFound,
+            ClientError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            ClientError::Conflict { .. } => ErrorKind::Conflict,
+            ClientError::Sync(SyncError::Store(error)) => store_error_kind(error),
+            ClientError::Sync(error) if error.is_unauthorized() => ErrorKind::Unauthorized,
+            ClientError::Sync(error) if error.is_transient() => ErrorKind::Unavailable,
+            ClientError::Sync(_) => ErrorKind::Sync,
+            ClientError::AlreadySyncing | ClientError::NoRuntime => ErrorKind::Usage,
+        }
+    }
+}
+
+fn store_error_kind(error: &StoreError) -> ErrorKind {
+    match error {
+        StoreError::StorageFull(_) => ErrorKind::StorageFull,
+        StoreError::Corrupt { .. } | StoreError::FutureSchema { .. } => ErrorKind::Corrupt,
+        StoreError::InvalidQuery(_) => ErrorKind::InvalidQuery,
+        StoreError::InvalidRevision { .. } => ErrorKind::InvalidDocument,
+        _ => ErrorKind::Storage,
+    }
+}
+
 impl From<EndpointError> for ClientError {
     fn from(error: EndpointError) -> ClientError {
         match error {
@@ -488,5 +557,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ferry = Ferry::initialize_offline(dir.path().join("app.ferry"), "someone").unwrap();
         assert_eq!(ferry.database().durability().unwrap(), Durability::Full);
+    }
+
+    /// Storage failures an application handles differently: a full disk (free space, retry)
+    /// and a damaged or newer file (support), apart from the rest.
+    #[test]
+    fn storage_failures_have_their_own_kinds() {
+        let kind = |error: StoreError| ClientError::Store(error).kind();
+        assert_eq!(
+            kind(StoreError::StorageFull("disk full".into())),
+            ErrorKind::StorageFull
+        );
+        assert_eq!(
+            kind(StoreError::FutureSchema {
+                found: 9,
+                supported: 3
+            }),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(StoreError::Corrupt {
+                what: "revision tree",
+                detail: "truncated".into()
+            }),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(kind(StoreError::LocalConflict), ErrorKind::Storage);
+        // The same through a sync that failed in the local store.
+        let through_sync = ClientError::Sync(SyncError::Store(StoreError::StorageFull(
+            "disk full".into(),
+        )));
+        assert_eq!(through_sync.kind(), ErrorKind::StorageFull);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_client::{ClientError, DocumentStatus, Ferry};
+use ferry_client::{ClientError, DocumentStatus, ErrorKind, Ferry};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -45,15 +45,14 @@ fn typed_documents_are_created_changed_and_deleted_offline() {
         matches!(stale, Err(ClientError::Conflict { .. })),
         "{stale:?}"
     );
-    assert!(matches!(
-        todos.insert_with_id(&milk.id, &todo("again")),
-        Err(ClientError::AlreadyExists { .. })
-    ));
+    assert_eq!(stale.unwrap_err().kind(), ErrorKind::Conflict);
+    let taken = todos.insert_with_id(&milk.id, &todo("again"));
+    assert!(matches!(taken, Err(ClientError::AlreadyExists { .. })));
+    assert_eq!(taken.unwrap_err().kind(), ErrorKind::AlreadyExists);
     // A patch that breaks the type is refused before anything is stored.
-    assert!(matches!(
-        todos.patch(&milk.id, &json!({"done": "maybe"})),
-        Err(ClientError::Serde(_))
-    ));
+    let broken = todos.patch(&milk.id, &json!({"done": "maybe"}));
+    assert!(matches!(broken, Err(ClientError::Serde(_))));
+    assert_eq!(broken.unwrap_err().kind(), ErrorKind::InvalidDocument);
     assert_eq!(todos.get(&milk.id).unwrap().unwrap().rev, patched.rev);
 
     assert!(todos.delete(&milk.id).unwrap());
@@ -94,10 +93,9 @@ fn documents_that_cannot_be_stored_are_refused() {
         Err(ClientError::InvalidDocument(_))
     ));
     let big = json!({"text": "x".repeat(ferry.limits().max_document_bytes)});
-    assert!(matches!(
-        raw.insert(&big),
-        Err(ClientError::InvalidDocument(_))
-    ));
+    let too_big = raw.insert(&big);
+    assert!(matches!(too_big, Err(ClientError::InvalidDocument(_))));
+    assert_eq!(too_big.unwrap_err().kind(), ErrorKind::InvalidDocument);
     let long_id = "x".repeat(ferry.limits().max_doc_id_bytes);
     assert!(matches!(
         raw.insert_with_id(&long_id, &json!({})),
@@ -241,6 +239,7 @@ fn starting_sync_outside_a_runtime_is_a_clear_error() {
         "{:?}",
         started.err()
     );
+    assert_eq!(started.err().unwrap().kind(), ErrorKind::Usage);
 }
 
 /// A watch stream built before any runtime exists (in setup code) still hears the writes

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_client::{
-    ConnectionState, Credentials, DocumentStatus, Ferry, OfflineSubscription, SyncOptions,
+    ConnectionState, Credentials, DocumentStatus, ErrorKind, Ferry, OfflineSubscription,
+    SyncOptions,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -746,4 +747,33 @@ async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syn
         }
     );
     assert_eq!(server.update_seq("refusing"), 3);
+}
+
+/// A failed sync says what kind of failure it is: refused credentials ask for a new login, an
+/// unreachable server is worth retrying later, a server that refuses the request is neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_says_what_kind_of_failure_it_is() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = client(dir.path(), "a");
+    write_batch(&a, "kinds", 1);
+    let wrong_password = SyncOptions::new(server.url("kinds"))
+        .credentials(Credentials::password(USER, "not the password"));
+    let refused = a.sync_once(&wrong_password).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Unauthorized, "{refused}");
+    // Nothing listens on a port just freed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = free.local_addr().unwrap();
+    drop(free);
+    let unreachable = a
+        .sync_once(&options(&format!("http://{address}/kinds")))
+        .await
+        .unwrap_err();
+    assert_eq!(unreachable.kind(), ErrorKind::Unavailable, "{unreachable}");
+    let bad_name = a
+        .sync_once(&options(&server.url("Invalid")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.kind(), ErrorKind::Sync, "{bad_name}");
+    assert_eq!(a.status().unwrap().pending, 1, "the outbox is kept");
 }

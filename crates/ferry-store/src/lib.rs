@@ -127,9 +127,10 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
-    /// The underlying SQLite call failed.
+    /// The underlying SQLite call failed. The source is SQLite's error, boxed: the SQLite
+    /// binding is not part of this crate's API.
     #[error("sqlite: {0}")]
-    Sqlite(rusqlite::Error),
+    Sqlite(Box<dyn std::error::Error + Send + Sync>),
     /// A file operation failed.
     #[error("i/o: {0}")]
     Io(std::io::Error),
@@ -147,7 +148,7 @@ impl From<rusqlite::Error> for StoreError {
             {
                 StoreError::StorageFull(error.to_string())
             }
-            _ => StoreError::Sqlite(error),
+            _ => StoreError::Sqlite(Box::new(error)),
         }
     }
 }
