@@ -54,7 +54,9 @@ pub struct AuthConfig {
     pub reconnect_token_ttl: Duration,
     /// The time tokens expire by (`ferry serve` sets the server's own clock here).
     pub clock: Arc<dyn WallClock>,
-    /// The most password checks (argon2, about 19 MiB of memory each) running at once.
+    /// The most password checks (argon2, about 19 MiB of memory and a core's full attention
+    /// for tens of milliseconds each) running at once. By default half the machine's cores
+    /// (1 to 8): a login flood then leaves the other half to everyone else.
     pub max_password_checks: usize,
     /// How long a password check waits for one of those before it is answered 503
     /// `too_many_logins`.
@@ -68,10 +70,17 @@ impl Default for AuthConfig {
             access_token_ttl: Duration::from_secs(3600),
             reconnect_token_ttl: Duration::from_secs(30 * 24 * 3600),
             clock: Arc::new(SystemClock),
-            max_password_checks: 4,
+            max_password_checks: default_password_checks(),
             password_check_wait: Duration::from_secs(2),
         }
     }
+}
+
+/// Half the cores this process may run on, from 1 to 8.
+fn default_password_checks() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get() / 2)
+        .clamp(1, 8)
 }
 
 /// An authenticated caller.
