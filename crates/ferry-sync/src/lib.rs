@@ -340,12 +340,12 @@ pub async fn replicate_reporting<S: Peer, T: Peer>(
     }
 }
 
-/// The first pause after a transient failure.
 /// The most bytes of bodies one fetch answer from a Ferry server carries (it may answer less),
 /// on either transport: a batch of large documents is fetched in several answers, each far
 /// below the frame and request limits, and a client holds one at a time.
 pub(crate) const FETCH_ANSWER_BYTES: usize = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES;
 
+/// The first pause after a transient failure.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Exponential backoff (`initial` doubling with each failure, capped) with up to 50% jitter,
