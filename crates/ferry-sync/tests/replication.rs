@@ -744,8 +744,9 @@ impl ferry_sync::SessionCredentials for CountedSessions {
 }
 
 /// The server's session idle timeout comes in `welcome`: a client set to ping every 15 s
-/// pings within the server's 1 s instead, and its one session outlives a silence of 2.5 s
-/// (before, the server closed it after 1 s and the next request opened another).
+/// pings within the server's 1 s instead, and its one session outlives a session opened after
+/// it that says nothing (before, the server closed it after 1 s and the next request opened
+/// another).
 #[tokio::test]
 async fn a_session_pings_within_the_servers_idle_timeout() {
     use ferry_sync::WsPeer;
@@ -759,14 +760,41 @@ async fn a_session_pings_within_the_servers_idle_timeout() {
         .with_heartbeat(Duration::from_secs(15), Duration::from_secs(30))
         .with_credentials(sessions.clone());
     remote.prepare(true).await.unwrap();
-    // Silence from the application, longer than the server's idle timeout.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Silence from the application until the server has closed a silent session opened later.
+    silent_session_closed(&url, "idle").await;
     assert_eq!(remote.get_checkpoint("nothing").await.unwrap(), None);
     assert_eq!(
         sessions.0.load(Ordering::SeqCst),
         1,
         "the session was closed"
     );
+}
+
+/// Opens a session on `db` that sends nothing after its `hello`, and waits (up to 10 s) for
+/// the server to close it.
+async fn silent_session_closed(url: &str, db: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let session_url = format!("{}/_ferry/sync", url.replacen("http://", "ws://", 1));
+    let (mut socket, _) = tokio_tungstenite::connect_async(session_url).await.unwrap();
+    let hello = json!({"type": "hello", "versions": [1], "db": db, "replica_id": "silent"});
+    socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut welcomed = false;
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("the server closes a silent session");
+        match message {
+            Some(Ok(Message::Text(text))) => welcomed |= text.contains("\"welcome\""),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(welcomed, "the silent session was not opened");
 }
 
 /// A server whose request limit is below the client's write batches (2 MB here, against

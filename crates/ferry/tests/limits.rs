@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -126,44 +127,75 @@ async fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
     until_closed(stream, within).await.1
 }
 
-/// Reads until a response's head has arrived (what came with it included): the server is
-/// working on that request.
-async fn read_head(stream: &mut TcpStream) -> String {
+/// Reads from `stream` until what arrived is `enough`, each read within 5 s.
+async fn read_until(stream: &mut TcpStream, what: &str, enough: impl Fn(&[u8]) -> bool) -> String {
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
-    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+    while !enough(&received) {
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
             .await
-            .expect("a response head within 5 s")
+            .unwrap_or_else(|_| panic!("no {what} within 5 s"))
             .unwrap();
-        assert!(read > 0, "closed before a response head");
+        assert!(
+            read > 0,
+            "closed before {what}: {:?}",
+            String::from_utf8_lossy(&received)
+        );
         received.extend_from_slice(&buffer[..read]);
     }
     String::from_utf8_lossy(&received).into_owned()
 }
 
+/// Once a response's head has arrived: where it ends, and the length its `content-length`
+/// declares.
+fn response_head(received: &[u8]) -> Option<(usize, Option<usize>)> {
+    let end = received.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|value| value.trim().parse().unwrap());
+    Some((end, length))
+}
+
+/// Reads until a response's head has arrived (what came with it included): the server is
+/// working on that request.
+async fn read_head(stream: &mut TcpStream) -> String {
+    read_until(stream, "response head", |received| {
+        response_head(received).is_some()
+    })
+    .await
+}
+
 /// Reads one response with a `content-length` body from a keep-alive connection.
 async fn read_response(stream: &mut TcpStream) -> String {
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length:"))
-                .map_or(0, |value| value.trim().parse().unwrap());
-            if received.len() >= end + 4 + length {
-                return String::from_utf8_lossy(&received).into_owned();
-            }
-        }
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
-            .await
-            .expect("a response in time")
-            .unwrap();
-        assert!(read > 0, "closed before a whole response: {received:?}");
-        received.extend_from_slice(&buffer[..read]);
-    }
+    read_until(stream, "whole response", |received| {
+        response_head(received)
+            .is_some_and(|(end, length)| received.len() >= end + 4 + length.unwrap_or(0))
+    })
+    .await
+}
+
+/// Whether the server has closed its end of the connection from `client` to `server`, read
+/// from the kernel's TCP table: a client that does not read sees nothing of a close until it
+/// reads (which would let the server write on), but the server's socket leaves ESTABLISHED
+/// the moment the server closes it.
+fn server_closed(server: SocketAddr, client: SocketAddr) -> bool {
+    let entry = |address: SocketAddr| match address {
+        SocketAddr::V4(address) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(address.ip().octets()),
+            address.port()
+        ),
+        SocketAddr::V6(_) => panic!("the test server listens on IPv4"),
+    };
+    let (local, remote) = (entry(server), entry(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    !table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // State 01 is ESTABLISHED.
+        fields[1] == local && fields[2] == remote && fields[3] == "01"
+    })
 }
 
 const GET_WELCOME: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -262,14 +294,8 @@ async fn a_response_read_slowly_is_served_whole_and_one_not_read_is_cut_at_the_i
             received.len()
         );
         received.extend_from_slice(&buffer[..read]);
-        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&received[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length: "))
-                .expect("a content-length")
-                .parse()
-                .unwrap();
+        if let Some((end, length)) = response_head(&received) {
+            let length = length.expect("a content-length");
             if received.len() >= end + 4 + length {
                 break length;
             }
@@ -296,10 +322,20 @@ async fn a_response_read_slowly_is_served_whole_and_one_not_read_is_cut_at_the_i
             .connect(server.address.parse().unwrap())
             .await
             .unwrap();
+        let stalled_since = Instant::now();
         stalled.write_all(request.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
         still_served(&server, &rev).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (server_end, client_end) =
+            (stalled.peer_addr().unwrap(), stalled.local_addr().unwrap());
+        while !server_closed(server_end, client_end) {
+            assert!(
+                stalled_since.elapsed() < Duration::from_secs(10),
+                "the server still holds a response nobody reads: {request}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Not before the idle timeout (2 s): the writes were blocked that long.
+        assert!(stalled_since.elapsed() >= Duration::from_secs(2));
         let (answer, closed) = until_closed(&mut stalled, Duration::from_secs(10)).await;
         assert!(closed, "the stalled response's connection is still open");
         let (head, body) = answer.split_once("\r\n\r\n").expect("the response started");
@@ -719,13 +755,20 @@ async fn a_silent_session_is_closed_at_the_session_idle_timeout() {
     );
     let mut silent = open(&server, "silent").await;
     let started = Instant::now();
-    // Pings 0.6 s apart, inside the timeout, for 2.4 s: more than twice the timeout.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        send(&mut pinging, &json!({"type": "ping"})).await;
-        assert_eq!(receive(&mut pinging).await.unwrap()["type"], json!("pong"));
-    }
-    let (frames, close) = closing(&mut silent).await;
+    // One session pings every 0.6 s, inside the timeout, until the other one, silent since it
+    // opened, is closed (`closing` gives it 5 s).
+    let mut cadence = tokio::time::interval(Duration::from_millis(600));
+    let keep_pinging = async {
+        loop {
+            cadence.tick().await;
+            send(&mut pinging, &json!({"type": "ping"})).await;
+            assert_eq!(receive(&mut pinging).await.unwrap()["type"], json!("pong"));
+        }
+    };
+    let (frames, close) = tokio::select! {
+        ended = closing(&mut silent) => ended,
+        () = keep_pinging => unreachable!("pinging never ends"),
+    };
     assert_eq!(frames[0]["error"], json!("timeout"), "{frames:?}");
     let (code, reason) = close.expect("a close frame");
     assert_eq!(code, 1008);
