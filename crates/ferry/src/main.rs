@@ -310,7 +310,7 @@ impl ServeArgs {
             header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
             request_body_timeout: Duration::from_secs(self.request_body_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
-            max_header_bytes: self.max_header_bytes.max(8192),
+            max_header_bytes: self.max_header_bytes,
             max_clock_drift: Duration::from_secs(self.max_clock_drift),
             conflict_policies: ferry_core::resolve::Policies {
                 default: self.default_conflict_policy,

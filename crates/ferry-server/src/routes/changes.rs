@@ -288,7 +288,7 @@ async fn streamed_page(
     db: String,
     request: ChangesRequest,
 ) -> ApiResult<Response> {
-    let asked = first_read(&request);
+    let asked = rows_per_read(&request, request.limit);
     let first = page(&state, &db, &request, request.since, asked).await?;
     let (sender, receiver) = mpsc::channel::<Bytes>(1);
     tokio::spawn(async move {
@@ -297,12 +297,13 @@ async fn streamed_page(
     Ok(super::json_stream(receiver))
 }
 
-/// How many rows a feed reads at once: [`PAGE_CHUNK`] with documents, the whole limit without.
-fn first_read(request: &ChangesRequest) -> usize {
+/// How many of the `left` rows a feed reads at once: [`PAGE_CHUNK`] with documents, all of
+/// them without.
+fn rows_per_read(request: &ChangesRequest, left: usize) -> usize {
     if request.include_docs {
-        PAGE_CHUNK.min(request.limit.max(1))
+        PAGE_CHUNK.min(left.max(1))
     } else {
-        request.limit
+        left
     }
 }
 
@@ -344,7 +345,7 @@ async fn send_page_in_chunks(
         {
             return;
         }
-        asked = PAGE_CHUNK.min(limit - sent);
+        asked = rows_per_read(request, limit - sent);
         match page(state, db, request, cursor, asked).await {
             Ok(next) => current = next,
             Err(error) => {
@@ -432,7 +433,7 @@ async fn longpoll(
     sender: &mpsc::Sender<Bytes>,
 ) -> ApiResult<()> {
     let deadline = Instant::now() + request.timeout;
-    let asked = first_read(request);
+    let asked = rows_per_read(request, request.limit);
     loop {
         notifications.borrow_and_update();
         let page = page(state, db, request, request.since, asked).await?;
@@ -465,12 +466,7 @@ async fn continuous(
     let mut sent = 0usize;
     loop {
         notifications.borrow_and_update();
-        let left = request.limit - sent;
-        let asked = if request.include_docs {
-            PAGE_CHUNK.min(left)
-        } else {
-            left
-        };
+        let asked = rows_per_read(request, request.limit - sent);
         let page = page(state, db, request, since, asked).await?;
         since = page.last_seq;
         let found = page.changes.len();

@@ -93,12 +93,11 @@ pub(crate) async fn bulk_get(
     let total = wanted.len();
     let mut chunks: std::collections::VecDeque<Vec<(String, Option<Rev>)>> =
         wanted.chunks(BULK_GET_CHUNK).map(<[_]>::to_vec).collect();
-    let first_asked = chunks.pop_front().unwrap_or_default();
-    let asked = first_asked.clone();
+    let first = chunks.pop_front().unwrap_or_default();
     let first = state
         .with_endpoint(&db, move |endpoint| {
             endpoint.check_batch("documents", total)?;
-            bulk_get_rows(endpoint, asked, latest)
+            bulk_get_rows(endpoint, first, latest)
         })
         .await?;
     let (sender, receiver) = mpsc::channel::<Bytes>(1);
@@ -106,10 +105,10 @@ pub(crate) async fn bulk_get(
         let mut text = String::from("{\"results\":[");
         let (mut written, mut bytes) = (0usize, 0usize);
         let mut unserved: Vec<Value> = Vec::new();
-        let mut current = Some((first_asked, first));
-        while let Some((asked, rows)) = current.take() {
-            for ((doc_id, rev), row) in asked.into_iter().zip(rows) {
-                let entry = result_entry(row, revs, with_hlc);
+        let mut current = Some(first);
+        while let Some(rows) = current.take() {
+            for (doc_id, rev, revisions) in rows {
+                let entry = result_entry(&doc_id, revisions, revs, with_hlc);
                 if !unserved.is_empty() || (written > 0 && bytes + entry.len() > max_bytes) {
                     unserved.push(asked_entry(doc_id, rev));
                     continue;
@@ -137,16 +136,15 @@ pub(crate) async fn bulk_get(
             let Some(next) = chunks.pop_front() else {
                 break;
             };
-            let asked = next.clone();
             let rows = state
-                .with_endpoint(&db, move |endpoint| bulk_get_rows(endpoint, asked, latest))
+                .with_endpoint(&db, move |endpoint| bulk_get_rows(endpoint, next, latest))
                 .await;
             let Ok(rows) = rows else {
                 // The status is sent: an unfinished body tells the client it failed.
                 tracing::warn!(db = %db, "a _bulk_get answer failed midway");
                 return;
             };
-            current = Some((next, rows));
+            current = Some(rows);
         }
         let end = if unserved.is_empty() {
             "]}".to_owned()
@@ -163,7 +161,9 @@ const BULK_GET_CHUNK: usize = 16;
 
 /// What `_bulk_get` answers for each of `wanted`: the asked revision (or the winner), or the
 /// leaves descending from it with `latest`.
-type BulkGetRow = (String, Vec<Result<StoredRevision, Rev>>);
+/// Each row carries what was asked (the id, the revision if any), to be listed as `unserved`
+/// when the answer's budget runs out before it.
+type BulkGetRow = (String, Option<Rev>, Vec<Result<StoredRevision, Rev>>);
 
 fn bulk_get_rows(
     endpoint: &Endpoint<'_>,
@@ -172,8 +172,8 @@ fn bulk_get_rows(
 ) -> Result<Vec<BulkGetRow>, EndpointError> {
     let mut rows = Vec::with_capacity(wanted.len());
     for (doc_id, rev) in wanted {
-        let revisions = match rev {
-            Some(rev) => endpoint.open_revisions(&doc_id, Some(vec![rev]), latest)?,
+        let revisions = match &rev {
+            Some(rev) => endpoint.open_revisions(&doc_id, Some(vec![rev.clone()]), latest)?,
             None => match endpoint.database().get_document(&doc_id)? {
                 Some(document) => {
                     endpoint.open_revisions(&doc_id, Some(vec![document.rev]), false)?
@@ -181,7 +181,7 @@ fn bulk_get_rows(
                 None => Vec::new(),
             },
         };
-        rows.push((doc_id, revisions));
+        rows.push((doc_id, rev, revisions));
     }
     Ok(rows)
 }
@@ -195,7 +195,12 @@ fn asked_entry(doc_id: String, rev: Option<Rev>) -> Value {
 }
 
 /// The `results` entry of one row, as JSON text.
-fn result_entry((doc_id, revisions): BulkGetRow, revs: bool, with_hlc: bool) -> String {
+fn result_entry(
+    doc_id: &str,
+    revisions: Vec<Result<StoredRevision, Rev>>,
+    revs: bool,
+    with_hlc: bool,
+) -> String {
     let docs: Vec<Value> = if revisions.is_empty() {
         vec![json!({"error": {
             "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
