@@ -176,11 +176,10 @@ async fn read_response(stream: &mut TcpStream) -> String {
     .await
 }
 
-/// Whether the server has closed its end of the connection from `client` to `server`, read
-/// from the kernel's TCP table: a client that does not read sees nothing of a close until it
-/// reads (which would let the server write on), but the server's socket leaves ESTABLISHED
-/// the moment the server closes it.
-fn server_closed(server: SocketAddr, client: SocketAddr) -> bool {
+/// The server's side of its TCP connections, from the kernel's table: (remote address, state)
+/// of each socket bound to `server` other than the listener. State 01 is ESTABLISHED, 06
+/// TIME_WAIT (a connection already gone).
+fn server_sockets(server: SocketAddr) -> Vec<(String, String)> {
     let entry = |address: SocketAddr| match address {
         SocketAddr::V4(address) => format!(
             "{:08X}:{:04X}",
@@ -189,13 +188,53 @@ fn server_closed(server: SocketAddr, client: SocketAddr) -> bool {
         ),
         SocketAddr::V6(_) => panic!("the test server listens on IPv4"),
     };
-    let (local, remote) = (entry(server), entry(client));
+    let local = entry(server);
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    !table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // State 01 is ESTABLISHED.
-        fields[1] == local && fields[2] == remote && fields[3] == "01"
-    })
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields[1] == local && fields[3] != "0A")
+                .then(|| (fields[2].to_owned(), fields[3].to_owned()))
+        })
+        .collect()
+}
+
+/// Whether the server has closed its end of the connection from `client`: a client that does
+/// not read sees nothing of a close until it reads (which would let the server write on), but
+/// the server's socket leaves ESTABLISHED the moment the server closes it.
+fn server_closed(server: SocketAddr, client: SocketAddr) -> bool {
+    let SocketAddr::V4(client) = client else {
+        panic!("the test client connects over IPv4")
+    };
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(client.ip().octets()),
+        client.port()
+    );
+    !server_sockets(server)
+        .iter()
+        .any(|(peer, state)| *peer == remote && state == "01")
+}
+
+/// Waits (up to 10 s) until the server holds exactly `count` connections that are not gone.
+async fn until_server_holds(server: SocketAddr, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = server_sockets(server)
+            .iter()
+            .filter(|(_, state)| state != "06")
+            .count();
+        if held == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server holds {held} connections, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 const GET_WELCOME: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -550,12 +589,15 @@ async fn login_bodies_are_small_before_authentication() {
 async fn a_connection_flood_evicts_idle_connections_and_legitimate_clients_are_served() {
     let (_dir, server, rev) =
         server(&["--max-connections", "20", "--header-read-timeout", "60"]).await;
+    let address: SocketAddr = server.address.parse().unwrap();
+    // The setup's own connections are gone first, so that the flood is all the server holds.
+    until_server_holds(address, 0).await;
     // At the limit: 20 connections that say nothing are all kept.
     let mut flood = Vec::new();
     for _ in 0..20 {
         flood.push(raw(&server).await);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_server_holds(address, 20).await;
     for stream in &mut flood {
         assert!(!is_closed(stream, Duration::from_millis(20)).await);
     }
