@@ -528,6 +528,8 @@ impl Ferry {
     ) -> Result<ferry_sync::SyncStats, ClientError> {
         let local = self.local_peer()?;
         let (remote, _) = self.session_peer(options)?;
+        remote.prepare(true).await?;
+        self.rebase_clock(&remote).await?;
         let replication = ReplicationOptions {
             create_target: true,
             batch_size: options.batch_size,
@@ -540,6 +542,44 @@ impl Ferry {
             .pull(&local, &remote, &replication, &pull_filter)
             .await?;
         Ok(ferry_sync::SyncStats { push, pull })
+    }
+
+    /// Re-bases the replica's clock on the server's time (from the session's welcome) and gives
+    /// the waiting edits it stamped too far ahead for the server new clocks, before anything is
+    /// pushed: a device whose clock is far off would otherwise have every edit refused as
+    /// `clock_ahead`. The correction lasts while the replica is open; after it is opened again,
+    /// the next session corrects edits made meanwhile.
+    async fn rebase_clock(&self, remote: &WsPeer) -> Result<(), SyncError> {
+        let Some(server_ms) = remote.server_time_ms() else {
+            return Ok(());
+        };
+        let ferry = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let clock = &ferry.inner.clock;
+            let correction_ms = clock.rebase(server_ms);
+            let later_than = ferry_core::hlc::Timestamp::new(
+                clock.wall_ms().saturating_add(clock.max_drift_ms() / 2),
+                u16::MAX,
+            );
+            let restamped = ferry
+                .inner
+                .db
+                .restamp_outbox(later_than, &mut || clock.now())?;
+            if correction_ms != 0 || restamped > 0 {
+                tracing::warn!(
+                    correction_ms,
+                    restamped,
+                    "this device's clock is off: the replica's clock follows the server's"
+                );
+            }
+            if restamped > 0 {
+                ferry.notify_changed();
+            }
+            Ok::<(), ferry_store::StoreError>(())
+        })
+        .await
+        .map_err(|error| SyncError::Task(error.to_string()))?
+        .map_err(SyncError::Store)
     }
 
     /// Replicates local changes to the server, acknowledging each batch it commits.
@@ -825,6 +865,9 @@ impl Ferry {
             Err(error) => return failed(local_error(error), false),
         };
         if let Err(error) = remote.prepare(true).await {
+            return failed(error, false);
+        }
+        if let Err(error) = self.rebase_clock(remote).await {
             return failed(error, false);
         }
         self.inner.connection.set(ConnectionState::Connected);

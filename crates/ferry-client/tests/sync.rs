@@ -777,3 +777,81 @@ async fn a_failed_sync_says_what_kind_of_failure_it_is() {
     assert_eq!(bad_name.kind(), ErrorKind::Sync, "{bad_name}");
     assert_eq!(a.status().unwrap().pending, 1, "the outbox is kept");
 }
+
+/// The server's clock, an hour behind this machine's: to that server, a client here is a device
+/// whose clock runs an hour ahead (the server allows 60 s).
+struct AnHourBehind;
+
+const HOUR_MS: u64 = 3_600_000;
+
+impl ferry_store::clock::WallClock for AnHourBehind {
+    fn now_ms(&self) -> u64 {
+        ferry_store::clock::SystemClock.now_ms() - HOUR_MS
+    }
+}
+
+/// A device whose clock runs far ahead is not refused forever: each session (`sync_once` or
+/// the background one) re-bases the replica's clock on the server's, so an edit made before the
+/// first session, one made during a session and one made offline after the replica was opened
+/// again all reach the server with clocks it takes, each ordered after its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_clock_runs_far_ahead_re_bases_on_the_server_and_its_edits_sync() {
+    use ferry_store::clock::WallClock;
+    let server = Server::start_with(ferry_server::ServerConfig {
+        wall_clock: Arc::new(AnHourBehind),
+        ..ferry_server::ServerConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sync = options(&server.url("ahead"));
+    let on_server = |n: u64| {
+        let document = server
+            .database("ahead")
+            .get_document("todos:t")
+            .unwrap()
+            .expect("on the server");
+        assert_eq!(document.body["n"], json!(n), "the edit reached the server");
+        assert!(
+            document.hlc.wall_ms() <= AnHourBehind.now_ms() + 60_000,
+            "{} is beyond what the server takes",
+            document.hlc
+        );
+        document.hlc
+    };
+    let synced = ferry_client::SyncCounts {
+        pending: 0,
+        rejected: 0,
+    };
+    let second = {
+        let a = client(dir.path(), "a");
+        let todos = a.collection::<Value>("todos");
+        todos.insert_with_id("t", &json!({"n": 1})).unwrap();
+        a.sync_once(&sync).await.unwrap();
+        assert_eq!(a.status().unwrap(), synced, "refused as clock_ahead?");
+        let first = on_server(1);
+
+        let _sync = a.start_sync(sync.clone()).unwrap();
+        wait_for_state(&a, "connected", |state| {
+            *state == ConnectionState::Connected
+        })
+        .await;
+        todos.patch("t", &json!({"n": 2})).unwrap();
+        assert_acknowledged(&a).await;
+        assert_eq!(a.status().unwrap(), synced);
+        let second = on_server(2);
+        assert!(second > first, "{second} does not order after {first}");
+        second
+    };
+
+    // Opened again, the replica's clock runs ahead until a session (here a background one)
+    // re-bases it.
+    let a = client(dir.path(), "a");
+    a.collection::<Value>("todos")
+        .patch("t", &json!({"n": 3}))
+        .unwrap();
+    let _sync = a.start_sync(sync).unwrap();
+    assert_acknowledged(&a).await;
+    assert_eq!(a.status().unwrap(), synced);
+    let third = on_server(3);
+    assert!(third > second, "{third} does not order after {second}");
+}

@@ -83,6 +83,7 @@ fn masked(text: &str) -> Option<String> {
                         "checkpoint_id" => "<replication id>",
                         "reconnect_token" => "<token>",
                         "reconnect_expires_at" => "<expiry>",
+                        "server_time_ms" => "<server time>",
                         "password" => "<password>",
                         _ => {
                             mask(value);

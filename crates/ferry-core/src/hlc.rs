@@ -120,6 +120,14 @@ impl HlcClock {
         Ok(())
     }
 
+    /// Forgets every timestamp issued or observed after `ceiling`, so the next ones start
+    /// from there (or from the wall clock, if it is later). Only for re-basing a clock that
+    /// ran ahead: the timestamps it issued beyond `ceiling` were refused by everyone else, and
+    /// the replica gives its revisions stamped with them new ones.
+    pub fn forget_after(&mut self, ceiling: Timestamp) {
+        self.last = self.last.min(ceiling);
+    }
+
     fn successor(&self, timestamp: Timestamp) -> Timestamp {
         if timestamp.counter() == u16::MAX {
             // The counter overflowed within one millisecond: borrow the next millisecond.
@@ -157,6 +165,16 @@ mod tests {
         );
         assert_eq!(clock.last(), before);
         assert!(clock.observe(Timestamp::new(1_100, 0), 100).is_ok());
+    }
+
+    #[test]
+    fn a_clock_that_forgets_later_timestamps_issues_from_the_ceiling() {
+        let mut clock = HlcClock::new(1_000);
+        clock.now(90_000); // a wall clock far ahead
+        clock.forget_after(Timestamp::new(2_000, 3));
+        assert_eq!(clock.now(1_000), Timestamp::new(2_000, 4));
+        clock.forget_after(Timestamp::new(9_000, 0)); // never moves a clock forward
+        assert_eq!(clock.last(), Timestamp::new(2_000, 4));
     }
 
     #[test]

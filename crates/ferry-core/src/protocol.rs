@@ -248,6 +248,11 @@ pub struct Welcome {
     /// milliseconds: a client pings well within it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u64>,
+    /// The server's clock when it sent the welcome (ms since the epoch): a client whose clock
+    /// is far off re-bases its replica's clock on it, so its edits carry clocks the server
+    /// takes (`--max-clock-drift`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_time_ms: Option<u64>,
 }
 
 /// A frame the server sends.

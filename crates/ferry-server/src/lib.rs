@@ -357,6 +357,11 @@ impl AppState {
         self.inner.clock.now()
     }
 
+    /// The server's wall clock (ms since the epoch).
+    pub fn wall_ms(&self) -> u64 {
+        self.inner.clock.wall_ms()
+    }
+
     /// Tells waiting feeds that `db` changed up to `seq`.
     pub fn notify(&self, db: &str, seq: u64) {
         let notifiers = self

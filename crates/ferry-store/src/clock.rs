@@ -19,7 +19,7 @@
 //! ```
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_core::hlc::{ClockDrift, HlcClock, Timestamp};
@@ -84,10 +84,16 @@ impl WallClock for ManualClock {
 
 /// A replica's hybrid logical clock over a wall clock. Shared (behind an `Arc`) by everything
 /// that writes to the replica.
+///
+/// A client replica re-bases it on its server's time at the start of each session
+/// ([`ReplicaClock::rebase`]): a device whose clock is far off then stamps its edits with the
+/// server's time instead of having them refused.
 pub struct ReplicaClock {
     hlc: Mutex<HlcClock>,
     wall: std::sync::Arc<dyn WallClock>,
     max_drift_ms: u64,
+    /// Added to the wall clock's time: the correction of the last re-base (0: none).
+    correction_ms: AtomicI64,
 }
 
 impl std::fmt::Debug for ReplicaClock {
@@ -120,17 +126,43 @@ impl ReplicaClock {
             hlc: Mutex::new(hlc),
             wall,
             max_drift_ms,
+            correction_ms: AtomicI64::new(0),
         }
     }
 
-    /// The wall clock's time.
+    /// The wall clock's time, corrected by the last re-base.
     pub fn wall_ms(&self) -> u64 {
-        self.wall.now_ms()
+        self.wall
+            .now_ms()
+            .saturating_add_signed(self.correction_ms.load(Ordering::SeqCst))
     }
 
-    /// The wall clock itself, for code that needs the time but not the clock.
-    pub fn wall(&self) -> &std::sync::Arc<dyn WallClock> {
-        &self.wall
+    /// How far the last re-base moved the wall clock, in milliseconds (negative: it ran ahead).
+    pub fn correction_ms(&self) -> i64 {
+        self.correction_ms.load(Ordering::SeqCst)
+    }
+
+    /// Re-bases the clock on a server whose time is `server_ms` now, so that what it stamps is
+    /// what that server takes: when the wall clock is more than half the allowed drift off, it
+    /// is corrected by the difference from now on (otherwise it is trusted again); timestamps
+    /// issued beyond the server's time plus the drift are forgotten (the server refuses them,
+    /// and every revision received from it is within them), so the next ones start there.
+    /// Returns the correction now applied.
+    ///
+    /// The replica then gives its pending revisions stamped too far ahead new timestamps
+    /// ([`crate::Replica::restamp_outbox`]).
+    pub fn rebase(&self, server_ms: u64) -> i64 {
+        let wall = self.wall.now_ms();
+        let off_ms = i128::from(server_ms) - i128::from(wall);
+        let correction = if off_ms.unsigned_abs() > u128::from(self.max_drift_ms / 2) {
+            i64::try_from(off_ms).unwrap_or(if off_ms < 0 { i64::MIN } else { i64::MAX })
+        } else {
+            0
+        };
+        self.correction_ms.store(correction, Ordering::SeqCst);
+        let ceiling = Timestamp::new(server_ms.saturating_add(self.max_drift_ms), 0);
+        self.lock().forget_after(ceiling);
+        correction
     }
 
     /// The most a received clock may be ahead of the wall clock and still be adopted.
@@ -193,5 +225,29 @@ mod tests {
         );
         wall.advance(Duration::from_secs(1));
         assert!(clock.check(Timestamp::new(2_000, 0)).is_ok());
+    }
+
+    #[test]
+    fn a_clock_re_based_on_a_server_stamps_what_the_server_takes() {
+        let hour = 3_600_000;
+        let wall = Arc::new(ManualClock::new(10 * hour));
+        let clock = ReplicaClock::new(wall.clone(), 60_000);
+        let ahead = clock.now();
+        assert_eq!(clock.rebase(9 * hour), -3_600_000);
+        assert_eq!(clock.wall_ms(), 9 * hour);
+        let stamped = clock.now();
+        assert!(stamped < ahead, "{stamped} still an hour ahead");
+        assert!(stamped.wall_ms() <= 9 * hour + 60_000, "{stamped}");
+        assert!(clock.now() > stamped, "monotonic after the re-base");
+        assert!(clock.check(Timestamp::new(9 * hour + 60_000, 0)).is_ok());
+
+        // Within half the drift the wall clock is trusted again.
+        wall.set(9 * hour + 29_000);
+        assert_eq!(clock.rebase(9 * hour), 0);
+        assert_eq!(clock.wall_ms(), 9 * hour + 29_000);
+        // A clock behind is corrected too (its edits would lose every last-write-wins).
+        wall.set(8 * hour);
+        assert_eq!(clock.rebase(9 * hour), 3_600_000);
+        assert_eq!(clock.wall_ms(), 9 * hour);
     }
 }

@@ -63,6 +63,7 @@ macro_rules! outbox_conformance_tests {
             a_local_edit_waits_until_a_push_acknowledges_its_sequence,
             a_pulled_revision_moves_a_pending_document_to_its_new_sequence,
             a_refused_edit_keeps_its_reason_until_the_next_local_edit,
+            edits_stamped_ahead_get_new_clocks_and_wait_again,
         );
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
@@ -731,4 +732,125 @@ pub fn a_refused_edit_keeps_its_reason_until_the_next_local_edit(replica: &dyn R
     replica.acknowledge_through(u64::MAX).expect("ack");
     replica.reject("r", "late").expect("reject");
     assert_eq!(replica.outbox().expect("outbox"), OutboxSummary::default());
+}
+
+/// What `restamp_outbox` re-stamps: each leaf of a waiting document (refused or not) stamped
+/// after the bound, the local leaf of a conflict included, with a new sequence and a pending
+/// entry; acknowledged documents, pulled revisions and clocks within the bound keep theirs;
+/// revision ids stay.
+pub fn edits_stamped_ahead_get_new_clocks_and_wait_again(replica: &dyn Replica) {
+    let ahead = Timestamp::new(90_000, 0);
+    let bound = Timestamp::new(60_000, 0);
+    let write = |doc_id: &str, hlc: Timestamp| {
+        replica
+            .write_edits(vec![
+                Edit::put(doc_id, None, body(json!({"v": doc_id}))).with_hlc(hlc),
+            ])
+            .expect("write_edits")
+            .remove(0)
+            .expect("edit accepted")
+    };
+    write("acked", ahead);
+    assert_eq!(replica.acknowledge_through(1).expect("ack"), 1);
+    write("within", Timestamp::new(50_000, 0));
+    let ahead_rev = write("ahead", ahead);
+    write("refused", ahead);
+    replica
+        .reject("refused", "clock_ahead: too far")
+        .expect("reject");
+    let local_leaf = write("conflicted", ahead);
+    replica
+        .write_revisions(
+            vec![replicated(
+                "conflicted",
+                &["1-ffffffffffffffffffffffffffffffff"],
+                false,
+                json!({"v": "pulled"}),
+            )],
+            Timestamp::ZERO,
+        )
+        .expect("pull");
+    let conflicted = replica
+        .get_document("conflicted")
+        .expect("get")
+        .expect("conflicted");
+    assert_eq!(
+        conflicted.conflicts,
+        vec![local_leaf.clone()],
+        "the pull wins"
+    );
+    let seq_before = replica.info().expect("info").update_seq;
+
+    let mut next = 55_000;
+    let mut stamp = || {
+        next += 1;
+        Timestamp::new(next, 0)
+    };
+    assert_eq!(
+        replica.restamp_outbox(bound, &mut stamp).expect("restamp"),
+        3
+    );
+
+    let clock_of = |doc_id: &str, rev: &Rev| {
+        replica
+            .get_revision(doc_id, rev, 1)
+            .expect("get_revision")
+            .expect("kept")
+            .hlc
+    };
+    let ahead_doc = replica.get_document("ahead").expect("get").expect("ahead");
+    assert_eq!(ahead_doc.rev, ahead_rev, "the same revision");
+    assert_eq!(ahead_doc.hlc, Timestamp::new(55_001, 0));
+    assert_eq!(clock_of("ahead", &ahead_rev), Timestamp::new(55_001, 0));
+    assert_eq!(
+        replica
+            .get_document("refused")
+            .expect("get")
+            .expect("refused")
+            .hlc,
+        Timestamp::new(55_002, 0)
+    );
+    assert_eq!(
+        clock_of("conflicted", &local_leaf),
+        Timestamp::new(55_003, 0)
+    );
+    assert_eq!(
+        clock_of("conflicted", &conflicted.rev),
+        Timestamp::new(1_000, 0),
+        "the pulled leaf keeps its clock"
+    );
+    let unchanged = |doc_id: &str| {
+        replica
+            .get_document(doc_id)
+            .expect("get")
+            .expect(doc_id)
+            .hlc
+    };
+    assert_eq!(
+        unchanged("acked"),
+        ahead,
+        "acknowledged: the server took it"
+    );
+    assert_eq!(unchanged("within"), Timestamp::new(50_000, 0));
+
+    // Each re-stamped document waits again at a new sequence, in the order they had.
+    let pending = pending_of(replica);
+    let ids: Vec<&str> = pending.iter().map(|(doc_id, _)| doc_id.as_str()).collect();
+    assert_eq!(ids, ["within", "ahead", "refused", "conflicted"]);
+    assert_eq!(
+        pending[1..].iter().map(|(_, seq)| *seq).collect::<Vec<_>>(),
+        [seq_before + 1, seq_before + 2, seq_before + 3]
+    );
+    assert_eq!(replica.info().expect("info").update_seq, seq_before + 3);
+    let changes = replica.changes(seq_before, 10, false).expect("changes");
+    assert_eq!(
+        changes.len(),
+        3,
+        "the feed lists them at their new sequences"
+    );
+    assert_eq!(
+        replica.restamp_outbox(bound, &mut stamp).expect("again"),
+        0,
+        "nothing left ahead"
+    );
 }

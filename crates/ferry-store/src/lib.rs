@@ -561,6 +561,21 @@ pub trait Replica: Database {
     /// Records that the server refused `doc_id`'s local edit, so it is not retried blindly and
     /// the application can see why.
     fn reject(&self, doc_id: &str, reason: &str) -> Result<(), StoreError>;
+
+    /// Gives the waiting edits a clock stamped too far ahead new clocks, in one transaction:
+    /// every leaf of an outbox document (refused ones included) stamped later than
+    /// `later_than` gets the next timestamp of `stamp`, in sequence order, and its document a
+    /// new sequence and a pending entry again. Returns how many documents it re-stamped.
+    ///
+    /// A replica does this after re-basing its clock on the server's
+    /// ([`clock::ReplicaClock::rebase`]); the server would otherwise refuse those edits as
+    /// `clock_ahead` for as long as the device's clock stays ahead. Revision ids do not depend
+    /// on clocks, so nothing else about the revisions changes.
+    fn restamp_outbox(
+        &self,
+        later_than: Timestamp,
+        stamp: &mut dyn FnMut() -> Timestamp,
+    ) -> Result<u64, StoreError>;
 }
 
 /// What every store drops after an update brought `new_rev` into `tree` (`before` is the tree

@@ -348,6 +348,58 @@ impl Replica for MemoryDatabase {
         }
         Ok(())
     }
+
+    fn restamp_outbox(
+        &self,
+        later_than: Timestamp,
+        stamp: &mut dyn FnMut() -> Timestamp,
+    ) -> Result<u64, StoreError> {
+        self.transaction(|state| {
+            let mut waiting: Vec<(u64, String)> = state
+                .outbox
+                .iter()
+                .map(|(doc_id, (seq, _))| (*seq, doc_id.clone()))
+                .collect();
+            waiting.sort();
+            let mut restamped = 0;
+            for (_, doc_id) in waiting {
+                let Some(row) = state.docs.get_mut(&doc_id) else {
+                    continue;
+                };
+                let mut changed = false;
+                for leaf in row.tree.leaves() {
+                    let key = (doc_id.clone(), leaf.rev.clone());
+                    let is_winner = leaf.rev == row.winner.rev;
+                    let clock = if is_winner {
+                        Some(row.hlc)
+                    } else {
+                        state.revs.get(&key).map(|kept| kept.hlc)
+                    };
+                    if clock.is_none_or(|clock| clock <= later_than) {
+                        continue;
+                    }
+                    let new = stamp();
+                    if let Some(kept) = state.revs.get_mut(&key) {
+                        kept.hlc = new;
+                    }
+                    if is_winner {
+                        row.hlc = new;
+                    }
+                    changed = true;
+                }
+                if changed {
+                    state.update_seq += 1;
+                    let new_seq = state.update_seq;
+                    state.by_seq.remove(&row.seq);
+                    row.seq = new_seq;
+                    state.by_seq.insert(new_seq, doc_id.clone());
+                    state.outbox.insert(doc_id, (new_seq, None));
+                    restamped += 1;
+                }
+            }
+            Ok(restamped)
+        })
+    }
 }
 
 impl Database for MemoryDatabase {

@@ -1059,6 +1059,80 @@ impl Replica for SqliteDatabase {
             Ok(())
         })
     }
+
+    fn restamp_outbox(
+        &self,
+        later_than: Timestamp,
+        stamp: &mut dyn FnMut() -> Timestamp,
+    ) -> Result<u64, StoreError> {
+        let later_than = to_i64(later_than.as_u64());
+        self.with_counted_transaction(|transaction, counters| {
+            // The winner's clock is in `docs`, the other leaves' in `revs` (a conflict's local
+            // leaf may be one of them); ancestors found by the second test are skipped below.
+            let found = transaction
+                .prepare_cached(
+                    "SELECT docs.seq, docs.doc_id, docs.rev, docs.deleted, docs.hlc, docs.leaves \
+                     FROM outbox JOIN docs ON docs.seq = outbox.seq \
+                     WHERE docs.hlc > ?1 OR (docs.leaves IS NOT NULL AND EXISTS \
+                       (SELECT 1 FROM revs WHERE revs.doc_id = docs.doc_id AND revs.hlc > ?1)) \
+                     ORDER BY outbox.seq",
+                )?
+                .query_map(params![later_than], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, bool>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, Option<String>>(5)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut restamped = 0;
+            for (seq, doc_id, winner, deleted, hlc, leaves) in found {
+                let winner = parse_rev(&winner)?;
+                let mut changed = false;
+                for leaf in decode_leaves(leaves.as_deref(), &winner, deleted)? {
+                    let rev = leaf.rev.to_string();
+                    let clock = if leaf.rev == winner {
+                        Some(hlc)
+                    } else {
+                        transaction
+                            .prepare_cached("SELECT hlc FROM revs WHERE doc_id = ?1 AND rev = ?2")?
+                            .query_row(params![doc_id, rev], |row| row.get::<_, i64>(0))
+                            .optional()?
+                    };
+                    if clock.is_none_or(|clock| clock <= later_than) {
+                        continue;
+                    }
+                    let new = to_i64(stamp().as_u64());
+                    // A winner may also have a copy in `revs` (a revision that won later).
+                    transaction
+                        .prepare_cached("UPDATE revs SET hlc = ?3 WHERE doc_id = ?1 AND rev = ?2")?
+                        .execute(params![doc_id, rev, new])?;
+                    if leaf.rev == winner {
+                        transaction
+                            .prepare_cached("UPDATE docs SET hlc = ?2 WHERE seq = ?1")?
+                            .execute(params![seq, new])?;
+                    }
+                    changed = true;
+                }
+                if changed {
+                    let new_seq = to_i64(counters.next_seq());
+                    transaction
+                        .prepare_cached("UPDATE docs SET seq = ?2 WHERE seq = ?1")?
+                        .execute(params![seq, new_seq])?;
+                    transaction
+                        .prepare_cached(
+                            "UPDATE outbox SET seq = ?2, rejected = NULL WHERE seq = ?1",
+                        )?
+                        .execute(params![seq, new_seq])?;
+                    restamped += 1;
+                }
+            }
+            Ok(restamped)
+        })
+    }
 }
 
 impl Database for SqliteDatabase {

@@ -432,6 +432,7 @@ impl Session {
             idle_timeout_ms: Some(
                 u64::try_from(self.state.session_idle_timeout().as_millis()).unwrap_or(u64::MAX),
             ),
+            server_time_ms: Some(self.state.wall_ms()),
         };
         self.send(&ServerFrame::Welcome(welcome)).await?;
         tracing::debug!(user = ?identity.user, %replica, %db, "sync session opened");
