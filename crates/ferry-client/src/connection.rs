@@ -537,7 +537,7 @@ impl Ferry {
             ..ReplicationOptions::default()
         };
         let pull_filter = self.pull_filter(options)?;
-        let push = self.push(&local, &remote, &replication).await?;
+        let push = self.push(&local, &remote, &replication, |_| {}).await?;
         let pull = self
             .pull(&local, &remote, &replication, &pull_filter)
             .await?;
@@ -582,18 +582,66 @@ impl Ferry {
         .map_err(SyncError::Store)
     }
 
-    /// Replicates local changes to the server, acknowledging each batch it commits.
+    /// Pushes this replica's changes to `remote`, any replication peer: an
+    /// [`HttpPeer`](crate::HttpPeer) on a Ferry or CouchDB server, a [`WsPeer`]... Until caught up, or for as long as it runs with `options.continuous`.
+    /// Each batch the target commits is acknowledged in the outbox, and a revision it refuses
+    /// marks its document rejected, as [`Ferry::sync_once`] does over its session; `progress`
+    /// is told after each batch. For other transports and tools (the `ferry` command syncs
+    /// over HTTP with it); the local replica's clock is not re-based on the remote's.
+    ///
+    /// ```no_run
+    /// # async fn run(ferry: ferry_client::Ferry) -> Result<(), Box<dyn std::error::Error>> {
+    /// use ferry_client::{HttpPeer, ReplicationOptions};
+    /// let server = HttpPeer::new("http://127.0.0.1:5984/notes")?;
+    /// let options = ReplicationOptions { create_target: true, ..Default::default() };
+    /// let pushed = ferry.push_to(&server, &options, |_| {}).await?;
+    /// let pulled = ferry.pull_from(&server, &options, |_| {}).await?;
+    /// println!("{} up, {} down", pushed.docs_written, pulled.docs_written);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn push_to(
+        &self,
+        remote: &impl Peer,
+        options: &ReplicationOptions,
+        progress: impl FnMut(&crate::Stats) + Send,
+    ) -> Result<crate::Stats, ClientError> {
+        let local = self.local_peer()?;
+        Ok(self.push(&local, remote, options, progress).await?)
+    }
+
+    /// Pulls `remote`'s changes (those `options.filter` selects) into this replica, until
+    /// caught up or, with `options.continuous`, for as long as it runs: the counterpart of
+    /// [`Ferry::push_to`]. Pulled conflicts are resolved by the collections' policies and
+    /// watchers are woken, as with every pull.
+    pub async fn pull_from(
+        &self,
+        remote: &impl Peer,
+        options: &ReplicationOptions,
+        progress: impl FnMut(&crate::Stats) + Send,
+    ) -> Result<crate::Stats, ClientError> {
+        let local = self.local_peer()?;
+        let stats = ferry_sync::replicate(remote, &local, options, progress).await?;
+        self.notify_changed();
+        Ok(stats)
+    }
+
+    /// Replicates local changes to `remote`, acknowledging each batch it commits.
     async fn push(
         &self,
         local: &LocalPeer,
-        remote: &WsPeer,
+        remote: &impl Peer,
         replication: &ReplicationOptions,
+        mut progress: impl FnMut(&ferry_sync::Stats) + Send,
     ) -> Result<ferry_core::replicate::Stats, SyncError> {
         let stats = ferry_sync::replicate_reporting(
             local,
             remote,
             replication,
-            |stats| self.acknowledge(&stats.last_seq),
+            |stats| {
+                self.acknowledge(&stats.last_seq);
+                progress(stats);
+            },
             |rejected| self.reject(rejected),
         )
         .await?;
@@ -878,10 +926,10 @@ impl Ferry {
                 continuous: false,
                 ..replication.clone()
             };
-            self.push(local, remote, &catch_up).await?;
+            self.push(local, remote, &catch_up, |_| {}).await?;
             self.pull(local, remote, &catch_up, &pull_filter).await?;
             tokio::try_join!(
-                self.push(local, remote, replication),
+                self.push(local, remote, replication, |_| {}),
                 self.pull(local, remote, replication, &pull_filter),
             )?;
             Ok::<(), SyncError>(())

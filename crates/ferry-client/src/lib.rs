@@ -87,6 +87,9 @@ pub use connection::{
 pub use ferry_core::hlc::Timestamp;
 pub use ferry_core::resolve::{Method as ResolutionMethod, Overridden, ResolutionRecord};
 pub use ferry_core::rev::Rev;
+/// What [`Ferry::push_to`] and [`Ferry::pull_from`] work with: a peer, how to replicate, and
+/// what a replication did.
+pub use ferry_sync::{HttpPeer, Peer, ReplicationOptions, Stats, SyncStats, TlsOptions};
 pub use offline::OfflineSubscription;
 
 /// How often a replica looks for changes written by other processes on the same file.
@@ -399,6 +402,23 @@ impl Ferry {
     /// The limits documents are checked against.
     pub fn limits(&self) -> &Limits {
         &self.inner.endpoint.limits
+    }
+
+    /// The replica's id: unique to this replica file, for its whole life (a server's logs and
+    /// checkpoints name the replica by it).
+    pub fn replica_id(&self) -> Result<String, ClientError> {
+        Ok(self.inner.db.info()?.replica_id)
+    }
+
+    /// The collections holding live documents, by name, with how many each holds.
+    ///
+    /// ```
+    /// # let ferry = ferry_client::Ferry::temporary("ann").unwrap();
+    /// ferry.collection::<serde_json::Value>("todos").insert(&serde_json::json!({})).unwrap();
+    /// assert_eq!(ferry.collections().unwrap(), [("todos".to_owned(), 1)]);
+    /// ```
+    pub fn collections(&self) -> Result<Vec<(String, u64)>, ClientError> {
+        Ok(self.inner.db.collections()?)
     }
 
     /// A collection of documents of type `T` (use `serde_json::Value` for raw JSON).

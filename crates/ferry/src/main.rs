@@ -1,26 +1,22 @@
 //! `ferry`: run the sync server, keep local replicas, and sync them.
 //!
 //! The binary is glue: argument parsing (clap) and output formatting here, everything else in
-//! `ferry-server`, `ferry-store` and `ferry-sync`. Errors carry context (anyhow) and are printed
+//! `ferry-server` (`serve`, `users`) and the SDK, `ferry-client` (the replica commands in
+//! `replica.rs`, `sync`). Errors carry context (anyhow) and are printed
 //! as one readable chain; `--json` switches every command's output to JSON for scripts.
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use ferry_core::hlc::{HlcClock, Timestamp};
-use ferry_core::json::parse_object;
-use ferry_core::model::{Document, Limits, doc_id_in, validate_doc_id};
-use ferry_core::selector::Selector;
+use ferry_core::model::Limits;
 use ferry_server::auth::AuthConfig;
-use ferry_store::sqlite::SqliteDatabase;
-use ferry_store::{Database, Durability, Edit, Query, StoreConfig};
-use serde_json::{Value, json};
 
+use serde_json::Value;
+
+mod replica;
 mod sync;
 mod users;
 
@@ -49,87 +45,8 @@ enum Command {
     /// Run the sync server (CouchDB replication protocol over HTTP).
     // Boxed: its many flags make it far larger than the other commands.
     Serve(Box<ServeArgs>),
-    /// Create a local replica file (a SQLite database).
-    Init {
-        /// The replica file to create.
-        replica: PathBuf,
-    },
-    /// Create or update a document in a local replica.
-    Put {
-        /// The replica file.
-        replica: PathBuf,
-        /// The collection.
-        collection: String,
-        /// The document id; omit (or `-`) to generate a UUIDv7.
-        id: Option<String>,
-        /// The document body as JSON; read from standard input when omitted.
-        #[arg(long, short)]
-        data: Option<String>,
-        /// The revision to update; by default the current winner.
-        #[arg(long)]
-        rev: Option<String>,
-    },
-    /// Show a document of a local replica.
-    Get {
-        /// The replica file.
-        replica: PathBuf,
-        /// The collection.
-        collection: String,
-        /// The document id.
-        id: String,
-    },
-    /// Delete a document of a local replica.
-    Delete {
-        /// The replica file.
-        replica: PathBuf,
-        /// The collection.
-        collection: String,
-        /// The document id.
-        id: String,
-    },
-    /// List the collections of a local replica with their document counts.
-    Collections {
-        /// The replica file.
-        replica: PathBuf,
-    },
-    /// List the documents of a collection, optionally filtered and sorted.
-    List {
-        /// The replica file.
-        replica: PathBuf,
-        /// The collection.
-        collection: String,
-        /// A Mango selector, e.g. '{"done": false}'.
-        #[arg(long = "where")]
-        selector: Option<String>,
-        /// Sort by this field (prefix with `-` for descending).
-        #[arg(long)]
-        sort: Option<String>,
-        /// At most this many documents.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// List documents that are in conflict, with every conflicting version.
-    Conflicts {
-        /// The replica file.
-        replica: PathBuf,
-        /// Only this collection.
-        collection: Option<String>,
-    },
-    /// Resolve a conflict: keep one version (or write a merged one) and delete the others.
-    Resolve {
-        /// The replica file.
-        replica: PathBuf,
-        /// The collection.
-        collection: String,
-        /// The document id.
-        id: String,
-        /// The revision to keep; by default the current winner.
-        #[arg(long)]
-        keep: Option<String>,
-        /// A merged body to write on top of the kept revision.
-        #[arg(long, short)]
-        data: Option<String>,
-    },
+    #[command(flatten)]
+    Replica(replica::ReplicaCommand),
     /// Sync a local replica with a server database: push local changes, then pull remote ones.
     Sync(sync::SyncArgs),
     /// Manage the server's users and tokens.
@@ -345,253 +262,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Users(args) => users::run(args, json),
-        Command::Init { replica } => {
-            if replica.exists() {
-                bail!("{} already exists", replica.display());
-            }
-            let db = open_replica_allow_new(&replica)?;
-            let info = db.info()?;
-            print(
-                json,
-                json!({"replica": replica, "replica_id": info.replica_id}),
-                || {
-                    format!(
-                        "created replica {} (id {})",
-                        replica.display(),
-                        info.replica_id
-                    )
-                },
-            );
-            Ok(())
-        }
-        Command::Put {
-            replica,
-            collection,
-            id,
-            data,
-            rev,
-        } => {
-            let db = open_replica(&replica)?;
-            let text = match data {
-                Some(text) => text,
-                None => {
-                    let mut text = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut text)
-                        .context("reading the document from standard input")?;
-                    text
-                }
-            };
-            let limits = Limits::default();
-            let body = parse_object(text.as_bytes(), limits.max_json_depth)
-                .context("the document is not a valid JSON object")?;
-            let id = match id.as_deref() {
-                None | Some("-") => uuid::Uuid::now_v7().simple().to_string(),
-                Some(id) => id.to_owned(),
-            };
-            let doc_id = doc_id_in(&collection, &id);
-            validate_doc_id(&doc_id, &limits)?;
-            let base = match rev {
-                Some(rev) => Some(rev.parse().context("invalid --rev")?),
-                None => db
-                    .get_document(&doc_id)?
-                    .filter(|document| !document.deleted)
-                    .map(|document| document.rev),
-            };
-            let edit = Edit::put(doc_id.clone(), base, body).with_hlc(local_now(&*db)?);
-            let rev = db.write_edits(vec![edit])?.remove(0).with_context(|| {
-                format!("{doc_id} changed since the revision given; get it again")
-            })?;
-            print(
-                json,
-                json!({"id": id, "collection": collection, "rev": rev.to_string()}),
-                || format!("{collection}/{id} {rev}"),
-            );
-            Ok(())
-        }
-        Command::Get {
-            replica,
-            collection,
-            id,
-        } => {
-            let db = open_replica(&replica)?;
-            let document = live_document(&*db, &collection, &id)?;
-            let value = document_value(&collection, &id, &document);
-            print(json, value.clone(), || {
-                serde_json::to_string_pretty(&value).expect("JSON")
-            });
-            Ok(())
-        }
-        Command::Delete {
-            replica,
-            collection,
-            id,
-        } => {
-            let db = open_replica(&replica)?;
-            let document = live_document(&*db, &collection, &id)?;
-            let edit = Edit::delete(document.doc_id, document.rev).with_hlc(local_now(&*db)?);
-            let rev = db.write_edits(vec![edit])?.remove(0)?;
-            print(
-                json,
-                json!({"id": id, "deleted": true, "rev": rev.to_string()}),
-                || format!("deleted {collection}/{id} ({rev})"),
-            );
-            Ok(())
-        }
-        Command::Collections { replica } => {
-            let db = open_replica(&replica)?;
-            let collections = db.collections()?;
-            let value: Value = collections
-                .iter()
-                .map(|(name, count)| json!({"collection": name, "documents": count}))
-                .collect();
-            print(json, value, || {
-                collections
-                    .iter()
-                    .map(|(name, count)| {
-                        let name = if name.is_empty() { "(default)" } else { name };
-                        format!("{name}  {count}")
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
-            Ok(())
-        }
-        Command::List {
-            replica,
-            collection,
-            selector,
-            sort,
-            limit,
-        } => {
-            let db = open_replica(&replica)?;
-            let selector = match selector {
-                Some(text) => Selector::parse(
-                    &serde_json::from_str(&text).context("--where is not valid JSON")?,
-                )?,
-                None => Selector::everything(),
-            };
-            let sort = sort
-                .map(|field| match field.strip_prefix('-') {
-                    Some(field) => vec![(field.to_owned(), true)],
-                    None => vec![(field, false)],
-                })
-                .unwrap_or_default();
-            let documents = db.query(&Query {
-                collection: collection.clone(),
-                selector,
-                sort,
-                skip: 0,
-                limit,
-            })?;
-            let values: Vec<Value> = documents
-                .iter()
-                .map(|document| {
-                    let id = own_id(&document.doc_id);
-                    document_value(&collection, id, document)
-                })
-                .collect();
-            print(json, Value::Array(values.clone()), || {
-                values
-                    .iter()
-                    .map(|value| {
-                        let mut line = value.clone();
-                        let id = line["_id"].as_str().unwrap_or_default().to_owned();
-                        let object = line.as_object_mut().expect("object");
-                        object.retain(|key, _| !key.starts_with('_'));
-                        let conflicts = if value.get("_conflicts").is_some() {
-                            "  (in conflict)"
-                        } else {
-                            ""
-                        };
-                        format!("{id}  {line}{conflicts}")
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
-            Ok(())
-        }
-        Command::Conflicts {
-            replica,
-            collection,
-        } => {
-            let db = open_replica(&replica)?;
-            let conflicts = list_conflicts(&*db, collection.as_deref())?;
-            print(json, Value::Array(conflicts.clone()), || {
-                if conflicts.is_empty() {
-                    return "no conflicts".to_owned();
-                }
-                let mut lines = Vec::new();
-                for conflict in &conflicts {
-                    lines.push(format!("{}:", conflict["id"].as_str().unwrap_or_default()));
-                    for version in conflict["versions"].as_array().into_iter().flatten() {
-                        lines.push(format!(
-                            "  {} {} {}",
-                            if version["winner"] == json!(true) {
-                                "winner  "
-                            } else {
-                                "conflict"
-                            },
-                            version["rev"].as_str().unwrap_or_default(),
-                            version["body"]
-                        ));
-                    }
-                }
-                lines.join("\n")
-            });
-            Ok(())
-        }
-        Command::Resolve {
-            replica,
-            collection,
-            id,
-            keep,
-            data,
-        } => {
-            let db = open_replica(&replica)?;
-            let doc_id = doc_id_in(&collection, &id);
-            let conflict = db
-                .conflict(&doc_id)?
-                .with_context(|| format!("{collection}/{id} is not in conflict"))?;
-            let body = match (data, keep) {
-                (Some(text), _) => parse_object(text.as_bytes(), Limits::default().max_json_depth)
-                    .context("--data is not a valid JSON object")?,
-                (None, keep) => {
-                    let keep: Option<ferry_core::rev::Rev> = keep
-                        .map(|rev| rev.parse())
-                        .transpose()
-                        .context("invalid --keep")?;
-                    let mut versions = conflict.versions.iter();
-                    let chosen = match &keep {
-                        Some(rev) => versions.find(|version| version.rev == *rev),
-                        // The current winner: the highest revision.
-                        None => versions.max_by(|a, b| a.rev.cmp(&b.rev)),
-                    };
-                    chosen
-                        .with_context(|| {
-                            format!(
-                                "{} is not a current version of {collection}/{id}",
-                                keep.map(|rev| rev.to_string()).unwrap_or_default()
-                            )
-                        })?
-                        .body
-                        .clone()
-                }
-            };
-            // One transaction: the chosen or merged body on the winning version, a tombstone on
-            // every other one, and a resolution record.
-            let mut resolution = ferry_core::resolve::resolve_with(&conflict, body)?;
-            resolution.hlc = resolution.hlc.max(local_now(&*db)?);
-            db.apply_resolution(&doc_id, &resolution)?
-                .context("the document changed meanwhile; run `ferry conflicts` again")?;
-            let winner = db.get_document(&doc_id)?.context("document vanished")?;
-            print(
-                json,
-                json!({"id": id, "rev": winner.rev.to_string(), "conflicts": winner.conflicts.len()}),
-                || format!("{collection}/{id} resolved at {}", winner.rev),
-            );
-            Ok(())
-        }
+        Command::Replica(command) => replica::run(command, json),
         Command::Sync(args) => sync::run(args, json),
     }
 }
@@ -619,13 +290,6 @@ fn serve(args: &ServeArgs) -> Result<()> {
     })
 }
 
-/// The current, not deleted, version of a document.
-fn live_document(db: &dyn Database, collection: &str, id: &str) -> Result<Document> {
-    db.get_document(&doc_id_in(collection, id))?
-        .filter(|document| !document.deleted)
-        .with_context(|| format!("{collection}/{id} does not exist"))
-}
-
 /// Prints `value` as JSON, or the human text.
 fn print(json: bool, value: Value, text: impl FnOnce() -> String) {
     if json {
@@ -633,111 +297,6 @@ fn print(json: bool, value: Value, text: impl FnOnce() -> String) {
     } else {
         println!("{}", text());
     }
-}
-
-/// A document id without its collection prefix.
-fn own_id(doc_id: &str) -> &str {
-    doc_id.split_once(':').map_or(doc_id, |(_, id)| id)
-}
-
-fn document_value(collection: &str, id: &str, document: &Document) -> Value {
-    let mut value = json!({
-        "_id": id,
-        "_collection": collection,
-        "_rev": document.rev.to_string(),
-    });
-    if !document.conflicts.is_empty() {
-        value["_conflicts"] = document.conflicts.iter().map(ToString::to_string).collect();
-    }
-    for (key, field) in &document.body {
-        value[key] = field.clone();
-    }
-    value
-}
-
-fn list_conflicts(db: &dyn Database, collection: Option<&str>) -> Result<Vec<Value>> {
-    let mut found = Vec::new();
-    let mut since = 0;
-    loop {
-        let changes = db.changes(since, 500, false)?;
-        let Some(last) = changes.last() else { break };
-        since = last.seq;
-        for change in changes {
-            let live: Vec<_> = change.leaves.iter().filter(|leaf| !leaf.deleted).collect();
-            if live.len() < 2 {
-                continue;
-            }
-            if collection.is_some_and(|collection| {
-                ferry_core::model::collection_of(&change.doc_id) != collection
-            }) {
-                continue;
-            }
-            let mut versions = Vec::new();
-            for leaf in live {
-                let revision = db.get_revision(&change.doc_id, &leaf.rev, 1)?;
-                versions.push(json!({
-                    "rev": leaf.rev.to_string(),
-                    "winner": leaf.rev == change.rev,
-                    "hlc": revision.as_ref().map(|revision| revision.hlc.to_string()),
-                    "body": revision.and_then(|revision| revision.body),
-                }));
-            }
-            found.push(json!({"id": change.doc_id, "versions": versions}));
-        }
-    }
-    Ok(found)
-}
-
-fn replica_config() -> StoreConfig {
-    StoreConfig {
-        limits: Limits::default(),
-        durability: Durability::Full,
-        track_pending: false,
-    }
-}
-
-/// Opens an existing replica file.
-pub(crate) fn open_replica(path: &Path) -> Result<Arc<dyn Database>> {
-    if !path.exists() {
-        bail!(
-            "{} does not exist; create it with `ferry init {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    open_replica_allow_new(path)
-}
-
-fn open_replica_allow_new(path: &Path) -> Result<Arc<dyn Database>> {
-    let name = path
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .unwrap_or("replica")
-        .to_owned();
-    let db = SqliteDatabase::open(path, &name, replica_config())
-        .with_context(|| format!("opening replica {}", path.display()))?;
-    Ok(Arc::new(db))
-}
-
-/// A clock reading for a local edit, after the newest clock this replica has seen.
-fn local_now(db: &dyn Database) -> Result<Timestamp> {
-    let mut clock = HlcClock::new(u64::MAX);
-    // The CLI is a short-lived process: restore the clock from the newest stored change so
-    // that timestamps stay monotonic across invocations.
-    let seq = db.info()?.update_seq;
-    if let Some(change) = db.changes(seq.saturating_sub(1), 1, false)?.first()
-        && let Some(document) = db.get_document(&change.doc_id)?
-    {
-        clock
-            .observe(document.hlc, u64::MAX)
-            .expect("no drift bound");
-    }
-    let wall_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        });
-    Ok(clock.now(wall_ms))
 }
 
 #[cfg(test)]
@@ -748,9 +307,10 @@ mod tests {
 
     /// SIGKILL cannot reveal a missing fsync, so the setting itself is checked: from the
     /// command line `ferry serve` runs with, through the server's state, to the SQLite
-    /// connection of a database it opens; and the same for CLI replicas.
+    /// connection of a database it opens. (CLI replicas are the SDK's: its
+    /// `replicas_commit_with_fsync` checks them.)
     #[test]
-    fn the_server_and_cli_replicas_commit_with_fsync() {
+    fn the_server_commits_with_fsync() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("server");
         let cli = Cli::try_parse_from([
@@ -772,9 +332,6 @@ mod tests {
         let durability = runtime
             .block_on(state.run(|backend| backend.create_database("durable")?.durability()))
             .unwrap();
-        assert_eq!(durability, Durability::Full);
-
-        let replica = open_replica_allow_new(&dir.path().join("replica.sqlite")).unwrap();
-        assert_eq!(replica.durability().unwrap(), Durability::Full);
+        assert_eq!(durability, ferry_store::Durability::Full);
     }
 }

@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_sync::{
-    HttpPeer, LocalPeer, ReplicationOptions, Stats, SyncError, TlsOptions, TlsProblem,
-};
+use ferry_client::{ClientError, Ferry, HttpPeer, Peer, ReplicationOptions, Stats, TlsOptions};
+use ferry_sync::{SyncError, TlsProblem};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::{open_replica, print};
+use crate::print;
 
 /// Arguments of `ferry sync`.
 #[derive(Args)]
@@ -44,10 +43,9 @@ pub(crate) struct SyncArgs {
 }
 
 pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
-    let db = open_replica(&args.replica)?;
+    let ferry = crate::replica::open(&args.replica)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let local = LocalPeer::new(db)?;
         let mut remote =
             HttpPeer::new(&args.url).with_context(|| format!("invalid URL {}", args.url))?;
         if let Some(ca_file) = &args.ca_file {
@@ -61,7 +59,7 @@ pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
             ..ReplicationOptions::default()
         };
         if args.live {
-            return live(&local, &remote, &options, json).await;
+            return live(&ferry, &remote, &options, json).await;
         }
         let mut report = serde_json::Map::new();
         let mut lines = Vec::new();
@@ -75,13 +73,13 @@ pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
         if !args.pull_only {
             record(
                 "push",
-                one_way("push", &local, &remote, &options, json).await?,
+                one_way(Push, &ferry, &remote, &options, json).await?,
             );
         }
         if !args.push_only {
             record(
                 "pull",
-                one_way("pull", &remote, &local, &options, json).await?,
+                one_way(Pull, &ferry, &remote, &options, json).await?,
             );
         }
         print(json, serde_json::Value::Object(report), || lines.join("\n"));
@@ -89,25 +87,47 @@ pub(crate) fn run(args: SyncArgs, json: bool) -> Result<()> {
     })
 }
 
-async fn one_way<S: ferry_sync::Peer, T: ferry_sync::Peer>(
-    direction: &'static str,
-    source: &S,
-    target: &T,
+/// Which way a replication goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Push,
+    Pull,
+}
+use Direction::{Pull, Push};
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Push => "push",
+            Pull => "pull",
+        }
+    }
+}
+
+/// Replicates one way until caught up, with a progress bar; pushed batches are acknowledged in
+/// the replica's outbox (the SDK's push).
+async fn one_way(
+    direction: Direction,
+    ferry: &Ferry,
+    remote: &HttpPeer,
     options: &ReplicationOptions,
     json: bool,
 ) -> Result<Stats> {
-    let bar = progress_bar(direction, json);
-    let stats = ferry_sync::replicate(source, target, options, |stats| {
+    let bar = progress_bar(direction.name(), json);
+    let progress = |stats: &Stats| {
         if let Some(bar) = &bar {
             if let Some(pending) = stats.pending {
                 bar.set_length(stats.docs_read + pending);
             }
             bar.set_position(stats.docs_read);
         }
-    })
-    .await
+    };
+    let stats = match direction {
+        Push => ferry.push_to(remote, options, progress).await,
+        Pull => ferry.pull_from(remote, options, progress).await,
+    }
     .map_err(explain)
-    .with_context(|| format!("{direction} failed"))?;
+    .with_context(|| format!("{} failed", direction.name()))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -131,7 +151,7 @@ fn progress_bar(direction: &str, json: bool) -> Option<ProgressBar> {
 }
 
 async fn live(
-    local: &LocalPeer,
+    ferry: &Ferry,
     remote: &HttpPeer,
     options: &ReplicationOptions,
     json: bool,
@@ -143,8 +163,20 @@ async fn live(
     if !json {
         eprintln!("syncing continuously; press Ctrl-C to stop");
     }
+    // The pull reads the remote database: it must exist before both directions start.
+    remote
+        .prepare(options.create_target)
+        .await
+        .map_err(|error| explain(error.into()))
+        .context("live sync failed")?;
+    let both_ways = async {
+        tokio::try_join!(
+            ferry.push_to(remote, &options, |_| {}),
+            ferry.pull_from(remote, &options, |_| {}),
+        )
+    };
     tokio::select! {
-        result = ferry_sync::sync_live(local, remote, &options) => {
+        result = both_ways => {
             result.map_err(explain).context("live sync failed")?;
         }
         _ = tokio::signal::ctrl_c() => {}
@@ -153,13 +185,13 @@ async fn live(
 }
 
 /// A sync error, with what to do about it when that is a matter of `ferry sync`'s arguments.
-fn explain(error: SyncError) -> anyhow::Error {
+fn explain(error: ClientError) -> anyhow::Error {
     let untrusted = matches!(
         &error,
-        SyncError::Tls {
+        ClientError::Sync(SyncError::Tls {
             problem: TlsProblem::UntrustedCertificate { .. },
             ..
-        }
+        })
     );
     let error = anyhow::Error::new(error);
     if untrusted {

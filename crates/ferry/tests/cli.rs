@@ -259,3 +259,36 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
     live.kill().unwrap();
     live.wait().unwrap();
 }
+
+/// A replica written from the command line is the SDK's: its edits wait in the outbox until a
+/// `ferry sync` push acknowledges them, a document the server refuses is recorded as rejected
+/// while the rest syncs, and a document breaks the same rules as in an app.
+#[test]
+fn cli_edits_wait_in_the_outbox_until_a_sync_acknowledges_them() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(server_dir.path(), &["--max-document-bytes", "200"]);
+    let work = tempfile::tempdir().unwrap();
+    let replica = path(&work, "r.ferry");
+    ferry_json(&["init", &replica]);
+    ferry_json(&["put", &replica, "todos", "small", "-d", r#"{"n": 1}"#]);
+    let big = json!({"text": "x".repeat(500)}).to_string();
+    ferry_json(&["put", &replica, "todos", "big", "-d", &big]);
+    let outbox = || {
+        let status = ferry_client::Ferry::initialize_offline(&replica, "test")
+            .unwrap()
+            .status()
+            .unwrap();
+        (status.pending, status.rejected)
+    };
+    assert_eq!(outbox(), (2, 0), "both edits wait");
+
+    let synced = ferry_json(&["sync", &replica, &format!("{}/outbox", server.url)]);
+    assert_eq!(synced["push"]["docs_written"], json!(1), "{synced}");
+    assert_eq!(outbox(), (0, 1), "one acknowledged, one refused");
+
+    let output = ferry(&["put", &replica, "todos", "x", "-d", r#"{"_mine": 1}"#]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reserved"), "{stderr}");
+    assert_eq!(outbox(), (0, 1), "nothing stored");
+}
