@@ -544,12 +544,13 @@ impl Ferry {
         Ok(ferry_sync::SyncStats { push, pull })
     }
 
-    /// Re-bases the replica's clock on the server's time (from the session's welcome) and gives
+    /// Re-bases the replica's clock on the server's time (from the session's welcome, or an
+    /// HTTP server's `Date`) and gives
     /// the waiting edits it stamped too far ahead for the server new clocks, before anything is
     /// pushed: a device whose clock is far off would otherwise have every edit refused as
     /// `clock_ahead`. The correction lasts while the replica is open; after it is opened again,
     /// the next session corrects edits made meanwhile.
-    async fn rebase_clock(&self, remote: &WsPeer) -> Result<(), SyncError> {
+    async fn rebase_clock(&self, remote: &impl Peer) -> Result<(), SyncError> {
         let Some(server_ms) = remote.server_time_ms() else {
             return Ok(());
         };
@@ -586,8 +587,9 @@ impl Ferry {
     /// [`HttpPeer`](crate::HttpPeer) on a Ferry or CouchDB server, a [`WsPeer`]... Until caught up, or for as long as it runs with `options.continuous`.
     /// Each batch the target commits is acknowledged in the outbox, and a revision it refuses
     /// marks its document rejected, as [`Ferry::sync_once`] does over its session; `progress`
-    /// is told after each batch. For other transports and tools (the `ferry` command syncs
-    /// over HTTP with it); the local replica's clock is not re-based on the remote's.
+    /// is told after each batch; the replica's clock is first re-based on the remote's when it
+    /// tells its time. For other transports and tools (the `ferry` command syncs over HTTP
+    /// with it).
     ///
     /// ```no_run
     /// # async fn run(ferry: ferry_client::Ferry) -> Result<(), Box<dyn std::error::Error>> {
@@ -607,6 +609,8 @@ impl Ferry {
         progress: impl FnMut(&crate::Stats) + Send,
     ) -> Result<crate::Stats, ClientError> {
         let local = self.local_peer()?;
+        remote.prepare(options.create_target).await?;
+        self.rebase_clock(remote).await?;
         Ok(self.push(&local, remote, options, progress).await?)
     }
 

@@ -855,3 +855,44 @@ async fn a_client_whose_clock_runs_far_ahead_re_bases_on_the_server_and_its_edit
     let third = on_server(3);
     assert!(third > second, "{third} does not order after {second}");
 }
+
+/// The same over HTTP (`Ferry::push_to`, as `ferry sync` pushes): the server's `Date` re-bases
+/// the replica's clock, to the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_http_re_bases_a_clock_that_runs_far_ahead_too() {
+    use ferry_store::clock::WallClock;
+    let server = Server::start_with(ferry_server::ServerConfig {
+        wall_clock: Arc::new(AnHourBehind),
+        ..ferry_server::ServerConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = client(dir.path(), "a");
+    a.collection::<Value>("todos")
+        .insert_with_id("t", &json!({"n": 1}))
+        .unwrap();
+    let url = server
+        .url("ahead")
+        .replacen("http://", "http://ann:ann%27s%20password@", 1);
+    let http = ferry_client::HttpPeer::new(&url).unwrap();
+    let options = ferry_client::ReplicationOptions {
+        create_target: true,
+        ..ferry_client::ReplicationOptions::default()
+    };
+    let pushed = a.push_to(&http, &options, |_| {}).await.unwrap();
+    assert_eq!(pushed.docs_written, 1);
+    assert_eq!(
+        a.status().unwrap(),
+        ferry_client::SyncCounts {
+            pending: 0,
+            rejected: 0
+        },
+        "refused as clock_ahead?"
+    );
+    let stored = server
+        .database("ahead")
+        .get_document("todos:t")
+        .unwrap()
+        .expect("on the server");
+    assert!(stored.hlc.wall_ms() <= AnHourBehind.now_ms() + 60_000);
+}

@@ -420,11 +420,33 @@ pub fn router(state: AppState) -> Router {
             routes::body::refuse_declared_length,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            date_by_wall_clock,
+        ))
         // Browser PouchDB fetches with credentials, so CORS must mirror the origin and allow
         // them; authentication (not the origin) is what protects the data.
         .layer(CorsLayer::very_permissive())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Dates every answer by the server's wall clock, the one replicated revisions' clocks are
+/// checked against (hyper's own `Date` would read the system time): a client whose clock is
+/// far off re-bases on it. To the second, as HTTP dates are.
+async fn date_by_wall_clock(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut response = next.run(request).await;
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(state.wall_ms());
+    if let Ok(date) = axum::http::HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::DATE, date);
+    }
+    response
 }
 
 /// Opens the SQLite backend under `config.data_dir` and the server's identity file.

@@ -1,6 +1,7 @@
 //! A peer on a server, over the CouchDB replication protocol (a Ferry server, CouchDB, or
 //! pouchdb-server).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_json};
@@ -12,7 +13,9 @@ use serde_json::{Map, Value, json};
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
 use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
-use crate::{ChangesFilter, ChangesPage, FETCH_ANSWER_BYTES, Peer, RejectedRevision, SyncError};
+use crate::{
+    ChangesFilter, ChangesPage, FETCH_ANSWER_BYTES, Peer, RejectedRevision, ServerTime, SyncError,
+};
 
 /// Requests other than waits for changes give up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,6 +34,8 @@ pub struct HttpPeer {
     base: Url,
     credentials: Option<(String, String)>,
     send_ferry_meta: bool,
+    /// The server's clock, from the `Date` of its latest answer (to the second).
+    server_time: Arc<ServerTime>,
 }
 
 impl HttpPeer {
@@ -54,6 +59,7 @@ impl HttpPeer {
             base,
             credentials,
             send_ferry_meta: true,
+            server_time: Arc::default(),
         })
     }
 
@@ -96,6 +102,16 @@ impl HttpPeer {
         }
         let transport = |error| transport_error(&url, error);
         let response = request.send().await.map_err(transport)?;
+        if let Some(date) = response.headers().get(reqwest::header::DATE)
+            && let Some(server_ms) = date
+                .to_str()
+                .ok()
+                .and_then(|date| httpdate::parse_http_date(date).ok())
+                .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        {
+            self.server_time
+                .record(u64::try_from(server_ms.as_millis()).unwrap_or(u64::MAX));
+        }
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?;
         // Longpoll responses may start with heartbeat newlines; JSON allows the whitespace.
@@ -247,6 +263,10 @@ fn local_path(replication_id: &str) -> String {
 impl Peer for HttpPeer {
     fn describe(&self) -> String {
         self.base.to_string()
+    }
+
+    fn server_time_ms(&self) -> Option<u64> {
+        self.server_time.now_ms()
     }
 
     async fn prepare(&self, create: bool) -> Result<(), SyncError> {

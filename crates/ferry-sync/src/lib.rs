@@ -196,6 +196,14 @@ pub trait Peer: Send + Sync {
         None
     }
 
+    /// The peer's clock now (ms since the epoch), estimated from its latest answer (after
+    /// [`Peer::prepare`]), when it tells its time: a server does, a local replica does not. A
+    /// client replica re-bases its clock on it
+    /// ([`ferry_store::clock::ReplicaClock::rebase`]).
+    fn server_time_ms(&self) -> Option<u64> {
+        None
+    }
+
     /// Reads the checkpoint `_local/{replication_id}`.
     fn get_checkpoint(
         &self,
@@ -243,6 +251,31 @@ pub trait Peer: Send + Sync {
         since: &Value,
         timeout: Duration,
     ) -> impl Future<Output = Result<bool, SyncError>> + Send;
+}
+
+/// The time a server told in its latest answer, and when that answer arrived: its clock now is
+/// that time plus the time elapsed since, on this machine's monotonic clock.
+#[derive(Debug, Default)]
+pub(crate) struct ServerTime(std::sync::Mutex<Option<(u64, tokio::time::Instant)>>);
+
+impl ServerTime {
+    pub(crate) fn record(&self, server_ms: u64) {
+        *self.lock() = Some((server_ms, tokio::time::Instant::now()));
+    }
+
+    pub(crate) fn now_ms(&self) -> Option<u64> {
+        let told = *self.lock();
+        told.map(|(server_ms, received)| {
+            let since = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
+            server_ms.saturating_add(since)
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, tokio::time::Instant)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// How a replication runs.

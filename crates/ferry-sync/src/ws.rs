@@ -27,7 +27,7 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
-use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError};
+use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, ServerTime, SyncError};
 
 /// How deeply a server's frame may nest: a `bulk_get` result holds documents inside
 /// `{"result": {"docs": [...]}}`. The server checks documents against its own depth limit;
@@ -93,8 +93,8 @@ pub struct WsPeer {
     connection: Mutex<Option<Arc<Connection>>>,
     /// The largest frame the server takes, from its last `welcome` (0: not known).
     max_frame_bytes: AtomicU64,
-    /// The server's clock in its last `welcome`, and when that welcome arrived.
-    server_time: std::sync::Mutex<Option<(u64, tokio::time::Instant)>>,
+    /// The server's clock in its last `welcome`.
+    server_time: ServerTime,
 }
 
 /// How often the client pings, and how long a silent session lives.
@@ -166,7 +166,7 @@ impl WsPeer {
             },
             connection: Mutex::new(None),
             max_frame_bytes: AtomicU64::new(0),
-            server_time: std::sync::Mutex::new(None),
+            server_time: ServerTime::default(),
         })
     }
 
@@ -194,21 +194,6 @@ impl WsPeer {
     pub fn with_credentials(mut self, credentials: Arc<dyn SessionCredentials>) -> WsPeer {
         self.credentials = Some(credentials);
         self
-    }
-
-    /// The server's clock now (ms since the epoch), estimated from the last session's welcome:
-    /// the time the server sent, plus the time elapsed since on this machine's monotonic
-    /// clock. `None` before a session opened, or from a server that does not send its time.
-    /// A client replica re-bases its clock on it ([`ferry_store::clock::ReplicaClock::rebase`]).
-    pub fn server_time_ms(&self) -> Option<u64> {
-        let welcomed = *self
-            .server_time
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        welcomed.map(|(server_ms, received)| {
-            let since = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
-            server_ms.saturating_add(since)
-        })
     }
 
     /// Closes the current session, if any; the next request opens a new one.
@@ -293,12 +278,9 @@ impl WsPeer {
         }
         self.max_frame_bytes
             .store(welcome.max_frame_bytes.unwrap_or(0), Ordering::SeqCst);
-        *self
-            .server_time
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = welcome
-            .server_time_ms
-            .map(|server_ms| (server_ms, tokio::time::Instant::now()));
+        if let Some(server_ms) = welcome.server_time_ms {
+            self.server_time.record(server_ms);
+        }
         // Ping well within the server's idle timeout, whatever this client was set to.
         let mut heartbeat = self.heartbeat;
         if let Some(idle_ms) = welcome.idle_timeout_ms {
@@ -473,6 +455,10 @@ impl Peer for WsPeer {
             self.create.store(true, Ordering::SeqCst);
         }
         self.connection().await.map(|_| ())
+    }
+
+    fn server_time_ms(&self) -> Option<u64> {
+        self.server_time.now_ms()
     }
 
     fn max_request_bytes(&self) -> Option<usize> {
