@@ -6,8 +6,8 @@
 //! a `ferry_store::Database`, [`HttpPeer`] over HTTP, [`WsPeer`] over a WebSocket sync
 //! session as `docs/protocol.md` describes it; both speak TLS for `https://` URLs, trusting
 //! what [`TlsOptions`] says), and the drivers [`replicate`] (one way,
-//! one-shot or continuous), [`sync`] (push, then pull) and [`sync_live`] (both ways,
-//! continuously).
+//! one-shot or continuous) and [`sync`] (push, then pull). Both ways continuously, with a
+//! client replica's outbox, is the SDK's (`ferry_client::Ferry`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -539,26 +539,6 @@ pub async fn sync<L: Peer, R: Peer>(
     let push = replicate(local, remote, &options, |_| {}).await?;
     let pull = replicate(remote, local, &options, |_| {}).await?;
     Ok(SyncStats { push, pull })
-}
-
-/// Replicates both ways continuously until an error that is not transient (or forever).
-pub async fn sync_live<L: Peer, R: Peer>(
-    local: &L,
-    remote: &R,
-    options: &ReplicationOptions,
-) -> Result<(), SyncError> {
-    let options = ReplicationOptions {
-        continuous: true,
-        ..options.clone()
-    };
-    // The pull reads the remote database: it must exist before both directions start, or the
-    // pull fails on it before the push has created it.
-    remote.prepare(options.create_target).await?;
-    tokio::try_join!(
-        replicate(local, remote, &options, |_| {}),
-        replicate(remote, local, &options, |_| {}),
-    )?;
-    Ok(())
 }
 
 /// A sequence value as a local store's integer sequence.
