@@ -67,8 +67,8 @@ pub(crate) enum ReplicaCommand {
         /// A Mango selector, e.g. '{"done": false}'.
         #[arg(long = "where")]
         selector: Option<String>,
-        /// Sort by this field (prefix with `-` for descending).
-        #[arg(long)]
+        /// Sort by this field (prefix with `-` for descending: `--sort -qty`).
+        #[arg(long, allow_hyphen_values = true)]
         sort: Option<String>,
         /// At most this many documents.
         #[arg(long, default_value_t = 100)]

@@ -4,7 +4,7 @@
 
 mod support;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{ServerProcess, ferry, ferry_json, wait_until};
 
 /// How often the live-sync test looks again.
@@ -291,4 +291,15 @@ fn cli_edits_wait_in_the_outbox_until_a_sync_acknowledges_them() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("reserved"), "{stderr}");
     assert_eq!(outbox(), (0, 1), "nothing stored");
+
+    ferry_json(&["put", &replica, "todos", "more", "-d", r#"{"n": 2}"#]);
+    let newest_first = ferry_json(&["list", &replica, "todos", "--sort", "-n"]);
+    let ns: Vec<&Value> = newest_first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|document| &document["n"])
+        .collect();
+    // Descending by `n`; the document without it comes last.
+    assert_eq!(ns, [&json!(2), &json!(1), &Value::Null], "{newest_first}");
 }
