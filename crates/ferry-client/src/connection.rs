@@ -545,10 +545,9 @@ impl Ferry {
     }
 
     /// Re-bases the replica's clock on the server's time (from the session's welcome, or an
-    /// HTTP server's `Date`) and gives
-    /// the waiting edits it stamped too far ahead for the server new clocks, before anything is
-    /// pushed: a device whose clock is far off would otherwise have every edit refused as
-    /// `clock_ahead`. The correction lasts while the replica is open; after it is opened again,
+    /// HTTP server's `Date`) and gives the waiting edits it stamped too far ahead for the
+    /// server new clocks, before anything is pushed: a device whose clock is far off would
+    /// otherwise have every edit refused as `clock_ahead`. The correction lasts while the replica is open; after it is opened again,
     /// the next session corrects edits made meanwhile.
     async fn rebase_clock(&self, remote: &impl Peer) -> Result<(), SyncError> {
         let Some(server_ms) = remote.server_time_ms() else {
@@ -558,14 +557,10 @@ impl Ferry {
         tokio::task::spawn_blocking(move || {
             let clock = &ferry.inner.clock;
             let correction_ms = clock.rebase(server_ms);
-            let later_than = ferry_core::hlc::Timestamp::new(
-                clock.wall_ms().saturating_add(clock.max_drift_ms() / 2),
-                u16::MAX,
-            );
             let restamped = ferry
                 .inner
                 .db
-                .restamp_outbox(later_than, &mut || clock.now())?;
+                .restamp_outbox(clock.far_ahead(), &mut || clock.now())?;
             if correction_ms != 0 || restamped > 0 {
                 tracing::warn!(
                     correction_ms,
@@ -583,13 +578,13 @@ impl Ferry {
         .map_err(SyncError::Store)
     }
 
-    /// Pushes this replica's changes to `remote`, any replication peer: an
-    /// [`HttpPeer`](crate::HttpPeer) on a Ferry or CouchDB server, a [`WsPeer`]... Until caught up, or for as long as it runs with `options.continuous`.
-    /// Each batch the target commits is acknowledged in the outbox, and a revision it refuses
-    /// marks its document rejected, as [`Ferry::sync_once`] does over its session; `progress`
-    /// is told after each batch; the replica's clock is first re-based on the remote's when it
-    /// tells its time. For other transports and tools (the `ferry` command syncs over HTTP
-    /// with it).
+    /// Pushes this replica's changes to `remote`, any replication peer (an
+    /// [`HttpPeer`](crate::HttpPeer) on a Ferry or CouchDB server, a [`WsPeer`]...), until
+    /// caught up or, with `options.continuous`, for as long as it runs. Each batch the target
+    /// commits is acknowledged in the outbox, and a revision it refuses marks its document
+    /// rejected, as [`Ferry::sync_once`] does over its session; `progress` is told after each
+    /// batch. The replica's clock is first re-based on the remote's, when it tells its time.
+    /// For other transports and tools (the `ferry` command syncs over HTTP with it).
     ///
     /// ```no_run
     /// # async fn run(ferry: ferry_client::Ferry) -> Result<(), Box<dyn std::error::Error>> {

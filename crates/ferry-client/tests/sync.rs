@@ -790,6 +790,14 @@ impl ferry_store::clock::WallClock for AnHourBehind {
     }
 }
 
+async fn a_server_an_hour_behind() -> Server {
+    Server::start_with(ferry_server::ServerConfig {
+        wall_clock: Arc::new(AnHourBehind),
+        ..ferry_server::ServerConfig::default()
+    })
+    .await
+}
+
 /// A device whose clock runs far ahead is not refused forever: each session (`sync_once` or
 /// the background one) re-bases the replica's clock on the server's, so an edit made before the
 /// first session, one made during a session and one made offline after the replica was opened
@@ -797,11 +805,7 @@ impl ferry_store::clock::WallClock for AnHourBehind {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_clock_runs_far_ahead_re_bases_on_the_server_and_its_edits_sync() {
     use ferry_store::clock::WallClock;
-    let server = Server::start_with(ferry_server::ServerConfig {
-        wall_clock: Arc::new(AnHourBehind),
-        ..ferry_server::ServerConfig::default()
-    })
-    .await;
+    let server = a_server_an_hour_behind().await;
     let dir = tempfile::tempdir().unwrap();
     let sync = options(&server.url("ahead"));
     let on_server = |n: u64| {
@@ -861,11 +865,7 @@ async fn a_client_whose_clock_runs_far_ahead_re_bases_on_the_server_and_its_edit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_over_http_re_bases_a_clock_that_runs_far_ahead_too() {
     use ferry_store::clock::WallClock;
-    let server = Server::start_with(ferry_server::ServerConfig {
-        wall_clock: Arc::new(AnHourBehind),
-        ..ferry_server::ServerConfig::default()
-    })
-    .await;
+    let server = a_server_an_hour_behind().await;
     let dir = tempfile::tempdir().unwrap();
     let a = client(dir.path(), "a");
     a.collection::<Value>("todos")

@@ -137,9 +137,14 @@ impl ReplicaClock {
             .saturating_add_signed(self.correction_ms.load(Ordering::SeqCst))
     }
 
-    /// How far the last re-base moved the wall clock, in milliseconds (negative: it ran ahead).
-    pub fn correction_ms(&self) -> i64 {
-        self.correction_ms.load(Ordering::SeqCst)
+    /// The bound past which a timestamp was stamped by a wall clock far ahead of this one:
+    /// the time now plus half the allowed drift. After a re-base, the replica re-stamps its
+    /// waiting edits stamped later than this ([`crate::Replica::restamp_outbox`]).
+    pub fn far_ahead(&self) -> Timestamp {
+        Timestamp::new(
+            self.wall_ms().saturating_add(self.max_drift_ms / 2),
+            u16::MAX,
+        )
     }
 
     /// Re-bases the clock on a server whose time is `server_ms` now, so that what it stamps is
@@ -150,7 +155,7 @@ impl ReplicaClock {
     /// Returns the correction now applied.
     ///
     /// The replica then gives its pending revisions stamped too far ahead new timestamps
-    /// ([`crate::Replica::restamp_outbox`]).
+    /// ([`ReplicaClock::far_ahead`], [`crate::Replica::restamp_outbox`]).
     pub fn rebase(&self, server_ms: u64) -> i64 {
         let wall = self.wall.now_ms();
         let off_ms = i128::from(server_ms) - i128::from(wall);
@@ -235,6 +240,10 @@ mod tests {
         let ahead = clock.now();
         assert_eq!(clock.rebase(9 * hour), -3_600_000);
         assert_eq!(clock.wall_ms(), 9 * hour);
+        assert!(
+            ahead > clock.far_ahead(),
+            "what the wall clock stamped is re-stamped"
+        );
         let stamped = clock.now();
         assert!(stamped < ahead, "{stamped} still an hour ahead");
         assert!(stamped.wall_ms() <= 9 * hour + 60_000, "{stamped}");
