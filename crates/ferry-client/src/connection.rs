@@ -20,6 +20,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_core::connection::{Command, Connection, Event, FailureKind, Jitter};
+pub use ferry_core::connection::{ConnectionState, ReconnectPolicy};
 use ferry_core::protocol::HelloAuth;
 use ferry_store::Replica;
 use ferry_sync::{
@@ -92,29 +94,6 @@ pub struct AuthenticationFailure {
 
 type FallbackFuture = Pin<Box<dyn Future<Output = Option<Credentials>> + Send>>;
 type Fallback = Arc<dyn Fn(AuthenticationFailure) -> FallbackFuture + Send + Sync>;
-
-/// When and how fast the sync loop reconnects.
-#[derive(Clone, Debug)]
-pub struct ReconnectPolicy {
-    /// Reconnect by itself after an interruption (on by default). When off, an interruption
-    /// ends in [`ConnectionState::Disconnected`] until the application calls
-    /// [`Ferry::set_online`].
-    pub enabled: bool,
-    /// The pause before the first retry; it doubles with each failure.
-    pub initial_delay: Duration,
-    /// The longest pause.
-    pub max_delay: Duration,
-}
-
-impl Default for ReconnectPolicy {
-    fn default() -> ReconnectPolicy {
-        ReconnectPolicy {
-            enabled: true,
-            initial_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(30),
-        }
-    }
-}
 
 /// Where and how to sync.
 ///
@@ -241,50 +220,6 @@ impl SyncOptions {
     pub fn url(&self) -> &str {
         &self.url
     }
-}
-
-/// Where the replica's connection to the server stands. Every change is also an event
-/// ([`Ferry::connection_events`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConnectionState {
-    /// Not syncing: no sync was started, it was stopped, or the application switched the
-    /// replica offline ([`Ferry::set_online`]).
-    Offline,
-    /// Opening the first session.
-    Connecting,
-    /// A session is open: changes flow both ways.
-    Connected,
-    /// The session broke (network cut, server gone, silence); reconnecting follows.
-    Interrupted {
-        /// What broke it.
-        reason: String,
-    },
-    /// Waiting `delay` before attempt number `attempt` to open a session.
-    Reconnecting {
-        /// The attempt about to be made, from 1.
-        attempt: u32,
-        /// The pause before it.
-        delay: Duration,
-        /// Why the previous attempt or session ended.
-        reason: String,
-    },
-    /// Stopped by an error retrying is unlikely to fix (a refused request), retried only every
-    /// [`ReconnectPolicy::max_delay`]; or interrupted with reconnecting turned off, until
-    /// [`Ferry::set_online`] is called.
-    Disconnected {
-        /// The error.
-        reason: String,
-    },
-    /// The server refused every credential the replica had, and the application's callback
-    /// gave no new ones. Pending writes are kept.
-    AuthenticationFailed {
-        /// The server's reason.
-        reason: String,
-    },
-    /// Another process on the same replica file runs the sync loop; this one follows its
-    /// results and takes over if it stops.
-    SyncedByAnotherProcess,
 }
 
 /// The connection state shared by a replica's handles.
@@ -459,14 +394,12 @@ impl Drop for SyncHandle {
     }
 }
 
-/// How one session ended.
-enum SessionEnd {
-    /// The session failed after (`true`) or before being accepted.
-    Failed { error: SyncError, connected: bool },
-    /// The application switched the replica offline.
-    WentOffline,
-    /// The offline subscriptions changed: the pull starts again with the new filter.
-    Resubscribe,
+/// A session accepted by the server, and what its pull carries.
+struct OpenSession {
+    pull_filter: PullFilter,
+    /// The offline subscriptions' revision the filter was made from, when the pull follows
+    /// them.
+    subscriptions_rev: Option<u64>,
 }
 
 /// What the pull carries.
@@ -799,125 +732,95 @@ impl Ferry {
             wait_timeout: Duration::from_secs(10),
             ..ReplicationOptions::default()
         };
-        let mut failures = 0u32;
-        let mut auth_failures = 0u32;
+        let jitter = Jitter::seeded(uuid::Uuid::new_v4().as_u64_pair().0);
+        let mut machine = Connection::new(options.reconnect.clone(), jitter);
+        online.mark_unchanged();
+        let mut step = machine.start(*online.borrow());
+        let mut opened = None;
         loop {
-            online.mark_unchanged();
-            if !*online.borrow() {
-                connection.set(ConnectionState::Offline);
-                remote.disconnect().await;
-                if online.changed().await.is_err() {
-                    return;
-                }
-                continue;
+            for state in step.entered {
+                connection.set(state);
             }
-            if failures == 0 {
-                connection.set(ConnectionState::Connecting);
-            }
-            let end = tokio::select! {
-                end = self.session(&local, &remote, &replication, &options) => end,
-                _ = online.changed() => SessionEnd::WentOffline,
-            };
-            remote.disconnect().await;
-            let (error, connected) = match end {
-                SessionEnd::WentOffline | SessionEnd::Resubscribe => continue,
-                SessionEnd::Failed { error, connected } => (error, connected),
-            };
-            if connected {
-                failures = 0;
-                auth_failures = 0;
-            }
-            let reason = error.to_string();
-            if error.is_unauthorized() {
-                auth_failures += 1;
-                if auth.rejected() {
-                    // The reconnect token was refused; the credentials are next, at once.
-                    continue;
-                }
-                let fallback = match &options.fallback {
-                    Some(fallback) => {
-                        fallback(AuthenticationFailure {
-                            reason: reason.clone(),
-                            attempts: auth_failures,
-                        })
-                        .await
+            let event = match step.command {
+                Command::Open => {
+                    remote.disconnect().await;
+                    tokio::select! {
+                        result = self.open_session(&remote, &options) => match result {
+                            Ok(session) => {
+                                opened = Some(session);
+                                Event::Opened
+                            }
+                            Err(error) => failure(&error, &auth),
+                        },
+                        _ = online.changed() => Event::Online(*online.borrow_and_update()),
                     }
-                    None => None,
-                };
-                if let Some(credentials) = fallback {
-                    auth.set_credentials(credentials);
-                    continue;
                 }
-                connection.set(ConnectionState::AuthenticationFailed { reason });
-                // Wait for the application: switching online again retries.
-                let _ = online.changed().await;
-                continue;
-            }
-            if connected {
-                connection.set(ConnectionState::Interrupted {
-                    reason: reason.clone(),
-                });
-            }
-            if !options.reconnect.enabled {
-                connection.set(ConnectionState::Disconnected { reason });
-                let _ = online.changed().await;
-                failures = 0;
-                continue;
-            }
-            if !error.is_transient() {
-                // Most likely a bug or a server-side condition someone must fix: say so, and
-                // still try again now and then, so a fixed server drains the outbox without the
-                // application having to notice.
-                tracing::warn!(%error, "sync stopped by an error retrying may not fix");
-                connection.set(ConnectionState::Disconnected { reason });
-                tokio::select! {
-                    () = tokio::time::sleep(options.reconnect.max_delay) => {}
-                    _ = online.changed() => {}
+                Command::Await => {
+                    let session = opened
+                        .take()
+                        .expect("a session is open after Event::Opened");
+                    let replicating =
+                        self.replicate_session(&local, &remote, &replication, session);
+                    let event = tokio::select! {
+                        event = replicating => event.unwrap_or_else(|error| failure(&error, &auth)),
+                        _ = online.changed() => Event::Online(*online.borrow_and_update()),
+                    };
+                    remote.disconnect().await;
+                    event
                 }
-                continue;
-            }
-            failures += 1;
-            let delay = ferry_sync::backoff_delay(
-                failures,
-                options.reconnect.initial_delay,
-                options.reconnect.max_delay,
-            );
-            connection.set(ConnectionState::Reconnecting {
-                attempt: failures,
-                delay,
-                reason,
-            });
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = online.changed() => {}
-            }
+                Command::Pause(delay) => tokio::select! {
+                    () = tokio::time::sleep(delay) => Event::Elapsed,
+                    _ = online.changed() => Event::Online(*online.borrow_and_update()),
+                },
+                Command::AwaitOnline => match online.changed().await {
+                    Ok(()) => Event::Online(*online.borrow_and_update()),
+                    Err(_) => return,
+                },
+                Command::AskCredentials { reason, attempts } => match &options.fallback {
+                    None => Event::Credentials(false),
+                    Some(fallback) => tokio::select! {
+                        credentials = fallback(AuthenticationFailure { reason, attempts }) => {
+                            let given = credentials.is_some();
+                            if let Some(credentials) = credentials {
+                                auth.set_credentials(credentials);
+                            }
+                            Event::Credentials(given)
+                        }
+                        _ = online.changed() => Event::Online(*online.borrow_and_update()),
+                    },
+                },
+            };
+            step = machine.handle(event);
         }
     }
 
-    /// One session: open it, then push and pull continuously until something breaks.
-    async fn session(
+    /// Opens a session: reads what the pull carries, says hello, re-bases the clock.
+    async fn open_session(
+        &self,
+        remote: &WsPeer,
+        options: &SyncOptions,
+    ) -> Result<OpenSession, SyncError> {
+        let (_, subscriptions_rev) = self.subscriptions_with_rev().map_err(local_error)?;
+        let pull_filter = self.pull_filter(options).map_err(local_error)?;
+        remote.prepare(true).await?;
+        self.rebase_clock(remote).await?;
+        Ok(OpenSession {
+            pull_filter,
+            subscriptions_rev: options.only_subscribed.then_some(subscriptions_rev),
+        })
+    }
+
+    /// Pushes and pulls over an open session until something breaks, or until the offline
+    /// subscriptions change and the pull must start again with the new filter
+    /// ([`Event::Restart`]).
+    async fn replicate_session(
         &self,
         local: &LocalPeer,
         remote: &WsPeer,
         replication: &ReplicationOptions,
-        options: &SyncOptions,
-    ) -> SessionEnd {
-        let failed = |error, connected| SessionEnd::Failed { error, connected };
-        let (_, subscriptions_rev) = match self.subscriptions_with_rev() {
-            Ok(found) => found,
-            Err(error) => return failed(local_error(error), false),
-        };
-        let pull_filter = match self.pull_filter(options) {
-            Ok(filter) => filter,
-            Err(error) => return failed(local_error(error), false),
-        };
-        if let Err(error) = remote.prepare(true).await {
-            return failed(error, false);
-        }
-        if let Err(error) = self.rebase_clock(remote).await {
-            return failed(error, false);
-        }
-        self.inner.connection.set(ConnectionState::Connected);
+        session: OpenSession,
+    ) -> Result<Event, SyncError> {
+        let pull_filter = &session.pull_filter;
         let replicating = async {
             // Catch up push first, then pull (conflicts surface on the server first and come
             // back with the pull), then follow both directions.
@@ -926,27 +829,25 @@ impl Ferry {
                 ..replication.clone()
             };
             self.push(local, remote, &catch_up, |_| {}).await?;
-            self.pull(local, remote, &catch_up, &pull_filter).await?;
+            self.pull(local, remote, &catch_up, pull_filter).await?;
             tokio::try_join!(
                 self.push(local, remote, replication, |_| {}),
-                self.pull(local, remote, replication, &pull_filter),
+                self.pull(local, remote, replication, pull_filter),
             )?;
-            Ok::<(), SyncError>(())
+            Err::<Event, SyncError>(SyncError::Session {
+                url: remote.describe(),
+                detail: "replication ended".into(),
+            })
         };
-        let replicating = async {
-            match replicating.await {
-                Err(error) => error,
-                Ok(()) => SyncError::Session {
-                    url: remote.describe(),
-                    detail: "replication ended".into(),
-                },
+        let resubscribe = async {
+            match session.subscriptions_rev {
+                Some(rev) => self.subscriptions_change(rev).await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
-            error = replicating => failed(error, true),
-            () = self.subscriptions_change(subscriptions_rev), if options.only_subscribed => {
-                SessionEnd::Resubscribe
-            }
+            result = replicating => result,
+            () = resubscribe => Ok(Event::Restart),
         }
     }
 
@@ -978,6 +879,24 @@ impl Ferry {
                 () = tokio::time::sleep(SUBSCRIPTIONS_POLL) => {}
             }
         }
+    }
+}
+
+/// How a session's `error` ended it, for the connection machine.
+fn failure(error: &SyncError, auth: &ClientAuth) -> Event {
+    let kind = if error.is_unauthorized() {
+        FailureKind::Unauthorized {
+            credentials_left: auth.rejected(),
+        }
+    } else if error.is_transient() {
+        FailureKind::Transient
+    } else {
+        tracing::warn!(%error, "sync stopped by an error retrying may not fix");
+        FailureKind::Permanent
+    };
+    Event::Failed {
+        kind,
+        reason: error.to_string(),
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`couch`]: the CouchDB document format on the wire, converted explicitly.
 //! - [`replicate`]: one-way replication (checkpoints, changes, revs-diff, fetch, write) as a
 //!   state machine.
+//! - [`connection`]: the sync connection (open, back off, ask for credentials) as a state
+//!   machine.
 //!
 //! ```
 //! use ferry_core::{json, rev::Rev, tree::RevTree};
@@ -26,6 +28,7 @@
 //! assert_eq!(tree.winner().unwrap().rev, rev);
 //! ```
 
+pub mod connection;
 pub mod couch;
 pub mod filter;
 pub mod hlc;

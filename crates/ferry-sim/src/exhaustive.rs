@@ -58,7 +58,7 @@ impl World {
         world.reorder = false;
         world.exhaustive = true;
         for client in &mut world.clients {
-            client.live = false;
+            client.live = None;
             client.pull_filter = ferry_core::filter::ChangesFilter::all();
         }
         world
@@ -187,7 +187,7 @@ impl World {
             }
             Event::CrashServer => {
                 budget.faults -= 1;
-                self.crash_server();
+                self.crash_server()?;
             }
         }
         self.check_acknowledged()?;

@@ -28,6 +28,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
+use ferry_core::connection::{
+    Command, Connection, ConnectionState, Event, FailureKind, Jitter, ReconnectPolicy,
+};
 use ferry_core::filter::ChangesFilter;
 use ferry_core::model::{Body, Limits, Revision};
 use ferry_core::replicate::{
@@ -139,6 +142,8 @@ enum Request {
     RevsDiff(DocRevs),
     Fetch(DocRevs),
     Write(Vec<Revision>),
+    /// Opens a live session.
+    Hello,
 }
 
 /// The server's answer.
@@ -153,6 +158,7 @@ enum Reply {
     },
     Missing(DocRevs),
     Revisions(Vec<Revision>),
+    Welcome,
 }
 
 #[derive(Clone, Debug)]
@@ -243,6 +249,40 @@ impl Clone for Replica {
     }
 }
 
+/// A live client's sync connection: the shipping connection machine (`ferry_core::connection`,
+/// which the SDK's sync loop drives too) and the driver's side of its last command.
+#[derive(Clone, Debug)]
+struct Live {
+    machine: Connection,
+    command: Command,
+    /// The `Hello` in flight while opening a session: its request id and when it was sent.
+    hello: Option<(u64, u64)>,
+    /// When a `Command::Pause` ends.
+    pause_until: u64,
+}
+
+impl Live {
+    fn new(online: bool, jitter: u64) -> Live {
+        let mut machine = Connection::new(reconnect_policy(), Jitter::seeded(jitter));
+        let command = machine.start(online).command;
+        Live {
+            machine,
+            command,
+            hello: None,
+            pause_until: 0,
+        }
+    }
+}
+
+/// Reconnecting as the SDK does, scaled to the simulation's timeouts.
+fn reconnect_policy() -> ReconnectPolicy {
+    ReconnectPolicy {
+        enabled: true,
+        initial_delay: std::time::Duration::from_millis(50),
+        max_delay: std::time::Duration::from_millis(RECONNECT_MAX_DELAY_MS),
+    }
+}
+
 struct Client {
     replica: Replica,
     skew_ms: i64,
@@ -250,7 +290,8 @@ struct Client {
     /// carry everything.
     pull_filter: ChangesFilter,
     online: bool,
-    live: bool,
+    /// Syncing in the background (`Ferry::start_sync`), through the connection machine.
+    live: Option<Live>,
     push: Option<Run>,
     pull: Option<Run>,
     /// Winners shown so far, per document (reads must not go backwards).
@@ -298,7 +339,7 @@ impl Clone for Client {
             skew_ms: self.skew_ms,
             pull_filter: self.pull_filter.clone(),
             online: self.online,
-            live: self.live,
+            live: self.live.clone(),
             push: self.push.clone(),
             pull: self.pull.clone(),
             shown: self.shown.clone(),
@@ -340,6 +381,8 @@ const BATCH: usize = 3;
 /// The server's default drift limit, also the SDK's: clock skews stay well inside it.
 const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// The longest pause between two attempts to open a live session.
+const RECONNECT_MAX_DELAY_MS: u64 = 2_000;
 const HEALING_ROUNDS: usize = 60;
 
 /// What a client pulls: mostly everything; sometimes only what an offline subscription selects
@@ -406,6 +449,7 @@ impl World {
         // Drawn from a stream of their own, so that adding them left every seed's other
         // choices as they were.
         let mut filters = Rng(seed ^ 0x0f11_7e12_50fc_0ffe);
+        let mut jitters = Rng(seed ^ 0x5eed_0fba_c0ff_ee00);
         let clients = (0..client_count)
             .map(|n| Client {
                 replica: Replica::new(
@@ -415,7 +459,7 @@ impl World {
                 skew_ms: 0,
                 pull_filter: subscription_filter(&mut filters),
                 online: true,
-                live: rng.chance(500),
+                live: rng.chance(500).then(|| Live::new(true, jitters.next())),
                 push: None,
                 pull: None,
                 shown: BTreeMap::new(),
@@ -606,9 +650,20 @@ impl World {
                 if !online {
                     self.disconnect(client);
                 }
+                self.tell_live(client, Event::Online(online))?;
             }
             64..=79 => self.start_sync(client),
-            80..=82 => self.clients[client].live = !self.clients[client].live,
+            80..=82 => {
+                // Starting the background sync, or stopping it (its runs finish on their own).
+                let live = match self.clients[client].live {
+                    Some(_) => None,
+                    None => Some(Live::new(self.clients[client].online, self.rng.next())),
+                };
+                self.clients[client].live = live;
+                if self.clients[client].live.is_some() {
+                    self.drive_live(client)?;
+                }
+            }
             83..=85 => {
                 self.clients[client].skew_ms = self.rng.below(60_000).cast_signed() - 30_000;
             }
@@ -625,7 +680,7 @@ impl World {
                 }
             }
             89..=92 => self.crash_client(client),
-            93..=94 => self.crash_server(),
+            93..=94 => self.crash_server()?,
             _ => {
                 // Let time pass.
                 self.now += self.rng.below(500);
@@ -647,11 +702,16 @@ impl World {
         trace(|| format!("t{} client {client} crash", self.now));
         self.disconnect(client);
         self.clients[client].shown.clear();
+        // The application starts again, and its background sync with it.
+        if self.clients[client].live.is_some() {
+            let online = self.clients[client].online;
+            self.clients[client].live = Some(Live::new(online, self.rng.next()));
+        }
     }
 
     /// The server loses every session and every message in flight; its store keeps what it
     /// committed.
-    fn crash_server(&mut self) {
+    fn crash_server(&mut self) -> Result<(), Failure> {
         let before = self.network.len();
         self.network.clear();
         self.outcome.faults += before as u64;
@@ -659,6 +719,65 @@ impl World {
             client.push = None;
             client.pull = None;
         }
+        for client in 0..self.clients.len() {
+            let in_session = self.clients[client]
+                .live
+                .as_ref()
+                .is_some_and(|live| matches!(live.command, Command::Open | Command::Await));
+            if in_session {
+                self.tell_live(client, transient("the server went away"))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the background sync: the connection machine's driver -----------------------------
+
+    /// Tells a live client's connection machine what happened, and does what it says.
+    fn tell_live(&mut self, client: usize, event: Event) -> Result<(), Failure> {
+        let Some(live) = self.clients[client].live.as_mut() else {
+            return Ok(());
+        };
+        trace(|| format!("t{} client {client} connection: {event:?}", self.now));
+        live.command = live.machine.handle(event).command;
+        live.hello = None;
+        live.pause_until = match live.command {
+            Command::Pause(delay) => self
+                .now
+                .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+            _ => 0,
+        };
+        self.drive_live(client)
+    }
+
+    /// Does what a live client's last command says, as far as it can now: sends the `Hello`
+    /// of a session being opened, keeps an open session's replications running (restarting
+    /// them when they finish, as continuous ones go on), ends a pause that is over.
+    fn drive_live(&mut self, client: usize) -> Result<(), Failure> {
+        let Some(live) = &self.clients[client].live else {
+            return Ok(());
+        };
+        match &live.command {
+            Command::Open if live.hello.is_none() => {
+                let id = self.send(client, Request::Hello);
+                let now = self.now;
+                if let Some(live) = self.clients[client].live.as_mut() {
+                    live.hello = Some((id, now));
+                }
+            }
+            Command::Open | Command::AwaitOnline => {}
+            Command::Await => self.start_sync(client),
+            Command::Pause(_) if self.now >= live.pause_until => {
+                return self.tell_live(client, Event::Elapsed);
+            }
+            Command::Pause(_) => {}
+            Command::AskCredentials { reason, .. } => {
+                return Err(self.fail(format!(
+                    "client {client}'s connection asks for credentials ({reason}); nothing refuses any"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn start_sync(&mut self, client: usize) {
@@ -1053,6 +1172,7 @@ impl World {
                 Reply::Missing(missing_revs(endpoint.revs_diff(&revs).map_err(store)?))
             }
             Request::Fetch(wanted) => Reply::Revisions(fetch(&endpoint, &wanted).map_err(store)?),
+            Request::Hello => Reply::Welcome,
             Request::Write(revisions) => {
                 trace(|| {
                     format!(
@@ -1134,6 +1254,17 @@ impl World {
     /// A reply reaches a client: the run waiting for it goes on; anything else (a duplicate, a
     /// reply to a run that was lost) is ignored.
     fn receive(&mut self, client: usize, request: u64, reply: Reply) -> Result<(), Failure> {
+        if let Reply::Welcome = reply {
+            let welcomed = self.clients[client]
+                .live
+                .as_ref()
+                .is_some_and(|live| live.hello.is_some_and(|(id, _)| id == request));
+            if welcomed {
+                self.tell_live(client, Event::Opened)?;
+                self.advance(client)?;
+            }
+            return Ok(());
+        }
         for direction in [Direction::Push, Direction::Pull] {
             let Some(run) = self.run_mut(client, direction) else {
                 continue;
@@ -1194,19 +1325,34 @@ impl World {
     }
 
     /// Runs waiting too long for a reply are given up, as a client gives up a dead session.
-    fn expire(&mut self) {
+    /// A live session whose request or hello timed out fails, and its connection machine
+    /// decides when to try again.
+    fn expire(&mut self) -> Result<(), Failure> {
         let now = self.now;
-        for client in &mut self.clients {
+        let timed_out = |since: u64| now.saturating_sub(since) > REQUEST_TIMEOUT_MS;
+        for index in 0..self.clients.len() {
+            let client = &mut self.clients[index];
+            let mut expired = false;
             for run in [&mut client.push, &mut client.pull] {
                 if run
                     .as_ref()
                     .and_then(|run| run.waiting.as_ref())
-                    .is_some_and(|(_, _, since)| now.saturating_sub(*since) > REQUEST_TIMEOUT_MS)
+                    .is_some_and(|&(_, _, since)| timed_out(since))
                 {
                     *run = None;
+                    expired = true;
                 }
             }
+            let failed = client.live.as_ref().is_some_and(|live| match live.command {
+                Command::Open => live.hello.is_some_and(|(_, since)| timed_out(since)),
+                Command::Await => expired,
+                _ => false,
+            });
+            if failed {
+                self.tell_live(index, transient("timed out"))?;
+            }
         }
+        Ok(())
     }
 
     // ---- checks --------------------------------------------------------------------------
@@ -1380,11 +1526,48 @@ impl World {
         Ok(())
     }
 
+    /// Once faults stop, every live client's connection opens a session by itself, within the
+    /// longest pause and a timeout, with nothing but time passing.
+    fn reconnect_live_clients(&mut self) -> Result<(), Failure> {
+        let deadline = self.now + RECONNECT_MAX_DELAY_MS + 2 * REQUEST_TIMEOUT_MS;
+        loop {
+            for client in 0..self.clients.len() {
+                self.drive_live(client)?;
+                self.advance(client)?;
+            }
+            while self.deliver()? {}
+            let waiting = self.clients.iter().position(|client| {
+                client
+                    .live
+                    .as_ref()
+                    .is_some_and(|live| *live.machine.state() != ConnectionState::Connected)
+            });
+            let Some(client) = waiting else {
+                return Ok(());
+            };
+            if self.now > deadline {
+                let state = self.clients[client]
+                    .live
+                    .as_ref()
+                    .map(|l| l.machine.state());
+                return Err(self.fail(format!(
+                    "live client {client} did not reconnect on its own: {state:?}"
+                )));
+            }
+            self.now += 10;
+            self.expire()?;
+        }
+    }
+
     /// Faults stop; every client comes online and syncs until nothing moves.
     fn heal(&mut self) -> Result<(), Failure> {
         self.faults_on = false;
-        for client in &mut self.clients {
-            client.online = true;
+        for client in 0..self.clients.len() {
+            let was_online = std::mem::replace(&mut self.clients[client].online, true);
+            if !was_online {
+                self.tell_live(client, Event::Online(true))?;
+            }
+            let client = &mut self.clients[client];
             client.cut_up_until = 0;
             client.cut_down_until = 0;
             client.quiet = (false, false);
@@ -1392,7 +1575,8 @@ impl World {
         // What is still in flight arrives; runs whose replies were lost give up on them.
         while self.deliver()? {}
         self.now += REQUEST_TIMEOUT_MS + 1;
-        self.expire();
+        self.expire()?;
+        self.reconnect_live_clients()?;
         for round in 0..HEALING_ROUNDS {
             for client in 0..self.clients.len() {
                 self.start_sync(client);
@@ -1432,6 +1616,14 @@ impl World {
         Err(self.fail(format!(
             "not quiescent after {HEALING_ROUNDS} rounds without faults (pending per client: {pending:?})"
         )))
+    }
+}
+
+/// A session failure the network caused.
+fn transient(reason: &str) -> Event {
+    Event::Failed {
+        kind: FailureKind::Transient,
+        reason: reason.to_owned(),
     }
 }
 
@@ -1497,9 +1689,7 @@ pub fn run(seed: u64) -> Result<Outcome, Failure> {
         world.outcome.operations += 1;
         // The network and the live clients move between operations.
         for client in 0..world.clients.len() {
-            if world.clients[client].live {
-                world.start_sync(client);
-            }
+            world.drive_live(client)?;
             world.advance(client)?;
         }
         for _ in 0..world.rng.below(6) {
@@ -1508,7 +1698,7 @@ pub fn run(seed: u64) -> Result<Outcome, Failure> {
             }
         }
         world.now += world.rng.below(50);
-        world.expire();
+        world.expire()?;
         world.check_acknowledged()?;
     }
     world.heal()?;

@@ -36,7 +36,7 @@
 //! ```
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferry_core::model::Revision;
 use ferry_core::replicate::{
@@ -359,12 +359,18 @@ pub async fn replicate_reporting<S: Peer, T: Peer>(
     mut rejected: impl FnMut(&RejectedRevision) + Send,
 ) -> Result<Stats, SyncError> {
     let mut failures = 0u32;
+    let mut jitter = ferry_core::connection::Jitter::seeded(uuid::Uuid::new_v4().as_u64_pair().0);
     loop {
         match replicate_once(source, target, options, &mut progress, &mut rejected).await {
             Ok(stats) => return Ok(stats),
             Err(error) if options.continuous && options.retry_transient && error.is_transient() => {
                 failures = failures.saturating_add(1);
-                let pause = backoff_delay(failures, INITIAL_BACKOFF, options.max_backoff);
+                let pause = ferry_core::connection::backoff_delay(
+                    failures,
+                    INITIAL_BACKOFF,
+                    options.max_backoff,
+                    &mut jitter,
+                );
                 tracing::warn!(%error, retry_in_ms = pause.as_millis(), "replication interrupted");
                 tokio::time::sleep(pause).await;
             }
@@ -380,18 +386,6 @@ pub(crate) const FETCH_ANSWER_BYTES: usize = ferry_core::replicate::DEFAULT_MAX_
 
 /// The first pause after a transient failure.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Exponential backoff (`initial` doubling with each failure, capped) with up to 50% jitter,
-/// so clients that lost the server together do not all come back at the same instant.
-pub fn backoff_delay(failures: u32, initial: Duration, cap: Duration) -> Duration {
-    let base = initial.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let base = base.min(cap);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.subsec_nanos());
-    let jitter = base.mul_f64(f64::from(nanos % 1000) / 2000.0);
-    base - jitter
-}
 
 async fn replicate_once<S: Peer, T: Peer>(
     source: &S,
