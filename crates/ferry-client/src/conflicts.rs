@@ -158,6 +158,9 @@ pub enum ConflictEvent {
     },
 }
 
+/// The local document holding the replica's named conflict policies, by collection.
+const POLICIES_DOC: &str = "ferry-conflict-policies";
+
 /// Conflict handling state shared by a replica's handles.
 pub(crate) struct ConflictState {
     policies: Mutex<HashMap<String, ConflictPolicy>>,
@@ -224,10 +227,58 @@ impl Ferry {
     /// Resolves `collection`'s conflicts on this replica by `policy` from now on: those pulled
     /// revisions create as each batch is stored, and those already present at the next
     /// [`Ferry::resolve_conflicts`].
-    pub fn set_conflict_policy(&self, collection: &str, policy: ConflictPolicy) {
+    ///
+    /// A named policy (`Keep`, `LastWriteWins`, `Merge`) is kept in the replica: every process
+    /// on the replica file (the one that syncs among them) and every later opening resolves by
+    /// it. A [`ConflictPolicy::Custom`] function lives in this process only; elsewhere the
+    /// collection's conflicts are kept for it ([`Ferry::resolve_conflicts`] here settles them).
+    ///
+    /// ```
+    /// use ferry_client::{ConflictPolicy, Ferry};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("notes.ferry");
+    /// let ferry = Ferry::initialize_offline(&path, "ann").unwrap();
+    /// ferry.set_conflict_policy("todos", ConflictPolicy::Merge).unwrap();
+    /// drop(ferry);
+    /// let reopened = Ferry::initialize_offline(&path, "ann").unwrap();
+    /// assert!(matches!(reopened.conflict_policy("todos").unwrap(), ConflictPolicy::Merge));
+    /// ```
+    pub fn set_conflict_policy(
+        &self,
+        collection: &str,
+        policy: ConflictPolicy,
+    ) -> Result<(), ClientError> {
+        let name = policy.name();
+        self.update_local(POLICIES_DOC, |body| {
+            if body.get(collection).and_then(Value::as_str) == Some(name) {
+                return Ok(false);
+            }
+            body.insert(collection.to_owned(), Value::from(name));
+            Ok(true)
+        })?;
         lock(&self.inner.conflicts.policies).insert(collection.to_owned(), policy);
         // Look at every document again: existing conflicts fall under the new policy.
         *lock(&self.inner.conflicts.scanned) = 0;
+        Ok(())
+    }
+
+    /// The policy resolving `collection`'s conflicts in this process: the one it set, else
+    /// the one kept in the replica (a custom function set by another process reads as
+    /// [`ConflictPolicy::Keep`] here), else `Keep`.
+    pub fn conflict_policy(&self, collection: &str) -> Result<ConflictPolicy, ClientError> {
+        if let Some(policy) = lock(&self.inner.conflicts.policies).get(collection) {
+            return Ok(policy.clone());
+        }
+        let stored = self.inner.db.get_local(POLICIES_DOC)?;
+        let name = stored
+            .as_ref()
+            .and_then(|doc| doc.body.get(collection))
+            .and_then(Value::as_str);
+        Ok(match name {
+            Some("last-write-wins") => ConflictPolicy::LastWriteWins,
+            Some("merge") => ConflictPolicy::Merge,
+            _ => ConflictPolicy::Keep,
+        })
     }
 
     /// Compacts the local replica: drops the bodies of old ancestors and of versions superseded
@@ -272,10 +323,7 @@ impl Ferry {
         doc_id: &str,
     ) -> Result<Option<ResolutionRecord>, ClientError> {
         let collection = collection_of(doc_id).to_owned();
-        let policy = lock(&self.inner.conflicts.policies)
-            .get(&collection)
-            .cloned()
-            .unwrap_or_default();
+        let policy = self.conflict_policy(&collection)?;
         let db = self.database();
         let record = match &policy {
             ConflictPolicy::Keep => None,

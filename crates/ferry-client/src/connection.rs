@@ -24,6 +24,7 @@ use ferry_core::connection::{Command, Connection, Event, FailureKind, Jitter};
 pub use ferry_core::connection::{ConnectionState, ReconnectPolicy};
 use ferry_core::protocol::HelloAuth;
 use ferry_store::Replica;
+use ferry_store::clock::ReplicaClock;
 use ferry_sync::{
     LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, TlsOptions, WsPeer,
 };
@@ -269,6 +270,8 @@ const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
 /// and which of the two the last `hello` presented.
 struct ClientAuth {
     db: Arc<dyn Replica>,
+    /// Reconnect tokens expire by it.
+    clock: Arc<ReplicaClock>,
     /// Tokens are per server: the session URL they were issued for.
     server: String,
     state: Mutex<AuthState>,
@@ -282,7 +285,12 @@ struct AuthState {
 }
 
 impl ClientAuth {
-    fn new(db: Arc<dyn Replica>, server: String, credentials: Option<Credentials>) -> ClientAuth {
+    fn new(
+        db: Arc<dyn Replica>,
+        clock: Arc<ReplicaClock>,
+        server: String,
+        credentials: Option<Credentials>,
+    ) -> ClientAuth {
         let reconnect = db
             .get_local(RECONNECT_TOKEN_DOC)
             .ok()
@@ -295,6 +303,7 @@ impl ClientAuth {
             });
         ClientAuth {
             db,
+            clock,
             server,
             state: Mutex::new(AuthState {
                 credentials,
@@ -351,7 +360,9 @@ impl ClientAuth {
 impl SessionCredentials for ClientAuth {
     fn hello_auth(&self) -> Option<HelloAuth> {
         let mut state = self.state();
-        let now = crate::wall_ms();
+        // The replica's wall clock, corrected by the last re-base: the token's expiry is the
+        // server's time.
+        let now = self.clock.wall_ms();
         if let Some((token, expires)) = &state.reconnect
             && *expires > now
         {
@@ -708,6 +719,7 @@ impl Ferry {
         }
         let auth = Arc::new(ClientAuth::new(
             self.inner.db.clone(),
+            self.inner.clock.clone(),
             peer.describe(),
             options.credentials.clone(),
         ));

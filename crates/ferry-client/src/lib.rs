@@ -61,13 +61,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use ferry_core::model::Limits;
-use ferry_store::clock::{ReplicaClock, SystemClock};
+use ferry_store::StoreError;
+use ferry_store::clock::ReplicaClock;
 use ferry_store::endpoint::{Endpoint, EndpointConfig, EndpointError, Fanout};
-use ferry_store::sqlite::SqliteDatabase;
-use ferry_store::{Database, Durability, StoreConfig, StoreError};
 use ferry_store::{PendingState, Replica};
 use ferry_sync::{LocalPeer, SyncError};
 use tokio::sync::watch;
@@ -76,6 +74,7 @@ mod collection;
 mod conflicts;
 mod connection;
 mod offline;
+mod open;
 
 pub use collection::{Collection, Doc, Query};
 pub use conflicts::{
@@ -85,12 +84,16 @@ pub use connection::{
     AuthenticationFailure, ConnectionState, Credentials, ReconnectPolicy, SyncHandle, SyncOptions,
 };
 pub use ferry_core::hlc::Timestamp;
+pub use ferry_core::model::Limits;
 pub use ferry_core::resolve::{Method as ResolutionMethod, Overridden, ResolutionRecord};
 pub use ferry_core::rev::Rev;
+pub use ferry_store::Durability;
+pub use ferry_store::clock::{ManualClock, SystemClock, WallClock};
 /// What [`Ferry::push_to`] and [`Ferry::pull_from`] work with: a peer, how to replicate, and
 /// what a replication did.
 pub use ferry_sync::{HttpPeer, Peer, ReplicationOptions, Stats, SyncStats, TlsOptions};
 pub use offline::OfflineSubscription;
+pub use open::FerryBuilder;
 
 /// How often a replica looks for changes written by other processes on the same file.
 const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
@@ -148,6 +151,9 @@ pub enum ClientError {
     /// [`Ferry::start_sync`] was called while a sync it started is still running.
     #[error("this replica is already syncing; drop its SyncHandle first")]
     AlreadySyncing,
+    /// An option given to [`Ferry::builder`] cannot work (a limit of zero).
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
     /// [`Ferry::start_sync`] was called outside a tokio runtime, which the sync runs on.
     #[error(
         "start_sync needs a tokio runtime: call it from async code (inside #[tokio::main] or Runtime::block_on)"
@@ -191,7 +197,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The server refused a request, or the sync is misconfigured (its URL, TLS settings).
     Sync,
-    /// The call was made where it cannot work: a second `start_sync`, or outside a runtime.
+    /// The call was made where it cannot work (a second `start_sync`, outside a runtime), or
+    /// with options that cannot work.
     Usage,
 }
 
@@ -209,7 +216,9 @@ impl ClientError {
             ClientError::Sync(error) if error.is_unauthorized() => ErrorKind::Unauthorized,
             ClientError::Sync(error) if error.is_transient() => ErrorKind::Unavailable,
             ClientError::Sync(_) => ErrorKind::Sync,
-            ClientError::AlreadySyncing | ClientError::NoRuntime => ErrorKind::Usage,
+            ClientError::AlreadySyncing
+            | ClientError::NoRuntime
+            | ClientError::InvalidOptions(_) => ErrorKind::Usage,
         }
     }
 }
@@ -323,19 +332,11 @@ pub(crate) fn broadcast_stream<T: Clone + Send + 'static>(
     })
 }
 
-pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 impl Ferry {
     /// Opens (creating if needed) the local replica at `path` for `user`, with no server.
     /// Everything works offline; sync can start later.
     pub fn initialize_offline(path: impl AsRef<Path>, user: &str) -> Result<Ferry, ClientError> {
-        Ferry::open(path.as_ref().to_owned(), user, None)
+        Ferry::builder(user).open(path)
     }
 
     /// A replica in a new temporary file, deleted when the last handle is dropped: for tests
@@ -347,46 +348,31 @@ impl Ferry {
     /// assert_eq!(ferry.status().unwrap().pending, 1);
     /// ```
     pub fn temporary(user: &str) -> Result<Ferry, ClientError> {
-        let dir = tempfile::tempdir().map_err(StoreError::from)?;
-        Ferry::open(dir.path().join("replica.ferry"), user, Some(dir))
+        Ferry::builder(user).open_temporary()
     }
 
-    fn open(
-        path: PathBuf,
-        user: &str,
-        temporary: Option<tempfile::TempDir>,
-    ) -> Result<Ferry, ClientError> {
-        let limits = Limits::default();
-        let config = StoreConfig {
-            limits: limits.clone(),
-            durability: Durability::Full,
-            track_pending: true,
-        };
-        let db = SqliteDatabase::open(&path, "local", config)?;
-        let update_seq = db.info()?.update_seq;
-        let clock = ReplicaClock::resumed(
-            Arc::new(SystemClock),
-            MAX_CLOCK_DRIFT_MS,
-            ferry_store::newest_clock(&db)?,
-        );
-        Ok(Ferry {
-            inner: Arc::new(Inner {
-                db: Arc::new(db),
-                path,
-                user: user.to_owned(),
-                clock: Arc::new(clock),
-                endpoint: EndpointConfig {
-                    limits,
-                    ..EndpointConfig::default()
-                },
-                changes: watch::channel(update_seq).0,
-                poller_started: std::sync::atomic::AtomicBool::new(false),
-                connection: Arc::new(connection::ConnectionShared::new()),
-                conflicts: conflicts::ConflictState::new(),
-                subscriptions_changed: watch::channel(0).0,
-                _temporary: temporary,
-            }),
-        })
+    /// Changes the local document `key` by `change` (which says whether it changed anything),
+    /// starting again from the stored one when another process wrote it meanwhile; returns
+    /// whether it changed.
+    pub(crate) fn update_local(
+        &self,
+        key: &str,
+        change: impl Fn(&mut serde_json::Map<String, serde_json::Value>) -> Result<bool, ClientError>,
+    ) -> Result<bool, ClientError> {
+        loop {
+            let (mut body, rev) = match self.inner.db.get_local(key)? {
+                Some(doc) => (doc.body, Some(doc.rev)),
+                None => (serde_json::Map::new(), None),
+            };
+            if !change(&mut body)? {
+                return Ok(false);
+            }
+            match self.inner.db.put_local(key, rev, Some(body)) {
+                Ok(_) => return Ok(true),
+                Err(StoreError::LocalConflict) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// The user this replica belongs to.

@@ -8,7 +8,7 @@
 
 use ferry_core::selector::Selector;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::{ClientError, Ferry};
 
@@ -148,31 +148,26 @@ impl Ferry {
         &self,
         change: impl Fn(&mut Vec<OfflineSubscription>) -> bool,
     ) -> Result<bool, ClientError> {
-        loop {
-            let (mut subscriptions, rev) = self.subscriptions_with_rev()?;
+        let changed = self.update_local(SUBSCRIPTIONS_DOC, |body| {
+            let mut subscriptions: Vec<OfflineSubscription> = body
+                .get("subscriptions")
+                .cloned()
+                .and_then(|list| serde_json::from_value(list).ok())
+                .unwrap_or_default();
             if !change(&mut subscriptions) {
                 return Ok(false);
             }
-            let mut body = Map::new();
             body.insert(
                 "subscriptions".into(),
                 serde_json::to_value(&subscriptions)?,
             );
-            let expected = (rev > 0).then_some(rev);
-            match self
-                .database()
-                .put_local(SUBSCRIPTIONS_DOC, expected, Some(body))
-            {
-                Ok(_) => {
-                    self.inner
-                        .subscriptions_changed
-                        .send_modify(|count| *count += 1);
-                    return Ok(true);
-                }
-                // Another process changed them meanwhile: apply the change to theirs.
-                Err(ferry_store::StoreError::LocalConflict) => {}
-                Err(error) => return Err(error.into()),
-            }
+            Ok(true)
+        })?;
+        if changed {
+            self.inner
+                .subscriptions_changed
+                .send_modify(|count| *count += 1);
         }
+        Ok(changed)
     }
 }

@@ -200,7 +200,9 @@ async fn clients_resolving_on_their_own_write_the_same_revisions() {
     let server = Server::start_with(server_with(Policy::Keep)).await;
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
-        ferry.set_conflict_policy("todos", ConflictPolicy::Merge);
+        ferry
+            .set_conflict_policy("todos", ConflictPolicy::Merge)
+            .unwrap();
     })
     .await;
     assert_same_everywhere(
@@ -239,20 +241,22 @@ async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
                 sink.lock().unwrap().push(event);
             }
         });
-        ferry.set_conflict_policy(
-            "todos",
-            ConflictPolicy::custom(|conflict| {
-                let latest = conflict.versions.iter().max_by_key(|v| v.hlc)?;
-                let mut value = latest.value.clone();
-                let total: u64 = conflict
-                    .versions
-                    .iter()
-                    .filter_map(|v| v.value["qty"].as_u64())
-                    .sum();
-                value["qty"] = json!(total);
-                Some(value)
-            }),
-        );
+        ferry
+            .set_conflict_policy(
+                "todos",
+                ConflictPolicy::custom(|conflict| {
+                    let latest = conflict.versions.iter().max_by_key(|v| v.hlc)?;
+                    let mut value = latest.value.clone();
+                    let total: u64 = conflict
+                        .versions
+                        .iter()
+                        .filter_map(|v| v.value["qty"].as_u64())
+                        .sum();
+                    value["qty"] = json!(total);
+                    Some(value)
+                }),
+            )
+            .unwrap();
     })
     .await;
     assert_same_everywhere(
@@ -363,4 +367,67 @@ async fn an_edit_of_a_pulled_revision_from_a_clock_ahead_orders_after_it() {
         "the edit's clock {} is not after its parent's {ahead}",
         edited.hlc
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_kept_in_the_replica_resolves_what_another_handle_pulls() {
+    // The server keeps conflicts. Each client's policy is set through a second handle on its
+    // replica file (as the application's UI process and the process that syncs would), and
+    // the syncing handle, opened before, resolves by it.
+    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = loopback_scenario(&server, dir.path(), |ferry| {
+        Ferry::initialize_offline(ferry.path(), ferry.user())
+            .unwrap()
+            .set_conflict_policy("todos", ConflictPolicy::Merge)
+            .unwrap();
+    })
+    .await;
+    assert_same_everywhere(
+        &replicas,
+        &Outcome {
+            value: json!({"title": "oat milk", "done": true, "qty": 2}),
+            conflicts: 0,
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_wall_clock_stamps_the_replica_s_edits() {
+    // Client 1's clock runs 10 s ahead (within the server's drift), so under last-write-wins
+    // its edit wins although client 2 wrote later.
+    let server = Server::start_with(server_with(Policy::LastWriteWins)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let now_ms = ferry_client::WallClock::now_ms(&ferry_client::SystemClock);
+    let ahead = std::sync::Arc::new(ferry_client::ManualClock::new(now_ms + 10_000));
+    let one = Ferry::builder("client-1")
+        .wall_clock(ahead)
+        .open(dir.path().join("one.ferry"))
+        .unwrap();
+    let two = support::client(dir.path(), "client-2");
+    let sync = options(&server.url(DB));
+    two.collection::<Value>("todos")
+        .insert_with_id("x", &json!({"by": "nobody"}))
+        .unwrap();
+    two.sync_once(&sync).await.unwrap();
+    one.sync_once(&sync).await.unwrap();
+    one.collection::<Value>("todos")
+        .patch("x", &json!({"by": "one"}))
+        .unwrap();
+    wait_for_the_next_millisecond().await;
+    two.collection::<Value>("todos")
+        .patch("x", &json!({"by": "two"}))
+        .unwrap();
+    for ferry in [&two, &one, &two] {
+        ferry.sync_once(&sync).await.unwrap();
+    }
+    for ferry in [&one, &two] {
+        let doc = ferry
+            .collection::<Value>("todos")
+            .get("x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(doc.value, json!({"by": "one"}));
+        assert!(doc.conflicts.is_empty());
+    }
 }

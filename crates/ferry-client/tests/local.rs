@@ -269,3 +269,44 @@ fn a_watch_made_outside_a_runtime_still_sees_another_process_write() {
         assert_eq!(seen.unwrap().value, todo("from elsewhere"));
     });
 }
+
+#[test]
+fn the_builder_s_limits_are_enforced_at_the_limit_and_one_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = ferry_client::Limits {
+        max_document_bytes: 100,
+        ..ferry_client::Limits::default()
+    };
+    let ferry = Ferry::builder("ann")
+        .limits(limits)
+        .open(dir.path().join("small.ferry"))
+        .unwrap();
+    assert_eq!(ferry.limits().max_document_bytes, 100);
+    // {"t":"…"} is 8 bytes of JSON around the string.
+    let notes = ferry.collection::<Value>("notes");
+    notes
+        .insert_with_id("fits", &json!({"t": "x".repeat(92)}))
+        .unwrap();
+    let error = notes
+        .insert_with_id("too-big", &json!({"t": "x".repeat(93)}))
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidDocument, "{error}");
+    assert!(notes.get("too-big").unwrap().is_none());
+    assert_eq!(ferry.status().unwrap().pending, 1);
+}
+
+#[test]
+fn a_limit_of_zero_is_refused_when_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = Ferry::builder("ann")
+        .limits(ferry_client::Limits {
+            max_doc_id_bytes: 0,
+            ..ferry_client::Limits::default()
+        })
+        .open(dir.path().join("never.ferry"))
+        .err()
+        .expect("refused");
+    assert_eq!(error.kind(), ErrorKind::Usage);
+    assert!(error.to_string().contains("max_doc_id_bytes"), "{error}");
+    assert!(!dir.path().join("never.ferry").exists());
+}
