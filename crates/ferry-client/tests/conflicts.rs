@@ -114,7 +114,7 @@ fn server_with(policy: Policy) -> ferry_server::ServerConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_exposes_both_versions_on_every_replica() {
-    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let server = support::start_with(server_with(Policy::Keep));
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
     let (_, seen) = outcome(&replicas[0]);
@@ -158,7 +158,7 @@ async fn keep_exposes_both_versions_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_write_wins_keeps_user_two_s_later_version_everywhere() {
-    let server = Server::start_with(server_with(Policy::LastWriteWins)).await;
+    let server = support::start_with(server_with(Policy::LastWriteWins));
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
     assert_same_everywhere(
@@ -177,7 +177,7 @@ async fn last_write_wins_keeps_user_two_s_later_version_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_keeps_both_users_fields_and_the_later_quantity() {
-    let server = Server::start_with(server_with(Policy::Merge)).await;
+    let server = support::start_with(server_with(Policy::Merge));
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |_| {}).await;
     assert_same_everywhere(
@@ -197,7 +197,7 @@ async fn merge_keeps_both_users_fields_and_the_later_quantity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_resolving_on_their_own_write_the_same_revisions() {
     // The server keeps conflicts; each client merges the conflict when it pulls it, on its own.
-    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let server = support::start_with(server_with(Policy::Keep));
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
         ferry
@@ -229,7 +229,7 @@ async fn clients_resolving_on_their_own_write_the_same_revisions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
-    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let server = support::start_with(server_with(Policy::Keep));
     let dir = tempfile::tempdir().unwrap();
     let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
@@ -277,7 +277,7 @@ async fn a_custom_resolver_on_the_clients_adds_the_quantities() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_application_resolves_by_hand_and_hears_about_it() {
-    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let server = support::start_with(server_with(Policy::Keep));
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (client(dir.path(), "one"), client(dir.path(), "two"));
     let mut events = Box::pin(one.conflict_events());
@@ -327,7 +327,7 @@ async fn the_application_resolves_by_hand_and_hears_about_it() {
 /// lose to an earlier one.
 #[tokio::test]
 async fn an_edit_of_a_pulled_revision_from_a_clock_ahead_orders_after_it() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let ferry = client(dir.path(), "client-1");
     let sync = options(&server.url(DB));
@@ -374,7 +374,7 @@ async fn a_policy_kept_in_the_replica_resolves_what_another_handle_pulls() {
     // The server keeps conflicts. Each client's policy is set through a second handle on its
     // replica file (as the application's UI process and the process that syncs would), and
     // the syncing handle, opened before, resolves by it.
-    let server = Server::start_with(server_with(Policy::Keep)).await;
+    let server = support::start_with(server_with(Policy::Keep));
     let dir = tempfile::tempdir().unwrap();
     let replicas = loopback_scenario(&server, dir.path(), |ferry| {
         Ferry::initialize_offline(ferry.path(), ferry.user())
@@ -396,7 +396,7 @@ async fn a_policy_kept_in_the_replica_resolves_what_another_handle_pulls() {
 async fn an_injected_wall_clock_stamps_the_replica_s_edits() {
     // Client 1's clock runs 10 s ahead (within the server's drift), so under last-write-wins
     // its edit wins although client 2 wrote later.
-    let server = Server::start_with(server_with(Policy::LastWriteWins)).await;
+    let server = support::start_with(server_with(Policy::LastWriteWins));
     let dir = tempfile::tempdir().unwrap();
     let now_ms = ferry_client::WallClock::now_ms(&ferry_client::SystemClock);
     let ahead = std::sync::Arc::new(ferry_client::ManualClock::new(now_ms + 10_000));

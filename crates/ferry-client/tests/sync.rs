@@ -158,7 +158,7 @@ fn contents(ferry: &Ferry) -> Vec<(String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
-    let mut server = Server::start().await;
+    let mut server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
     let url = server.url("shared");
@@ -190,7 +190,7 @@ async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
 
     // The server goes away. a keeps working offline: creates, updates, deletes.
     server.stop();
-    let unreachable = is_unreachable(server.address).await;
+    let unreachable = is_unreachable(server.address()).await;
     assert!(unreachable, "the server is really gone");
     todos_a
         .insert_with_id("second", &json!({"n": 2, "title": "bread"}))
@@ -235,7 +235,7 @@ async fn offline_edits_reach_the_other_client_after_the_server_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_edits_are_reported_as_conflicts_on_both_clients() {
-    let mut server = Server::start().await;
+    let mut server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
     let url = options(&server.url("conflicts"));
@@ -289,8 +289,8 @@ fn write_batch(ferry: &Ferry, prefix: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
-    let server = Server::start().await;
-    let proxy = Proxy::start(server.address).await;
+    let server = support::start();
+    let proxy = Proxy::start(server.address()).await;
     let dir = tempfile::tempdir().unwrap();
     let a = client(dir.path(), "a");
     let states = record_states(&a);
@@ -378,7 +378,7 @@ fn count_interruptions(states: &Mutex<Vec<ConnectionState>>) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_ask_the_fallback_and_the_outbox_drains() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let url = server.url("fallback");
 
@@ -430,7 +430,7 @@ async fn refused_credentials_ask_the_fallback_and_the_outbox_drains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_switched_offline_converges_with_the_other_when_back_online() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
     let url = server.url("switch");
@@ -517,7 +517,7 @@ fn full_state(ferry: &Ferry) -> Vec<(String, String, Vec<String>, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_subscriptions_download_documents_that_stay_readable_without_the_server() {
-    let mut server = Server::start().await;
+    let mut server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let url = server.url("subscribed");
     let writer = client(dir.path(), "writer");
@@ -623,7 +623,7 @@ async fn offline_subscriptions_download_documents_that_stay_readable_without_the
 
     // The server goes away: everything downloaded is readable.
     server.stop();
-    assert!(is_unreachable(server.address).await);
+    assert!(is_unreachable(server.address()).await);
     assert_eq!(count("todos"), 4);
     assert_eq!(count("notes"), 2);
     assert_eq!(
@@ -639,7 +639,7 @@ async fn offline_subscriptions_download_documents_that_stay_readable_without_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_and_recreated_document_is_not_confused_with_the_old_one() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
     let url = options(&server.url("recreate"));
@@ -687,14 +687,13 @@ async fn a_deleted_and_recreated_document_is_not_confused_with_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syncs() {
-    let server = Server::start_with(ferry_server::ServerConfig {
+    let server = support::start_with(ferry_server::ServerConfig {
         limits: ferry_core::model::Limits {
             max_document_bytes: 200,
             ..ferry_core::model::Limits::default()
         },
         ..ferry_server::ServerConfig::default()
-    })
-    .await;
+    });
     let dir = tempfile::tempdir().unwrap();
     let a = client(dir.path(), "a");
     let todos = a.collection::<Value>("todos");
@@ -753,7 +752,7 @@ async fn a_document_the_server_refuses_is_marked_rejected_and_the_rest_still_syn
 /// unreachable server is worth retrying later, a server that refuses the request is neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_says_what_kind_of_failure_it_is() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
     let a = client(dir.path(), "a");
     write_batch(&a, "kinds", 1);
@@ -791,11 +790,10 @@ impl ferry_store::clock::WallClock for AnHourBehind {
 }
 
 async fn a_server_an_hour_behind() -> Server {
-    Server::start_with(ferry_server::ServerConfig {
+    support::start_with(ferry_server::ServerConfig {
         wall_clock: Arc::new(AnHourBehind),
         ..ferry_server::ServerConfig::default()
     })
-    .await
 }
 
 /// A device whose clock runs far ahead is not refused forever: each session (`sync_once` or

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 mod support;
-use support::{Server, client, options};
+use support::{client, options};
 
 /// The frames one connection carried, `>` from the client and `<` from the server.
 type Transcript = Arc<Mutex<Vec<String>>>;
@@ -125,10 +125,10 @@ fn assert_transcript(name: &str, transcript: &Transcript) {
 
 #[tokio::test]
 async fn a_push_and_a_pull_say_what_the_committed_transcripts_say() {
-    let server = Server::start().await;
+    let server = support::start();
     let dir = tempfile::tempdir().unwrap();
 
-    let (address, pushed) = relay(server.address).await;
+    let (address, pushed) = relay(server.address()).await;
     let url = format!("http://{address}/groceries");
     let writer = client(dir.path(), "writer");
     let todos = writer.collection::<Value>("todos");
@@ -141,7 +141,7 @@ async fn a_push_and_a_pull_say_what_the_committed_transcripts_say() {
     writer.sync_once(&options(&url)).await.unwrap();
     assert_transcript("push", &pushed);
 
-    let (address, pulled) = relay(server.address).await;
+    let (address, pulled) = relay(server.address()).await;
     let url = format!("http://{address}/groceries");
     let reader = client(dir.path(), "reader");
     reader.sync_once(&options(&url)).await.unwrap();

@@ -9,12 +9,12 @@ use ferry_server::auth::AuthConfig;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 
-mod support;
+use ferry_test_support::TestServer;
 
 struct Server {
     url: String,
     client: reqwest::Client,
-    _server: support::TestServer,
+    _server: TestServer,
 }
 
 async fn start(auth: AuthConfig) -> Server {
@@ -26,9 +26,9 @@ async fn start(auth: AuthConfig) -> Server {
         ("ann", "ann's password", false),
         ("root", "root's password", true),
     ];
-    let server = support::serve(config, &users).await;
+    let server = TestServer::start(config, &users);
     Server {
-        url: server.url(),
+        url: server.base_url(),
         client: reqwest::Client::new(),
         _server: server,
     }
@@ -192,7 +192,7 @@ async fn access_tokens_expire() {
     let expires_at = login["expires_at"].as_u64().unwrap();
     let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
     assert_eq!(status, StatusCode::OK);
-    support::wait_until_past(expires_at).await;
+    ferry_test_support::wait_until_past(expires_at).await;
     let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

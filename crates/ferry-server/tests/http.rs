@@ -10,12 +10,12 @@ use ferry_server::auth::AuthConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-mod support;
+use ferry_test_support::TestServer;
 
 struct Server {
     url: String,
     client: reqwest::Client,
-    _server: support::TestServer,
+    _server: TestServer,
 }
 
 async fn start(limits: Limits) -> Server {
@@ -29,9 +29,9 @@ async fn start(limits: Limits) -> Server {
         },
         ..ServerConfig::default()
     };
-    let server = support::serve(config, &[]).await;
+    let server = TestServer::start(config, &[]);
     Server {
-        url: server.url(),
+        url: server.base_url(),
         client: reqwest::Client::new(),
         _server: server,
     }

@@ -12,12 +12,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-mod support;
+use ferry_test_support::TestServer;
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-type Server = support::TestServer;
+type Server = TestServer;
 
 const USER: &str = "ann";
 const PASSWORD: &str = "ann's password";
@@ -43,11 +43,11 @@ async fn start_configured(limits: Limits, auth: AuthConfig, max_sessions: usize)
         max_sessions,
         ..ferry_server::ServerConfig::default()
     };
-    support::serve(config, &[(USER, PASSWORD, false)]).await
+    TestServer::start(config, &[(USER, PASSWORD, false)])
 }
 
 async fn connect(server: &Server) -> Socket {
-    let url = format!("ws://{}/_ferry/sync", server.address);
+    let url = format!("ws://{}/_ferry/sync", server.address());
     tokio_tungstenite::connect_async(url).await.unwrap().0
 }
 
@@ -364,7 +364,7 @@ async fn reconnect_tokens_rotate_on_every_resume_and_are_bound_to_the_replica() 
     assert_eq!(retired["error"], json!("unauthorized"), "{retired}");
 
     // Revoked: refused.
-    let auth = Auth::open(server.data_dir.path(), AuthConfig::default()).unwrap();
+    let auth = Auth::open(server.data_dir(), AuthConfig::default()).unwrap();
     auth.accounts().revoke_tokens(USER, None).unwrap();
     let latest = third["reconnect_token"].as_str().unwrap();
     let (_, revoked) = say_hello(&server, resume(latest, REPLICA)).await;
@@ -392,7 +392,7 @@ async fn reconnect_tokens_expire_absolutely() {
         assert_eq!(resumed["reconnect_expires_at"], json!(expires_at));
         token = resumed["reconnect_token"].as_str().unwrap().to_owned();
     }
-    support::wait_until_past(expires_at).await;
+    ferry_test_support::wait_until_past(expires_at).await;
     let mut resume = hello("expiry");
     resume["auth"] = json!({"reconnect_token": token});
     let (_, expired) = say_hello(&server, resume).await;
@@ -404,7 +404,7 @@ async fn sessions_are_limited_at_the_limit_and_one_past() {
     let server = start_configured(Limits::default(), AuthConfig::default(), 2).await;
     let mut first = open(&server, "limited").await;
     let _second = open(&server, "limited").await;
-    let url = format!("ws://{}/_ferry/sync", server.address);
+    let url = format!("ws://{}/_ferry/sync", server.address());
     match tokio_tungstenite::connect_async(&url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 503);

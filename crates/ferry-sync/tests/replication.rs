@@ -2,6 +2,7 @@
 //! convergence (invariant 4), resumption after a cut at any point and idempotence (invariant
 //! 3), memory bounded by the batch (invariant 6), continuous and filtered replication.
 
+use ferry_test_support::TestServer;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -539,32 +540,19 @@ async fn filtered_replication_moves_only_matching_documents() {
     assert_eq!(ids, ["d25", "d26", "d27", "d28", "d29"]);
 }
 
-async fn start_server() -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
-    start_server_with(|_| {}).await
+/// A server on loopback with authentication off (replication is under test here;
+/// authentication has its own tests), and its base URL.
+fn start_server() -> (String, TestServer) {
+    start_server_with(|_| {})
 }
 
-async fn start_server_with(
+fn start_server_with(
     configure: impl FnOnce(&mut ferry_server::ServerConfig),
-) -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = ferry_server::ServerConfig {
-        data_dir: dir.path().to_owned(),
-        // Replication itself is under test here; authentication has its own tests.
-        auth: ferry_server::auth::AuthConfig {
-            required: false,
-            ..ferry_server::auth::AuthConfig::default()
-        },
-        ..ferry_server::ServerConfig::default()
-    };
-    let mut config = config;
+) -> (String, TestServer) {
+    let mut config = ferry_server::ServerConfig::default();
     configure(&mut config);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(ferry_server::serve_on(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    (url, dir, stop)
+    let server = TestServer::without_auth(config);
+    (server.base_url(), server)
 }
 
 /// Replicas a and b share 40 documents through the server (each through its own remote), edit
@@ -602,7 +590,7 @@ async fn edit_concurrently_and_converge(
 
 #[tokio::test]
 async fn two_replicas_converge_through_a_real_server_with_their_clocks() {
-    let (url, _dir, _stop) = start_server().await;
+    let (url, _server) = start_server();
     let replicas = Replicas::new();
     let (a, b) = (replicas.create("a"), replicas.create("b"));
     let remote = HttpPeer::new(&format!("{url}/shared")).unwrap();
@@ -631,7 +619,7 @@ async fn two_replicas_converge_through_a_real_server_with_their_clocks() {
 
 #[tokio::test]
 async fn errors_from_the_server_are_typed() {
-    let (url, _dir, _stop) = start_server().await;
+    let (url, _server) = start_server();
     let replicas = Replicas::new();
     let a = replicas.create("a");
     let missing = HttpPeer::new(&format!("{url}/missing")).unwrap();
@@ -663,7 +651,7 @@ async fn errors_from_the_server_are_typed() {
 #[tokio::test]
 async fn replicas_converge_over_websocket_sessions_and_live_pulls_are_woken_by_the_server() {
     use ferry_sync::WsPeer;
-    let (url, _dir, _stop) = start_server().await;
+    let (url, _server) = start_server();
     let replicas = Replicas::new();
     let (a, b) = (replicas.create("a"), replicas.create("b"));
     let db_url = format!("{url}/ws-shared");
@@ -708,7 +696,7 @@ async fn replicas_converge_over_websocket_sessions_and_live_pulls_are_woken_by_t
 #[tokio::test]
 async fn websocket_session_errors_are_typed() {
     use ferry_sync::WsPeer;
-    let (url, _dir, _stop) = start_server().await;
+    let (url, _server) = start_server();
     let replicas = Replicas::new();
     let a = replicas.create("a");
     let missing = WsPeer::new(&format!("{url}/missing"), "a").unwrap();
@@ -750,10 +738,9 @@ impl ferry_sync::SessionCredentials for CountedSessions {
 #[tokio::test]
 async fn a_session_pings_within_the_servers_idle_timeout() {
     use ferry_sync::WsPeer;
-    let (url, _dir, _stop) = start_server_with(|config| {
+    let (url, _server) = start_server_with(|config| {
         config.session_idle_timeout = Duration::from_secs(1);
-    })
-    .await;
+    });
     let sessions = Arc::new(CountedSessions::default());
     let remote = WsPeer::new(&format!("{url}/idle"), "quiet")
         .unwrap()
@@ -804,10 +791,9 @@ async fn silent_session_closed(url: &str, db: &str) {
 #[tokio::test]
 async fn writes_stay_below_a_servers_lowered_request_limit_on_both_transports() {
     use ferry_sync::WsPeer;
-    let (url, _dir, _stop) = start_server_with(|config| {
+    let (url, _server) = start_server_with(|config| {
         config.limits.max_request_bytes = 2_000_000;
-    })
-    .await;
+    });
     let replicas = Replicas::new();
     let source = replicas.create("large");
     for n in 0..10 {

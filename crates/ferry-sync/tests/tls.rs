@@ -2,6 +2,7 @@
 //! (`ServerConfig::tls`), with certificates made here by a private authority: trusted through
 //! `TlsOptions`, and every way TLS fails typed, clear and not transient.
 
+use ferry_test_support::TestServer;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -52,28 +53,13 @@ impl Authority {
 const VALID: (i32, i32) = (2020, 2100);
 
 /// A server on loopback (authentication off: TLS is under test here), over TLS when `tls` is
-/// given. Returns its base URL (`https://` or `http://`).
-async fn start_server(
-    tls: Option<ferry_server::TlsConfig>,
-) -> (String, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
-    let config = ferry_server::ServerConfig {
-        data_dir: dir.path().to_owned(),
-        auth: ferry_server::auth::AuthConfig {
-            required: false,
-            ..ferry_server::auth::AuthConfig::default()
-        },
+/// given, and its base URL (`https://` or `http://`).
+fn start_server(tls: Option<ferry_server::TlsConfig>) -> (String, TestServer) {
+    let server = TestServer::without_auth(ferry_server::ServerConfig {
         tls,
         ..ferry_server::ServerConfig::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(ferry_server::serve_on(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    (url, dir, stop)
+    });
+    (server.base_url(), server)
 }
 
 struct Replicas {
@@ -127,8 +113,7 @@ async fn push_error(db: &Arc<dyn Database>, remote: &impl Peer) -> SyncError {
 #[tokio::test]
 async fn both_transports_reach_a_tls_server_whose_authority_is_trusted() {
     let authority = Authority::new("Ferry test CA");
-    let (url, _dir, _stop) =
-        start_server(Some(authority.issue(&["127.0.0.1", "localhost"], VALID))).await;
+    let (url, _server) = start_server(Some(authority.issue(&["127.0.0.1", "localhost"], VALID)));
     let trusted = TlsOptions::trusting_ca_pem(authority.pem.as_bytes());
     let replicas = Replicas::new();
     let (a, b) = (replicas.create("a"), replicas.create("b"));
@@ -181,7 +166,7 @@ fn problem(error: &SyncError) -> TlsProblem {
 #[tokio::test]
 async fn a_certificate_nobody_vouches_for_is_reported_as_untrusted_on_both_transports() {
     let authority = Authority::new("Ferry test CA");
-    let (url, _dir, _stop) = start_server(Some(authority.issue(&["127.0.0.1"], VALID))).await;
+    let (url, _server) = start_server(Some(authority.issue(&["127.0.0.1"], VALID)));
     let db_url = format!("{url}/secure");
     let replicas = Replicas::new();
     let a = replicas.create("a");
@@ -215,7 +200,7 @@ async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart
     put(&*a, "todos:1");
 
     // A certificate for another address than the one connected to.
-    let (url, _dir, _stop) = start_server(Some(authority.issue(&["127.0.0.2"], VALID))).await;
+    let (url, _server) = start_server(Some(authority.issue(&["127.0.0.2"], VALID)));
     let https = HttpPeer::new(&format!("{url}/db"))
         .unwrap()
         .with_tls(&trusted)
@@ -227,8 +212,7 @@ async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart
     );
 
     // An expired certificate.
-    let (url, _dir, _stop) =
-        start_server(Some(authority.issue(&["127.0.0.1"], (2001, 2002)))).await;
+    let (url, _server) = start_server(Some(authority.issue(&["127.0.0.1"], (2001, 2002))));
     let wss = WsPeer::new(&format!("{url}/db"), "a")
         .unwrap()
         .with_tls(&trusted)
@@ -250,7 +234,7 @@ async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart
         key.serialize_pem().as_bytes(),
     )
     .unwrap();
-    let (url, _dir, _stop) = start_server(Some(tls)).await;
+    let (url, _server) = start_server(Some(tls));
     let https = HttpPeer::new(&format!("{url}/db"))
         .unwrap()
         .with_tls(&TlsOptions::trusting_ca_pem(certificate.pem()))
@@ -265,7 +249,7 @@ async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart
     );
 
     // https:// to a server speaking plain HTTP.
-    let (plain, _dir, _stop) = start_server(None).await;
+    let (plain, _server) = start_server(None);
     let https = HttpPeer::new(&format!("{}/db", plain.replace("http://", "https://"))).unwrap();
     let error = push_error(&a, &https).await;
     assert!(
@@ -274,7 +258,7 @@ async fn wrong_names_expired_or_ca_certificates_and_plain_servers_are_told_apart
     );
 
     // http:// to a TLS server: it answers plainly that it wants TLS.
-    let (url, _dir, _stop) = start_server(Some(authority.issue(&["127.0.0.1"], VALID))).await;
+    let (url, _server) = start_server(Some(authority.issue(&["127.0.0.1"], VALID)));
     let http = HttpPeer::new(&format!("{}/db", url.replace("https://", "http://"))).unwrap();
     let error = push_error(&a, &http).await;
     assert!(

@@ -4,11 +4,13 @@
 
 mod support;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use support::{ServerProcess, ferry, ferry_json, wait_until};
 
 /// How often the live-sync test looks again.
-const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(20);
 
 fn path(dir: &tempfile::TempDir, name: &str) -> String {
     dir.path().join(name).to_str().unwrap().to_owned()
@@ -227,7 +229,9 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
         })
     };
     // The live push creates the database on the server.
-    wait_until(20, POLL, "the database", || status(url.clone()) == 200);
+    wait_until(Duration::from_secs(20), POLL, "the database", || {
+        status(url.clone()) == 200
+    });
     let created = runtime.block_on(async {
         client
             .put(format!("{url}/todos:from-server"))
@@ -239,11 +243,16 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
             .as_u16()
     });
     assert_eq!(created, 201);
-    wait_until(20, POLL, "the server's change in the replica", || {
-        ferry(&["get", &replica, "todos", "from-server"])
-            .status
-            .success()
-    });
+    wait_until(
+        Duration::from_secs(20),
+        POLL,
+        "the server's change in the replica",
+        || {
+            ferry(&["get", &replica, "todos", "from-server"])
+                .status
+                .success()
+        },
+    );
     // A write by another process on the same replica file is pushed too.
     ferry_json(&[
         "put",
@@ -253,9 +262,12 @@ fn live_sync_carries_changes_both_ways_while_another_process_writes() {
         "-d",
         r#"{"title": "written locally"}"#,
     ]);
-    wait_until(20, POLL, "the local change on the server", || {
-        status(format!("{url}/todos:from-cli")) == 200
-    });
+    wait_until(
+        Duration::from_secs(20),
+        POLL,
+        "the local change on the server",
+        || status(format!("{url}/todos:from-cli")) == 200,
+    );
     live.kill().unwrap();
     live.wait().unwrap();
 }

@@ -57,7 +57,10 @@ async fn clients_survive_a_sigkill_of_the_server_mid_session() {
         }
     };
     write(0..WRITES / 2);
-    support::eventually(60, "some writes to reach b", || ids(&b).len() >= WRITES / 4).await;
+    support::eventually(Duration::from_secs(60), "some writes to reach b", || {
+        ids(&b).len() >= WRITES / 4
+    })
+    .await;
     server.kill();
     let mut wait_for = async |what: &str, matches: fn(&ConnectionState) -> bool| {
         let seen = tokio::time::timeout(Duration::from_secs(30), async {
@@ -87,7 +90,10 @@ async fn clients_survive_a_sigkill_of_the_server_mid_session() {
             .await
             .unwrap()
     );
-    support::eventually(60, "b to have every write", || ids(&b).len() == WRITES).await;
+    support::eventually(Duration::from_secs(60), "b to have every write", || {
+        ids(&b).len() == WRITES
+    })
+    .await;
     assert_eq!(ids(&a), ids(&b));
     assert_eq!(a.connection_state(), ConnectionState::Connected);
 

@@ -232,7 +232,7 @@ async fn a_server_killed_anywhere_keeps_every_acknowledged_write_once() {
                 let target = stored_before + random.below(new_documents + 1);
                 // Polled often: the kill should land close to the chosen point.
                 wait_until(
-                    60,
+                    Duration::from_secs(60),
                     Duration::from_millis(2),
                     &format!("cycle {cycle}: the server storing {target} documents"),
                     || stored_documents(server_dir.path()) >= target,
@@ -354,7 +354,7 @@ async fn a_server_killed_between_a_batch_and_its_resolutions_resolves_them_after
     );
     server.restart();
     wait_until(
-        30,
+        Duration::from_secs(30),
         Duration::from_millis(20),
         "the conflict resolved after restart",
         || on_disk().is_none(),

@@ -795,8 +795,9 @@ async fn a_silent_session_is_closed_at_the_session_idle_timeout() {
         json!(32 * 1024 * 1024),
         "{welcome}"
     );
-    let mut silent = open(&server, "silent").await;
+    // Timed from before the hello: the server's idle clock starts when it receives it, later.
     let started = Instant::now();
+    let mut silent = open(&server, "silent").await;
     // One session pings every 0.6 s, inside the timeout, until the other one, silent since it
     // opened, is closed (`closing` gives it 5 s).
     let mut cadence = tokio::time::interval(Duration::from_millis(600));

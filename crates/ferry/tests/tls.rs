@@ -201,11 +201,14 @@ async fn sdk_replicas_sync_over_wss_trusting_the_ca_file() {
     a.collection::<Value>("todos")
         .insert_with_id("milk", &json!({"title": "milk"}))
         .unwrap();
-    support::eventually(30, "a's write to reach b", || titles(&b) == ["milk"]).await;
+    support::eventually(Duration::from_secs(30), "a's write to reach b", || {
+        titles(&b) == ["milk"]
+    })
+    .await;
     b.collection::<Value>("todos")
         .insert_with_id("eggs", &json!({"title": "eggs"}))
         .unwrap();
-    support::eventually(30, "b's write to reach a", || {
+    support::eventually(Duration::from_secs(30), "b's write to reach a", || {
         titles(&a) == ["eggs", "milk"]
     })
     .await;
@@ -244,12 +247,16 @@ async fn the_sdk_says_when_the_certificate_is_not_trusted_and_keeps_the_outbox()
     );
 
     let _sync = a.start_sync(sdk_options(&server, "sdk")).unwrap();
-    support::eventually(30, "a connection state saying why", || {
-        matches!(
-            a.connection_state(),
-            ConnectionState::Disconnected { reason } if reason.contains("not trusted")
-        )
-    })
+    support::eventually(
+        Duration::from_secs(30),
+        "a connection state saying why",
+        || {
+            matches!(
+                a.connection_state(),
+                ConnectionState::Disconnected { reason } if reason.contains("not trusted")
+            )
+        },
+    )
     .await;
     assert_eq!(a.status().unwrap().pending, 1);
 

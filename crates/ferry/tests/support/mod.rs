@@ -24,27 +24,8 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
-/// Polls `probe` every `poll` until it returns true; fails after `seconds`.
-/// [`wait_until`] for async tests: polls `probe` every 20 ms until it holds, failing after
-/// `seconds`.
-pub async fn eventually(seconds: u64, what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    while !probe() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub fn wait_until(seconds: u64, poll: Duration, what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !probe() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(poll);
-    }
-}
+#[allow(unused_imports)]
+pub use ferry_test_support::{eventually, wait_until};
 
 /// The user every test server has (an administrator).
 pub const TEST_USER: &str = "tester";

@@ -8,45 +8,29 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry_server::auth::{Auth, AuthConfig};
 use serde_json::Value;
 
 pub const USER: &str = "ann";
 pub const PASSWORD: &str = "ann's password";
 
-/// A server on a runtime of its own, for the whole test.
+/// A server on a runtime of its own (`ferry_test_support`), for the whole test.
 pub struct Server {
     /// The database's URL.
     pub url: String,
     /// The server's data directory.
     pub data_dir: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-    _runtime: tokio::runtime::Runtime,
+    _server: ferry_test_support::TestServer,
 }
 
 pub fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    Auth::open(dir.path(), AuthConfig::default())
-        .unwrap()
-        .set_user(USER, PASSWORD, false)
-        .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}/todos", listener.local_addr().unwrap());
-    let config = ferry_server::ServerConfig {
-        data_dir: dir.path().to_owned(),
-        ..ferry_server::ServerConfig::default()
-    };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        ferry_server::serve_on(listener, config, std::future::pending()).await
-    });
+    let server = ferry_test_support::TestServer::start(
+        ferry_server::ServerConfig::default(),
+        &[(USER, PASSWORD, false)],
+    );
     Server {
-        url,
-        data_dir: dir.path().to_owned(),
-        _dir: dir,
-        _runtime: runtime,
+        url: server.url("todos"),
+        data_dir: server.data_dir().to_owned(),
+        _server: server,
     }
 }
 
