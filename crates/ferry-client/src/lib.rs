@@ -75,6 +75,7 @@ mod conflicts;
 mod connection;
 mod offline;
 mod open;
+mod sync;
 
 pub use collection::{Collection, Doc, Query};
 pub use conflicts::{

@@ -1,0 +1,187 @@
+//! How a replica authenticates: the application's credentials, the reconnect token kept in
+//! the replica, and the application's fallback when both are refused.
+
+use super::*;
+
+/// How a replica authenticates to the server.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// A user name and password (checked by the server with argon2; sent only inside the
+    /// session's `hello`).
+    Password {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// An access token from `POST /_ferry/login`.
+    AccessToken(String),
+}
+
+impl Credentials {
+    /// A user name and password.
+    pub fn password(user: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::Password {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn hello_auth(&self) -> HelloAuth {
+        match self {
+            Credentials::Password { user, password } => HelloAuth {
+                name: Some(user.clone()),
+                password: Some(password.clone()),
+                ..HelloAuth::default()
+            },
+            Credentials::AccessToken(token) => HelloAuth {
+                token: Some(token.clone()),
+                ..HelloAuth::default()
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print a secret, even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Password { user, .. } => write!(f, "Password {{ user: {user:?}, .. }}"),
+            Credentials::AccessToken(_) => write!(f, "AccessToken(..)"),
+        }
+    }
+}
+
+/// Why the server refused to authenticate the replica; given to the fallback callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthenticationFailure {
+    /// The server's reason.
+    pub reason: String,
+    /// How many times in a row authentication failed.
+    pub attempts: u32,
+}
+
+pub(crate) type FallbackFuture = Pin<Box<dyn Future<Output = Option<Credentials>> + Send>>;
+pub(crate) type Fallback = Arc<dyn Fn(AuthenticationFailure) -> FallbackFuture + Send + Sync>;
+
+/// The key of the local document holding the latest reconnect token.
+pub(crate) const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
+
+/// Credentials as the sync loop tracks them: the application's, the latest reconnect token,
+/// and which of the two the last `hello` presented.
+pub(crate) struct ClientAuth {
+    db: Arc<dyn Replica>,
+    /// Reconnect tokens expire by it.
+    clock: Arc<ReplicaClock>,
+    /// Tokens are per server: the session URL they were issued for.
+    server: String,
+    state: Mutex<AuthState>,
+}
+
+#[derive(Default)]
+pub(crate) struct AuthState {
+    credentials: Option<Credentials>,
+    reconnect: Option<(String, u64)>,
+    presented_reconnect_token: bool,
+}
+
+impl ClientAuth {
+    pub(crate) fn new(
+        db: Arc<dyn Replica>,
+        clock: Arc<ReplicaClock>,
+        server: String,
+        credentials: Option<Credentials>,
+    ) -> ClientAuth {
+        let reconnect = db
+            .get_local(RECONNECT_TOKEN_DOC)
+            .ok()
+            .flatten()
+            .filter(|doc| doc.body.get("server").and_then(Value::as_str) == Some(server.as_str()))
+            .and_then(|doc| {
+                let token = doc.body.get("token")?.as_str()?.to_owned();
+                let expires = doc.body.get("expires_at")?.as_u64()?;
+                Some((token, expires))
+            });
+        ClientAuth {
+            db,
+            clock,
+            server,
+            state: Mutex::new(AuthState {
+                credentials,
+                reconnect,
+                presented_reconnect_token: false,
+            }),
+        }
+    }
+
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, AuthState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn persist(&self, reconnect: Option<&(String, u64)>) {
+        let body = reconnect.map(|(token, expires)| {
+            json!({"server": self.server, "token": token, "expires_at": expires})
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        });
+        let current = self.db.get_local(RECONNECT_TOKEN_DOC).ok().flatten();
+        if current.is_none() && body.is_none() {
+            return;
+        }
+        if let Err(error) = self
+            .db
+            .put_local(RECONNECT_TOKEN_DOC, current.map(|doc| doc.rev), body)
+        {
+            tracing::warn!(%error, "could not keep the reconnect token");
+        }
+    }
+
+    /// The server refused what the last `hello` presented. Returns whether something else is
+    /// left to try before asking the application.
+    pub(crate) fn rejected(&self) -> bool {
+        let mut state = self.state();
+        if state.presented_reconnect_token {
+            state.reconnect = None;
+            state.presented_reconnect_token = false;
+            drop(state);
+            self.persist(None);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn set_credentials(&self, credentials: Credentials) {
+        self.state().credentials = Some(credentials);
+    }
+}
+
+impl SessionCredentials for ClientAuth {
+    fn hello_auth(&self) -> Option<HelloAuth> {
+        let mut state = self.state();
+        // The replica's wall clock, corrected by the last re-base: the token's expiry is the
+        // server's time.
+        let now = self.clock.wall_ms();
+        if let Some((token, expires)) = &state.reconnect
+            && *expires > now
+        {
+            let auth = HelloAuth {
+                reconnect_token: Some(token.clone()),
+                ..HelloAuth::default()
+            };
+            state.presented_reconnect_token = true;
+            return Some(auth);
+        }
+        state.presented_reconnect_token = false;
+        state.credentials.as_ref().map(Credentials::hello_auth)
+    }
+
+    fn reconnect_token_issued(&self, token: &str, expires_ms: u64) {
+        let reconnect = (token.to_owned(), expires_ms);
+        self.persist(Some(&reconnect));
+        self.state().reconnect = Some(reconnect);
+    }
+}
