@@ -1,0 +1,266 @@
+//! The async drivers of the replication state machine: [`replicate`] (one way, once or
+//! continuously, with a read-ahead of one page) and [`sync`] (push, then pull).
+
+use std::time::Duration;
+
+use ferry_core::replicate::{Action, Replication, ReplicationConfig, Response};
+use sha2::{Digest, Sha256};
+
+use crate::{ChangesFilter, Peer, RejectedRevision, Stats, SyncError, read_ahead};
+
+/// How a replication runs.
+#[derive(Clone, Debug)]
+pub struct ReplicationOptions {
+    /// Changes per batch; memory use is proportional to it.
+    pub batch_size: usize,
+    /// The most bytes one write of a batch carries (see
+    /// [`ReplicationConfig::max_write_bytes`]); keep it below the target's request limit.
+    pub max_write_bytes: usize,
+    /// Keep following the source once caught up, retrying after transient errors.
+    pub continuous: bool,
+    /// Which changes to carry.
+    pub filter: ChangesFilter,
+    /// Create the target database if it does not exist.
+    pub create_target: bool,
+    /// How long one wait for new changes lasts (a longpoll request to a server).
+    pub wait_timeout: Duration,
+    /// The longest pause between retries in continuous mode.
+    pub max_backoff: Duration,
+    /// In continuous mode, retry transient errors (true), or return them so the caller can
+    /// reconnect its own way (a client's connection state machine).
+    pub retry_transient: bool,
+}
+
+impl Default for ReplicationOptions {
+    fn default() -> ReplicationOptions {
+        ReplicationOptions {
+            batch_size: 100,
+            max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
+            continuous: false,
+            filter: ChangesFilter::default(),
+            create_target: false,
+            wait_timeout: Duration::from_secs(25),
+            max_backoff: Duration::from_secs(30),
+            retry_transient: true,
+        }
+    }
+}
+
+/// The id naming a replication's checkpoints: the same source, target and filter always give
+/// the same id, so a restarted replication finds its checkpoint.
+pub fn replication_id(source: &impl Peer, target: &impl Peer, filter: &ChangesFilter) -> String {
+    let mut hasher = Sha256::new();
+    for part in [source.describe(), target.describe(), filter.describe()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("ferry-{hex}")
+}
+
+/// Replicates from `source` to `target`: until caught up, or forever in continuous mode.
+///
+/// `progress` is called after every committed batch. In one-shot mode the first error is
+/// returned. In continuous mode transient errors (network, 5xx) are retried with exponential
+/// backoff and jitter, each retry resuming from the last checkpoint; other errors are returned.
+pub async fn replicate<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    progress: impl FnMut(&Stats) + Send,
+) -> Result<Stats, SyncError> {
+    replicate_reporting(source, target, options, progress, |rejected| {
+        tracing::warn!(doc_id = %rejected.doc_id, rev = %rejected.rev, reason = %rejected.reason, "the target refused a revision");
+    })
+    .await
+}
+
+/// [`replicate`], calling `rejected` for each revision the target refuses individually (a
+/// client marks the document rejected in its outbox; the replication goes on without it).
+pub async fn replicate_reporting<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    mut progress: impl FnMut(&Stats) + Send,
+    mut rejected: impl FnMut(&RejectedRevision) + Send,
+) -> Result<Stats, SyncError> {
+    let mut failures = 0u32;
+    let mut jitter = ferry_core::connection::Jitter::seeded(uuid::Uuid::new_v4().as_u64_pair().0);
+    loop {
+        match replicate_once(source, target, options, &mut progress, &mut rejected).await {
+            Ok(stats) => return Ok(stats),
+            Err(error) if options.continuous && options.retry_transient && error.is_transient() => {
+                failures = failures.saturating_add(1);
+                let pause = ferry_core::connection::backoff_delay(
+                    failures,
+                    INITIAL_BACKOFF,
+                    options.max_backoff,
+                    &mut jitter,
+                );
+                tracing::warn!(%error, retry_in_ms = pause.as_millis(), "replication interrupted");
+                tokio::time::sleep(pause).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The most bytes of bodies one fetch answer from a Ferry server carries (it may answer less),
+/// on either transport: a batch of large documents is fetched in several answers, each far
+/// below the frame and request limits, and a client holds one at a time.
+pub(crate) const FETCH_ANSWER_BYTES: usize = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES;
+
+/// The first pause after a transient failure.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+async fn replicate_once<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    options: &ReplicationOptions,
+    progress: &mut (impl FnMut(&Stats) + Send),
+    on_rejected: &mut (impl FnMut(&RejectedRevision) + Send),
+) -> Result<Stats, SyncError> {
+    target.prepare(options.create_target).await?;
+    let replication_id = replication_id(source, target, &options.filter);
+    // Room for the request's envelope (its framing, ids, commas) around the revisions.
+    let max_write_bytes = match target.max_request_bytes() {
+        Some(limit) => options.max_write_bytes.min(limit - limit / 8),
+        None => options.max_write_bytes,
+    };
+    let mut replication = Replication::new(ReplicationConfig {
+        replication_id: replication_id.clone(),
+        session_id: uuid::Uuid::new_v4().simple().to_string(),
+        batch_size: options.batch_size.max(1),
+        max_write_bytes,
+        continuous: options.continuous,
+    });
+    // The page after the current one, read while the current one is written.
+    let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
+    let mut prepared: Option<read_ahead::Prepared> = None;
+    loop {
+        let response = match replication.next_action() {
+            Action::ReadCheckpoints => {
+                let (source_checkpoint, target_checkpoint) = tokio::try_join!(
+                    source.get_checkpoint(&replication_id),
+                    target.get_checkpoint(&replication_id)
+                )?;
+                Response::Checkpoints {
+                    source: source_checkpoint,
+                    target: target_checkpoint,
+                }
+            }
+            Action::ReadChanges { since, limit } => {
+                let read_ahead = match ahead.take() {
+                    Some(ahead) => ahead.finish(&since, limit).await,
+                    None => None,
+                };
+                let mut next = match read_ahead {
+                    Some(next) => next?,
+                    None => {
+                        read_ahead::prepare(source, target, &options.filter, since, limit).await?
+                    }
+                };
+                if next.page.rows.len() >= limit {
+                    let since = next.page.last_seq.clone();
+                    let work =
+                        read_ahead::prepare(source, target, &options.filter, since.clone(), limit);
+                    ahead = Some(read_ahead::ReadAhead::start(since, limit, work));
+                }
+                let page = std::mem::take(&mut next.page);
+                prepared = Some(next);
+                Response::Changes {
+                    rows: page.rows,
+                    last_seq: page.last_seq,
+                    pending: page.pending,
+                }
+            }
+            Action::RevsDiff { revs } => {
+                let known = prepared.as_mut().and_then(|next| next.take_missing(&revs));
+                match known {
+                    Some(missing) => Response::Missing(missing),
+                    None => Response::Missing(
+                        read_ahead::alongside(target.revs_diff(revs), &mut ahead).await?,
+                    ),
+                }
+            }
+            Action::FetchRevisions { wanted } => {
+                let known = prepared
+                    .as_mut()
+                    .and_then(|next| next.take_revisions(&wanted));
+                match known {
+                    Some(revisions) => Response::Revisions(revisions),
+                    None => Response::Revisions(
+                        read_ahead::alongside(source.fetch_revisions(wanted), &mut ahead).await?,
+                    ),
+                }
+            }
+            Action::WriteRevisions { revisions } => {
+                let rejected =
+                    read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?;
+                rejected.iter().for_each(&mut *on_rejected);
+                Response::Written {
+                    rejected: rejected.len() as u64,
+                }
+            }
+            Action::WriteCheckpoint { checkpoint } => {
+                // The target's checkpoint matters most: it is written first. A source that
+                // refuses the write (read-only) only costs a fuller comparison next time.
+                read_ahead::alongside(
+                    target.put_checkpoint(&replication_id, &checkpoint),
+                    &mut ahead,
+                )
+                .await?;
+                let source_checkpoint = source.put_checkpoint(&replication_id, &checkpoint);
+                if let Err(error) = read_ahead::alongside(source_checkpoint, &mut ahead).await {
+                    tracing::warn!(%error, "could not store the checkpoint on the source");
+                }
+                Response::CheckpointWritten
+            }
+            Action::WaitForChanges { since } => {
+                progress(replication.stats());
+                // A wait that ends with no news still reads the source again: a notification
+                // that never came (lost, or a longpoll cut by a proxy) must not stall a live
+                // replication. Quiet, that is one read per `wait_timeout`.
+                source
+                    .wait_for_changes(&since, options.wait_timeout)
+                    .await?;
+                Response::ChangesAvailable
+            }
+            Action::Finished(stats) => return Ok(stats),
+        };
+        let committed_batch = matches!(response, Response::CheckpointWritten);
+        replication.handle(response)?;
+        if committed_batch {
+            progress(replication.stats());
+        }
+    }
+}
+
+/// What a sync did in each direction.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncStats {
+    /// Local to remote.
+    pub push: Stats,
+    /// Remote to local.
+    pub pull: Stats,
+}
+
+/// Pushes local changes, then pulls remote ones (the order LoopBack's algorithm uses, so
+/// conflicts are detected on the server first and come back with the pull).
+pub async fn sync<L: Peer, R: Peer>(
+    local: &L,
+    remote: &R,
+    options: &ReplicationOptions,
+) -> Result<SyncStats, SyncError> {
+    let options = ReplicationOptions {
+        continuous: false,
+        ..options.clone()
+    };
+    let push = replicate(local, remote, &options, |_| {}).await?;
+    let pull = replicate(remote, local, &options, |_| {}).await?;
+    Ok(SyncStats { push, pull })
+}
