@@ -33,6 +33,12 @@ use crate::rev::Rev;
 /// The protocol versions this build speaks.
 pub const VERSIONS: &[u64] = &[1];
 
+/// The HTTP header with which a Ferry server tells, on every answer, the largest request body
+/// it accepts (bytes), so that Ferry's HTTP clients size their writes below it instead of
+/// sending what it would refuse (the session's `welcome` says it as `max_frame_bytes`).
+/// CouchDB clients ignore it.
+pub const MAX_REQUEST_BYTES_HEADER: &str = "ferry-max-request-bytes";
+
 /// Frames nest one level deeper than a `_bulk_docs` body: `{"op", "docs": [document]}`.
 pub const FRAME_ENVELOPE_DEPTH: usize = 2;
 

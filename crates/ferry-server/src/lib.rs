@@ -422,7 +422,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            date_by_wall_clock,
+            stamp_answers,
         ))
         // Browser PouchDB fetches with credentials, so CORS must mirror the origin and allow
         // them; authentication (not the origin) is what protects the data.
@@ -433,8 +433,10 @@ pub fn router(state: AppState) -> Router {
 
 /// Dates every answer by the server's wall clock, the one replicated revisions' clocks are
 /// checked against (hyper's own `Date` would read the system time): a client whose clock is
-/// far off re-bases on it. To the second, as HTTP dates are.
-async fn date_by_wall_clock(
+/// far off re-bases on it. To the second, as HTTP dates are. Every answer also tells the
+/// request limit (`ferry_core::protocol::MAX_REQUEST_BYTES_HEADER`), which Ferry's HTTP clients
+/// keep their writes below.
+async fn stamp_answers(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -446,6 +448,10 @@ async fn date_by_wall_clock(
             .headers_mut()
             .insert(axum::http::header::DATE, date);
     }
+    response.headers_mut().insert(
+        ferry_core::protocol::MAX_REQUEST_BYTES_HEADER,
+        axum::http::HeaderValue::from(state.limits.max_request_bytes),
+    );
     response
 }
 

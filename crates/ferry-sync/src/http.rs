@@ -2,6 +2,7 @@
 //! pouchdb-server).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_json};
@@ -36,6 +37,8 @@ pub struct HttpPeer {
     send_ferry_meta: bool,
     /// The server's clock, from the `Date` of its latest answer (to the second).
     server_time: Arc<ServerTime>,
+    /// The request limit the server told (`MAX_REQUEST_BYTES_HEADER`); 0 until it does.
+    max_request_bytes: Arc<AtomicUsize>,
 }
 
 impl HttpPeer {
@@ -60,6 +63,7 @@ impl HttpPeer {
             credentials,
             send_ferry_meta: true,
             server_time: Arc::default(),
+            max_request_bytes: Arc::default(),
         })
     }
 
@@ -111,6 +115,13 @@ impl HttpPeer {
         {
             self.server_time
                 .record(u64::try_from(server_ms.as_millis()).unwrap_or(u64::MAX));
+        }
+        if let Some(limit) = response
+            .headers()
+            .get(ferry_core::protocol::MAX_REQUEST_BYTES_HEADER)
+            .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
+        {
+            self.max_request_bytes.store(limit, Ordering::SeqCst);
         }
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?;
@@ -263,6 +274,13 @@ fn local_path(replication_id: &str) -> String {
 impl Peer for HttpPeer {
     fn describe(&self) -> String {
         self.base.to_string()
+    }
+
+    fn max_request_bytes(&self) -> Option<usize> {
+        match self.max_request_bytes.load(Ordering::SeqCst) {
+            0 => None,
+            bytes => Some(bytes),
+        }
     }
 
     fn server_time_ms(&self) -> Option<u64> {
