@@ -459,8 +459,8 @@ impl Ferry {
         }
     }
 
-    pub(crate) fn acknowledge(&self, last_seq: &serde_json::Value) {
-        if let Some(seq) = last_seq.as_u64() {
+    pub(crate) fn acknowledge(&self, last_seq: &ferry_sync::Seq) {
+        if let Some(seq) = last_seq.number() {
             ferry_store::failpoint::reached(ferry_store::failpoint::BEFORE_RECORDING_ACK);
             match self.inner.db.acknowledge_through(seq) {
                 Ok(count) if count > 0 => self.notify_changed(),

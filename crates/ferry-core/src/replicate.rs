@@ -18,12 +18,12 @@
 //! to the same result (invariant 3).
 //!
 //! ```
-//! use ferry_core::replicate::{Action, Replication, ReplicationConfig, Response};
+//! use ferry_core::replicate::{Action, Replication, ReplicationConfig, Response, Seq};
 //! let mut replication = Replication::new(ReplicationConfig::new("rep-1", "session-1"));
 //! assert!(matches!(replication.next_action(), Action::ReadCheckpoints));
 //! replication.handle(Response::Checkpoints { source: None, target: None }).unwrap();
 //! let Action::ReadChanges { since, .. } = replication.next_action() else { panic!() };
-//! assert_eq!(since, serde_json::json!(0));
+//! assert_eq!(since, Seq::from(0));
 //! replication.handle(Response::Changes { rows: vec![], last_seq: since, pending: Some(0) }).unwrap();
 //! assert!(matches!(replication.next_action(), Action::Finished(_)));
 //! ```
@@ -75,6 +75,74 @@ impl ReplicationConfig {
     }
 }
 
+/// A position in a source's changes feed, as the source gave it: Ferry's and PouchDB's are
+/// integers, CouchDB's (since 2.0) opaque strings. Replication only compares sequences for
+/// equality and hands them back to the source that made them; a local store reads its own
+/// numbers from them ([`Seq::number`]). Serialized as the source wrote it (a number or a
+/// string), so checkpoints keep CouchDB's format.
+///
+/// ```
+/// use ferry_core::replicate::Seq;
+/// assert_eq!(Seq::from(42).number(), Some(42));
+/// assert_eq!(Seq::default(), Seq::from(0));
+/// let couch: Seq = serde_json::from_str(r#""12-g1AAAAE""#).unwrap();
+/// assert_eq!(couch.number(), None);
+/// assert_eq!(couch.to_string(), "12-g1AAAAE");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Seq {
+    /// An integer sequence (Ferry, PouchDB, CouchDB 1.x).
+    Number(u64),
+    /// An opaque sequence (CouchDB 2 and later), or another JSON value's text.
+    Opaque(String),
+}
+
+impl Seq {
+    /// The sequence as an integer, when it is one (a number, or a string of digits).
+    pub fn number(&self) -> Option<u64> {
+        match self {
+            Seq::Number(number) => Some(*number),
+            Seq::Opaque(text) => text.parse().ok(),
+        }
+    }
+
+    /// A sequence from a changes feed's JSON: a number or a string as it is, anything else
+    /// (old BigCouch arrays) kept as its JSON text. `None` for what no feed sends (null,
+    /// negative or fractional numbers).
+    pub fn from_json(value: &Value) -> Option<Seq> {
+        match value {
+            Value::Number(number) => number.as_u64().map(Seq::Number),
+            Value::String(text) => Some(Seq::Opaque(text.clone())),
+            Value::Array(_) | Value::Object(_) => Some(Seq::Opaque(value.to_string())),
+            Value::Null | Value::Bool(_) => None,
+        }
+    }
+}
+
+impl Default for Seq {
+    /// The start of every feed.
+    fn default() -> Seq {
+        Seq::Number(0)
+    }
+}
+
+impl From<u64> for Seq {
+    fn from(number: u64) -> Seq {
+        Seq::Number(number)
+    }
+}
+
+impl std::fmt::Display for Seq {
+    /// As a `since` query parameter carries it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seq::Number(number) => write!(f, "{number}"),
+            Seq::Opaque(text) => f.write_str(text),
+        }
+    }
+}
+
 /// A replication checkpoint, stored as a local document on both sides.
 ///
 /// The `last_seq` of a checkpoint is trusted only if the source and the target hold the same
@@ -86,7 +154,7 @@ pub struct Checkpoint {
     /// The session that wrote this checkpoint.
     pub session_id: String,
     /// The last source sequence whose changes are all on the target.
-    pub last_seq: Value,
+    pub last_seq: Seq,
     /// Earlier sessions, newest first.
     #[serde(default)]
     pub history: Vec<CheckpointEntry>,
@@ -98,7 +166,7 @@ pub struct CheckpointEntry {
     /// The session.
     pub session_id: String,
     /// Its last sequence.
-    pub last_seq: Value,
+    pub last_seq: Seq,
 }
 
 /// One row of a source's changes feed: a document and its current leaves.
@@ -107,7 +175,7 @@ pub struct ChangeRow {
     /// The document id.
     pub doc_id: String,
     /// The sequence of the document's latest change.
-    pub seq: Value,
+    pub seq: Seq,
     /// The document's leaf revisions.
     pub revs: Vec<Rev>,
     /// Whether the winner is deleted.
@@ -124,7 +192,7 @@ pub enum Action {
     /// [`Response::Changes`].
     ReadChanges {
         /// The sequence to read after.
-        since: Value,
+        since: Seq,
         /// The most rows to return.
         limit: usize,
     },
@@ -155,7 +223,7 @@ pub enum Action {
     /// [`Response::ChangesAvailable`]. Only in continuous mode.
     WaitForChanges {
         /// The sequence the target has everything up to.
-        since: Value,
+        since: Seq,
     },
     /// Done (one-shot mode, caught up).
     Finished(Stats),
@@ -176,7 +244,7 @@ pub enum Response {
         /// The rows, in sequence order.
         rows: Vec<ChangeRow>,
         /// The sequence to continue after (may be past the last row when rows were filtered).
-        last_seq: Value,
+        last_seq: Seq,
         /// How many changes remain after this batch, when the source says.
         pending: Option<u64>,
     },
@@ -212,7 +280,7 @@ pub struct Stats {
     /// Changes the source reported still pending after the last batch, if it said.
     pub pending: Option<u64>,
     /// The source sequence checkpointed last: everything up to it is on the target.
-    pub last_seq: Value,
+    pub last_seq: Seq,
 }
 
 /// A response that does not fit the action that was asked for.
@@ -262,12 +330,12 @@ pub struct Replication {
     config: ReplicationConfig,
     state: State,
     /// The sequence everything before which is on the target.
-    since: Value,
+    since: Seq,
     /// Earlier sessions, for the checkpoint history.
     history: Vec<CheckpointEntry>,
     /// The batch in flight.
     batch: Vec<ChangeRow>,
-    batch_last_seq: Value,
+    batch_last_seq: Seq,
     batch_was_full: bool,
     missing: Vec<(String, Vec<Rev>)>,
     stats: Stats,
@@ -279,10 +347,10 @@ impl Replication {
         Replication {
             config,
             state: State::Start,
-            since: Value::from(0),
+            since: Seq::from(0),
             history: Vec::new(),
             batch: Vec::new(),
-            batch_last_seq: Value::from(0),
+            batch_last_seq: Seq::from(0),
             batch_was_full: false,
             missing: Vec::new(),
             stats: Stats::default(),
@@ -300,7 +368,7 @@ impl Replication {
     }
 
     /// The source sequence the target holds everything up to.
-    pub fn checkpointed_seq(&self) -> &Value {
+    pub fn checkpointed_seq(&self) -> &Seq {
         &self.since
     }
 
@@ -490,7 +558,7 @@ impl Replication {
         Ok(())
     }
 
-    fn checkpoint_for(&self, last_seq: Value) -> Checkpoint {
+    fn checkpoint_for(&self, last_seq: Seq) -> Checkpoint {
         let mut history = vec![CheckpointEntry {
             session_id: self.config.session_id.clone(),
             last_seq: last_seq.clone(),
@@ -527,9 +595,9 @@ fn describe(state: &State) -> &'static str {
 fn agree_on_start(
     source: Option<&Checkpoint>,
     target: Option<&Checkpoint>,
-) -> (Value, Vec<CheckpointEntry>) {
+) -> (Seq, Vec<CheckpointEntry>) {
     let (Some(source), Some(target)) = (source, target) else {
-        return (Value::from(0), Vec::new());
+        return (Seq::default(), Vec::new());
     };
     if source.session_id == target.session_id && source.last_seq == target.last_seq {
         return (source.last_seq.clone(), source.history.clone());
@@ -550,7 +618,7 @@ fn agree_on_start(
             return (seq, source.history.clone());
         }
     }
-    (Value::from(0), Vec::new())
+    (Seq::default(), Vec::new())
 }
 
 /// How many of `revisions` (at least one) the next write carries: as many as fit in
@@ -585,7 +653,7 @@ mod tests {
     fn row(doc_id: &str, seq: u64, revs: &[&str]) -> ChangeRow {
         ChangeRow {
             doc_id: doc_id.into(),
-            seq: json!(seq),
+            seq: Seq::from(seq),
             revs: revs.iter().map(|text| rev(text)).collect(),
             deleted: false,
         }
@@ -633,7 +701,7 @@ mod tests {
         replication
             .handle(Response::Changes {
                 rows: rows.collect(),
-                last_seq: json!(40),
+                last_seq: Seq::from(40),
                 pending: Some(0),
             })
             .unwrap();
@@ -670,7 +738,7 @@ mod tests {
                         .unwrap();
                 }
                 Action::WriteCheckpoint { checkpoint } => {
-                    assert_eq!(checkpoint.last_seq, json!(40));
+                    assert_eq!(checkpoint.last_seq, Seq::from(40));
                     break;
                 }
                 other => panic!("unexpected {other:?}"),
@@ -695,14 +763,14 @@ mod tests {
         assert_eq!(
             replication.next_action(),
             Action::ReadChanges {
-                since: json!(0),
+                since: Seq::from(0),
                 limit: 2
             }
         );
         replication
             .handle(Response::Changes {
                 rows: vec![row("a", 1, &["1-a"]), row("b", 2, &["1-b"])],
-                last_seq: json!(2),
+                last_seq: Seq::from(2),
                 pending: Some(0),
             })
             .unwrap();
@@ -737,21 +805,21 @@ mod tests {
         let Action::WriteCheckpoint { checkpoint } = replication.next_action() else {
             panic!("expected a checkpoint");
         };
-        assert_eq!(checkpoint.last_seq, json!(2));
+        assert_eq!(checkpoint.last_seq, Seq::from(2));
         assert_eq!(checkpoint.session_id, "s2");
         replication.handle(Response::CheckpointWritten).unwrap();
         // The batch was full, so another read follows.
         assert_eq!(
             replication.next_action(),
             Action::ReadChanges {
-                since: json!(2),
+                since: Seq::from(2),
                 limit: 2
             }
         );
         replication
             .handle(Response::Changes {
                 rows: vec![],
-                last_seq: json!(2),
+                last_seq: Seq::from(2),
                 pending: Some(0),
             })
             .unwrap();
@@ -768,10 +836,10 @@ mod tests {
     fn a_matching_checkpoint_resumes_and_a_mismatched_one_restarts() {
         let checkpoint = |session: &str, seq: u64| Checkpoint {
             session_id: session.into(),
-            last_seq: json!(seq),
+            last_seq: Seq::from(seq),
             history: vec![CheckpointEntry {
                 session_id: session.into(),
-                last_seq: json!(seq),
+                last_seq: Seq::from(seq),
             }],
         };
         let start = |source: Option<Checkpoint>, target: Option<Checkpoint>| {
@@ -786,7 +854,7 @@ mod tests {
         assert_eq!(
             resumed,
             Action::ReadChanges {
-                since: json!(7),
+                since: Seq::from(7),
                 limit: 10
             }
         );
@@ -794,7 +862,7 @@ mod tests {
         assert_eq!(
             restarted,
             Action::ReadChanges {
-                since: json!(0),
+                since: Seq::from(0),
                 limit: 10
             }
         );
@@ -802,7 +870,7 @@ mod tests {
         assert_eq!(
             one_sided,
             Action::ReadChanges {
-                since: json!(0),
+                since: Seq::from(0),
                 limit: 10
             }
         );
@@ -810,13 +878,13 @@ mod tests {
         let mut newer = checkpoint("s2", 9);
         newer.history.push(CheckpointEntry {
             session_id: "s1".into(),
-            last_seq: json!(7),
+            last_seq: Seq::from(7),
         });
         let fallback = start(Some(newer), Some(checkpoint("s1", 7)));
         assert_eq!(
             fallback,
             Action::ReadChanges {
-                since: json!(7),
+                since: Seq::from(7),
                 limit: 10
             }
         );
@@ -836,18 +904,20 @@ mod tests {
         replication
             .handle(Response::Changes {
                 rows: vec![],
-                last_seq: json!(40),
+                last_seq: Seq::from(40),
                 pending: None,
             })
             .unwrap();
         assert!(matches!(
             replication.next_action(),
-            Action::WriteCheckpoint { checkpoint } if checkpoint.last_seq == json!(40)
+            Action::WriteCheckpoint { checkpoint } if checkpoint.last_seq == Seq::from(40)
         ));
         replication.handle(Response::CheckpointWritten).unwrap();
         assert_eq!(
             replication.next_action(),
-            Action::WaitForChanges { since: json!(40) }
+            Action::WaitForChanges {
+                since: Seq::from(40)
+            }
         );
         assert!(
             replication
@@ -858,7 +928,7 @@ mod tests {
         assert_eq!(
             replication.next_action(),
             Action::ReadChanges {
-                since: json!(40),
+                since: Seq::from(40),
                 limit: 10
             }
         );

@@ -34,7 +34,7 @@ use ferry_core::connection::{
 use ferry_core::filter::ChangesFilter;
 use ferry_core::model::{Body, Limits, Revision};
 use ferry_core::replicate::{
-    Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, Response, Stats,
+    Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, Response, Seq, Stats,
 };
 use ferry_core::resolve::{Policies, Policy};
 use ferry_core::rev::Rev;
@@ -915,7 +915,7 @@ impl World {
                 return Ok(false);
             }
             Action::ReadChanges { since, limit } => {
-                let since = since.as_u64().unwrap_or(0);
+                let since = since.number().unwrap_or(0);
                 if local_is_source {
                     let page = self
                         .client_endpoint(client)
@@ -924,7 +924,7 @@ impl World {
                     let (rows, last_seq, pending) = change_rows(page);
                     Response::Changes {
                         rows,
-                        last_seq: json!(last_seq),
+                        last_seq: Seq::from(last_seq),
                         pending: Some(pending),
                     }
                 } else {
@@ -1026,7 +1026,7 @@ impl World {
         run.stats = run.machine.stats().clone();
         if committed && direction == Direction::Push {
             // The SDK records acknowledgements after each committed batch.
-            let through = run.machine.checkpointed_seq().as_u64().unwrap_or(0);
+            let through = run.machine.checkpointed_seq().number().unwrap_or(0);
             let n = self.clients[client]
                 .replica
                 .db
@@ -1294,7 +1294,7 @@ impl World {
                     },
                 ) => Response::Changes {
                     rows,
-                    last_seq: json!(last_seq),
+                    last_seq: Seq::from(last_seq),
                     pending: Some(pending),
                 },
                 (Waiting::Missing, Reply::Missing(missing)) => Response::Missing(missing),

@@ -304,7 +304,7 @@ impl Change {
     pub fn into_row(self) -> ferry_core::replicate::ChangeRow {
         ferry_core::replicate::ChangeRow {
             doc_id: self.doc_id,
-            seq: serde_json::Value::from(self.seq),
+            seq: ferry_core::replicate::Seq::from(self.seq),
             revs: self.leaves.into_iter().map(|leaf| leaf.rev).collect(),
             deleted: self.deleted,
         }

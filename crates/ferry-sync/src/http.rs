@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_core::couch::{revision_from_json, revision_json};
 use ferry_core::model::Revision;
-use ferry_core::replicate::Checkpoint;
+use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
@@ -260,13 +260,6 @@ fn encode_segment(text: &str) -> String {
 }
 
 /// A sequence as a query parameter: numbers and strings as they are, anything else as JSON.
-fn since_param(since: &Value) -> String {
-    match since {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn local_path(replication_id: &str) -> String {
     format!("_local/{}", encode_segment(replication_id))
 }
@@ -355,13 +348,13 @@ impl Peer for HttpPeer {
 
     async fn changes(
         &self,
-        since: &Value,
+        since: &Seq,
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
         let mut path = format!(
             "_changes?style=all_docs&since={}&limit={limit}",
-            encode_segment(&since_param(since))
+            encode_segment(&since.to_string())
         );
         let mut body = Map::new();
         if let Some(doc_ids) = filter.ids() {
@@ -383,7 +376,8 @@ impl Peer for HttpPeer {
             Value::Null => rows
                 .last()
                 .map_or_else(|| since.clone(), |row| row.seq.clone()),
-            last_seq => last_seq.clone(),
+            last_seq => Seq::from_json(last_seq)
+                .ok_or_else(|| self.invalid(&path, "an invalid last_seq"))?,
         };
         Ok(ChangesPage {
             rows,
@@ -497,10 +491,10 @@ impl Peer for HttpPeer {
         Ok(rejected)
     }
 
-    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+    async fn wait_for_changes(&self, since: &Seq, timeout: Duration) -> Result<bool, SyncError> {
         let path = format!(
             "_changes?feed=longpoll&limit=1&heartbeat=10000&since={}&timeout={}",
-            encode_segment(&since_param(since)),
+            encode_segment(&since.to_string()),
             timeout.as_millis()
         );
         let url = self.url(&path);
@@ -513,6 +507,6 @@ impl Peer for HttpPeer {
         let has_rows = response["results"]
             .as_array()
             .is_some_and(|rows| !rows.is_empty());
-        Ok(has_rows || response["last_seq"] != *since)
+        Ok(has_rows || Seq::from_json(&response["last_seq"]).as_ref() != Some(since))
     }
 }

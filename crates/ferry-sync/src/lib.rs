@@ -35,8 +35,6 @@
 //! # }
 //! ```
 
-use serde_json::Value;
-
 mod driver;
 mod error;
 mod http;
@@ -56,20 +54,15 @@ pub(crate) use peer::ServerTime;
 pub use peer::{ChangesPage, Peer, RejectedRevision};
 
 pub use ferry_core::filter::ChangesFilter;
-pub use ferry_core::replicate::Stats;
+pub use ferry_core::replicate::{Seq, Stats};
 pub use http::HttpPeer;
 pub use local::LocalPeer;
 pub use tls::{TlsOptions, TlsProblem};
 pub use ws::{SessionCredentials, WsPeer};
 
-/// A sequence value as a local store's integer sequence.
-pub(crate) fn seq_number(since: &Value) -> Result<u64, SyncError> {
-    match since {
-        Value::Number(number) => number.as_u64(),
-        Value::String(text) => text.parse().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| SyncError::InvalidResponse {
+/// A sequence as a local store's integer sequence.
+pub(crate) fn seq_number(since: &Seq) -> Result<u64, SyncError> {
+    since.number().ok_or_else(|| SyncError::InvalidResponse {
         url: "local".into(),
         detail: format!("sequence {since} is not a local sequence number"),
     })

@@ -4,14 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::model::Revision;
-use ferry_core::replicate::Checkpoint;
+use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
 use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{
     Endpoint, EndpointConfig, EndpointError, Fanout, KeepConflicts, NoFanout, Resolver,
 };
 use ferry_store::{Change, Database, StoreError};
-use serde_json::Value;
 
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
 
@@ -157,7 +156,7 @@ impl Peer for LocalPeer {
 
     async fn changes(
         &self,
-        since: &Value,
+        since: &Seq,
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
@@ -169,7 +168,7 @@ impl Peer for LocalPeer {
         let pending = page.pending();
         Ok(ChangesPage {
             rows: page.changes.into_iter().map(Change::into_row).collect(),
-            last_seq: Value::from(page.last_seq),
+            last_seq: Seq::from(page.last_seq),
             pending: Some(pending),
         })
     }
@@ -233,7 +232,7 @@ impl Peer for LocalPeer {
             .collect())
     }
 
-    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+    async fn wait_for_changes(&self, since: &Seq, timeout: Duration) -> Result<bool, SyncError> {
         let since = seq_number(since)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

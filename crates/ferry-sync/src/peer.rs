@@ -6,9 +6,8 @@ use std::time::Duration;
 use ferry_core::model::Revision;
 use ferry_core::replicate::{ChangeRow, Checkpoint};
 use ferry_core::rev::Rev;
-use serde_json::Value;
 
-use crate::{ChangesFilter, SyncError};
+use crate::{ChangesFilter, Seq, SyncError};
 
 /// A revision the target refused on its own, while the rest of its batch was stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +28,7 @@ pub struct ChangesPage {
     /// The rows, in sequence order.
     pub rows: Vec<ChangeRow>,
     /// The sequence to continue after.
-    pub last_seq: Value,
+    pub last_seq: Seq,
     /// How many changes remain, when the peer says.
     pub pending: Option<u64>,
 }
@@ -76,7 +75,7 @@ pub trait Peer: Send + Sync {
     /// Reads at most `limit` changes after `since` that pass `filter`.
     fn changes(
         &self,
-        since: &Value,
+        since: &Seq,
         limit: usize,
         filter: &ChangesFilter,
     ) -> impl Future<Output = Result<ChangesPage, SyncError>> + Send;
@@ -104,7 +103,7 @@ pub trait Peer: Send + Sync {
     /// Waits up to `timeout` for changes after `since`; true if there are some.
     fn wait_for_changes(
         &self,
-        since: &Value,
+        since: &Seq,
         timeout: Duration,
     ) -> impl Future<Output = Result<bool, SyncError>> + Send;
 }

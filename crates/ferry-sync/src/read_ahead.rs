@@ -17,9 +17,8 @@ use std::task::Poll;
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use futures_util::future::{MaybeDone, maybe_done};
-use serde_json::Value;
 
-use crate::{ChangesFilter, ChangesPage, Peer, SyncError};
+use crate::{ChangesFilter, ChangesPage, Peer, Seq, SyncError};
 
 /// Document ids with revisions, as the revs_diff and fetch steps take and give them.
 type DocRevs = Vec<(String, Vec<Rev>)>;
@@ -60,7 +59,7 @@ pub(crate) async fn prepare<S: Peer, T: Peer>(
     source: &S,
     target: &T,
     filter: &ChangesFilter,
-    since: Value,
+    since: Seq,
     limit: usize,
 ) -> Result<Prepared, SyncError> {
     let page = source.changes(&since, limit, filter).await?;
@@ -94,13 +93,13 @@ pub(crate) async fn prepare<S: Peer, T: Peer>(
 
 /// The next page being prepared, and where it starts.
 pub(crate) struct ReadAhead<F: Future> {
-    since: Value,
+    since: Seq,
     limit: usize,
     work: Pin<Box<MaybeDone<F>>>,
 }
 
 impl<F: Future<Output = Result<Prepared, SyncError>>> ReadAhead<F> {
-    pub(crate) fn start(since: Value, limit: usize, work: F) -> ReadAhead<F> {
+    pub(crate) fn start(since: Seq, limit: usize, work: F) -> ReadAhead<F> {
         ReadAhead {
             since,
             limit,
@@ -112,7 +111,7 @@ impl<F: Future<Output = Result<Prepared, SyncError>>> ReadAhead<F> {
     /// itself).
     pub(crate) async fn finish(
         mut self,
-        since: &Value,
+        since: &Seq,
         limit: usize,
     ) -> Option<Result<Prepared, SyncError>> {
         if self.since != *since || self.limit != limit {

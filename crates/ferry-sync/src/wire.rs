@@ -1,7 +1,7 @@
 //! JSON shapes both remote peers read and write: the sync session carries the bodies of the
 //! CouchDB endpoints, so `HttpPeer` and `WsPeer` build and parse them the same way.
 
-use ferry_core::replicate::ChangeRow;
+use ferry_core::replicate::{ChangeRow, Seq};
 use ferry_core::rev::Rev;
 use serde_json::{Value, json};
 
@@ -52,7 +52,7 @@ pub(crate) fn change_rows(results: &Value) -> Result<Vec<ChangeRow>, &'static st
                 .collect::<Result<Vec<Rev>, _>>()?;
             Ok(ChangeRow {
                 doc_id: doc_id.to_owned(),
-                seq: row["seq"].clone(),
+                seq: Seq::from_json(&row["seq"]).ok_or("a change with an invalid seq")?,
                 revs,
                 deleted: row["deleted"].as_bool().unwrap_or(false),
             })

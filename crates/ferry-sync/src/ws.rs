@@ -18,7 +18,7 @@ use ferry_core::protocol::{
     BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, RevRef,
     ServerFrame, VERSIONS, WireError, result_as,
 };
-use ferry_core::replicate::{ChangeRow, Checkpoint};
+use ferry_core::replicate::{ChangeRow, Checkpoint, Seq};
 use ferry_core::rev::Rev;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
@@ -494,7 +494,7 @@ impl Peer for WsPeer {
 
     async fn changes(
         &self,
-        since: &Value,
+        since: &Seq,
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
@@ -516,12 +516,12 @@ impl Peer for WsPeer {
                 .into_iter()
                 .map(|row| ChangeRow {
                     doc_id: row.id,
-                    seq: Value::from(row.seq),
+                    seq: Seq::from(row.seq),
                     revs: row.changes.into_iter().map(|change| change.rev).collect(),
                     deleted: row.deleted,
                 })
                 .collect(),
-            last_seq: Value::from(result.last_seq),
+            last_seq: Seq::from(result.last_seq),
             pending: Some(result.pending),
         })
     }
@@ -613,7 +613,7 @@ impl Peer for WsPeer {
         Ok(rejected)
     }
 
-    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+    async fn wait_for_changes(&self, since: &Seq, timeout: Duration) -> Result<bool, SyncError> {
         let since = crate::seq_number(since)?;
         let connection = self.connection().await?;
         if !connection.subscribed.swap(true, Ordering::SeqCst) {

@@ -167,7 +167,7 @@ struct Flaky<P> {
     revision_writes: AtomicUsize,
     fail_at: usize,
     largest_batch: AtomicUsize,
-    first_since: std::sync::Mutex<Vec<Value>>,
+    first_since: std::sync::Mutex<Vec<ferry_sync::Seq>>,
     fetches: Arc<AtomicUsize>,
     before_write: Option<BeforeWrite>,
     /// Never says changes arrived: a lost notification, every time.
@@ -213,7 +213,7 @@ impl<P: Peer> Peer for Flaky<P> {
     }
     async fn changes(
         &self,
-        since: &Value,
+        since: &ferry_sync::Seq,
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
@@ -250,7 +250,11 @@ impl<P: Peer> Peer for Flaky<P> {
         self.count_write()?;
         self.inner.write_revisions(revisions).await
     }
-    async fn wait_for_changes(&self, since: &Value, timeout: Duration) -> Result<bool, SyncError> {
+    async fn wait_for_changes(
+        &self,
+        since: &ferry_sync::Seq,
+        timeout: Duration,
+    ) -> Result<bool, SyncError> {
         if self.deaf {
             tokio::time::sleep(timeout).await;
             return Ok(false);
@@ -279,7 +283,9 @@ async fn a_replication_cut_at_every_write_resumes_and_converges_without_duplicat
             Ok(_) => break,
             Err(SyncError::Task(_)) => {
                 let starts = watched_source.first_since.lock().unwrap().clone();
-                resumed_from_checkpoint |= starts.first().is_some_and(|since| since != &json!(0));
+                resumed_from_checkpoint |= starts
+                    .first()
+                    .is_some_and(|since| since.number() != Some(0));
             }
             Err(other) => panic!("unexpected error {other}"),
         }
