@@ -18,9 +18,13 @@
 //! [`Ferry::status`]) is synchronous: each call is a SQLite transaction, and each write waits
 //! for its commit to reach the disk (an fsync) before it returns, so a saved write survives a
 //! crash or power loss. That takes microseconds to a few milliseconds; in async code, call
-//! batches of them through `tokio::task::spawn_blocking` when latency matters. What the SDK
-//! does in the background (syncing, resolving pulled conflicts) runs on tokio's blocking
-//! threads.
+//! batches of them through `tokio::task::spawn_blocking` when latency matters. So are opening a
+//! replica and [`Ferry::start_sync`] (they read it). The SDK's async methods and the background
+//! sync ([`Ferry::sync_once`], [`Ferry::push_to`], [`Ferry::pull_from`],
+//! [`Ferry::wait_for_acknowledgement`], the sync loop: reading the replica, storing pulled
+//! revisions, resolving their conflicts, recording acknowledgements and refusals, keeping
+//! reconnect tokens) call the store only on tokio's blocking threads, never on an executor
+//! thread.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), ferry_client::ClientError> {
@@ -446,17 +450,33 @@ impl Ferry {
     pub async fn wait_for_acknowledgement(&self, timeout: Duration) -> Result<bool, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.subscribe();
+        let nothing_pending = || async {
+            let counts = self.blocking(|ferry| ferry.status()).await??;
+            Ok::<bool, ClientError>(counts.pending == 0)
+        };
         loop {
-            if self.status()?.pending == 0 {
+            if nothing_pending().await? {
                 return Ok(true);
             }
             tokio::select! {
                 _ = changes.changed() => {}
-                () = tokio::time::sleep_until(deadline) => return Ok(self.status()?.pending == 0),
+                () = tokio::time::sleep_until(deadline) => return nothing_pending().await,
                 // Acknowledgements do not change the sequence; look again now and then.
                 () = tokio::time::sleep(CROSS_PROCESS_POLL) => {}
             }
         }
+    }
+
+    /// Runs `work` on one of tokio's blocking threads: the SDK's async paths call the store
+    /// (SQLite, with an fsync per write) only through it, never on an executor thread.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(Ferry) -> T + Send + 'static,
+    ) -> Result<T, SyncError> {
+        let ferry = self.clone();
+        tokio::task::spawn_blocking(move || work(ferry))
+            .await
+            .map_err(|error| SyncError::Task(error.to_string()))
     }
 
     pub(crate) fn acknowledge(&self, last_seq: &ferry_sync::Seq) {

@@ -2,7 +2,9 @@
 //! the push and pull every sync is made of (acknowledging the outbox, recording refusals,
 //! re-basing the clock).
 
-use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SyncError, WsPeer};
+use ferry_sync::{
+    LocalPeer, Peer, RejectedRevision, ReplicationEvent, ReplicationOptions, Seq, SyncError, WsPeer,
+};
 
 use crate::connection::{PullFilter, SyncOptions};
 use crate::{ClientError, Ferry};
@@ -15,8 +17,16 @@ impl Ferry {
         &self,
         options: &SyncOptions,
     ) -> Result<ferry_sync::SyncStats, ClientError> {
-        let local = self.local_peer()?;
-        let (remote, _) = self.session_peer(options)?;
+        let (local, remote, pull_filter) = self
+            .blocking({
+                let options = options.clone();
+                move |ferry| {
+                    let (remote, _) = ferry.session_peer(&options)?;
+                    let pull_filter = ferry.pull_filter(&options)?;
+                    Ok::<_, ClientError>((ferry.local_peer()?, remote, pull_filter))
+                }
+            })
+            .await??;
         remote.prepare(true).await?;
         self.rebase_clock(&remote).await?;
         let replication = ReplicationOptions {
@@ -25,7 +35,6 @@ impl Ferry {
             max_write_bytes: options.max_write_bytes,
             ..ReplicationOptions::default()
         };
-        let pull_filter = self.pull_filter(options)?;
         let push = self.push(&local, &remote, &replication, |_| {}).await?;
         let pull = self
             .pull(&local, &remote, &replication, &pull_filter)
@@ -42,8 +51,7 @@ impl Ferry {
         let Some(server_ms) = remote.server_time_ms() else {
             return Ok(());
         };
-        let ferry = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move |ferry| {
             let clock = &ferry.inner.clock;
             let correction_ms = clock.rebase(server_ms);
             let restamped = ferry
@@ -62,8 +70,7 @@ impl Ferry {
             }
             Ok::<(), ferry_store::StoreError>(())
         })
-        .await
-        .map_err(|error| SyncError::Task(error.to_string()))?
+        .await?
         .map_err(SyncError::Store)
     }
 
@@ -92,7 +99,7 @@ impl Ferry {
         options: &ReplicationOptions,
         progress: impl FnMut(&crate::Stats) + Send,
     ) -> Result<crate::Stats, ClientError> {
-        let local = self.local_peer()?;
+        let local = self.blocking(|ferry| ferry.local_peer()).await??;
         remote.prepare(options.create_target).await?;
         self.rebase_clock(remote).await?;
         Ok(self.push(&local, remote, options, progress).await?)
@@ -108,9 +115,9 @@ impl Ferry {
         options: &ReplicationOptions,
         progress: impl FnMut(&crate::Stats) + Send,
     ) -> Result<crate::Stats, ClientError> {
-        let local = self.local_peer()?;
+        let local = self.blocking(|ferry| ferry.local_peer()).await??;
         let stats = ferry_sync::replicate(remote, &local, options, progress).await?;
-        self.notify_changed();
+        self.blocking(|ferry| ferry.notify_changed()).await?;
         Ok(stats)
     }
 
@@ -122,19 +129,50 @@ impl Ferry {
         replication: &ReplicationOptions,
         mut progress: impl FnMut(&ferry_sync::Stats) + Send,
     ) -> Result<ferry_core::replicate::Stats, SyncError> {
-        let stats = ferry_sync::replicate_reporting(
-            local,
-            remote,
-            replication,
-            |stats| {
-                self.acknowledge(&stats.last_seq);
-                progress(stats);
-            },
-            |rejected| self.reject(rejected),
-        )
-        .await?;
-        self.acknowledge(&stats.last_seq);
-        Ok(stats)
+        let (record, recorder) = self.outbox_recorder();
+        let result =
+            ferry_sync::replicate_reporting(local, remote, replication, |event| match event {
+                ReplicationEvent::Committed(stats) => {
+                    let _ = record.send(OutboxRecord::AcknowledgeThrough(stats.last_seq.clone()));
+                    progress(stats);
+                }
+                ReplicationEvent::Refused(rejected) => {
+                    let _ = record.send(OutboxRecord::Reject(rejected.clone()));
+                }
+                _ => {}
+            })
+            .await;
+        if let Ok(stats) = &result {
+            let _ = record.send(OutboxRecord::AcknowledgeThrough(stats.last_seq.clone()));
+        }
+        // Whatever ended the push, what the server committed is recorded before it returns.
+        drop(record);
+        recorder
+            .await
+            .map_err(|error| SyncError::Task(error.to_string()))?;
+        result
+    }
+
+    /// A worker on a blocking thread that records in the outbox, in order, what a push
+    /// reports: a refusal must be recorded before the acknowledgement of its batch, which
+    /// would otherwise drop the refused document's entry. Closing the sender ends it.
+    fn outbox_recorder(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<OutboxRecord>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (record, mut records) = tokio::sync::mpsc::unbounded_channel();
+        let ferry = self.clone();
+        let recorder = tokio::task::spawn_blocking(move || {
+            while let Some(next) = records.blocking_recv() {
+                match next {
+                    OutboxRecord::AcknowledgeThrough(seq) => ferry.acknowledge(&seq),
+                    OutboxRecord::Reject(rejected) => ferry.reject(&rejected),
+                }
+            }
+        });
+        (record, recorder)
     }
 
     /// Marks a document the server refused as rejected in the outbox, unless it was edited
@@ -173,7 +211,15 @@ impl Ferry {
                 ferry_sync::replicate(remote, local, &replication, |_| {}).await?
             }
         };
-        self.notify_changed();
+        self.blocking(|ferry| ferry.notify_changed()).await?;
         Ok(stats)
     }
+}
+
+/// What a push records in the outbox, in the order the replication reported it.
+enum OutboxRecord {
+    /// Everything up to this source sequence is on the server.
+    AcknowledgeThrough(Seq),
+    /// The server refused this revision.
+    Reject(RejectedRevision),
 }

@@ -73,25 +73,42 @@ pub async fn replicate<S: Peer, T: Peer>(
     options: &ReplicationOptions,
     progress: impl FnMut(&Stats) + Send,
 ) -> Result<Stats, SyncError> {
-    replicate_reporting(source, target, options, progress, |rejected| {
-        tracing::warn!(doc_id = %rejected.doc_id, rev = %rejected.rev, reason = %rejected.reason, "the target refused a revision");
+    let mut progress = progress;
+    replicate_reporting(source, target, options, |event| match event {
+        ReplicationEvent::Committed(stats) => progress(stats),
+        ReplicationEvent::Refused(rejected) => {
+            tracing::warn!(doc_id = %rejected.doc_id, rev = %rejected.rev, reason = %rejected.reason, "the target refused a revision");
+        }
     })
     .await
 }
 
-/// [`replicate`], calling `rejected` for each revision the target refuses individually (a
-/// client marks the document rejected in its outbox; the replication goes on without it).
+/// What a replication reports as it goes, in the order it happens.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum ReplicationEvent<'a> {
+    /// The target refused this revision on its own; the rest of its batch is being stored.
+    /// (Reported before the batch's [`ReplicationEvent::Committed`].)
+    Refused(&'a RejectedRevision),
+    /// A batch is committed on the target and checkpointed (or, in continuous mode, the
+    /// replication caught up): every change of the source up to `last_seq` of these counters
+    /// is on the target, except the revisions refused before.
+    Committed(&'a Stats),
+}
+
+/// [`replicate`], reporting each [`ReplicationEvent`] to `on_event`: a client acknowledges its
+/// outbox up to each committed batch and marks refused documents rejected (in that order, which
+/// is the order the events come in; the replication goes on without what was refused).
 pub async fn replicate_reporting<S: Peer, T: Peer>(
     source: &S,
     target: &T,
     options: &ReplicationOptions,
-    mut progress: impl FnMut(&Stats) + Send,
-    mut rejected: impl FnMut(&RejectedRevision) + Send,
+    mut on_event: impl FnMut(ReplicationEvent<'_>) + Send,
 ) -> Result<Stats, SyncError> {
     let mut failures = 0u32;
     let mut jitter = ferry_core::connection::Jitter::seeded(uuid::Uuid::new_v4().as_u64_pair().0);
     loop {
-        match replicate_once(source, target, options, &mut progress, &mut rejected).await {
+        match replicate_once(source, target, options, &mut on_event).await {
             Ok(stats) => return Ok(stats),
             Err(error) if options.continuous && options.retry_transient && error.is_transient() => {
                 failures = failures.saturating_add(1);
@@ -121,8 +138,7 @@ async fn replicate_once<S: Peer, T: Peer>(
     source: &S,
     target: &T,
     options: &ReplicationOptions,
-    progress: &mut (impl FnMut(&Stats) + Send),
-    on_rejected: &mut (impl FnMut(&RejectedRevision) + Send),
+    on_event: &mut (impl FnMut(ReplicationEvent<'_>) + Send),
 ) -> Result<Stats, SyncError> {
     target.prepare(options.create_target).await?;
     let replication_id = replication_id(source, target, &options.filter);
@@ -201,7 +217,9 @@ async fn replicate_once<S: Peer, T: Peer>(
             Action::WriteRevisions { revisions } => {
                 let rejected =
                     read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?;
-                rejected.iter().for_each(&mut *on_rejected);
+                for refused in &rejected {
+                    on_event(ReplicationEvent::Refused(refused));
+                }
                 Response::Written {
                     rejected: rejected.len() as u64,
                 }
@@ -221,7 +239,8 @@ async fn replicate_once<S: Peer, T: Peer>(
                 Response::CheckpointWritten
             }
             Action::WaitForChanges { since } => {
-                progress(replication.stats());
+                // Caught up: everything up to the checkpoint is on the target.
+                on_event(ReplicationEvent::Committed(replication.stats()));
                 // A wait that ends with no news still reads the source again: a notification
                 // that never came (lost, or a longpoll cut by a proxy) must not stall a live
                 // replication. Quiet, that is one read per `wait_timeout`.
@@ -235,7 +254,7 @@ async fn replicate_once<S: Peer, T: Peer>(
         let committed_batch = matches!(response, Response::CheckpointWritten);
         replication.handle(response)?;
         if committed_batch {
-            progress(replication.stats());
+            on_event(ReplicationEvent::Committed(replication.stats()));
         }
     }
 }

@@ -47,7 +47,8 @@ mod ws;
 
 pub(crate) use driver::FETCH_ANSWER_BYTES;
 pub use driver::{
-    ReplicationOptions, SyncStats, replicate, replicate_reporting, replication_id, sync,
+    ReplicationEvent, ReplicationOptions, SyncStats, replicate, replicate_reporting,
+    replication_id, sync,
 };
 pub use error::SyncError;
 pub(crate) use peer::ServerTime;

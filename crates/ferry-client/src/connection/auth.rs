@@ -71,12 +71,20 @@ pub(crate) const RECONNECT_TOKEN_DOC: &str = "ferry-reconnect-token";
 /// Credentials as the sync loop tracks them: the application's, the latest reconnect token,
 /// and which of the two the last `hello` presented.
 pub(crate) struct ClientAuth {
-    db: Arc<dyn Replica>,
     /// Reconnect tokens expire by it.
     clock: Arc<ReplicaClock>,
+    state: Arc<Mutex<AuthState>>,
+    /// Where the latest token is kept, written on blocking threads one at a time.
+    keeper: Arc<TokenKeeper>,
+}
+
+/// Keeps the latest reconnect token in the replica (a local document).
+struct TokenKeeper {
+    db: Arc<dyn Replica>,
     /// Tokens are per server: the session URL they were issued for.
     server: String,
-    state: Mutex<AuthState>,
+    /// One write at a time (each reads the document's revision first).
+    writing: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -104,39 +112,37 @@ impl ClientAuth {
                 Some((token, expires))
             });
         ClientAuth {
-            db,
             clock,
-            server,
-            state: Mutex::new(AuthState {
+            state: Arc::new(Mutex::new(AuthState {
                 credentials,
                 reconnect,
                 presented_reconnect_token: false,
+            })),
+            keeper: Arc::new(TokenKeeper {
+                db,
+                server,
+                writing: Mutex::new(()),
             }),
         }
     }
 
     pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, AuthState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 
-    pub(crate) fn persist(&self, reconnect: Option<&(String, u64)>) {
-        let body = reconnect.map(|(token, expires)| {
-            json!({"server": self.server, "token": token, "expires_at": expires})
-                .as_object()
-                .cloned()
-                .unwrap_or_default()
-        });
-        let current = self.db.get_local(RECONNECT_TOKEN_DOC).ok().flatten();
-        if current.is_none() && body.is_none() {
-            return;
-        }
-        if let Err(error) = self
-            .db
-            .put_local(RECONNECT_TOKEN_DOC, current.map(|doc| doc.rev), body)
-        {
-            tracing::warn!(%error, "could not keep the reconnect token");
+    /// Keeps the token the state holds when the write runs (on a blocking thread: this is
+    /// called from the session's connection task), so writes that finish out of order still
+    /// leave the latest token.
+    pub(crate) fn persist(&self) {
+        let (keeper, state) = (self.keeper.clone(), self.state.clone());
+        let write = move || {
+            let _one_at_a_time = lock(&keeper.writing);
+            let latest = lock(&state).reconnect.clone();
+            keeper.keep(latest.as_ref());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 
@@ -148,7 +154,7 @@ impl ClientAuth {
             state.reconnect = None;
             state.presented_reconnect_token = false;
             drop(state);
-            self.persist(None);
+            self.persist();
             return true;
         }
         false
@@ -180,8 +186,34 @@ impl SessionCredentials for ClientAuth {
     }
 
     fn reconnect_token_issued(&self, token: &str, expires_ms: u64) {
-        let reconnect = (token.to_owned(), expires_ms);
-        self.persist(Some(&reconnect));
-        self.state().reconnect = Some(reconnect);
+        self.state().reconnect = Some((token.to_owned(), expires_ms));
+        self.persist();
     }
+}
+
+impl TokenKeeper {
+    fn keep(&self, reconnect: Option<&(String, u64)>) {
+        let body = reconnect.map(|(token, expires)| {
+            json!({"server": self.server, "token": token, "expires_at": expires})
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        });
+        let current = self.db.get_local(RECONNECT_TOKEN_DOC).ok().flatten();
+        if current.is_none() && body.is_none() {
+            return;
+        }
+        if let Err(error) = self
+            .db
+            .put_local(RECONNECT_TOKEN_DOC, current.map(|doc| doc.rev), body)
+        {
+            tracing::warn!(%error, "could not keep the reconnect token");
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -340,8 +340,16 @@ impl Ferry {
         remote: &WsPeer,
         options: &SyncOptions,
     ) -> Result<OpenSession, SyncError> {
-        let (_, subscriptions_rev) = self.subscriptions_with_rev().map_err(local_error)?;
-        let pull_filter = self.pull_filter(options).map_err(local_error)?;
+        let (subscriptions_rev, pull_filter) = self
+            .blocking({
+                let options = options.clone();
+                move |ferry| {
+                    let (_, subscriptions_rev) = ferry.subscriptions_with_rev()?;
+                    Ok((subscriptions_rev, ferry.pull_filter(&options)?))
+                }
+            })
+            .await?
+            .map_err(local_error)?;
         remote.prepare(true).await?;
         self.rebase_clock(remote).await?;
         Ok(OpenSession {
@@ -408,10 +416,10 @@ impl Ferry {
     async fn subscriptions_change(&self, rev: u64) {
         let mut changed = self.inner.subscriptions_changed.subscribe();
         loop {
-            if self
-                .subscriptions_with_rev()
-                .is_ok_and(|(_, current)| current != rev)
-            {
+            let current = self
+                .blocking(|ferry| ferry.subscriptions_with_rev().map(|(_, current)| current))
+                .await;
+            if current.is_ok_and(|current| current.is_ok_and(|current| current != rev)) {
                 return;
             }
             tokio::select! {
