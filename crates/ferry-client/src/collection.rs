@@ -18,6 +18,7 @@ use crate::{ClientError, Ferry};
 
 /// A document read from a collection.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Doc<T> {
     /// The document's id within its collection.
     pub id: String,

@@ -27,6 +27,7 @@ use crate::{ClientError, Collection, Doc, Ferry};
 
 /// One version of a conflicted document.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Version<T> {
     /// Its revision.
     pub rev: Rev,
@@ -38,6 +39,7 @@ pub struct Version<T> {
 
 /// The last version every conflicting version descends from.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Ancestor<T> {
     /// Its revision.
     pub rev: Rev,
@@ -47,6 +49,7 @@ pub struct Ancestor<T> {
 
 /// A document with concurrent versions.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Conflict<T> {
     /// The document's id in its collection.
     pub id: String,
@@ -58,6 +61,7 @@ pub struct Conflict<T> {
 
 /// How the application settles a conflict by hand.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Resolve<T> {
     /// Keep this version's content.
     Keep(Rev),

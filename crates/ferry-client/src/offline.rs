@@ -25,6 +25,7 @@ const SUBSCRIPTIONS_DOC: &str = "ferry-offline-subscriptions";
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OfflineSubscription {
     /// Every document of a collection, deletions included.
     Collection {

@@ -55,6 +55,7 @@ impl std::fmt::Debug for Credentials {
 
 /// Why the server refused to authenticate the replica; given to the fallback callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AuthenticationFailure {
     /// The server's reason.
     pub reason: String,
