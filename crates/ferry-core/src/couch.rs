@@ -9,12 +9,80 @@
 //! Ferry adds one special member, `_ferry`, carrying what CouchDB documents have no place for
 //! (the revision's hybrid logical clock). It is only sent to clients that ask for it (`ferry=true`
 //! in the query), because PouchDB refuses documents with unknown `_` members.
+//!
+//! The bodies of the replication endpoints that carry no documents are types here too, used
+//! by the server to answer and by `HttpPeer` to read: [`ChangesRow`] and [`ChangesAnswer`]
+//! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`).
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::hlc::Timestamp;
 use crate::model::{Body, Revision};
+use crate::replicate::{ChangeRow, Seq};
 use crate::rev::Rev;
+
+/// `{"rev": …}`, as a changes row lists a document's leaves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevEntry {
+    /// The revision.
+    pub rev: Rev,
+}
+
+/// One row of a `_changes` answer. With `include_docs=true` the server adds the document
+/// (`doc`); replication reads the rest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangesRow {
+    /// The sequence of the document's latest change.
+    pub seq: Seq,
+    /// The document.
+    pub id: String,
+    /// Its leaves (`style=all_docs`: the winner first), or its winner.
+    pub changes: Vec<RevEntry>,
+    /// Whether the winner is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The document, with `include_docs=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<Value>,
+}
+
+impl ChangesRow {
+    /// The row as the replication state machine reads it.
+    pub fn into_change_row(self) -> ChangeRow {
+        ChangeRow {
+            doc_id: self.id,
+            seq: self.seq,
+            revs: self.changes.into_iter().map(|entry| entry.rev).collect(),
+            deleted: self.deleted,
+        }
+    }
+}
+
+/// A `_changes` answer (`feed=normal` or `longpoll`) as a replicator reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangesAnswer {
+    /// The rows, in sequence order.
+    pub results: Vec<ChangesRow>,
+    /// The sequence to continue after (CouchDB always sends it; without it, the last row's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<Seq>,
+    /// How many changes remain after these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u64>,
+}
+
+/// What `_revs_diff` answers for one document: the revisions asked about that the database
+/// lacks, and those it has that may be their ancestors. (The request is the document ids with
+/// the revisions to ask about, `{"id": ["rev", …]}`.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevsDiffAnswer {
+    /// The revisions the database lacks.
+    pub missing: Vec<Rev>,
+    /// Revisions it has that may be ancestors of the missing ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub possible_ancestors: Vec<Rev>,
+}
 
 /// Why a CouchDB document was refused. The messages follow CouchDB's where it has one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,6 +345,53 @@ pub fn revision_from_json(value: Value) -> Result<Revision, CouchDocError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_answers_of_couchdb_3_with_opaque_sequences_are_read() {
+        let text = r#"{"results":[
+            {"seq":"1-g1AAAAFR","id":"a","changes":[{"rev":"2-b"},{"rev":"2-a"}]},
+            {"seq":"2-g1AAAAFS","id":"b","changes":[{"rev":"1-c"}],"deleted":true}
+        ],"last_seq":"2-g1AAAAFS","pending":0}"#;
+        let answer: ChangesAnswer = serde_json::from_str(text).unwrap();
+        assert_eq!(answer.last_seq, Some(Seq::Opaque("2-g1AAAAFS".into())));
+        let rows: Vec<ChangeRow> = answer
+            .results
+            .into_iter()
+            .map(ChangesRow::into_change_row)
+            .collect();
+        assert_eq!(
+            rows[0].revs,
+            ["2-b".parse::<Rev>().unwrap(), "2-a".parse().unwrap()]
+        );
+        assert!(!rows[0].deleted && rows[1].deleted);
+        assert_eq!(rows[1].seq.to_string(), "2-g1AAAAFS");
+        // BigCouch's array sequences are kept as their JSON text, to be sent back as such.
+        let old: ChangesRow =
+            serde_json::from_str(r#"{"seq":[3,"g1AA"],"id":"c","changes":[{"rev":"1-d"}]}"#)
+                .unwrap();
+        assert_eq!(old.seq.to_string(), r#"[3,"g1AA"]"#);
+        // What no feed sends is refused.
+        assert!(
+            serde_json::from_str::<ChangesRow>(r#"{"seq":null,"id":"c","changes":[]}"#).is_err()
+        );
+        assert!(serde_json::from_str::<ChangesRow>(r#"{"seq":-1,"id":"c","changes":[]}"#).is_err());
+    }
+
+    #[test]
+    fn a_revs_diff_answer_lists_possible_ancestors_only_when_there_are_some() {
+        let answer = RevsDiffAnswer {
+            missing: vec!["2-b".parse().unwrap()],
+            possible_ancestors: Vec::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(&answer).unwrap(),
+            json!({"missing": ["2-b"]})
+        );
+        let read: RevsDiffAnswer =
+            serde_json::from_value(json!({"missing": ["3-c"], "possible_ancestors": ["2-b"]}))
+                .unwrap();
+        assert_eq!(read.possible_ancestors, ["2-b".parse::<Rev>().unwrap()]);
+    }
 
     #[test]
     fn a_replicated_revision_round_trips() {

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::couch::RevEntry;
 use crate::json::{JsonError, parse_within};
 use crate::replicate::Checkpoint;
 use crate::rev::Rev;
@@ -301,13 +302,6 @@ pub struct ChangeEntry {
     /// Whether the winner is deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
-}
-
-/// `{"rev": …}`, as a changes row lists leaves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RevEntry {
-    /// The revision.
-    pub rev: Rev,
 }
 
 /// The result of `changes`.

@@ -89,7 +89,7 @@ impl ReplicationConfig {
 /// assert_eq!(couch.number(), None);
 /// assert_eq!(couch.to_string(), "12-g1AAAAE");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum Seq {
     /// An integer sequence (Ferry, PouchDB, CouchDB 1.x).
@@ -117,6 +117,16 @@ impl Seq {
             Value::Array(_) | Value::Object(_) => Some(Seq::Opaque(value.to_string())),
             Value::Null | Value::Bool(_) => None,
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seq {
+    /// As [`Seq::from_json`] reads it.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Seq, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Seq::from_json(&value).ok_or_else(|| {
+            serde::de::Error::custom(format!("{value} is not a changes-feed sequence"))
+        })
     }
 }
 

@@ -1,11 +1,14 @@
 //! A peer on a server, over the CouchDB replication protocol (a Ferry server, CouchDB, or
 //! pouchdb-server).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ferry_core::couch::{revision_from_json, revision_json};
+use ferry_core::couch::{
+    ChangesAnswer, ChangesRow, RevsDiffAnswer, revision_from_json, revision_json,
+};
 use ferry_core::model::Revision;
 use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
@@ -13,7 +16,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
-use crate::wire::{bulk_get_docs, change_rows, parse_rev_list, revs_diff_request};
+use crate::wire::bulk_get_docs;
 use crate::{
     ChangesFilter, ChangesPage, FETCH_ANSWER_BYTES, Peer, RejectedRevision, ServerTime, SyncError,
 };
@@ -370,19 +373,23 @@ impl Peer for HttpPeer {
             self.call(Method::POST, &path, Some(&Value::Object(body)))
                 .await?
         };
-        let rows =
-            change_rows(&response["results"]).map_err(|detail| self.invalid(&path, detail))?;
-        let last_seq = match &response["last_seq"] {
-            Value::Null => rows
+        let answer: ChangesAnswer = serde_json::from_value(response)
+            .map_err(|error| self.invalid(&path, error.to_string()))?;
+        let last_seq = match answer.last_seq {
+            Some(last_seq) => last_seq,
+            None => answer
+                .results
                 .last()
                 .map_or_else(|| since.clone(), |row| row.seq.clone()),
-            last_seq => Seq::from_json(last_seq)
-                .ok_or_else(|| self.invalid(&path, "an invalid last_seq"))?,
         };
         Ok(ChangesPage {
-            rows,
+            rows: answer
+                .results
+                .into_iter()
+                .map(ChangesRow::into_change_row)
+                .collect(),
             last_seq,
-            pending: response["pending"].as_u64(),
+            pending: answer.pending,
         })
     }
 
@@ -390,20 +397,17 @@ impl Peer for HttpPeer {
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
+        let asked: BTreeMap<String, Vec<Rev>> = revs.into_iter().collect();
+        let request = serde_json::to_value(&asked).expect("ids and revisions serialize");
         let response = self
-            .call(Method::POST, "_revs_diff", Some(&revs_diff_request(&revs)))
+            .call(Method::POST, "_revs_diff", Some(&request))
             .await?;
-        let Value::Object(answers) = response else {
-            return Err(self.invalid("_revs_diff", "not an object"));
-        };
-        answers
+        let answers: BTreeMap<String, RevsDiffAnswer> = serde_json::from_value(response)
+            .map_err(|error| self.invalid("_revs_diff", error.to_string()))?;
+        Ok(answers
             .into_iter()
-            .map(|(doc_id, answer)| {
-                let missing = parse_rev_list(&answer["missing"])
-                    .ok_or_else(|| self.invalid("_revs_diff", "no valid missing list"))?;
-                Ok((doc_id, missing))
-            })
-            .collect()
+            .map(|(doc_id, answer)| (doc_id, answer.missing))
+            .collect())
     }
 
     async fn fetch_revisions(

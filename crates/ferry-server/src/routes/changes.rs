@@ -18,8 +18,9 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use ferry_core::couch::{DocExtras, document_json};
+use ferry_core::couch::{ChangesRow, DocExtras, RevEntry, document_json};
 use ferry_core::filter::ChangesFilter;
+use ferry_core::replicate::Seq;
 use ferry_store::Change;
 use ferry_store::endpoint::ChangesPage;
 use serde_json::{Value, json};
@@ -205,7 +206,7 @@ async fn parse_request(
 }
 
 fn change_row(change: &Change, request: &ChangesRequest) -> Value {
-    let revs: Vec<Value> = if request.all_leaves {
+    let changes: Vec<RevEntry> = if request.all_leaves {
         // The winner first, then the other leaves, as CouchDB lists them.
         std::iter::once(&change.rev)
             .chain(
@@ -215,16 +216,14 @@ fn change_row(change: &Change, request: &ChangesRequest) -> Value {
                     .map(|leaf| &leaf.rev)
                     .filter(|rev| *rev != &change.rev),
             )
-            .map(|rev| json!({"rev": rev.to_string()}))
+            .map(|rev| RevEntry { rev: rev.clone() })
             .collect()
     } else {
-        vec![json!({"rev": change.rev.to_string()})]
+        vec![RevEntry {
+            rev: change.rev.clone(),
+        }]
     };
-    let mut row = json!({"seq": change.seq, "id": change.doc_id, "changes": revs});
-    if change.deleted {
-        row["deleted"] = Value::Bool(true);
-    }
-    if request.include_docs {
+    let doc = request.include_docs.then(|| {
         let conflicts: Vec<_> = change
             .leaves
             .iter()
@@ -232,7 +231,7 @@ fn change_row(change: &Change, request: &ChangesRequest) -> Value {
             .map(|leaf| leaf.rev.clone())
             .collect();
         let empty = ferry_core::model::Body::new();
-        row["doc"] = document_json(
+        document_json(
             &change.doc_id,
             &change.rev,
             change.deleted,
@@ -241,9 +240,16 @@ fn change_row(change: &Change, request: &ChangesRequest) -> Value {
                 conflicts: (request.conflicts && !change.deleted).then_some(conflicts.as_slice()),
                 ..DocExtras::default()
             },
-        );
-    }
-    row
+        )
+    });
+    let row = ChangesRow {
+        seq: Seq::from(change.seq),
+        id: change.doc_id.clone(),
+        changes,
+        deleted: change.deleted,
+        doc,
+    };
+    serde_json::to_value(row).expect("a changes row serializes")
 }
 
 /// Reads up to `limit` matching changes after `since`.

@@ -1,19 +1,19 @@
 //! The replication endpoints: `_revs_diff`, `_bulk_get` and `_bulk_docs`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use ferry_core::couch::CouchDoc;
+use ferry_core::couch::{CouchDoc, RevsDiffAnswer};
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
 use ferry_store::StoredRevision;
 use ferry_store::endpoint::{Endpoint, EndpointError};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::AppState;
@@ -28,7 +28,7 @@ pub(crate) async fn revs_diff(
     State(state): State<AppState>,
     Path(db): Path<String>,
     JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<BTreeMap<String, RevsDiffAnswer>>> {
     let Value::Object(map) = body else {
         return Err(ApiError::bad_request("Request body must be a JSON object"));
     };
@@ -39,18 +39,17 @@ pub(crate) async fn revs_diff(
     let answers = state
         .with_endpoint(&db, move |endpoint| endpoint.revs_diff(&asked))
         .await?;
-    let mut response = Map::new();
-    for (doc_id, diff) in answers {
-        let mut entry = json!({
-            "missing": diff.missing.iter().map(Rev::to_string).collect::<Vec<_>>(),
-        });
-        if !diff.possible_ancestors.is_empty() {
-            entry["possible_ancestors"] =
-                diff.possible_ancestors.iter().map(Rev::to_string).collect();
-        }
-        response.insert(doc_id, entry);
-    }
-    Ok(Json(Value::Object(response)))
+    let response: BTreeMap<String, RevsDiffAnswer> = answers
+        .into_iter()
+        .map(|(doc_id, diff)| {
+            let answer = RevsDiffAnswer {
+                missing: diff.missing,
+                possible_ancestors: diff.possible_ancestors,
+            };
+            (doc_id, answer)
+        })
+        .collect();
+    Ok(Json(response))
 }
 
 /// `POST /{db}/_bulk_get?revs=true&latest=true`: `{"docs": [{"id", "rev"?}]}`.
