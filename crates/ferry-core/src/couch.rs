@@ -12,7 +12,7 @@
 //!
 //! The bodies of the replication endpoints that carry no documents are types here too, used
 //! by the server to answer and by `HttpPeer` to read: [`ChangesRow`] and [`ChangesAnswer`]
-//! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`).
+//! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`), [`BulkDocsRow`] (`_bulk_docs`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -70,6 +70,51 @@ pub struct ChangesAnswer {
     /// How many changes remain after these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<u64>,
+}
+
+/// One row of a `_bulk_docs` answer: a stored revision (`ok` with its `rev`), or a refusal
+/// with CouchDB's `error` and `reason`. With `new_edits=false` servers list only refusals.
+/// The revision is kept as text: a refusal from another server may name a revision this side
+/// would not parse, and it is looked up among those sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkDocsRow {
+    /// The document.
+    pub id: String,
+    /// The revision stored or refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// Set on a stored revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    /// The error code of a refusal (`forbidden`, `conflict`, `doc_validation`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl BulkDocsRow {
+    /// A stored revision.
+    pub fn stored(id: &str, rev: &Rev) -> BulkDocsRow {
+        BulkDocsRow {
+            id: id.to_owned(),
+            rev: Some(rev.to_string()),
+            ok: Some(true),
+            ..BulkDocsRow::default()
+        }
+    }
+
+    /// A refusal (of `rev`, when known).
+    pub fn refused(id: &str, rev: Option<&Rev>, error: &str, reason: &str) -> BulkDocsRow {
+        BulkDocsRow {
+            id: id.to_owned(),
+            rev: rev.map(Rev::to_string),
+            error: Some(error.to_owned()),
+            reason: Some(reason.to_owned()),
+            ..BulkDocsRow::default()
+        }
+    }
 }
 
 /// What `_revs_diff` answers for one document: the revisions asked about that the database

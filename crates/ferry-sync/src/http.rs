@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::{
-    ChangesAnswer, ChangesRow, RevsDiffAnswer, revision_from_json, revision_json,
+    BulkDocsRow, ChangesAnswer, ChangesRow, RevsDiffAnswer, revision_from_json, revision_json,
 };
 use ferry_core::model::Revision;
 use ferry_core::replicate::{Checkpoint, Seq};
@@ -182,15 +182,16 @@ impl HttpPeer {
             .await?;
         // With new_edits=false a server answers [] or only the documents it refused (as
         // CouchDB's replicator, count them as failures and go on).
-        let rejected = response
-            .as_array()
+        let rows: Vec<BulkDocsRow> = serde_json::from_value(response)
+            .map_err(|error| self.invalid("_bulk_docs", error.to_string()))?;
+        let rejected = rows
             .into_iter()
-            .flatten()
-            .filter(|row| row.get("error").is_some())
+            .filter(|row| row.error.is_some())
             .map(|row| {
-                let doc_id = row["id"].as_str().unwrap_or_default().to_owned();
-                let rev = row["rev"]
-                    .as_str()
+                let doc_id = row.id;
+                let rev = row
+                    .rev
+                    .as_deref()
                     .and_then(|rev| rev.parse().ok())
                     .or_else(|| {
                         revisions
@@ -205,8 +206,8 @@ impl HttpPeer {
                 Ok(RejectedRevision {
                     doc_id,
                     rev,
-                    error: row["error"].as_str().unwrap_or("unknown").to_owned(),
-                    reason: row["reason"].as_str().unwrap_or_default().to_owned(),
+                    error: row.error.unwrap_or_default(),
+                    reason: row.reason.unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>, SyncError>>()?;

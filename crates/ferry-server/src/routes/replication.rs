@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use ferry_core::couch::{CouchDoc, RevsDiffAnswer};
+use ferry_core::couch::{BulkDocsRow, CouchDoc, RevsDiffAnswer};
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
@@ -249,7 +249,7 @@ pub(crate) async fn bulk_docs(
     State(state): State<AppState>,
     Path(db): Path<String>,
     JsonBody(mut body): JsonBody,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Vec<BulkDocsRow>>)> {
     let new_edits = match body.get("new_edits") {
         None => true,
         Some(Value::Bool(flag)) => *flag,
@@ -283,18 +283,17 @@ pub(crate) async fn bulk_docs(
             .with_endpoint(&db, move |endpoint| endpoint.write_revisions(revisions))
             .await?;
         // As CouchDB: only the refused revisions are listed.
-        let refused: Vec<Value> = outcome
+        let refused: Vec<BulkDocsRow> = outcome
             .acks
             .iter()
             .filter_map(|ack| {
                 let error = ApiError::from(ack.refused.as_ref()?);
-                Some(json!({
-                    "id": ack.doc_id, "rev": ack.rev.to_string(),
-                    "error": error.error, "reason": error.reason,
-                }))
+                let row =
+                    BulkDocsRow::refused(&ack.doc_id, Some(&ack.rev), error.error, &error.reason);
+                Some(row)
             })
             .collect();
-        return Ok((StatusCode::CREATED, Json(Value::Array(refused))));
+        return Ok((StatusCode::CREATED, Json(refused)));
     }
 
     let edits: Vec<Edit> = parsed
@@ -313,16 +312,16 @@ pub(crate) async fn bulk_docs(
     let results = state
         .with_endpoint(&db, move |endpoint| endpoint.write_edits(edits))
         .await?;
-    let rows: Vec<Value> = ids
+    let rows: Vec<BulkDocsRow> = ids
         .into_iter()
         .zip(results)
         .map(|(doc_id, result)| match result {
-            Ok(rev) => json!({"ok": true, "id": doc_id, "rev": rev.to_string()}),
+            Ok(rev) => BulkDocsRow::stored(&doc_id, &rev),
             Err(refusal) => {
                 let error = ApiError::from(&refusal);
-                json!({"id": doc_id, "error": error.error, "reason": error.reason})
+                BulkDocsRow::refused(&doc_id, None, error.error, &error.reason)
             }
         })
         .collect();
-    Ok((StatusCode::CREATED, Json(Value::Array(rows))))
+    Ok((StatusCode::CREATED, Json(rows)))
 }
