@@ -12,7 +12,8 @@
 //!
 //! The bodies of the replication endpoints that carry no documents are types here too, used
 //! by the server to answer and by `HttpPeer` to read: [`ChangesRow`] and [`ChangesAnswer`]
-//! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`), [`BulkDocsRow`] (`_bulk_docs`).
+//! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`), [`BulkGetRequest`] and [`BulkGetAnswer`]
+//! (`_bulk_get`), [`BulkDocsRow`] (`_bulk_docs`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -70,6 +71,93 @@ pub struct ChangesAnswer {
     /// How many changes remain after these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<u64>,
+}
+
+/// One revision asked for in a `_bulk_get` request (`{"id", "rev"?}`; without `rev`, the
+/// winner), as a Ferry server also lists those it left `unserved`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkGetItem {
+    /// The document.
+    pub id: String,
+    /// The revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<Rev>,
+}
+
+/// A `_bulk_get` request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkGetRequest {
+    /// What is asked for.
+    pub docs: Vec<BulkGetItem>,
+}
+
+/// A `_bulk_get` answer: a result per document asked for, and (Ferry's `max_bytes`
+/// extension) what was left out to keep the answer within the bound, to ask for again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BulkGetAnswer {
+    /// The results, in request order.
+    pub results: Vec<BulkGetResult>,
+    /// What the answer left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unserved: Vec<BulkGetItem>,
+}
+
+/// The revisions of one document in a `_bulk_get` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BulkGetResult {
+    /// The document.
+    pub id: String,
+    /// Each revision asked for: found (`ok`, the document with `_revisions`) or not (`error`).
+    pub docs: Vec<BulkGetDoc>,
+}
+
+/// One revision of a `_bulk_get` result: `{"ok": document}` or `{"error": {...}}`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BulkGetDoc {
+    /// The revision, as a CouchDB document ([`revision_from_json`] reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<Value>,
+    /// Why it is not there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<BulkGetError>,
+}
+
+/// A revision a `_bulk_get` could not answer (every member optional when read: servers
+/// differ in what they say).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BulkGetError {
+    /// The document.
+    pub id: String,
+    /// The revision (`undefined` when the document has none), as text.
+    pub rev: String,
+    /// `not_found`.
+    pub error: String,
+    /// `missing`.
+    pub reason: String,
+}
+
+impl BulkGetDoc {
+    /// A revision found.
+    pub fn found(document: Value) -> BulkGetDoc {
+        BulkGetDoc {
+            ok: Some(document),
+            error: None,
+        }
+    }
+
+    /// A revision (`None`: any) of `id` the database does not have.
+    pub fn missing(id: &str, rev: Option<&Rev>) -> BulkGetDoc {
+        BulkGetDoc {
+            ok: None,
+            error: Some(BulkGetError {
+                id: id.to_owned(),
+                rev: rev.map_or_else(|| "undefined".to_owned(), Rev::to_string),
+                error: "not_found".to_owned(),
+                reason: "missing".to_owned(),
+            }),
+        }
+    }
 }
 
 /// One row of a `_bulk_docs` answer: a stored revision (`ok` with its `rev`), or a refusal

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::{
-    BulkDocsRow, ChangesAnswer, ChangesRow, RevsDiffAnswer, revision_from_json, revision_json,
+    BulkDocsRow, BulkGetAnswer, BulkGetItem, BulkGetRequest, ChangesAnswer, ChangesRow,
+    RevsDiffAnswer, revision_from_json, revision_json,
 };
 use ferry_core::model::Revision;
 use ferry_core::replicate::{Checkpoint, Seq};
@@ -16,7 +17,6 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
-use crate::wire::bulk_get_docs;
 use crate::{
     ChangesFilter, ChangesPage, FETCH_ANSWER_BYTES, Peer, RejectedRevision, ServerTime, SyncError,
 };
@@ -422,34 +422,39 @@ impl Peer for HttpPeer {
         } else {
             "_bulk_get?revs=true".to_owned()
         };
-        let mut docs = bulk_get_docs(&wanted);
-        let mut revisions = Vec::with_capacity(docs.len());
-        while !docs.is_empty() {
-            let asked = docs.len();
-            let response = self
-                .call(Method::POST, &path, Some(&json!({ "docs": docs })))
-                .await?;
-            let results = response["results"]
-                .as_array()
-                .ok_or_else(|| self.invalid(&path, "no results array"))?;
-            for result in results {
-                for doc in result["docs"].as_array().into_iter().flatten() {
-                    if let Some(ok) = doc.get("ok") {
-                        let revision = revision_from_json(ok.clone())
+        let mut request = BulkGetRequest {
+            docs: wanted
+                .into_iter()
+                .flat_map(|(id, revs)| {
+                    revs.into_iter().map(move |rev| BulkGetItem {
+                        id: id.clone(),
+                        rev: Some(rev),
+                    })
+                })
+                .collect(),
+        };
+        let mut revisions = Vec::with_capacity(request.docs.len());
+        while !request.docs.is_empty() {
+            let asked = request.docs.len();
+            let body = serde_json::to_value(&request).expect("ids and revisions serialize");
+            let response = self.call(Method::POST, &path, Some(&body)).await?;
+            let answer: BulkGetAnswer = serde_json::from_value(response)
+                .map_err(|error| self.invalid(&path, error.to_string()))?;
+            for doc in answer.results.into_iter().flat_map(|result| result.docs) {
+                match (doc.ok, doc.error) {
+                    (Some(ok), _) => {
+                        let revision = revision_from_json(ok)
                             .map_err(|error| self.invalid(&path, error.to_string()))?;
                         revisions.push(revision);
-                    } else {
-                        tracing::warn!(error = %doc["error"], "revision not available on the server; skipped");
+                    }
+                    (None, error) => {
+                        tracing::warn!(?error, "revision not available on the server; skipped");
                     }
                 }
             }
-            docs = match response.get("unserved") {
-                None => Vec::new(),
-                Some(Value::Array(unserved)) => unserved.clone(),
-                Some(_) => return Err(self.invalid(&path, "`unserved` is not an array")),
-            };
+            request.docs = answer.unserved;
             // Each answer serves at least one revision, so this ends.
-            if docs.len() >= asked {
+            if request.docs.len() >= asked {
                 return Err(
                     self.invalid(&path, "the server answered none of the revisions asked for")
                 );

@@ -42,7 +42,6 @@ mod local;
 mod peer;
 mod read_ahead;
 mod tls;
-mod wire;
 mod ws;
 
 pub(crate) use driver::FETCH_ANSWER_BYTES;

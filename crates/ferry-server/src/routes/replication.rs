@@ -7,13 +7,15 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use ferry_core::couch::{BulkDocsRow, CouchDoc, RevsDiffAnswer};
+use ferry_core::couch::{
+    BulkDocsRow, BulkGetDoc, BulkGetItem, BulkGetResult, CouchDoc, RevsDiffAnswer,
+};
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
 use ferry_store::StoredRevision;
 use ferry_store::endpoint::{Endpoint, EndpointError};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::AppState;
@@ -103,7 +105,7 @@ pub(crate) async fn bulk_get(
     tokio::spawn(async move {
         let mut text = String::from("{\"results\":[");
         let (mut written, mut bytes) = (0usize, 0usize);
-        let mut unserved: Vec<Value> = Vec::new();
+        let mut unserved: Vec<BulkGetItem> = Vec::new();
         let mut current = Some(first);
         while let Some(rows) = current.take() {
             for (doc_id, rev, revisions) in rows {
@@ -148,7 +150,8 @@ pub(crate) async fn bulk_get(
         let end = if unserved.is_empty() {
             "]}".to_owned()
         } else {
-            format!("],\"unserved\":{}}}", Value::Array(unserved))
+            let unserved = serde_json::to_string(&unserved).expect("revision ids serialize");
+            format!("],\"unserved\":{unserved}}}")
         };
         let _ = sender.send(Bytes::from(end)).await;
     });
@@ -186,11 +189,8 @@ fn bulk_get_rows(
 }
 
 /// A `_bulk_get` request entry as the client wrote it.
-fn asked_entry(doc_id: String, rev: Option<Rev>) -> Value {
-    match rev {
-        Some(rev) => json!({"id": doc_id, "rev": rev.to_string()}),
-        None => json!({"id": doc_id}),
-    }
+fn asked_entry(id: String, rev: Option<Rev>) -> BulkGetItem {
+    BulkGetItem { id, rev }
 }
 
 /// The `results` entry of one row, as JSON text.
@@ -200,23 +200,22 @@ fn result_entry(
     revs: bool,
     with_hlc: bool,
 ) -> String {
-    let docs: Vec<Value> = if revisions.is_empty() {
-        vec![json!({"error": {
-            "id": doc_id, "rev": "undefined", "error": "not_found", "reason": "missing"
-        }})]
+    let docs: Vec<BulkGetDoc> = if revisions.is_empty() {
+        vec![BulkGetDoc::missing(doc_id, None)]
     } else {
         revisions
             .into_iter()
             .map(|revision| match revision {
-                Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
-                Err(rev) => json!({"error": {
-                    "id": doc_id, "rev": rev.to_string(),
-                    "error": "not_found", "reason": "missing"
-                }}),
+                Ok(revision) => BulkGetDoc::found(revision_document(&revision, revs, with_hlc)),
+                Err(rev) => BulkGetDoc::missing(doc_id, Some(&rev)),
             })
             .collect()
     };
-    json!({"id": doc_id, "docs": docs}).to_string()
+    let result = BulkGetResult {
+        id: doc_id.to_owned(),
+        docs,
+    };
+    serde_json::to_string(&result).expect("a bulk_get result serializes")
 }
 
 /// A replicated document of a `_bulk_docs` or `PUT ?new_edits=false` request, as a revision;
