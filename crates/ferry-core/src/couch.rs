@@ -32,7 +32,7 @@ pub struct RevEntry {
 
 /// One row of a `_changes` answer. With `include_docs=true` the server adds the document
 /// (`doc`); replication reads the rest.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangesRow {
     /// The sequence of the document's latest change.
     pub seq: Seq,
@@ -61,7 +61,7 @@ impl ChangesRow {
 }
 
 /// A `_changes` answer (`feed=normal` or `longpoll`) as a replicator reads it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangesAnswer {
     /// The rows, in sequence order.
     pub results: Vec<ChangesRow>,

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use crate::couch::RevEntry;
+pub use crate::couch::{ChangesRow, RevEntry};
 use crate::json::{JsonError, parse_within};
 use crate::replicate::Checkpoint;
 use crate::rev::Rev;
@@ -290,25 +290,11 @@ pub enum ServerFrame {
     Error(WireError),
 }
 
-/// One row of a `changes` result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangeEntry {
-    /// The sequence of the document's latest change.
-    pub seq: u64,
-    /// The document.
-    pub id: String,
-    /// Its leaves, the winner first.
-    pub changes: Vec<RevEntry>,
-    /// Whether the winner is deleted.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deleted: bool,
-}
-
 /// The result of `changes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangesResult {
     /// The rows, in sequence order.
-    pub results: Vec<ChangeEntry>,
+    pub results: Vec<ChangesRow>,
     /// The sequence to continue after.
     pub last_seq: u64,
     /// How many changes remain.

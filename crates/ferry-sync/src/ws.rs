@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use ferry_core::couch::ChangesRow;
 use ferry_core::couch::{revision_from_json, revision_into_json};
 use ferry_core::model::Revision;
 use ferry_core::protocol::{
     BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, RevRef,
     ServerFrame, VERSIONS, WireError, result_as,
 };
-use ferry_core::replicate::{ChangeRow, Checkpoint, Seq};
+use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Url;
@@ -514,12 +515,7 @@ impl Peer for WsPeer {
             rows: result
                 .results
                 .into_iter()
-                .map(|row| ChangeRow {
-                    doc_id: row.id,
-                    seq: Seq::from(row.seq),
-                    revs: row.changes.into_iter().map(|change| change.rev).collect(),
-                    deleted: row.deleted,
-                })
+                .map(ChangesRow::into_change_row)
                 .collect(),
             last_seq: Seq::from(result.last_seq),
             pending: Some(result.pending),

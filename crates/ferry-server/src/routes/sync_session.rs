@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use ferry_core::couch::revision_from_json;
 use ferry_core::filter::ChangesFilter;
 use ferry_core::protocol::{
-    Ack, BulkDocsResult, BulkGetResult, ChangeEntry, ChangesResult, ClientFrame,
+    Ack, BulkDocsResult, BulkGetResult, ChangesResult, ChangesRow, ClientFrame,
     FRAME_ENVELOPE_DEPTH, FrameError, HelloAuth, Op, RevEntry, RevRef, ServerFrame, VERSIONS,
     Welcome, WireError,
 };
@@ -643,8 +643,8 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
             let results = page
                 .changes
                 .into_iter()
-                .map(|change| ChangeEntry {
-                    seq: change.seq,
+                .map(|change| ChangesRow {
+                    seq: change.seq.into(),
                     // The winner first, then the other leaves, as CouchDB lists them.
                     changes: std::iter::once(change.rev.clone())
                         .chain(
@@ -658,6 +658,7 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
                         .collect(),
                     id: change.doc_id,
                     deleted: change.deleted,
+                    doc: None,
                 })
                 .collect();
             Ok(to_result(ChangesResult {
