@@ -1,7 +1,15 @@
 //! How a replica authenticates: the application's credentials, the reconnect token kept in
 //! the replica, and the application's fallback when both are refused.
 
-use super::*;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use ferry_core::protocol::HelloAuth;
+use ferry_store::Replica;
+use ferry_store::clock::ReplicaClock;
+use ferry_sync::SessionCredentials;
+use serde_json::{Value, json};
 
 /// How a replica authenticates to the server.
 #[derive(Clone, PartialEq, Eq)]

@@ -18,22 +18,13 @@
 //! `auth.rs` holds the credentials and reconnect tokens, `options.rs` [`SyncOptions`]; the
 //! push and pull a session runs are in `crate::sync`.
 
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::connection::{Command, Connection, Event, FailureKind, Jitter};
 pub use ferry_core::connection::{ConnectionState, ReconnectPolicy};
-use ferry_core::protocol::HelloAuth;
-use ferry_store::Replica;
-use ferry_store::clock::ReplicaClock;
-use ferry_sync::{
-    LocalPeer, Peer, ReplicationOptions, SessionCredentials, SyncError, TlsOptions, WsPeer,
-};
+use ferry_sync::{LocalPeer, Peer, ReplicationOptions, SyncError, TlsOptions, WsPeer};
 use futures_util::Stream;
-use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
 use crate::{ClientError, Ferry};

@@ -1,6 +1,10 @@
 //! Where and how to sync: [`SyncOptions`].
 
-use super::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{AuthenticationFailure, Credentials, Fallback, ReconnectPolicy};
 
 /// Where and how to sync.
 ///
