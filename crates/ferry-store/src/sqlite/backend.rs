@@ -1,6 +1,12 @@
 //! A directory of databases, one SQLite file each, and the bounded cache of open ones.
 
-use super::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::{Backend, Database, StoreConfig, StoreError, valid_database_name};
+
+use super::{SqliteDatabase, lock};
 
 /// Databases stored as SQLite files in one directory: `{dir}/{name}.sqlite`.
 ///

@@ -1,7 +1,18 @@
 //! How values are stored in rows and read back: bodies as canonical text, revisions, leaves and
 //! trees, the rows a writer reads before changing a document, and documents from query rows.
 
-use super::*;
+use std::collections::HashMap;
+
+use ferry_core::hlc::Timestamp;
+use ferry_core::json::canonical_object;
+use ferry_core::model::{Body, Document};
+use ferry_core::rev::Rev;
+use ferry_core::tree::{Leaf, RevTree};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{StoreError, StoredRevision};
+
+use super::schema::*;
 
 pub(super) fn parse_body(text: &str) -> Result<Body, StoreError> {
     serde_json::from_str(text).map_err(|err| StoreError::Corrupt {

@@ -26,26 +26,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
 
 use ferry_core::hlc::Timestamp;
-use ferry_core::json::canonical_object;
-use ferry_core::model::{
-    Body, COLLECTION_SEPARATOR, Document, LOCAL_PREFIX, Revision, collection_of,
-};
+use ferry_core::model::{Body, COLLECTION_SEPARATOR, Document, LOCAL_PREFIX, Revision};
 use ferry_core::resolve::{Resolution, ResolutionRecord};
 use ferry_core::rev::Rev;
-use ferry_core::selector::Selector;
-use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
-use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use ferry_core::tree::{Applied, EditError, RevTree, RevsDiff};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::{
-    AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc,
-    OutboxSummary, PendingState, Query, Replica, StoreConfig, StoreError, StoredRevision,
-    WriteReport, valid_database_name,
+    AllDocsQuery, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query, StoreConfig,
+    StoreError, StoredRevision, WriteReport,
 };
 
 mod backend;

@@ -1,7 +1,14 @@
 //! The outbox of a client replica (`ferry_store::Replica`): which local edits wait for the
 //! server, acknowledgements, refusals and re-stamping.
 
-use super::*;
+use ferry_core::hlc::Timestamp;
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::{OutboxSummary, PendingState, Replica, StoreError};
+
+use super::SqliteDatabase;
+use super::encoding::*;
+use super::schema::*;
 
 impl SqliteDatabase {
     /// Keeps the outbox in step with a document that got sequence `seq` (`None`: it kept its

@@ -1,7 +1,7 @@
 //! Queries on a collection: the SQL conditions that let an index on a field narrow a selector
 //! scan.
 
-use super::*;
+use ferry_core::selector::Selector;
 
 /// SQL conditions that select a superset of what `selector` matches, so that an index on
 /// `json_extract(body, path)` narrows the scan. Only top-level conditions comparing a field

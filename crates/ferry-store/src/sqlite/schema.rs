@@ -1,7 +1,12 @@
 //! The schema: its version, the migrations from older files, opening a connection with the
 //! durability asked for, and the `meta` table.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+
+use crate::{Durability, StoreConfig, StoreError};
 
 pub(super) const SCHEMA_VERSION: i64 = 4;
 

@@ -1,7 +1,17 @@
 //! Storing a new revision of a document: the `docs` row, the bodies kept in `revs`, the
 //! sequence and counters.
 
-use super::*;
+use ferry_core::hlc::Timestamp;
+use ferry_core::model::collection_of;
+use ferry_core::rev::Rev;
+use ferry_core::tree::{Applied, RevTree};
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::StoreError;
+
+use super::encoding::*;
+use super::schema::*;
+use super::{Counters, SqliteDatabase};
 
 impl SqliteDatabase {
     /// Adds `child` to the document (`before`: what it was, `None` for a new one) and stores
