@@ -514,9 +514,10 @@ impl Peer for HttpPeer {
         if !status.is_success() {
             return Err(http_error(&url, status, &response));
         }
-        let has_rows = response["results"]
-            .as_array()
-            .is_some_and(|rows| !rows.is_empty());
-        Ok(has_rows || Seq::from_json(&response["last_seq"]).as_ref() != Some(since))
+        // An answer that is not a changes answer (an empty body) says nothing: read again.
+        let Ok(answer) = serde_json::from_value::<ChangesAnswer>(response) else {
+            return Ok(true);
+        };
+        Ok(!answer.results.is_empty() || answer.last_seq.as_ref() != Some(since))
     }
 }
