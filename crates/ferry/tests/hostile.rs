@@ -557,7 +557,8 @@ async fn a_large_bulk_get_answer_is_streamed_not_held() {
     }
     assert!(length > 500 * 1_000_000, "{length} bytes");
     assert!(
-        head.starts_with(br#"{"results":[{"docs":[{"ok":{"#),
+        // CouchDB's order: each result's id, then its docs.
+        head.starts_with(br#"{"results":[{"id":"todos:big","docs":[{"ok":{"#),
         "{:?}",
         String::from_utf8_lossy(&head)
     );
