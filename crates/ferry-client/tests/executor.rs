@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_client::Ferry;
 use serde_json::json;
@@ -51,8 +51,12 @@ fn parent() {
     forward(Box::new(child.stderr.take().unwrap()), lines);
     let mut frozen = false;
     let mut ticks_after = 0;
+    // One deadline for the whole wait: a child that ticks but never reaches the failpoint
+    // must fail the test, not keep it waiting.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while ticks_after < TICKS {
-        let Ok(line) = seen.recv_timeout(Duration::from_secs(20)) else {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = seen.recv_timeout(left) else {
             break;
         };
         if line.contains("FERRY_FAILPOINT before_recording_ack reached") {
