@@ -90,7 +90,7 @@ async fn idle_sessions_on(server: &FerryServer, db: &str, count: usize) -> Resul
         socket.send(Message::Text(hello.encode().into())).await?;
         let welcome = socket.next().await.context("no welcome")??;
         let decode = |frame: &Message| -> Result<ServerFrame> {
-            Ok(ServerFrame::decode(frame.to_text()?.as_bytes(), 64)?)
+            Ok(ServerFrame::decode(frame.to_text()?.as_bytes())?)
         };
         if !matches!(decode(&welcome)?, ServerFrame::Welcome(_)) {
             bail!("session refused: {welcome}");

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::hlc::Timestamp;
+use crate::json::{JsonError, RawJson, parse_strict};
 use crate::model::{Body, Revision};
 use crate::replicate::{ChangeRow, Seq};
 use crate::rev::Rev;
@@ -114,9 +115,9 @@ pub struct BulkGetResult {
 /// One revision of a `_bulk_get` result: `{"ok": document}` or `{"error": {...}}`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BulkGetDoc {
-    /// The revision, as a CouchDB document ([`revision_from_json`] reads it).
+    /// The revision, as a CouchDB document's text ([`revision_from_text`] reads it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ok: Option<Value>,
+    pub ok: Option<RawJson>,
     /// Why it is not there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<BulkGetError>,
@@ -139,7 +140,7 @@ pub struct BulkGetError {
 
 impl BulkGetDoc {
     /// A revision found.
-    pub fn found(document: Value) -> BulkGetDoc {
+    pub fn found(document: RawJson) -> BulkGetDoc {
         BulkGetDoc {
             ok: Some(document),
             error: None,
@@ -158,6 +159,17 @@ impl BulkGetDoc {
             }),
         }
     }
+}
+
+/// A `_bulk_docs` request: documents as their text, `new_edits` as CouchDB reads it (`false`:
+/// replicated revisions stored as they are).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BulkDocsRequest {
+    /// Whether the server makes new revisions of the documents (`true`) or stores the
+    /// revisions given.
+    pub new_edits: bool,
+    /// The documents.
+    pub docs: Vec<RawJson>,
 }
 
 /// One row of a `_bulk_docs` answer: a stored revision (`ok` with its `rev`), or a refusal
@@ -242,6 +254,9 @@ pub enum CouchDocError {
     /// Attachments are not supported yet.
     #[error("attachments are not supported by this server")]
     Attachments,
+    /// The document's text is not JSON, or not within the limits.
+    #[error("{0}")]
+    Json(#[from] JsonError),
     /// A body exceeds the size limit.
     #[error("document is {size} bytes, more than the {max} allowed")]
     TooLarge {
@@ -473,6 +488,91 @@ pub fn revision_from_json(value: Value) -> Result<Revision, CouchDocError> {
         body: doc.body,
         hlc: doc.hlc,
     })
+}
+
+/// A replicated revision as the text of a CouchDB document: `_id`, `_rev`, `_deleted` when
+/// deleted, `_revisions` when `with_revisions`, `_ferry` when `hlc` is given, then the
+/// members of `body`, an
+/// object's text as the store keeps it (no `_` members). Written around the body's text, not
+/// through a tree: the store's text goes to the wire as it is.
+///
+/// ```
+/// use ferry_core::couch::replicated_document;
+/// use ferry_core::json::RawJson;
+/// let body = RawJson::from_text(r#"{"title":"milk"}"#.to_owned()).unwrap();
+/// let path = ["2-b".parse().unwrap(), "1-a".parse().unwrap()];
+/// let doc = replicated_document("todos:1", &path, false, true, None, &body).unwrap();
+/// assert_eq!(
+///     doc.get(),
+///     r#"{"_id":"todos:1","_rev":"2-b","_revisions":{"start":2,"ids":["b","a"]},"title":"milk"}"#
+/// );
+/// ```
+pub fn replicated_document(
+    doc_id: &str,
+    path: &[Rev],
+    deleted: bool,
+    with_revisions: bool,
+    hlc: Option<Timestamp>,
+    body: &RawJson,
+) -> Result<RawJson, CouchDocError> {
+    use std::fmt::Write as _;
+    let members = body
+        .get()
+        .trim_start()
+        .strip_prefix('{')
+        .ok_or(CouchDocError::NotAnObject)?
+        .trim_start();
+    let rev = path.first().ok_or(CouchDocError::BadRev)?;
+    let mut text = String::with_capacity(body.len() + doc_id.len() + 48 + path.len() * 36);
+    text.push_str(r#"{"_id":"#);
+    text.push_str(&serde_json::to_string(doc_id).expect("a string serializes"));
+    // Revision ids are digits, a dash and hex: nothing to escape.
+    let _ = write!(text, r#","_rev":"{rev}""#);
+    if deleted {
+        text.push_str(r#","_deleted":true"#);
+    }
+    if with_revisions {
+        let _ = write!(
+            text,
+            r#","_revisions":{{"start":{},"ids":["#,
+            rev.generation()
+        );
+        for (index, rev) in path.iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, r#""{}""#, rev.hash());
+        }
+        text.push_str("]}");
+    }
+    if let Some(hlc) = hlc {
+        let _ = write!(text, r#","_ferry":{{"hlc":{}}}"#, hlc.as_u64());
+    }
+    if !members.starts_with('}') {
+        text.push(',');
+    }
+    text.push_str(members);
+    Ok(RawJson::from_text(text)?)
+}
+
+/// [`replicated_document`] of a revision (its body written in canonical form), with `_ferry`
+/// when `with_hlc`.
+pub fn revision_text(revision: &Revision, with_hlc: bool) -> RawJson {
+    replicated_document(
+        &revision.doc_id,
+        &revision.path,
+        revision.deleted,
+        true,
+        revision.hlc.filter(|_| with_hlc),
+        &RawJson::canonical_object(&revision.body),
+    )
+    .expect("a revision has a path and an object body")
+}
+
+/// A replicated revision from its CouchDB document's text, parsed with the checks of
+/// [`parse_strict`] (nesting at most `max_depth`).
+pub fn revision_from_text(text: &RawJson, max_depth: usize) -> Result<Revision, CouchDocError> {
+    revision_from_json(parse_strict(text.get().as_bytes(), max_depth)?)
 }
 
 #[cfg(test)]

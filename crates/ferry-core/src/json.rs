@@ -10,10 +10,13 @@
 //! crate in the dependency graph enabling serde_json's `preserve_order` feature would silently
 //! change that order and with it every revision id.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// serde_json refuses to nest deeper than this on its own; our limit can only be lower.
@@ -100,6 +103,101 @@ pub fn parse_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<
         return Err(JsonError::IntegerOutOfRange(integer));
     }
     Ok(value)
+}
+
+/// Checks `text` as [`parse_within`] does (duplicate keys, depth, the count of values,
+/// integers beyond 64 bits) without building it: for a text that is then read as typed
+/// members and raw parts ([`RawJson`]), so that the limits hold for all of it at the cost of
+/// a scan.
+///
+/// ```
+/// use ferry_core::json::{check_within, JsonError};
+/// assert!(check_within(br#"{"a":[1,2]}"#, 2, 4).is_ok());
+/// assert_eq!(check_within(br#"{"a":[1,2]}"#, 1, 4), Err(JsonError::TooDeep(1)));
+/// assert_eq!(check_within(br#"{"a":[1,2]}"#, 2, 3), Err(JsonError::TooManyValues(3)));
+/// assert!(matches!(check_within(br#"{"a":1,"a":1}"#, 2, 4), Err(JsonError::DuplicateKey(_))));
+/// ```
+pub fn check_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<(), JsonError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let huge_double = Cell::new(false);
+    let values_left = Cell::new(max_values);
+    StrictCheck(StrictValue {
+        remaining_depth: max_depth,
+        huge_double: &huge_double,
+        values_left: &values_left,
+    })
+    .deserialize(&mut deserializer)
+    .map_err(|err| classify(err, max_depth, max_values))?;
+    deserializer
+        .end()
+        .map_err(|err| JsonError::Syntax(err.to_string()))?;
+    if huge_double.get()
+        && let Some(integer) = oversized_integer(text)
+    {
+        return Err(JsonError::IntegerOutOfRange(integer));
+    }
+    Ok(())
+}
+
+/// A JSON text carried as it is, not as a tree: a document inside a frame or an answer, read
+/// and written as its bytes (a scan checks it is JSON), so moving it from the store to the
+/// wire and on costs no parse and no re-serialisation. Equal when the texts are.
+///
+/// ```
+/// use ferry_core::json::RawJson;
+/// let raw = RawJson::from_text(r#"{"b":1,"a":2}"#.to_owned()).unwrap();
+/// assert_eq!(raw.get(), r#"{"b":1,"a":2}"#);
+/// assert_eq!(serde_json::to_string(&vec![raw]).unwrap(), r#"[{"b":1,"a":2}]"#);
+/// assert!(RawJson::from_text("{".to_owned()).is_err());
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// `text` if it is one JSON value.
+    pub fn from_text(text: String) -> Result<RawJson, JsonError> {
+        RawValue::from_string(text)
+            .map(RawJson)
+            .map_err(|err| JsonError::Syntax(err.to_string()))
+    }
+
+    /// The canonical text of `map` (see [`canonical_object`]).
+    pub fn canonical_object(map: &Map<String, Value>) -> RawJson {
+        let text = String::from_utf8(canonical_object(map)).expect("JSON is UTF-8");
+        RawJson::from_text(text).expect("serialized JSON is JSON")
+    }
+
+    /// The text of a value that serializes.
+    pub fn of(value: &impl Serialize) -> RawJson {
+        RawJson(serde_json::value::to_raw_value(value).expect("the value serializes"))
+    }
+
+    /// The text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The text's length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.get().len()
+    }
+
+    /// Never: a JSON text has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.0.get().is_empty()
+    }
+
+    /// Parsed as an object, with the checks of [`parse_strict`].
+    pub fn parse_object(&self, max_depth: usize) -> Result<Map<String, Value>, JsonError> {
+        parse_object(self.get().as_bytes(), max_depth)
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.get() == other.get()
+    }
 }
 
 /// The first integer token of the JSON `text` (outside strings) that does not fit in 64
@@ -411,6 +509,110 @@ impl<'de> Visitor<'de> for StrictValue<'_> {
     }
 }
 
+/// [`StrictValue`]'s checks without building anything (keys read from the text are borrowed,
+/// so most objects cost one small list of slices).
+struct StrictCheck<'a>(StrictValue<'a>);
+
+impl<'de> DeserializeSeed<'de> for StrictCheck<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        match self.0.values_left.get().checked_sub(1) {
+            Some(left) => self.0.values_left.set(left),
+            None => return Err(de::Error::custom(VALUES_MARKER)),
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictCheck<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
+        self.0.visit_f64(value).map(drop)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let child = self.0.nested()?;
+        while seq
+            .next_element_seed(StrictCheck(StrictValue { ..child }))?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
+        let child = self.0.nested()?;
+        let mut keys: Vec<Cow<'de, str>> = Vec::new();
+        while let Some(key) = access.next_key_seed(KeySeed)? {
+            if keys.contains(&key) {
+                return Err(de::Error::custom(format_args!("{DUPLICATE_MARKER}{key}")));
+            }
+            access.next_value_seed(StrictCheck(StrictValue { ..child }))?;
+            keys.push(key);
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the text unless it has escapes.
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(key))
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(key.to_owned()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +624,34 @@ mod tests {
         assert!(parse_strict(at_limit, 3).is_ok());
         assert_eq!(parse_strict(at_limit, 2), Err(JsonError::TooDeep(2)));
         assert_eq!(depth_of(&parse_strict(at_limit, 3).unwrap()), 3);
+    }
+
+    /// The scan the session runs over each frame refuses exactly what the parse refuses, with
+    /// the same error (escaped keys, numbers past 64 bits and the value count included).
+    #[test]
+    fn checking_a_text_refuses_what_parsing_it_refuses() {
+        let texts: &[&[u8]] = &[
+            br#"{"a":{"b":[1,2,{"c":null}]}}"#,
+            br#"{"a":1,"\u0061":2}"#,
+            br#"{"x":{"k":1,"k":2}}"#,
+            br#"{"k":1,"o":{"k":1}}"#,
+            br#"{"n":123456789012345678901234567890}"#,
+            br#"{"n":1.5e300,"s":"\"quoted\""}"#,
+            br#"[[[[[[1]]]]]]"#,
+            br#"{"a":1} x"#,
+            br#"{"a":"#,
+            b"",
+        ];
+        for text in texts {
+            for (depth, values) in [(8, usize::MAX), (3, usize::MAX), (8, 4)] {
+                assert_eq!(
+                    check_within(text, depth, values),
+                    parse_within(text, depth, values).map(drop),
+                    "{}",
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
     }
 
     #[test]

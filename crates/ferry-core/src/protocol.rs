@@ -2,10 +2,13 @@
 //! client encodes [`ClientFrame`]s and decodes [`ServerFrame`]s, the server the other way
 //! round, through the one decoder here (which the fuzz targets call too).
 //!
-//! Every frame is one JSON object with a `type`; a request also has an `op`. Frames are
-//! decoded in two steps: strict JSON (`crate::json::parse_strict`: duplicate keys refused,
-//! bounded depth), then the members of the one type the `type` and `op` name. That keeps the
-//! documents of a `bulk_docs` moved, never copied, from the frame into the request.
+//! Every frame is one JSON object with a `type`; a request also has an `op`. The server
+//! decodes a client's frame in three passes over its text, none of which builds a JSON tree:
+//! the strict checks (`crate::json::check_within`: duplicate keys refused, bounded depth and
+//! count of values), the `type` and `op`, then the members of the one type they name.
+//! Documents (`bulk_docs`, a `bulk_get` result) stay text ([`RawJson`]) inside the frame,
+//! so a body read from the store reaches the wire without being parsed, and each document is
+//! parsed once, where it is taken apart ([`crate::couch::revision_from_text`]).
 //!
 //! A family of frames added later (presence, activities, chat) is a new `type` beside these,
 //! decoded the same way; a server that does not know a type refuses it with `bad_request`.
@@ -24,10 +27,11 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use crate::couch::{ChangesRow, RevEntry};
-use crate::json::{JsonError, parse_within};
+use crate::json::{JsonError, RawJson, check_within};
 use crate::replicate::Checkpoint;
 use crate::rev::Rev;
 
@@ -180,8 +184,8 @@ pub enum Op {
     },
     /// Store these replicated revisions (CouchDB documents with `_revisions` and `_ferry`).
     BulkDocs {
-        /// The documents.
-        docs: Vec<Value>,
+        /// The documents, as text ([`crate::couch::revision_from_text`] reads them).
+        docs: Vec<RawJson>,
     },
 }
 
@@ -272,9 +276,9 @@ pub enum ServerFrame {
     Response {
         /// The request's id.
         id: u64,
-        /// The result, on success.
+        /// The result, on success, as text (see [`result_as`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        result: Option<Value>,
+        result: Option<RawJson>,
         /// The error, on failure.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<WireError>,
@@ -305,8 +309,9 @@ pub struct ChangesResult {
 /// The result of `bulk_get`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BulkGetResult {
-    /// The revisions found, as CouchDB documents with `_revisions` and `_ferry`.
-    pub docs: Vec<Value>,
+    /// The revisions found, as the text of CouchDB documents with `_revisions` and `_ferry`
+    /// ([`crate::couch::revision_from_text`] reads them).
+    pub docs: Vec<RawJson>,
     /// Those the server does not have (or no longer keeps the body of).
     #[serde(default)]
     pub missing: Vec<RevRef>,
@@ -341,28 +346,40 @@ pub struct BulkDocsResult {
     pub acks: Vec<Ack>,
 }
 
-/// Takes the object's members as `T` (unknown members, such as `type`, are ignored).
-fn members<T: DeserializeOwned>(what: &str, map: Map<String, Value>) -> Result<T, FrameError> {
-    serde_json::from_value(Value::Object(map)).map_err(|error| FrameError::Members {
+/// Reads the frame's members as `T` (members `T` does not name, such as `type`, are skipped).
+fn members<'a, T: Deserialize<'a>>(what: &str, text: &'a [u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(text).map_err(|error| FrameError::Members {
         what: what.to_owned(),
         detail: error.to_string(),
     })
 }
 
-/// The frame's object and its `type`.
-fn object_and_type(
-    text: &[u8],
-    max_depth: usize,
-    max_values: usize,
-) -> Result<(Map<String, Value>, String), FrameError> {
-    let Value::Object(mut map) = parse_within(text, max_depth, max_values)? else {
-        return Err(FrameError::UnknownType("(not an object)".into()));
-    };
-    let kind = match map.remove("type") {
-        Some(Value::String(kind)) => kind,
-        _ => return Err(FrameError::UnknownType("(none)".into())),
-    };
-    Ok((map, kind))
+/// The members that tell frames apart, kept as text until read.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    op: Option<&'a RawValue>,
+}
+
+impl<'a> Head<'a> {
+    /// The head of a frame, which must be a JSON object.
+    fn of(text: &'a [u8]) -> Result<Head<'a>, FrameError> {
+        if text.trim_ascii_start().first() != Some(&b'{') {
+            return Err(FrameError::UnknownType("(not an object)".into()));
+        }
+        serde_json::from_slice(text)
+            .map_err(|error| FrameError::Json(JsonError::Syntax(error.to_string())))
+    }
+
+    fn kind(&self) -> Result<String, FrameError> {
+        self.kind
+            .and_then(|kind| serde_json::from_str::<String>(kind.get()).ok())
+            .ok_or_else(|| FrameError::UnknownType("(none)".into()))
+    }
 }
 
 impl Op {
@@ -378,7 +395,7 @@ impl Op {
         }
     }
 
-    fn decode(name: &str, map: Map<String, Value>) -> Result<Op, FrameError> {
+    fn decode(name: &str, text: &[u8]) -> Result<Op, FrameError> {
         #[derive(Deserialize)]
         struct CheckpointId {
             checkpoint_id: String,
@@ -411,18 +428,18 @@ impl Op {
         }
         #[derive(Deserialize)]
         struct BulkDocs {
-            docs: Vec<Value>,
+            docs: Vec<RawJson>,
         }
         Ok(match name {
             "get_checkpoint" => {
-                let CheckpointId { checkpoint_id } = members(name, map)?;
+                let CheckpointId { checkpoint_id } = members(name, text)?;
                 Op::GetCheckpoint { checkpoint_id }
             }
             "put_checkpoint" => {
                 let PutCheckpoint {
                     checkpoint_id,
                     checkpoint,
-                } = members(name, map)?;
+                } = members(name, text)?;
                 Op::PutCheckpoint {
                     checkpoint_id,
                     checkpoint,
@@ -434,7 +451,7 @@ impl Op {
                     limit,
                     doc_ids,
                     selector,
-                } = members(name, map)?;
+                } = members(name, text)?;
                 Op::Changes {
                     since,
                     limit,
@@ -443,15 +460,15 @@ impl Op {
                 }
             }
             "revs_diff" => {
-                let RevsDiff { revs } = members(name, map)?;
+                let RevsDiff { revs } = members(name, text)?;
                 Op::RevsDiff { revs }
             }
             "bulk_get" => {
-                let BulkGet { docs, max_bytes } = members(name, map)?;
+                let BulkGet { docs, max_bytes } = members(name, text)?;
                 Op::BulkGet { docs, max_bytes }
             }
             "bulk_docs" => {
-                let BulkDocs { docs } = members(name, map)?;
+                let BulkDocs { docs } = members(name, text)?;
                 Op::BulkDocs { docs }
             }
             other => return Err(FrameError::UnknownType(format!("op {other}"))),
@@ -473,23 +490,23 @@ impl ClientFrame {
         max_depth: usize,
         max_values: usize,
     ) -> Result<ClientFrame, FrameError> {
-        let (mut map, kind) = object_and_type(text, max_depth, max_values)?;
-        Ok(match kind.as_str() {
-            "hello" => ClientFrame::Hello(members("hello", map)?),
+        check_within(text, max_depth, max_values)?;
+        let head = Head::of(text)?;
+        Ok(match head.kind()?.as_str() {
+            "hello" => ClientFrame::Hello(members("hello", text)?),
             "request" => {
-                let id = match map.remove("id") {
-                    Some(Value::Number(id)) => id.as_u64(),
-                    _ => None,
-                }
-                .ok_or_else(|| FrameError::Members {
-                    what: "request".into(),
-                    detail: "id must be a non-negative integer".into(),
-                })?;
-                let name = match map.remove("op") {
-                    Some(Value::String(name)) => name,
-                    _ => String::new(),
-                };
-                let op = Op::decode(&name, map).map_err(|error| FrameError::InvalidRequest {
+                let id = head
+                    .id
+                    .and_then(|id| serde_json::from_str::<u64>(id.get()).ok())
+                    .ok_or_else(|| FrameError::Members {
+                        what: "request".into(),
+                        detail: "id must be a non-negative integer".into(),
+                    })?;
+                let name = head
+                    .op
+                    .and_then(|op| serde_json::from_str::<String>(op.get()).ok())
+                    .unwrap_or_default();
+                let op = Op::decode(&name, text).map_err(|error| FrameError::InvalidRequest {
                     id,
                     detail: match error {
                         FrameError::UnknownType(_) => format!("unknown op {name:?}"),
@@ -504,7 +521,7 @@ impl ClientFrame {
                     #[serde(default)]
                     since: u64,
                 }
-                let Subscribe { since } = members("subscribe", map)?;
+                let Subscribe { since } = members("subscribe", text)?;
                 ClientFrame::Subscribe { since }
             }
             "unsubscribe" => ClientFrame::Unsubscribe,
@@ -520,20 +537,22 @@ impl ClientFrame {
 }
 
 impl ServerFrame {
-    /// Decodes a frame as a client receives it.
-    pub fn decode(text: &[u8], max_depth: usize) -> Result<ServerFrame, FrameError> {
-        let (mut map, kind) = object_and_type(text, max_depth, usize::MAX)?;
-        Ok(match kind.as_str() {
-            "welcome" => ServerFrame::Welcome(members("welcome", map)?),
+    /// Decodes a frame as a client receives it. A response's result stays text, read by
+    /// [`result_as`] as the type its op answers with, and the documents in it stay text too.
+    pub fn decode(text: &[u8]) -> Result<ServerFrame, FrameError> {
+        let head = Head::of(text)?;
+        Ok(match head.kind()?.as_str() {
+            "welcome" => ServerFrame::Welcome(members("welcome", text)?),
             "response" => {
                 #[derive(Deserialize)]
                 struct Response {
                     id: u64,
                     #[serde(default)]
+                    result: Option<RawJson>,
+                    #[serde(default)]
                     error: Option<WireError>,
                 }
-                let result = map.remove("result");
-                let Response { id, error } = members("response", map)?;
+                let Response { id, result, error } = members("response", text)?;
                 ServerFrame::Response { id, result, error }
             }
             "changed" => {
@@ -541,11 +560,11 @@ impl ServerFrame {
                 struct Changed {
                     seq: u64,
                 }
-                let Changed { seq } = members("changed", map)?;
+                let Changed { seq } = members("changed", text)?;
                 ServerFrame::Changed { seq }
             }
             "pong" => ServerFrame::Pong,
-            "error" => ServerFrame::Error(members("error", map)?),
+            "error" => ServerFrame::Error(members("error", text)?),
             other => return Err(FrameError::UnknownType(other.to_owned())),
         })
     }
@@ -557,8 +576,8 @@ impl ServerFrame {
 }
 
 /// A request's result as the type its op answers with.
-pub fn result_as<T: DeserializeOwned>(what: &str, result: Value) -> Result<T, FrameError> {
-    serde_json::from_value(result).map_err(|error| FrameError::Members {
+pub fn result_as<T: DeserializeOwned>(what: &str, result: &RawJson) -> Result<T, FrameError> {
+    serde_json::from_str(result.get()).map_err(|error| FrameError::Members {
         what: format!("{what} result"),
         detail: error.to_string(),
     })
@@ -611,7 +630,9 @@ mod tests {
                 }],
             },
             Op::BulkDocs {
-                docs: vec![serde_json::json!({"_id": "a", "_rev": "1-abc"})],
+                docs: vec![RawJson::of(
+                    &serde_json::json!({"_id": "a", "_rev": "1-abc"}),
+                )],
             },
         ] {
             round_trip(&ClientFrame::Request { id: 3, op });

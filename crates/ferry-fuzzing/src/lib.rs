@@ -9,9 +9,11 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use ferry_core::couch::{parse_revisions, revision_from_json, revision_json, revisions_json};
+use ferry_core::couch::{
+    parse_revisions, revision_from_text, revision_json, revision_text, revisions_json,
+};
 use ferry_core::hlc::Timestamp;
-use ferry_core::json::{canonical, parse_strict};
+use ferry_core::json::{RawJson, canonical, parse_strict};
 use ferry_core::model::Body;
 use ferry_core::protocol::{ClientFrame, Op};
 use ferry_core::resolve::{Version, merge};
@@ -58,18 +60,24 @@ pub fn protocol_frame(data: &[u8]) {
     };
     if let Op::BulkDocs { docs } = &op {
         for document in docs {
-            let Ok(revision) = revision_from_json(document.clone()) else {
+            let Ok(revision) = revision_from_text(document, FRAME_DEPTH) else {
                 continue;
             };
             for with_hlc in [true, false] {
-                let encoded = revision_json(&revision, with_hlc);
-                let decoded = revision_from_json(encoded).expect("an encoded revision decodes");
-                assert_eq!(decoded.doc_id, revision.doc_id);
-                assert_eq!(decoded.path, revision.path);
-                assert_eq!(decoded.deleted, revision.deleted);
-                assert_eq!(decoded.body, revision.body);
-                if with_hlc {
-                    assert_eq!(decoded.hlc, revision.hlc);
+                // Both writers: the text one of the session and `_bulk_get`, the tree one of
+                // HTTP pushes.
+                let as_text = revision_text(&revision, with_hlc);
+                let as_tree = RawJson::of(&revision_json(&revision, with_hlc));
+                for encoded in [as_text, as_tree] {
+                    let decoded = revision_from_text(&encoded, FRAME_DEPTH)
+                        .expect("an encoded revision decodes");
+                    assert_eq!(decoded.doc_id, revision.doc_id);
+                    assert_eq!(decoded.path, revision.path);
+                    assert_eq!(decoded.deleted, revision.deleted);
+                    assert_eq!(decoded.body, revision.body);
+                    if with_hlc {
+                        assert_eq!(decoded.hlc, revision.hlc);
+                    }
                 }
             }
         }
@@ -89,6 +97,7 @@ pub fn protocol_frame(data: &[u8]) {
         return;
     };
     if stored.is_some() {
+        let result: Value = serde_json::from_str(result.result.get()).expect("a result is JSON");
         let acks = result["acks"].as_array().expect("bulk_docs answers acks");
         let changed: BTreeSet<String> = db
             .changes(0, usize::MAX, false)

@@ -1672,12 +1672,11 @@ fn fetch(
         .iter()
         .flat_map(|(doc_id, revs)| revs.iter().map(move |rev| (doc_id.clone(), rev.clone())))
         .collect();
-    Ok(endpoint
-        .fetch(&pairs)?
-        .into_iter()
-        .flatten()
-        .filter_map(ferry_store::StoredRevision::into_revision)
-        .collect())
+    let mut revisions = Vec::with_capacity(pairs.len());
+    for stored in endpoint.fetch(&pairs)?.into_iter().flatten() {
+        revisions.extend(stored.into_revision()?);
+    }
+    Ok(revisions)
 }
 
 /// Runs the simulation for `seed` and checks every invariant.

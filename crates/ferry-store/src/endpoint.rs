@@ -39,6 +39,7 @@
 
 use ferry_core::filter::ChangesFilter;
 use ferry_core::hlc::ClockDrift;
+use ferry_core::json::RawJson;
 use ferry_core::model::{DocumentError, Limits, Revision, validate_document};
 use ferry_core::replicate::Checkpoint;
 use ferry_core::resolve::{Policies, Resolution, ResolutionRecord};
@@ -451,7 +452,7 @@ impl<'a> Endpoint<'a> {
                 let size = stored
                     .as_ref()
                     .and_then(|stored| stored.body.as_ref())
-                    .map_or(0, ferry_core::json::encoded_len_object);
+                    .map_or(0, RawJson::len);
                 bytes = bytes.saturating_add(size);
                 if bytes > max_bytes && !answered.is_empty() {
                     return Ok(answered);
@@ -558,7 +559,7 @@ impl<'a> Endpoint<'a> {
         outcome.report = self.db.write_revisions(admitted, self.clock.now())?;
         failpoint::reached(failpoint::BEFORE_RESOLVING);
         if self.resolver.resolves_anything() {
-            for doc_id in &written {
+            for doc_id in &outcome.report.conflicted {
                 if let Some(record) = self.resolver.resolve(self.db, doc_id)? {
                     tracing::debug!(%doc_id, resolved = %record.resolved, policy = %record.policy, "conflict resolved");
                     outcome.resolved.push((doc_id.clone(), record));

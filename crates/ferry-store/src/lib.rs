@@ -25,6 +25,7 @@
 use std::sync::Arc;
 
 use ferry_core::hlc::Timestamp;
+use ferry_core::json::RawJson;
 use ferry_core::model::{Body, Document, Limits, Revision};
 use ferry_core::resolve::{Conflict, Policy, Resolution, ResolutionRecord, Version, resolve};
 use ferry_core::rev::Rev;
@@ -252,6 +253,10 @@ pub struct WriteReport {
     pub added: u64,
     /// Revisions that were already present (a repeated batch changes nothing).
     pub already_present: u64,
+    /// The documents the write changed that now have more than one live leaf (a conflict to
+    /// resolve), in batch order without repeats: what a resolver looks at, instead of every
+    /// document written.
+    pub conflicted: Vec<String>,
 }
 
 /// One stored revision, as `GET /db/doc?rev=` and `_bulk_get` return it.
@@ -263,22 +268,40 @@ pub struct StoredRevision {
     pub path: Vec<Rev>,
     /// Whether it is a deletion.
     pub deleted: bool,
-    /// The body, or `None` if this revision's body is no longer kept (an old ancestor).
-    pub body: Option<Body>,
+    /// The body as the store keeps it (canonical JSON text, carried to the wire as it is), or
+    /// `None` if this revision's body is no longer kept (an old ancestor).
+    pub body: Option<RawJson>,
     /// The revision's clock.
     pub hlc: Timestamp,
 }
 
 impl StoredRevision {
-    /// As a [`Revision`] for replication; `None` if the body is not kept.
-    pub fn into_revision(self) -> Option<Revision> {
-        Some(Revision {
+    /// The body parsed, `None` if it is not kept.
+    pub fn parsed_body(&self) -> Result<Option<Body>, StoreError> {
+        self.body
+            .as_ref()
+            .map(|text| {
+                serde_json::from_str(text.get()).map_err(|err| StoreError::Corrupt {
+                    what: "document body",
+                    detail: err.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// As a [`Revision`] for replication (its body parsed); `Ok(None)` if the body is not
+    /// kept.
+    pub fn into_revision(self) -> Result<Option<Revision>, StoreError> {
+        let Some(body) = self.parsed_body()? else {
+            return Ok(None);
+        };
+        Ok(Some(Revision {
             doc_id: self.doc_id,
             path: self.path,
             deleted: self.deleted,
-            body: self.body?,
+            body,
             hlc: Some(self.hlc),
-        })
+        }))
     }
 }
 
@@ -402,11 +425,9 @@ pub trait Database: Send + Sync {
         let mut versions = Vec::with_capacity(live.len());
         for rev in &live {
             let stored = self.get_revision(doc_id, rev, 1)?;
-            let Some(StoredRevision {
-                body: Some(body),
-                hlc,
-                ..
-            }) = stored
+            let Some((Some(body), hlc)) = stored
+                .map(|stored| stored.parsed_body().map(|body| (body, stored.hlc)))
+                .transpose()?
             else {
                 return Err(StoreError::Corrupt {
                     what: "revs",
@@ -421,7 +442,10 @@ pub trait Database: Send + Sync {
         }
         let ancestor = match tree.common_ancestor(&live) {
             Some(rev) => {
-                let body = self.get_revision(doc_id, &rev, 1)?.and_then(|r| r.body);
+                let body = match self.get_revision(doc_id, &rev, 1)? {
+                    Some(stored) => stored.parsed_body()?,
+                    None => None,
+                };
                 Some((rev, body))
             }
             None => None,

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_core::hlc::Timestamp;
-use ferry_core::json::canonical_object;
+use ferry_core::json::{RawJson, canonical_object};
 use ferry_core::model::{Body, Document, Revision};
 use ferry_core::resolve::{Resolution, ResolutionRecord};
 use ferry_core::rev::Rev;
@@ -475,6 +475,9 @@ impl Database for MemoryDatabase {
                     Applied::Added => report.added += 1,
                     Applied::AlreadyPresent => report.already_present += 1,
                 }
+                if tree.live_leaves().len() > 1 && !report.conflicted.contains(&revision.doc_id) {
+                    report.conflicted.push(revision.doc_id.clone());
+                }
                 let new = NewRevision {
                     rev: &revision.path[0],
                     deleted: revision.deleted,
@@ -584,7 +587,7 @@ impl Database for MemoryDatabase {
             doc_id: doc_id.to_owned(),
             path: row.tree.ancestry(rev, max_path.max(1)),
             deleted: stored.map_or_else(|| row.tree.is_deleted(rev), |stored| stored.deleted),
-            body: stored.map(|stored| stored.body.clone()),
+            body: stored.map(|stored| RawJson::canonical_object(&stored.body)),
             hlc: stored.map_or(Timestamp::ZERO, |stored| stored.hlc),
         }))
     }

@@ -428,7 +428,7 @@ fn files_of_every_older_version_are_migrated_and_keep_their_data() {
         );
         assert_eq!(document.body["v"], 1);
         let stored = db.get_revision("a", &rev, 1).unwrap().unwrap();
-        assert_eq!(stored.body.unwrap()["v"], 1);
+        assert_eq!(stored.parsed_body().unwrap().unwrap()["v"], 1);
         let pending = db.outbox_state("a").unwrap();
         if version >= 2 {
             assert_eq!(
@@ -569,5 +569,5 @@ fn compaction_drops_superseded_and_old_bodies_and_merges_fall_back_to_last_write
     assert_eq!(document.body, body(serde_json::json!({"v": "c", "w": 2})));
     // Leaves can still be read whole for replication.
     let leaf = db.get_revision("d", &document.rev, 100).unwrap().unwrap();
-    assert!(leaf.into_revision().is_some());
+    assert!(leaf.into_revision().unwrap().is_some());
 }

@@ -7,13 +7,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::{
-    BulkDocsRow, BulkGetAnswer, BulkGetItem, BulkGetRequest, ChangesAnswer, ChangesRow,
-    RevsDiffAnswer, revision_from_json, revision_json,
+    BulkDocsRequest, BulkDocsRow, BulkGetAnswer, BulkGetItem, BulkGetRequest, ChangesAnswer,
+    ChangesRow, RevsDiffAnswer, revision_from_text, revision_text,
 };
+use ferry_core::json::PARSER_HARD_DEPTH_LIMIT;
 use ferry_core::model::Revision;
 use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
@@ -42,6 +45,18 @@ pub struct HttpPeer {
     server_time: Arc<ServerTime>,
     /// The request limit the server told (`MAX_REQUEST_BYTES_HEADER`); 0 until it does.
     max_request_bytes: Arc<AtomicUsize>,
+}
+
+/// An answer's body as JSON (`null` when empty: longpoll answers may start with heartbeat
+/// newlines, which JSON allows as whitespace).
+fn json_of(url: &Url, bytes: &[u8]) -> Result<Value, SyncError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|error| SyncError::InvalidResponse {
+        url: url.to_string(),
+        detail: format!("not JSON ({error})"),
+    })
 }
 
 impl HttpPeer {
@@ -96,6 +111,20 @@ impl HttpPeer {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), SyncError> {
+        let (status, bytes) = self
+            .request_text(method, url.clone(), body, timeout)
+            .await?;
+        Ok((status, json_of(&url, &bytes)?))
+    }
+
+    /// One request, its answer's status and body as they came.
+    async fn request_text<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Vec<u8>), SyncError> {
         let mut request = self
             .client
             .request(method, url.clone())
@@ -128,33 +157,24 @@ impl HttpPeer {
         }
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?;
-        // Longpoll responses may start with heartbeat newlines; JSON allows the whitespace.
-        let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|error| SyncError::InvalidResponse {
-                url: url.to_string(),
-                detail: format!("not JSON ({error})"),
-            })?
-        };
-        Ok((status, value))
+        Ok((status, bytes.into()))
     }
 
-    async fn call(
+    /// A request whose successful answer is read as `T` straight from its text.
+    async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, SyncError> {
+        body: Option<&B>,
+    ) -> Result<T, SyncError> {
         let url = self.url(path);
-        let (status, value) = self
-            .request(method, url.clone(), body, REQUEST_TIMEOUT)
+        let (status, bytes) = self
+            .request_text(method, url.clone(), body, REQUEST_TIMEOUT)
             .await?;
-        if status.is_success() {
-            Ok(value)
-        } else {
-            Err(http_error(&url, status, &value))
+        if !status.is_success() {
+            return Err(http_error(&url, status, &json_of(&url, &bytes)?));
         }
+        serde_json::from_slice(&bytes).map_err(|error| self.invalid(path, error.to_string()))
     }
 
     fn invalid(&self, path: &str, detail: impl Into<String>) -> SyncError {
@@ -169,21 +189,18 @@ impl HttpPeer {
         &self,
         revisions: &[Revision],
     ) -> Result<Vec<RejectedRevision>, SyncError> {
-        let docs: Vec<Value> = revisions
-            .iter()
-            .map(|revision| revision_json(revision, self.send_ferry_meta))
-            .collect();
-        let response = self
-            .call(
-                Method::POST,
-                "_bulk_docs",
-                Some(&json!({"new_edits": false, "docs": docs})),
-            )
-            .await?;
+        let request = BulkDocsRequest {
+            new_edits: false,
+            docs: revisions
+                .iter()
+                .map(|revision| revision_text(revision, self.send_ferry_meta))
+                .collect(),
+        };
         // With new_edits=false a server answers [] or only the documents it refused (as
         // CouchDB's replicator, count them as failures and go on).
-        let rows: Vec<BulkDocsRow> = serde_json::from_value(response)
-            .map_err(|error| self.invalid("_bulk_docs", error.to_string()))?;
+        let rows: Vec<BulkDocsRow> = self
+            .call(Method::POST, "_bulk_docs", Some(&request))
+            .await?;
         let rejected = rows
             .into_iter()
             .filter(|row| row.error.is_some())
@@ -368,14 +385,12 @@ impl Peer for HttpPeer {
             path.push_str("&filter=_selector");
             body.insert("selector".into(), selector.clone());
         }
-        let response = if body.is_empty() {
-            self.call(Method::GET, &path, None).await?
+        let answer: ChangesAnswer = if body.is_empty() {
+            self.call(Method::GET, &path, None::<&()>).await?
         } else {
             self.call(Method::POST, &path, Some(&Value::Object(body)))
                 .await?
         };
-        let answer: ChangesAnswer = serde_json::from_value(response)
-            .map_err(|error| self.invalid(&path, error.to_string()))?;
         let last_seq = match answer.last_seq {
             Some(last_seq) => last_seq,
             None => answer
@@ -399,12 +414,8 @@ impl Peer for HttpPeer {
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
         let asked: BTreeMap<String, Vec<Rev>> = revs.into_iter().collect();
-        let request = serde_json::to_value(&asked).expect("ids and revisions serialize");
-        let response = self
-            .call(Method::POST, "_revs_diff", Some(&request))
-            .await?;
-        let answers: BTreeMap<String, RevsDiffAnswer> = serde_json::from_value(response)
-            .map_err(|error| self.invalid("_revs_diff", error.to_string()))?;
+        let answers: BTreeMap<String, RevsDiffAnswer> =
+            self.call(Method::POST, "_revs_diff", Some(&asked)).await?;
         Ok(answers
             .into_iter()
             .map(|(doc_id, answer)| (doc_id, answer.missing))
@@ -436,14 +447,11 @@ impl Peer for HttpPeer {
         let mut revisions = Vec::with_capacity(request.docs.len());
         while !request.docs.is_empty() {
             let asked = request.docs.len();
-            let body = serde_json::to_value(&request).expect("ids and revisions serialize");
-            let response = self.call(Method::POST, &path, Some(&body)).await?;
-            let answer: BulkGetAnswer = serde_json::from_value(response)
-                .map_err(|error| self.invalid(&path, error.to_string()))?;
+            let answer: BulkGetAnswer = self.call(Method::POST, &path, Some(&request)).await?;
             for doc in answer.results.into_iter().flat_map(|result| result.docs) {
                 match (doc.ok, doc.error) {
                     (Some(ok), _) => {
-                        let revision = revision_from_json(ok)
+                        let revision = revision_from_text(&ok, PARSER_HARD_DEPTH_LIMIT)
                             .map_err(|error| self.invalid(&path, error.to_string()))?;
                         revisions.push(revision);
                     }

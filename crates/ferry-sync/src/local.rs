@@ -10,7 +10,7 @@ use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{
     Endpoint, EndpointConfig, EndpointError, Fanout, KeepConflicts, NoFanout, Resolver,
 };
-use ferry_store::{Change, Database, StoreError};
+use ferry_store::{Change, Database, StoreError, StoredRevision};
 
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
 
@@ -198,7 +198,11 @@ impl Peer for LocalPeer {
             let stored = endpoint.fetch(&wanted)?;
             let mut revisions = Vec::with_capacity(wanted.len());
             for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
-                match stored.and_then(|stored| stored.into_revision()) {
+                match stored
+                    .map(StoredRevision::into_revision)
+                    .transpose()?
+                    .flatten()
+                {
                     Some(revision) => revisions.push(revision),
                     None => {
                         tracing::warn!(%doc_id, %rev, "revision no longer available; skipped")

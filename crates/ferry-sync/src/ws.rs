@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_core::couch::ChangesRow;
-use ferry_core::couch::{revision_from_json, revision_into_json};
+use ferry_core::couch::{revision_from_text, revision_text};
+use ferry_core::json::RawJson;
 use ferry_core::model::Revision;
 use ferry_core::protocol::{
     BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, RevRef,
@@ -114,7 +115,7 @@ struct Connection {
 }
 
 /// What a request came back with: its result, or the server's refusal.
-type Answer = Result<Result<Value, WireError>, SyncError>;
+type Answer = Result<Result<RawJson, WireError>, SyncError>;
 
 enum Outgoing {
     Request {
@@ -264,7 +265,7 @@ impl WsPeer {
                 .ok_or_else(|| self.lost("closed before welcome"))?
                 .map_err(|error| self.lost(error.to_string()))?;
             if let Message::Text(text) = message {
-                break ServerFrame::decode(text.as_bytes(), MAX_FRAME_DEPTH)
+                break ServerFrame::decode(text.as_bytes())
                     .map_err(|error| self.lost(format!("instead of a welcome: {error}")))?;
             }
         };
@@ -325,7 +326,7 @@ impl WsPeer {
             .map_err(|_| self.lost(format!("no answer to {name}")))?
             .map_err(|_| self.lost("the session ended"))??;
         let result = response.map_err(|error| self.refused(&error))?;
-        result_as(name, result).map_err(|error| self.invalid(error.to_string()))
+        result_as(name, &result).map_err(|error| self.invalid(error.to_string()))
     }
 
     /// A refusal from the server, typed like an HTTP error with the status the same failure
@@ -398,7 +399,7 @@ async fn run_connection(
                     Some(Ok(Message::Close(_))) => break "closed by the server".to_owned(),
                     Some(Ok(_)) => continue,
                 };
-                let frame = match ServerFrame::decode(text.as_bytes(), MAX_FRAME_DEPTH) {
+                let frame = match ServerFrame::decode(text.as_bytes()) {
                     Ok(frame) => frame,
                     Err(error) => break format!("the server sent an invalid frame: {error}"),
                 };
@@ -407,7 +408,7 @@ async fn run_connection(
                         if let Some(reply) = waiting.remove(&id) {
                             let answer = match error {
                                 Some(error) => Err(error),
-                                None => Ok(result.unwrap_or(Value::Null)),
+                                None => Ok(result.unwrap_or_else(|| RawJson::of(&()))),
                             };
                             let _ = reply.send(Ok(answer));
                         }
@@ -566,7 +567,8 @@ impl Peer for WsPeer {
             }
             for doc in result.docs {
                 revisions.push(
-                    revision_from_json(doc).map_err(|error| self.invalid(error.to_string()))?,
+                    revision_from_text(&doc, MAX_FRAME_DEPTH)
+                        .map_err(|error| self.invalid(error.to_string()))?,
                 );
             }
             docs = result.unserved;
@@ -582,9 +584,9 @@ impl Peer for WsPeer {
             .iter()
             .map(|revision| (revision.doc_id.clone(), revision.rev().clone()))
             .collect();
-        let docs: Vec<Value> = revisions
-            .into_iter()
-            .map(|revision| revision_into_json(revision, true))
+        let docs: Vec<RawJson> = revisions
+            .iter()
+            .map(|revision| revision_text(revision, true))
             .collect();
         let result: BulkDocsResult = self.request(Op::BulkDocs { docs }).await?;
         // One answer per revision sent, in order: stored, or refused with a reason.

@@ -6,7 +6,8 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use ferry_core::couch::{CouchDoc, DocExtras, document_json};
+use ferry_core::couch::{CouchDoc, DocExtras, document_json, replicated_document};
+use ferry_core::json::RawJson;
 use ferry_core::model::{Body, Document};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
@@ -60,14 +61,27 @@ pub(crate) async fn get_document(
                 endpoint.open_revisions(&doc_id, wanted, latest)
             })
             .await?;
-        let body: Vec<Value> = rows
+        /// One revision of an `open_revs` answer, as CouchDB writes it.
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        enum OpenRev {
+            Found { ok: RawJson },
+            Missing { missing: String },
+        }
+        let body = rows
             .into_iter()
-            .map(|row| match row {
-                Ok(revision) => json!({"ok": revision_document(&revision, revs, with_hlc)}),
-                Err(missing) => json!({"missing": missing.to_string()}),
+            .map(|row| {
+                Ok(match row {
+                    Ok(revision) => OpenRev::Found {
+                        ok: revision_document(&revision, revs, with_hlc)?,
+                    },
+                    Err(missing) => OpenRev::Missing {
+                        missing: missing.to_string(),
+                    },
+                })
             })
-            .collect();
-        return Ok(Json(Value::Array(body)).into_response());
+            .collect::<ApiResult<Vec<OpenRev>>>()?;
+        return Ok(Json(body).into_response());
     }
 
     let doc_for_read = doc_id.clone();
@@ -91,7 +105,7 @@ pub(crate) async fn get_document(
     if revision.deleted && !asked_for_rev {
         return Err(ApiError::not_found("deleted"));
     }
-    let Some(body) = revision.body.clone() else {
+    let Some(body) = revision.parsed_body()? else {
         return Err(ApiError::not_found("missing"));
     };
     let conflict_list = tree.conflicts();
@@ -136,20 +150,23 @@ fn revs_info_json(tree: &RevTree, path: &[Rev]) -> Value {
         .collect()
 }
 
-/// A stored revision in CouchDB form.
-pub(crate) fn revision_document(revision: &StoredRevision, revs: bool, with_hlc: bool) -> Value {
-    let empty = Body::new();
-    document_json(
+/// A stored revision in CouchDB form, written around its stored text (with `_revisions` when
+/// `revs`, `_ferry` when `with_hlc`).
+pub(crate) fn revision_document(
+    revision: &StoredRevision,
+    revs: bool,
+    with_hlc: bool,
+) -> ApiResult<RawJson> {
+    let empty = RawJson::of(&Body::new());
+    replicated_document(
         &revision.doc_id,
-        &revision.path[0],
+        &revision.path,
         revision.deleted,
+        revs,
+        with_hlc.then_some(revision.hlc),
         revision.body.as_ref().unwrap_or(&empty),
-        &DocExtras {
-            revisions: revs.then_some(revision.path.as_slice()),
-            conflicts: None,
-            hlc: with_hlc.then_some(revision.hlc),
-        },
     )
+    .map_err(|error| ApiError::internal(format!("stored document {}: {error}", revision.doc_id)))
 }
 
 /// Writes one document edit and answers CouchDB's `{"ok", "id", "rev"}`.

@@ -206,7 +206,15 @@ fn result_entry(
         revisions
             .into_iter()
             .map(|revision| match revision {
-                Ok(revision) => BulkGetDoc::found(revision_document(&revision, revs, with_hlc)),
+                // The answer has started: a stored document that cannot be written out (a
+                // damaged body) is answered as missing, and said in the log.
+                Ok(revision) => match revision_document(&revision, revs, with_hlc) {
+                    Ok(document) => BulkGetDoc::found(document),
+                    Err(error) => {
+                        tracing::error!(doc_id, reason = %error.reason, "bulk_get");
+                        BulkGetDoc::missing(doc_id, revision.path.first())
+                    }
+                },
                 Err(rev) => BulkGetDoc::missing(doc_id, Some(&rev)),
             })
             .collect()

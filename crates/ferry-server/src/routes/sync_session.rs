@@ -14,8 +14,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use std::collections::BTreeMap;
 
-use ferry_core::couch::revision_from_json;
+use ferry_core::couch::revision_from_text;
 use ferry_core::filter::ChangesFilter;
+use ferry_core::json::RawJson;
 use ferry_core::protocol::{
     Ack, BulkDocsResult, BulkGetResult, ChangesResult, ChangesRow, ClientFrame,
     FRAME_ENVELOPE_DEPTH, FrameError, HelloAuth, Op, RevEntry, RevRef, ServerFrame, VERSIONS,
@@ -25,7 +26,7 @@ use ferry_core::rev::Rev;
 use ferry_store::endpoint::Endpoint;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::AppState;
@@ -582,14 +583,13 @@ async fn answer(state: &AppState, db: &str, id: u64, op: Op) -> (Option<u64>, Se
         .with_endpoint(db, move |endpoint| handle_request(endpoint, op))
         .await;
     match handled {
-        Ok(result) => {
-            let read = reads_changes.then(|| result["last_seq"].as_u64()).flatten();
+        Ok(Answered { result, read_up_to }) => {
             let response = ServerFrame::Response {
                 id,
                 result: Some(result),
                 error: None,
             };
-            (read, response)
+            (read_up_to, response)
         }
         Err(error) => {
             let response = ServerFrame::Response {
@@ -602,14 +602,26 @@ async fn answer(state: &AppState, db: &str, id: u64, op: Op) -> (Option<u64>, Se
     }
 }
 
-fn to_result(result: impl serde::Serialize) -> Value {
-    serde_json::to_value(result).expect("results serialize")
+/// A request's result, as the text the response carries.
+#[derive(Debug)]
+pub struct Answered {
+    /// The result.
+    pub result: RawJson,
+    /// For `changes`: the sequence the page read up to.
+    pub read_up_to: Option<u64>,
+}
+
+fn to_result(result: impl serde::Serialize) -> Answered {
+    Answered {
+        result: RawJson::of(&result),
+        read_up_to: None,
+    }
 }
 
 /// Carries out one session request on a database's replica endpoint and returns its result
 /// (`docs/protocol.md`): the synchronous part of the session, run on a blocking thread. Public
 /// so the fuzz targets run exactly what the server runs.
-pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
+pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Answered> {
     match op {
         Op::GetCheckpoint { checkpoint_id } => {
             let id = non_empty(checkpoint_id)?;
@@ -621,7 +633,7 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
         } => {
             let id = non_empty(checkpoint_id)?;
             endpoint.put_checkpoint(&id, &checkpoint)?;
-            Ok(json!({}))
+            Ok(to_result(json!({})))
         }
         Op::Changes {
             since,
@@ -661,11 +673,14 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
                     doc: None,
                 })
                 .collect();
-            Ok(to_result(ChangesResult {
-                results,
-                last_seq: page.last_seq,
-                pending,
-            }))
+            Ok(Answered {
+                read_up_to: Some(page.last_seq),
+                ..to_result(ChangesResult {
+                    results,
+                    last_seq: page.last_seq,
+                    pending,
+                })
+            })
         }
         Op::RevsDiff { revs } => {
             let asked: Vec<(String, Vec<Rev>)> = revs.into_iter().collect();
@@ -700,7 +715,7 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
             let mut stored = stored.into_iter();
             for (id, rev) in wanted {
                 match stored.next() {
-                    Some(Some(stored)) => result.docs.push(revision_document(&stored, true, true)),
+                    Some(Some(stored)) => result.docs.push(revision_document(&stored, true, true)?),
                     Some(None) => result.missing.push(RevRef { id, rev }),
                     None => result.unserved.push(RevRef { id, rev }),
                 }
@@ -712,7 +727,7 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Value> {
             let revisions = docs
                 .into_iter()
                 .map(|doc| {
-                    revision_from_json(doc)
+                    revision_from_text(&doc, endpoint.limits().max_json_depth)
                         .map_err(|error| ApiError::bad_request(error.to_string()))
                 })
                 .collect::<ApiResult<Vec<_>>>()?;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use ferry_core::hlc::Timestamp;
-use ferry_core::json::canonical_object;
+use ferry_core::json::{RawJson, canonical_object};
 use ferry_core::model::{Body, Document};
 use ferry_core::rev::Rev;
 use ferry_core::tree::{Leaf, RevTree};
@@ -16,6 +16,14 @@ use super::schema::*;
 
 pub(super) fn parse_body(text: &str) -> Result<Body, StoreError> {
     serde_json::from_str(text).map_err(|err| StoreError::Corrupt {
+        what: "document body",
+        detail: err.to_string(),
+    })
+}
+
+/// A stored body's text as it is (checked to be JSON, not parsed).
+pub(super) fn stored_body(text: String) -> Result<RawJson, StoreError> {
+    RawJson::from_text(text).map_err(|err| StoreError::Corrupt {
         what: "document body",
         detail: err.to_string(),
     })
@@ -225,7 +233,7 @@ pub(super) fn stored_revision(
         (
             current.winner.deleted,
             current.hlc,
-            Some(parse_body(&current.body)?),
+            Some(stored_body(current.body.clone())?),
         )
     } else {
         let stored = connection
@@ -242,7 +250,7 @@ pub(super) fn stored_revision(
             Some((deleted, hlc, body)) => (
                 deleted,
                 Timestamp::from_u64(to_u64(hlc)),
-                Some(parse_body(&body)?),
+                Some(stored_body(body)?),
             ),
             None => (tree.is_deleted(rev), Timestamp::ZERO, None),
         }

@@ -303,6 +303,9 @@ impl Database for SqliteDatabase {
                     Applied::Added => report.added += 1,
                     Applied::AlreadyPresent => report.already_present += 1,
                 }
+                if tree.live_leaves().len() > 1 && !report.conflicted.contains(&revision.doc_id) {
+                    report.conflicted.push(revision.doc_id.clone());
+                }
                 self.store_update(
                     transaction,
                     counters,
