@@ -452,30 +452,6 @@ fn with_special_members(
     Value::Object(map)
 }
 
-/// A replicated revision in CouchDB form, with `_revisions` (and `_ferry` when `with_hlc`).
-pub fn revision_json(revision: &Revision, with_hlc: bool) -> Value {
-    revision_into_json(revision.clone(), with_hlc)
-}
-
-/// [`revision_json`] taking the revision, so that its body becomes the document without a
-/// copy.
-pub fn revision_into_json(revision: Revision, with_hlc: bool) -> Value {
-    let rev = revision.rev().clone();
-    let Revision {
-        doc_id,
-        path,
-        deleted,
-        body,
-        hlc,
-    } = revision;
-    let extras = DocExtras {
-        revisions: Some(&path),
-        conflicts: None,
-        hlc: hlc.filter(|_| with_hlc),
-    };
-    with_special_members(body, &doc_id, &rev, deleted, &extras)
-}
-
 /// A replicated revision from its CouchDB form (as `_bulk_docs` with `new_edits=false` or
 /// `_bulk_get` carries it).
 pub fn revision_from_json(value: Value) -> Result<Revision, CouchDocError> {
@@ -635,13 +611,18 @@ mod tests {
             body: json!({"x": 1}).as_object().unwrap().clone(),
             hlc: Some(Timestamp::new(5, 1)),
         };
-        let value = revision_json(&revision, true);
+        let text = revision_text(&revision, true);
+        let value: Value = serde_json::from_str(text.get()).unwrap();
         assert_eq!(value["_revisions"], json!({"start": 3, "ids": ["c", "b"]}));
-        assert_eq!(revision_from_json(value).unwrap(), revision);
-        let without_clock = revision_from_json(revision_json(&revision, false)).unwrap();
+        assert!(
+            text.get().contains(r#""_revisions":{"start":3,"#),
+            "start first, as CouchDB"
+        );
+        assert_eq!(revision_from_text(&text, 8).unwrap(), revision);
+        let without_clock = revision_from_text(&revision_text(&revision, false), 8).unwrap();
         assert_eq!(without_clock.hlc, None);
         assert_eq!(
-            revision_into_json(revision.clone(), true),
+            value,
             document_json(
                 &revision.doc_id,
                 revision.rev(),
