@@ -7,7 +7,9 @@
 //! that lose what was in flight and keep what was committed). The replication is the real
 //! `ferry_core::replicate::Replication` state machine; replicas are `ferry_store` in-memory
 //! databases (the same conformance suite as SQLite); conflicts are resolved by the real
-//! `ferry_store::resolve_conflict`. There is no thread, no clock but a counter, no I/O: the
+//! `ferry_store::resolve_conflict`; a client's local steps are `ferry_sync::local`'s, and its
+//! requests travel as session frames made by `ferry_sync::session` and answered by the server's
+//! own decoder and `handle_request`. There is no thread, no clock but a counter, no I/O: the
 //! same seed replays exactly.
 //!
 //! While it runs, and once faults stop and every replica has synced to quiescence, it checks:
@@ -32,17 +34,22 @@ use ferry_core::connection::{
     Command, Connection, ConnectionState, Event, FailureKind, Jitter, ReconnectPolicy,
 };
 use ferry_core::filter::ChangesFilter;
+use ferry_core::json::RawJson;
 use ferry_core::model::{Body, Limits, Revision};
-use ferry_core::replicate::{
-    Action, ChangeRow, Checkpoint, Replication, ReplicationConfig, Response, Seq, Stats,
+use ferry_core::protocol::{
+    BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, FRAME_ENVELOPE_DEPTH, Op,
+    ServerFrame, result_as,
 };
+use ferry_core::replicate::{Action, Checkpoint, Replication, ReplicationConfig, Response, Stats};
 use ferry_core::resolve::{Policies, Policy};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
+use ferry_server::session::handle_request;
 use ferry_store::clock::{ManualClock, ReplicaClock, WallClock};
 use ferry_store::endpoint::{Endpoint, EndpointConfig, NoFanout};
 use ferry_store::memory::MemoryDatabase;
 use ferry_store::{Database, Edit, Replica as _, StoreConfig};
+use ferry_sync::session;
 use serde_json::{Value, json};
 
 mod exhaustive;
@@ -121,43 +128,24 @@ impl Rng {
     }
 }
 
-type DocRevs = Vec<(String, Vec<Rev>)>;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
     Push,
     Pull,
 }
 
-/// A request a client sends the server.
+/// A request a client sends the server: a session frame's text, as `WsPeer` sends it.
 #[derive(Clone, Debug)]
 enum Request {
-    GetCheckpoint(String),
-    PutCheckpoint(String, Checkpoint),
-    Changes {
-        since: u64,
-        limit: usize,
-        filter: ChangesFilter,
-    },
-    RevsDiff(DocRevs),
-    Fetch(DocRevs),
-    Write(Vec<Revision>),
+    Frame(String),
     /// Opens a live session.
     Hello,
 }
 
-/// The server's answer.
+/// The server's answer: the text of the frame the server's session handler answered with.
 #[derive(Clone, Debug)]
 enum Reply {
-    Checkpoint(Option<Checkpoint>),
-    Done,
-    Changes {
-        rows: Vec<ChangeRow>,
-        last_seq: u64,
-        pending: u64,
-    },
-    Missing(DocRevs),
-    Revisions(Vec<Revision>),
+    Frame(String),
     Welcome,
 }
 
@@ -180,12 +168,23 @@ struct Message {
 /// What a replication run waits for from the server.
 #[derive(Clone, Debug)]
 enum Waiting {
-    Checkpoints { local: Option<Checkpoint> },
+    Checkpoints {
+        local: Option<Checkpoint>,
+    },
     Changes,
     Missing,
-    Revisions,
-    Written { revisions: Vec<(String, Rev)> },
-    TargetCheckpoint { checkpoint: Checkpoint },
+    /// A `bulk_get` of `asked` revisions, after those already `fetched` (an answer bounded
+    /// by bytes serves a prefix, and the rest is asked for again).
+    Revisions {
+        fetched: Vec<Revision>,
+        asked: usize,
+    },
+    Written {
+        sent: Vec<(String, Rev)>,
+    },
+    TargetCheckpoint {
+        checkpoint: Checkpoint,
+    },
     SourceCheckpoint,
 }
 
@@ -837,6 +836,15 @@ impl World {
         id
     }
 
+    /// Sends `op` as the request frame `WsPeer` would send.
+    fn send_op(&mut self, client: usize, op: Op) -> u64 {
+        let id = self.next_request + 1;
+        let frame = ClientFrame::Request { id, op }.encode();
+        let sent = self.send(client, Request::Frame(frame));
+        debug_assert_eq!(sent, id);
+        sent
+    }
+
     /// Puts a message on the network, through the faults in force.
     fn enqueue(&mut self, mut message: Message) {
         if self.exhaustive {
@@ -894,8 +902,8 @@ impl World {
             .run_mut(client, direction)
             .map(|run| run.replication_id.clone())
             .unwrap_or_default();
-        let wait = |world: &mut World, request: Request, waiting: Waiting| {
-            let id = world.send(client, request);
+        let wait = |world: &mut World, op: Op, waiting: Waiting| {
+            let id = world.send_op(client, op);
             let now = world.now;
             if let Some(run) = world.run_mut(client, direction) {
                 run.waiting = Some((id, waiting, now));
@@ -909,7 +917,9 @@ impl World {
                     .map_err(|e| local(e.into()))?;
                 wait(
                     self,
-                    Request::GetCheckpoint(replication_id),
+                    Op::GetCheckpoint {
+                        checkpoint_id: replication_id,
+                    },
                     Waiting::Checkpoints { local },
                 );
                 return Ok(false);
@@ -917,61 +927,63 @@ impl World {
             Action::ReadChanges { since, limit } => {
                 let since = since.number().unwrap_or(0);
                 if local_is_source {
-                    let page = self
-                        .client_endpoint(client)
-                        .changes(since, limit, &ChangesFilter::all(), false)
-                        .map_err(|e| local(e.into()))?;
-                    let (rows, last_seq, pending) = change_rows(page);
-                    Response::Changes {
-                        rows,
-                        last_seq: Seq::from(last_seq),
-                        pending: Some(pending),
-                    }
+                    let page = ferry_sync::local::changes(
+                        &self.client_endpoint(client),
+                        since,
+                        limit,
+                        &ChangesFilter::all(),
+                    )
+                    .map_err(local)?;
+                    changes_response(page)
                 } else {
-                    let filter = self.clients[client].pull_filter.clone();
-                    wait(
-                        self,
-                        Request::Changes {
-                            since,
-                            limit,
-                            filter,
-                        },
-                        Waiting::Changes,
-                    );
+                    let filter = &self.clients[client].pull_filter;
+                    let op = session::changes_op(since, limit, filter);
+                    wait(self, op, Waiting::Changes);
                     return Ok(false);
                 }
             }
             Action::RevsDiff { revs } => {
                 if local_is_source {
-                    wait(self, Request::RevsDiff(revs), Waiting::Missing);
+                    let op = Op::RevsDiff {
+                        revs: revs.into_iter().collect(),
+                    };
+                    wait(self, op, Waiting::Missing);
                     return Ok(false);
                 }
-                let missing = self
-                    .client_endpoint(client)
-                    .revs_diff(&revs)
+                let missing = ferry_sync::local::missing(&self.client_endpoint(client), &revs)
                     .map_err(local)?;
-                Response::Missing(missing_revs(missing))
+                Response::Missing(missing)
             }
             Action::FetchRevisions { wanted } => {
                 if local_is_source {
-                    let revisions = fetch(&self.client_endpoint(client), &wanted).map_err(local)?;
+                    let revisions = ferry_sync::local::fetch(&self.client_endpoint(client), wanted)
+                        .map_err(local)?;
                     Response::Revisions(revisions)
                 } else {
-                    wait(self, Request::Fetch(wanted), Waiting::Revisions);
+                    let wanted = session::wanted_refs(wanted);
+                    let asked = wanted.len();
+                    let waiting = Waiting::Revisions {
+                        fetched: Vec::new(),
+                        asked,
+                    };
+                    wait(self, session::bulk_get_op(wanted), waiting);
                     return Ok(false);
                 }
             }
             Action::WriteRevisions { revisions } => {
                 if local_is_source {
-                    let written = revisions
-                        .iter()
-                        .map(|revision| (revision.doc_id.clone(), revision.path[0].clone()))
-                        .collect();
-                    wait(
-                        self,
-                        Request::Write(revisions),
-                        Waiting::Written { revisions: written },
-                    );
+                    trace(|| {
+                        format!(
+                            "t{} client {client} pushes {:?}",
+                            self.now,
+                            revisions
+                                .iter()
+                                .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
+                                .collect::<Vec<_>>()
+                        )
+                    });
+                    let (op, sent) = session::bulk_docs_op(&revisions);
+                    wait(self, op, Waiting::Written { sent });
                     return Ok(false);
                 }
                 let rejected = self.pull_write(client, revisions)?;
@@ -980,20 +992,20 @@ impl World {
             Action::WriteCheckpoint { checkpoint } => {
                 if local_is_source {
                     // The target's (the server's) first, then the source's.
-                    wait(
-                        self,
-                        Request::PutCheckpoint(replication_id, checkpoint.clone()),
-                        Waiting::TargetCheckpoint { checkpoint },
-                    );
+                    let op = Op::PutCheckpoint {
+                        checkpoint_id: replication_id,
+                        checkpoint: checkpoint.clone(),
+                    };
+                    wait(self, op, Waiting::TargetCheckpoint { checkpoint });
                 } else {
                     self.client_endpoint(client)
                         .put_checkpoint(&replication_id, &checkpoint)
                         .map_err(local)?;
-                    wait(
-                        self,
-                        Request::PutCheckpoint(replication_id, checkpoint),
-                        Waiting::SourceCheckpoint,
-                    );
+                    let op = Op::PutCheckpoint {
+                        checkpoint_id: replication_id,
+                        checkpoint,
+                    };
+                    wait(self, op, Waiting::SourceCheckpoint);
                 }
                 return Ok(false);
             }
@@ -1103,11 +1115,7 @@ impl World {
             self.observe(&db, doc_id)?;
             self.check_not_backwards(client, doc_id)?;
         }
-        Ok(outcome
-            .acks
-            .iter()
-            .filter(|ack| ack.refused.is_some())
-            .count() as u64)
+        Ok(ferry_sync::local::refused(outcome).len() as u64)
     }
 
     fn check_not_backwards(&mut self, client: usize, doc_id: &str) -> Result<(), Failure> {
@@ -1141,62 +1149,46 @@ impl World {
 
     // ---- the server ----------------------------------------------------------------------
 
+    /// The server's session handler answers a request frame, as `ferry serve` does: the
+    /// frame decoded by the server's decoder, carried out by `handle_request` on the server's
+    /// endpoint, the answer encoded as the session sends it.
     fn serve(&mut self, request: Request) -> Result<Reply, Failure> {
-        let seed = self.seed;
-        let store = |e: ferry_store::endpoint::EndpointError| fail(seed, format!("server: {e}"));
-        let endpoint = self.server_endpoint();
-        Ok(match request {
-            Request::GetCheckpoint(id) => {
-                Reply::Checkpoint(endpoint.checkpoint(&id).map_err(|e| store(e.into()))?)
+        let text = match request {
+            Request::Hello => return Ok(Reply::Welcome),
+            Request::Frame(text) => text,
+        };
+        let limits = limits();
+        let frame = ClientFrame::decode_within(
+            text.as_bytes(),
+            limits.max_json_depth + FRAME_ENVELOPE_DEPTH,
+            limits.max_json_values,
+        )
+        .map_err(|e| self.fail(format!("the server could not decode {text}: {e}")))?;
+        let ClientFrame::Request { id, op } = frame else {
+            return Err(self.fail(format!("not a request: {text}")));
+        };
+        let writes = matches!(op, Op::BulkDocs { .. });
+        let answered = handle_request(&self.server_endpoint(), op)
+            .map_err(|e| self.fail(format!("server: {}: {}", e.error, e.reason)))?;
+        if writes {
+            let result: BulkDocsResult =
+                result_as("bulk_docs", &answered.result).map_err(|e| self.fail(e.to_string()))?;
+            if let Some(refused) = result.acks.iter().find(|ack| !ack.ok) {
+                // Clock skews stay inside the server's drift limit and bodies inside its
+                // limits: a refusal here is a bug the run must show.
+                return Err(self.fail(format!("the server refused {refused:?}")));
             }
-            Request::PutCheckpoint(id, checkpoint) => {
-                endpoint.put_checkpoint(&id, &checkpoint).map_err(store)?;
-                Reply::Done
+            let db = self.server.db.clone();
+            for ack in &result.acks {
+                self.observe(&db, &ack.id)?;
             }
-            Request::Changes {
-                since,
-                limit,
-                filter,
-            } => {
-                let page = endpoint
-                    .changes(since, limit, &filter, false)
-                    .map_err(|e| store(e.into()))?;
-                let (rows, last_seq, pending) = change_rows(page);
-                Reply::Changes {
-                    rows,
-                    last_seq,
-                    pending,
-                }
-            }
-            Request::RevsDiff(revs) => {
-                Reply::Missing(missing_revs(endpoint.revs_diff(&revs).map_err(store)?))
-            }
-            Request::Fetch(wanted) => Reply::Revisions(fetch(&endpoint, &wanted).map_err(store)?),
-            Request::Hello => Reply::Welcome,
-            Request::Write(revisions) => {
-                trace(|| {
-                    format!(
-                        "t{} server write {:?}",
-                        self.now,
-                        revisions
-                            .iter()
-                            .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
-                            .collect::<Vec<_>>()
-                    )
-                });
-                let outcome = endpoint.write_revisions(revisions).map_err(store)?;
-                if let Some(refused) = outcome.acks.iter().find(|ack| ack.refused.is_some()) {
-                    // Clock skews stay inside the server's drift limit and bodies inside its
-                    // limits: a refusal here is a bug the run must show.
-                    return Err(self.fail(format!("the server refused {refused:?}")));
-                }
-                let db = self.server.db.clone();
-                for doc_id in &outcome.written {
-                    self.observe(&db, doc_id)?;
-                }
-                Reply::Done
-            }
-        })
+        }
+        let response = ServerFrame::Response {
+            id,
+            result: Some(answered.result),
+            error: None,
+        };
+        Ok(Reply::Frame(response.encode()))
     }
 
     /// Delivers one message (the earliest due, or any due one when reordering).
@@ -1277,46 +1269,79 @@ impl World {
                 continue;
             }
             let (_, waiting, _) = run.waiting.take().expect("matched");
-            let response = match (waiting, reply) {
-                (Waiting::Checkpoints { local }, Reply::Checkpoint(remote)) => {
+            let Reply::Frame(text) = reply else {
+                return Err(self.fail(format!("a welcome answered {waiting:?}")));
+            };
+            let result = match ServerFrame::decode(text.as_bytes()) {
+                // A `null` result reads as none, as `WsPeer` reads it.
+                Ok(ServerFrame::Response {
+                    result,
+                    error: None,
+                    ..
+                }) => result.unwrap_or_else(|| RawJson::of(&())),
+                other => return Err(self.fail(format!("{waiting:?} answered {other:?}"))),
+            };
+            let invalid = |world: &World, e: String| world.fail(format!("{waiting:?}: {e}"));
+            let response = match &waiting {
+                Waiting::Checkpoints { local } => {
+                    let remote: Option<Checkpoint> = result_as("get_checkpoint", &result)
+                        .map_err(|e| invalid(self, e.to_string()))?;
                     let (source, target) = match direction {
-                        Direction::Push => (local, remote),
-                        Direction::Pull => (remote, local),
+                        Direction::Push => (local.clone(), remote),
+                        Direction::Pull => (remote, local.clone()),
                     };
                     Response::Checkpoints { source, target }
                 }
-                (
-                    Waiting::Changes,
-                    Reply::Changes {
-                        rows,
-                        last_seq,
-                        pending,
-                    },
-                ) => Response::Changes {
-                    rows,
-                    last_seq: Seq::from(last_seq),
-                    pending: Some(pending),
-                },
-                (Waiting::Missing, Reply::Missing(missing)) => Response::Missing(missing),
-                (Waiting::Revisions, Reply::Revisions(revisions)) => Response::Revisions(revisions),
-                (Waiting::Written { revisions }, Reply::Done) => {
-                    self.acknowledged.extend(revisions);
+                Waiting::Changes => {
+                    let result: ChangesResult =
+                        result_as("changes", &result).map_err(|e| invalid(self, e.to_string()))?;
+                    changes_response(session::changes_page(result))
+                }
+                Waiting::Missing => {
+                    let missing: BTreeMap<String, Vec<Rev>> = result_as("revs_diff", &result)
+                        .map_err(|e| invalid(self, e.to_string()))?;
+                    Response::Missing(missing.into_iter().collect())
+                }
+                Waiting::Revisions { fetched, asked } => {
+                    let result: BulkGetResult =
+                        result_as("bulk_get", &result).map_err(|e| invalid(self, e.to_string()))?;
+                    let (more, unserved) =
+                        session::fetched(result, *asked).map_err(|e| invalid(self, e))?;
+                    let mut fetched = fetched.clone();
+                    fetched.extend(more);
+                    if !unserved.is_empty() {
+                        let asked = unserved.len();
+                        let id = self.send_op(client, session::bulk_get_op(unserved));
+                        let now = self.now;
+                        if let Some(run) = self.run_mut(client, direction) {
+                            run.waiting = Some((id, Waiting::Revisions { fetched, asked }, now));
+                        }
+                        return Ok(());
+                    }
+                    Response::Revisions(fetched)
+                }
+                Waiting::Written { sent } => {
+                    let result: BulkDocsResult = result_as("bulk_docs", &result)
+                        .map_err(|e| invalid(self, e.to_string()))?;
+                    let rejected =
+                        session::refused(result, sent.clone()).map_err(|e| invalid(self, e))?;
+                    if !rejected.is_empty() {
+                        return Err(invalid(self, format!("refused {rejected:?}")));
+                    }
+                    self.acknowledged.extend(sent.iter().cloned());
                     Response::Written { rejected: 0 }
                 }
-                (Waiting::TargetCheckpoint { checkpoint }, Reply::Done) => {
+                Waiting::TargetCheckpoint { checkpoint } => {
                     let id = self
                         .run_mut(client, direction)
                         .map(|run| run.replication_id.clone())
                         .unwrap_or_default();
                     self.client_endpoint(client)
-                        .put_checkpoint(&id, &checkpoint)
+                        .put_checkpoint(&id, checkpoint)
                         .map_err(|e| self.fail(e.to_string()))?;
                     Response::CheckpointWritten
                 }
-                (Waiting::SourceCheckpoint, Reply::Done) => Response::CheckpointWritten,
-                (waiting, reply) => {
-                    return Err(self.fail(format!("reply {reply:?} to {waiting:?}")));
-                }
+                Waiting::SourceCheckpoint => Response::CheckpointWritten,
             };
             self.respond(client, direction, response)?;
             return self.advance(client);
@@ -1644,39 +1669,13 @@ fn shape(tree: &RevTree) -> Value {
     json!({"nodes": nodes, "leaves": leaves})
 }
 
-/// A page of an endpoint's changes as the replication state machine reads it (what
-/// `LocalPeer` and the WebSocket peer hand it), with its last sequence and what remains.
-fn change_rows(page: ferry_store::endpoint::ChangesPage) -> (Vec<ChangeRow>, u64, u64) {
-    let pending = page.pending();
-    let rows = page
-        .changes
-        .into_iter()
-        .map(ferry_store::Change::into_row)
-        .collect();
-    (rows, page.last_seq, pending)
-}
-
-fn missing_revs(diffs: Vec<(String, ferry_core::tree::RevsDiff)>) -> DocRevs {
-    diffs
-        .into_iter()
-        .map(|(doc_id, diff)| (doc_id, diff.missing))
-        .collect()
-}
-
-/// The wanted revisions an endpoint still has, with their bodies and ancestry.
-fn fetch(
-    endpoint: &Endpoint<'_>,
-    wanted: &DocRevs,
-) -> Result<Vec<Revision>, ferry_store::endpoint::EndpointError> {
-    let pairs: Vec<(String, Rev)> = wanted
-        .iter()
-        .flat_map(|(doc_id, revs)| revs.iter().map(move |rev| (doc_id.clone(), rev.clone())))
-        .collect();
-    let mut revisions = Vec::with_capacity(pairs.len());
-    for stored in endpoint.fetch(&pairs)?.into_iter().flatten() {
-        revisions.extend(stored.into_revision()?);
+/// A page of changes as the replication state machine takes it.
+fn changes_response(page: ferry_sync::ChangesPage) -> Response {
+    Response::Changes {
+        rows: page.rows,
+        last_seq: page.last_seq,
+        pending: page.pending,
     }
-    Ok(revisions)
 }
 
 /// Runs the simulation for `seed` and checks every invariant.

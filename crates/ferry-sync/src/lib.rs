@@ -38,9 +38,10 @@
 mod driver;
 mod error;
 mod http;
-mod local;
+pub mod local;
 mod peer;
 mod read_ahead;
+pub mod session;
 mod tls;
 mod ws;
 

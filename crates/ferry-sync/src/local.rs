@@ -9,6 +9,7 @@ use ferry_core::rev::Rev;
 use ferry_store::clock::{ReplicaClock, SystemClock};
 use ferry_store::endpoint::{
     Endpoint, EndpointConfig, EndpointError, Fanout, KeepConflicts, NoFanout, Resolver,
+    WriteOutcome,
 };
 use ferry_store::{Change, Database, StoreError, StoredRevision};
 
@@ -162,56 +163,23 @@ impl Peer for LocalPeer {
     ) -> Result<ChangesPage, SyncError> {
         let since = seq_number(since)?;
         let filter = filter.clone();
-        let page = self
-            .endpoint(move |endpoint| Ok(endpoint.changes(since, limit, &filter, false)?))
-            .await?;
-        let pending = page.pending();
-        Ok(ChangesPage {
-            rows: page.changes.into_iter().map(Change::into_row).collect(),
-            last_seq: Seq::from(page.last_seq),
-            pending: Some(pending),
-        })
+        self.endpoint(move |endpoint| changes(endpoint, since, limit, &filter))
+            .await
     }
 
     async fn revs_diff(
         &self,
         revs: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<(String, Vec<Rev>)>, SyncError> {
-        let answers = self
-            .endpoint(move |endpoint| endpoint.revs_diff(&revs))
-            .await?;
-        Ok(answers
-            .into_iter()
-            .map(|(doc_id, diff)| (doc_id, diff.missing))
-            .collect())
+        self.endpoint(move |endpoint| missing(endpoint, &revs))
+            .await
     }
 
     async fn fetch_revisions(
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        self.endpoint(move |endpoint| {
-            let wanted: Vec<(String, Rev)> = wanted
-                .into_iter()
-                .flat_map(|(doc_id, revs)| revs.into_iter().map(move |rev| (doc_id.clone(), rev)))
-                .collect();
-            let stored = endpoint.fetch(&wanted)?;
-            let mut revisions = Vec::with_capacity(wanted.len());
-            for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
-                match stored
-                    .map(StoredRevision::into_revision)
-                    .transpose()?
-                    .flatten()
-                {
-                    Some(revision) => revisions.push(revision),
-                    None => {
-                        tracing::warn!(%doc_id, %rev, "revision no longer available; skipped")
-                    }
-                }
-            }
-            Ok(revisions)
-        })
-        .await
+        self.endpoint(move |endpoint| fetch(endpoint, wanted)).await
     }
 
     async fn write_revisions(
@@ -221,19 +189,7 @@ impl Peer for LocalPeer {
         let outcome = self
             .endpoint(move |endpoint| endpoint.write_revisions(revisions))
             .await?;
-        Ok(outcome
-            .acks
-            .into_iter()
-            .filter_map(|ack| {
-                let refused = ack.refused?;
-                Some(RejectedRevision {
-                    doc_id: ack.doc_id,
-                    rev: ack.rev,
-                    error: refused.code().to_owned(),
-                    reason: refused.to_string(),
-                })
-            })
-            .collect())
+        Ok(refused(outcome))
     }
 
     async fn wait_for_changes(&self, since: &Seq, timeout: Duration) -> Result<bool, SyncError> {
@@ -259,4 +215,77 @@ impl Peer for LocalPeer {
             }
         }
     }
+}
+
+// Each step of a replication on a replica's endpoint, synchronous: `LocalPeer` runs them on
+// blocking threads, the simulator (`ferry-sim`) calls them as they are.
+
+/// A page of the replica's changes as a replication reads it.
+pub fn changes(
+    endpoint: &Endpoint<'_>,
+    since: u64,
+    limit: usize,
+    filter: &ChangesFilter,
+) -> Result<ChangesPage, EndpointError> {
+    let page = endpoint.changes(since, limit, filter, false)?;
+    let pending = page.pending();
+    Ok(ChangesPage {
+        rows: page.changes.into_iter().map(Change::into_row).collect(),
+        last_seq: Seq::from(page.last_seq),
+        pending: Some(pending),
+    })
+}
+
+/// Which of `revs` the replica lacks, by document.
+pub fn missing(
+    endpoint: &Endpoint<'_>,
+    revs: &[(String, Vec<Rev>)],
+) -> Result<Vec<(String, Vec<Rev>)>, EndpointError> {
+    Ok(endpoint
+        .revs_diff(revs)?
+        .into_iter()
+        .map(|(doc_id, diff)| (doc_id, diff.missing))
+        .collect())
+}
+
+/// The wanted revisions the replica still has, with their bodies and ancestry (one no longer
+/// kept is skipped, and said in the log).
+pub fn fetch(
+    endpoint: &Endpoint<'_>,
+    wanted: Vec<(String, Vec<Rev>)>,
+) -> Result<Vec<Revision>, EndpointError> {
+    let wanted: Vec<(String, Rev)> = wanted
+        .into_iter()
+        .flat_map(|(doc_id, revs)| revs.into_iter().map(move |rev| (doc_id.clone(), rev)))
+        .collect();
+    let stored = endpoint.fetch(&wanted)?;
+    let mut revisions = Vec::with_capacity(wanted.len());
+    for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
+        match stored
+            .map(StoredRevision::into_revision)
+            .transpose()?
+            .flatten()
+        {
+            Some(revision) => revisions.push(revision),
+            None => tracing::warn!(%doc_id, %rev, "revision no longer available; skipped"),
+        }
+    }
+    Ok(revisions)
+}
+
+/// The revisions a write refused, as a replication counts them.
+pub fn refused(outcome: WriteOutcome) -> Vec<RejectedRevision> {
+    outcome
+        .acks
+        .into_iter()
+        .filter_map(|ack| {
+            let refused = ack.refused?;
+            Some(RejectedRevision {
+                doc_id: ack.doc_id,
+                rev: ack.rev,
+                error: refused.code().to_owned(),
+                reason: refused.to_string(),
+            })
+        })
+        .collect()
 }

@@ -12,13 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_core::couch::ChangesRow;
-use ferry_core::couch::{revision_from_text, revision_text};
 use ferry_core::json::RawJson;
 use ferry_core::model::Revision;
 use ferry_core::protocol::{
-    BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, RevRef,
-    ServerFrame, VERSIONS, WireError, result_as,
+    BulkDocsResult, BulkGetResult, ChangesResult, ClientFrame, Hello, HelloAuth, Op, ServerFrame,
+    VERSIONS, WireError, result_as,
 };
 use ferry_core::replicate::{Checkpoint, Seq};
 use ferry_core::rev::Rev;
@@ -29,12 +27,8 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
-use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, ServerTime, SyncError};
+use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, ServerTime, SyncError, session};
 
-/// How deeply a server's frame may nest: a `bulk_get` result holds documents inside
-/// `{"result": {"docs": [...]}}`. The server checks documents against its own depth limit;
-/// this only bounds what a broken server could make the client parse.
-const MAX_FRAME_DEPTH: usize = 256;
 /// How often the client says it is alive.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A session that receives nothing for this long is considered lost.
@@ -500,27 +494,9 @@ impl Peer for WsPeer {
         limit: usize,
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
-        let (doc_ids, selector) = match filter.ids() {
-            Some(ids) => (Some(ids.iter().cloned().collect()), None),
-            None => (None, filter.selector_json().cloned()),
-        };
-        let result: ChangesResult = self
-            .request(Op::Changes {
-                since: crate::seq_number(since)?,
-                limit: Some(limit as u64),
-                doc_ids,
-                selector,
-            })
-            .await?;
-        Ok(ChangesPage {
-            rows: result
-                .results
-                .into_iter()
-                .map(ChangesRow::into_change_row)
-                .collect(),
-            last_seq: Seq::from(result.last_seq),
-            pending: Some(result.pending),
-        })
+        let op = session::changes_op(crate::seq_number(since)?, limit, filter);
+        let result: ChangesResult = self.request(op).await?;
+        Ok(session::changes_page(result))
     }
 
     async fn revs_diff(
@@ -539,39 +515,17 @@ impl Peer for WsPeer {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let mut docs: Vec<RevRef> = wanted
-            .into_iter()
-            .flat_map(|(id, revs)| {
-                revs.into_iter().map(move |rev| RevRef {
-                    id: id.clone(),
-                    rev,
-                })
-            })
-            .collect();
+        let mut docs = session::wanted_refs(wanted);
         let mut revisions = Vec::new();
         // Answers are bounded by bytes, so a batch of large documents comes in several; each
         // answers at least one revision, so this ends.
         while !docs.is_empty() {
             let asked = docs.len();
-            let result: BulkGetResult = self
-                .request(Op::BulkGet {
-                    docs,
-                    max_bytes: Some(crate::FETCH_ANSWER_BYTES as u64),
-                })
-                .await?;
-            for missing in &result.missing {
-                tracing::warn!(doc_id = %missing.id, rev = %missing.rev, "revision not available on the server; skipped");
-            }
-            if result.unserved.len() >= asked {
-                return Err(self.invalid("the server answered none of the revisions asked for"));
-            }
-            for doc in result.docs {
-                revisions.push(
-                    revision_from_text(&doc, MAX_FRAME_DEPTH)
-                        .map_err(|error| self.invalid(error.to_string()))?,
-                );
-            }
-            docs = result.unserved;
+            let result: BulkGetResult = self.request(session::bulk_get_op(docs)).await?;
+            let (fetched, unserved) =
+                session::fetched(result, asked).map_err(|detail| self.invalid(detail))?;
+            revisions.extend(fetched);
+            docs = unserved;
         }
         Ok(revisions)
     }
@@ -580,35 +534,9 @@ impl Peer for WsPeer {
         &self,
         revisions: Vec<Revision>,
     ) -> Result<Vec<RejectedRevision>, SyncError> {
-        let sent: Vec<(String, Rev)> = revisions
-            .iter()
-            .map(|revision| (revision.doc_id.clone(), revision.rev().clone()))
-            .collect();
-        let docs: Vec<RawJson> = revisions
-            .iter()
-            .map(|revision| revision_text(revision, true))
-            .collect();
-        let result: BulkDocsResult = self.request(Op::BulkDocs { docs }).await?;
-        // One answer per revision sent, in order: stored, or refused with a reason.
-        if result.acks.len() != sent.len() {
-            return Err(self.invalid("the server did not answer for every revision"));
-        }
-        let mut rejected = Vec::new();
-        for (ack, (doc_id, rev)) in result.acks.into_iter().zip(sent) {
-            if ack.id != doc_id || ack.rev != rev {
-                return Err(self.invalid("acknowledgements out of order"));
-            }
-            if ack.ok {
-                continue;
-            }
-            rejected.push(RejectedRevision {
-                doc_id,
-                rev,
-                error: ack.error.unwrap_or_else(|| "unknown".to_owned()),
-                reason: ack.reason.unwrap_or_default(),
-            });
-        }
-        Ok(rejected)
+        let (op, sent) = session::bulk_docs_op(&revisions);
+        let result: BulkDocsResult = self.request(op).await?;
+        session::refused(result, sent).map_err(|detail| self.invalid(detail))
     }
 
     async fn wait_for_changes(&self, since: &Seq, timeout: Duration) -> Result<bool, SyncError> {
