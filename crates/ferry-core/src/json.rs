@@ -82,16 +82,32 @@ pub fn parse_strict(text: &[u8], max_depth: usize) -> Result<Value, JsonError> {
 /// assert_eq!(parse_within(b"[1,2,3]", 8, 3), Err(JsonError::TooManyValues(3)));
 /// ```
 pub fn parse_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<Value, JsonError> {
+    strictly(text, max_depth, max_values, |strict, deserializer| {
+        strict.deserialize(deserializer)
+    })
+}
+
+/// Runs `read` over `text` with a [`StrictValue`] holding the limits, then the checks that
+/// follow any strict read: nothing after the value, no integer beyond 64 bits.
+fn strictly<T>(
+    text: &[u8],
+    max_depth: usize,
+    max_values: usize,
+    read: impl FnOnce(
+        StrictValue<'_>,
+        &mut serde_json::Deserializer<serde_json::de::SliceRead<'_>>,
+    ) -> Result<T, serde_json::Error>,
+) -> Result<T, JsonError> {
     let mut deserializer = serde_json::Deserializer::from_slice(text);
     let huge_double = Cell::new(false);
     let values_left = Cell::new(max_values);
-    let value = StrictValue {
+    let strict = StrictValue {
         remaining_depth: max_depth,
         huge_double: &huge_double,
         values_left: &values_left,
-    }
-    .deserialize(&mut deserializer)
-    .map_err(|err| classify(err, max_depth, max_values))?;
+    };
+    let value =
+        read(strict, &mut deserializer).map_err(|err| classify(err, max_depth, max_values))?;
     deserializer
         .end()
         .map_err(|err| JsonError::Syntax(err.to_string()))?;
@@ -118,25 +134,9 @@ pub fn parse_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<
 /// assert!(matches!(check_within(br#"{"a":1,"a":1}"#, 2, 4), Err(JsonError::DuplicateKey(_))));
 /// ```
 pub fn check_within(text: &[u8], max_depth: usize, max_values: usize) -> Result<(), JsonError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(text);
-    let huge_double = Cell::new(false);
-    let values_left = Cell::new(max_values);
-    StrictCheck(StrictValue {
-        remaining_depth: max_depth,
-        huge_double: &huge_double,
-        values_left: &values_left,
+    strictly(text, max_depth, max_values, |strict, deserializer| {
+        StrictCheck(strict).deserialize(deserializer)
     })
-    .deserialize(&mut deserializer)
-    .map_err(|err| classify(err, max_depth, max_values))?;
-    deserializer
-        .end()
-        .map_err(|err| JsonError::Syntax(err.to_string()))?;
-    if huge_double.get()
-        && let Some(integer) = oversized_integer(text)
-    {
-        return Err(JsonError::IntegerOutOfRange(integer));
-    }
-    Ok(())
 }
 
 /// A JSON text carried as it is, not as a tree: a document inside a frame or an answer, read

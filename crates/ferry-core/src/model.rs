@@ -207,7 +207,8 @@ pub fn validate_document(doc_id: &str, body: &Body, limits: &Limits) -> Result<(
             field: field.chars().take(80).collect(),
         });
     }
-    let size = crate::json::canonical_object(body).len();
+    // The stored (canonical) text's length, counted without writing it.
+    let size = crate::json::encoded_len_object(body);
     if size > limits.max_document_bytes {
         return Err(DocumentError::TooLarge {
             doc_id: doc_id.to_owned(),

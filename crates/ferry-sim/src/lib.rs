@@ -976,10 +976,7 @@ impl World {
                         format!(
                             "t{} client {client} pushes {:?}",
                             self.now,
-                            revisions
-                                .iter()
-                                .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
-                                .collect::<Vec<_>>()
+                            listed(&revisions)
                         )
                     });
                     let (op, sent) = session::bulk_docs_op(&revisions);
@@ -1085,10 +1082,7 @@ impl World {
             format!(
                 "t{} client {client} pull write {:?}",
                 self.now,
-                revisions
-                    .iter()
-                    .map(|r| (r.doc_id.clone(), r.path[0].to_string()))
-                    .collect::<Vec<_>>()
+                listed(&revisions)
             )
         });
         let outcome = self
@@ -1667,6 +1661,14 @@ fn shape(tree: &RevTree) -> Value {
         .map(|leaf| json!([leaf.rev.to_string(), leaf.deleted]))
         .collect();
     json!({"nodes": nodes, "leaves": leaves})
+}
+
+/// The document and revision of each of `revisions`, for the trace.
+fn listed(revisions: &[Revision]) -> Vec<(&str, String)> {
+    revisions
+        .iter()
+        .map(|revision| (revision.doc_id.as_str(), revision.rev().to_string()))
+        .collect()
 }
 
 /// A page of changes as the replication state machine takes it.
