@@ -332,6 +332,72 @@ async fn a_frame_over_the_request_limit_closes_the_session() {
     );
 }
 
+/// Every JSON value in `value`: scalars, arrays and objects, as the server counts them.
+fn values_in(value: &Value) -> usize {
+    1 + match value {
+        Value::Array(items) => items.iter().map(values_in).sum(),
+        Value::Object(map) => map.values().map(values_in).sum(),
+        _ => 0,
+    }
+}
+
+/// The session reads a frame's documents as text, checked by a scan of the whole frame
+/// against the JSON limits: a frame of tiny values, a duplicate key inside a document, or a
+/// document nested past the limit ends the session before anything of it is stored, while a
+/// frame at each limit is stored.
+#[tokio::test]
+async fn a_frame_past_the_json_limits_ends_the_session_and_stores_nothing() {
+    let limits = Limits {
+        max_json_values: 1_000,
+        max_json_depth: 4,
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let bulk_docs = |id: u64, docs: Value| json!({"type": "request", "id": id, "op": "bulk_docs", "docs": docs});
+    // A frame of exactly `values` values, its document's `v` an array of zeros.
+    let with_values = |doc_id: &str, values: usize| {
+        let skeleton = values_in(&bulk_docs(1, json!([revision(doc_id, "1-aa", json!([]))])));
+        bulk_docs(
+            1,
+            json!([revision(doc_id, "1-aa", json!(vec![0; values - skeleton]))]),
+        )
+    };
+    // A document whose `v` nests `depth` containers below the document (the frame adds 2).
+    let nested = |doc_id: &str, depth: usize| {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = json!([v]);
+        }
+        bulk_docs(1, json!([revision(doc_id, "1-aa", v)]))
+    };
+
+    let mut socket = open(&server, "json-limits").await;
+    for at_limit in [with_values("values", 1_000), nested("deep", 3)] {
+        send(&mut socket, at_limit).await;
+        let stored = receive(&mut socket).await.unwrap();
+        assert_eq!(stored["result"]["acks"][0]["ok"], json!(true), "{stored}");
+    }
+    let duplicate = r#"{"type":"request","id":1,"op":"bulk_docs","docs":[{"_id":"twice","_rev":"1-aa","_revisions":{"start":1,"ids":["aa"]},"v":1,"v":2}]}"#;
+    for (past, reason) in [
+        (
+            with_values("values-past", 1_001).to_string(),
+            "1000 JSON values",
+        ),
+        (nested("deep-past", 4).to_string(), "deeper than 6"),
+        (duplicate.to_owned(), "duplicate key \"v\""),
+    ] {
+        let mut socket = open(&server, "json-limits").await;
+        socket.send(Message::Text(past.into())).await.unwrap();
+        let refused = receive(&mut socket).await.unwrap();
+        assert_eq!(refused["type"], json!("error"), "{refused}");
+        assert_eq!(refused["error"], json!("bad_request"), "{refused}");
+        let said = refused["reason"].as_str().unwrap();
+        assert!(said.contains(reason), "{said}");
+        assert!(receive(&mut socket).await.is_none(), "the session ended");
+    }
+    assert_eq!(changed_ids(&mut socket, 9).await, ["values", "deep"]);
+}
+
 #[tokio::test]
 async fn reconnect_tokens_rotate_on_every_resume_and_are_bound_to_the_replica() {
     let server = start(Limits::default()).await;
