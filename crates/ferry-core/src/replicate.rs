@@ -8,7 +8,8 @@
 //! 3. ask the target which of those revisions it lacks (revs-diff);
 //! 4. fetch the missing revisions from the source, with their ancestry;
 //! 5. write them to the target, which merges them into its trees and never overwrites;
-//! 6. record the new checkpoint on both sides, then go on with the next batch.
+//! 6. go on with the next batch; every [`ReplicationConfig::checkpoint_every`] batches, and
+//!    once caught up, record the checkpoint on both sides first.
 //!
 //! The caller owns the transport: it asks [`Replication::next_action`] what to do, does it
 //! against the two peers, and hands the result to [`Replication::handle`]. Only one batch is in
@@ -55,12 +56,22 @@ pub struct ReplicationConfig {
     pub max_write_bytes: usize,
     /// Whether to keep following the source once caught up.
     pub continuous: bool,
+    /// How many full batches may be written between two checkpoints (at least 1; 1 is
+    /// PouchDB's way). A checkpoint costs a durable write on each side, about as much as a
+    /// batch of small documents; a replication cut between two checkpoints reads the batches
+    /// since the last one again and finds them on the target. A replication that catches up
+    /// always checkpoints.
+    pub checkpoint_every: usize,
 }
 
 /// The default of [`ReplicationConfig::max_write_bytes`]: far below the server's default
 /// request limit (32 MiB), and above its document limit (1 MiB), so the largest document
 /// shares a write with others.
 pub const DEFAULT_MAX_WRITE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The default of [`ReplicationConfig::checkpoint_every`]: with the SDK's batches of 500, a
+/// checkpoint every 4,000 changes.
+pub const DEFAULT_CHECKPOINT_EVERY: usize = 8;
 
 impl ReplicationConfig {
     /// A one-shot replication with batches of 100.
@@ -71,6 +82,7 @@ impl ReplicationConfig {
             batch_size: 100,
             max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
             continuous: false,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
         }
     }
 }
@@ -285,11 +297,12 @@ pub struct Stats {
     pub docs_written: u64,
     /// Revisions the target refused one by one (too large, invalid); the batch went on.
     pub doc_write_failures: u64,
-    /// Batches committed (each followed by a checkpoint).
+    /// Batches written (see [`ReplicationConfig::checkpoint_every`] for their checkpoints).
     pub batches: u64,
     /// Changes the source reported still pending after the last batch, if it said.
     pub pending: Option<u64>,
-    /// The source sequence checkpointed last: everything up to it is on the target.
+    /// Everything up to this source sequence is on the target (it is checkpointed at the
+    /// next checkpoint).
     pub last_seq: Seq,
 }
 
@@ -347,6 +360,8 @@ pub struct Replication {
     batch: Vec<ChangeRow>,
     batch_last_seq: Seq,
     batch_was_full: bool,
+    /// Batches written since the last checkpoint.
+    unchecked_batches: usize,
     missing: Vec<(String, Vec<Rev>)>,
     stats: Stats,
 }
@@ -362,6 +377,7 @@ impl Replication {
             batch: Vec::new(),
             batch_last_seq: Seq::from(0),
             batch_was_full: false,
+            unchecked_batches: 0,
             missing: Vec::new(),
             stats: Stats::default(),
         }
@@ -377,8 +393,8 @@ impl Replication {
         &self.stats
     }
 
-    /// The source sequence the target holds everything up to.
-    pub fn checkpointed_seq(&self) -> &Seq {
+    /// The source sequence the target holds everything up to (checkpointed or not yet).
+    pub fn seq_on_target(&self) -> &Seq {
         &self.since
     }
 
@@ -431,7 +447,7 @@ impl Replication {
             State::Checkpoint | State::AwaitCheckpointWritten => {
                 self.state = State::AwaitCheckpointWritten;
                 Action::WriteCheckpoint {
-                    checkpoint: self.checkpoint_for(self.batch_last_seq.clone()),
+                    checkpoint: self.checkpoint_for(self.since.clone()),
                 }
             }
             State::Wait | State::AwaitChangesAvailable => {
@@ -457,10 +473,12 @@ impl Replication {
             else {
                 unreachable!("matched above")
             };
-            if !rest.is_empty() {
-                // The rest of the batch, in further writes; the checkpoint follows the last.
-                self.state = State::Write(rest);
-            }
+            self.state = if rest.is_empty() {
+                self.batch_written()
+            } else {
+                // The rest of the batch, in further writes.
+                State::Write(rest)
+            };
             return Ok(());
         }
         match (&self.state, response) {
@@ -488,6 +506,8 @@ impl Replication {
                     State::RevsDiff
                 } else if self.batch_last_seq != self.since {
                     // Every row was filtered out, but the source moved on: remember that.
+                    self.batch_written()
+                } else if self.unchecked_batches > 0 {
                     State::Checkpoint
                 } else {
                     self.caught_up()
@@ -504,7 +524,7 @@ impl Replication {
                     .sum::<u64>();
                 self.missing = missing;
                 self.state = if self.missing.is_empty() {
-                    State::Checkpoint
+                    self.batch_written()
                 } else {
                     State::Fetch
                 };
@@ -512,17 +532,13 @@ impl Replication {
             (State::AwaitRevisions, Response::Revisions(revisions)) => {
                 self.check_requested(&revisions)?;
                 self.state = if revisions.is_empty() {
-                    State::Checkpoint
+                    self.batch_written()
                 } else {
                     State::Write(revisions)
                 };
             }
             (State::AwaitCheckpointWritten, Response::CheckpointWritten) => {
-                self.stats.batches += 1;
-                self.since = self.batch_last_seq.clone();
-                self.stats.last_seq = self.since.clone();
-                self.batch.clear();
-                self.missing.clear();
+                self.unchecked_batches = 0;
                 self.state = if self.batch_was_full {
                     State::ReadChanges
                 } else {
@@ -535,6 +551,22 @@ impl Replication {
             (state, _) => return Err(ReplicationError::UnexpectedResponse(describe(state))),
         }
         Ok(())
+    }
+
+    /// The batch in flight is on the target: the next batch follows, after a checkpoint when
+    /// enough batches went by unchecked or the source has nothing more.
+    fn batch_written(&mut self) -> State {
+        self.stats.batches += 1;
+        self.since = self.batch_last_seq.clone();
+        self.stats.last_seq = self.since.clone();
+        self.batch.clear();
+        self.missing.clear();
+        self.unchecked_batches += 1;
+        if self.batch_was_full && self.unchecked_batches < self.config.checkpoint_every.max(1) {
+            State::ReadChanges
+        } else {
+            State::Checkpoint
+        }
     }
 
     fn caught_up(&self) -> State {
@@ -762,7 +794,10 @@ mod tests {
 
     #[test]
     fn a_batch_goes_through_diff_fetch_write_and_checkpoint() {
-        let mut replication = Replication::new(config(2, false));
+        let mut replication = Replication::new(ReplicationConfig {
+            checkpoint_every: 1,
+            ..config(2, false)
+        });
         assert_eq!(replication.next_action(), Action::ReadCheckpoints);
         replication
             .handle(Response::Checkpoints {
@@ -840,6 +875,71 @@ mod tests {
         assert_eq!(stats.missing_revs, 1);
         assert_eq!(stats.docs_written, 1);
         assert_eq!(stats.batches, 1);
+    }
+
+    /// Full batches go on without a checkpoint until `checkpoint_every` of them are written;
+    /// catching up checkpoints what is left, and the counters say what is on the target.
+    #[test]
+    fn full_batches_are_checkpointed_every_few_and_on_catching_up() {
+        let mut replication = Replication::new(ReplicationConfig {
+            checkpoint_every: 3,
+            ..config(1, false)
+        });
+        replication.next_action();
+        replication
+            .handle(Response::Checkpoints {
+                source: None,
+                target: None,
+            })
+            .unwrap();
+        let mut checkpoints = Vec::new();
+        let mut read_from = Vec::new();
+        for seq in 1..=5u64 {
+            loop {
+                match replication.next_action() {
+                    Action::ReadChanges { since, .. } => {
+                        read_from.push(since.number().unwrap());
+                        break;
+                    }
+                    Action::WriteCheckpoint { checkpoint } => {
+                        checkpoints.push(checkpoint.last_seq.number().unwrap());
+                        replication.handle(Response::CheckpointWritten).unwrap();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let rows = if seq < 5 {
+                vec![row(&format!("d{seq}"), seq, &["1-a"])]
+            } else {
+                vec![]
+            };
+            let last_seq = Seq::from(seq.min(4));
+            replication
+                .handle(Response::Changes {
+                    rows: rows.clone(),
+                    last_seq,
+                    pending: None,
+                })
+                .unwrap();
+            if !rows.is_empty() {
+                assert!(matches!(replication.next_action(), Action::RevsDiff { .. }));
+                // The target has it already: the batch is done without a write.
+                replication.handle(Response::Missing(vec![])).unwrap();
+                assert_eq!(replication.stats().last_seq, Seq::from(seq));
+            }
+        }
+        let Action::WriteCheckpoint { checkpoint } = replication.next_action() else {
+            panic!("catching up checkpoints the batch written since the last checkpoint");
+        };
+        checkpoints.push(checkpoint.last_seq.number().unwrap());
+        replication.handle(Response::CheckpointWritten).unwrap();
+        assert_eq!(read_from, [0, 1, 2, 3, 4]);
+        assert_eq!(checkpoints, [3, 4]);
+        let Action::Finished(stats) = replication.next_action() else {
+            panic!("expected the end");
+        };
+        assert_eq!(stats.batches, 4);
+        assert_eq!(*replication.seq_on_target(), Seq::from(4));
     }
 
     #[test]

@@ -377,6 +377,9 @@ impl Clone for World {
 }
 
 const BATCH: usize = 3;
+/// Full batches between checkpoints: small enough that runs cut between two checkpoints
+/// resume from an older one.
+const CHECKPOINT_EVERY: usize = 2;
 /// The server's default drift limit, also the SDK's: clock skews stay well inside it.
 const MAX_CLOCK_DRIFT_MS: u64 = 60_000;
 const REQUEST_TIMEOUT_MS: u64 = 2_000;
@@ -803,6 +806,7 @@ impl World {
                 batch_size: BATCH,
                 max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
                 continuous: false,
+                checkpoint_every: CHECKPOINT_EVERY,
             }),
             replication_id,
             waiting: None,
@@ -1024,18 +1028,18 @@ impl World {
         direction: Direction,
         response: Response,
     ) -> Result<(), Failure> {
-        let committed = matches!(response, Response::CheckpointWritten);
         let seed = self.seed;
         let Some(run) = self.run_mut(client, direction) else {
             return Ok(());
         };
+        let batches = run.machine.stats().batches;
         run.machine
             .handle(response)
             .map_err(|e| fail(seed, format!("replication: {e}")))?;
         run.stats = run.machine.stats().clone();
-        if committed && direction == Direction::Push {
+        if run.stats.batches > batches && direction == Direction::Push {
             // The SDK records acknowledgements after each committed batch.
-            let through = run.machine.checkpointed_seq().number().unwrap_or(0);
+            let through = run.machine.seq_on_target().number().unwrap_or(0);
             let n = self.clients[client]
                 .replica
                 .db

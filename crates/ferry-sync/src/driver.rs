@@ -18,6 +18,9 @@ pub struct ReplicationOptions {
     pub max_write_bytes: usize,
     /// Keep following the source once caught up, retrying after transient errors.
     pub continuous: bool,
+    /// How many full batches may go by between two checkpoints (see
+    /// [`ReplicationConfig::checkpoint_every`]).
+    pub checkpoint_every: usize,
     /// Which changes to carry.
     pub filter: ChangesFilter,
     /// Create the target database if it does not exist.
@@ -37,6 +40,7 @@ impl Default for ReplicationOptions {
             batch_size: 100,
             max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
             continuous: false,
+            checkpoint_every: ferry_core::replicate::DEFAULT_CHECKPOINT_EVERY,
             filter: ChangesFilter::default(),
             create_target: false,
             wait_timeout: Duration::from_secs(25),
@@ -90,9 +94,10 @@ pub enum ReplicationEvent<'a> {
     /// The target refused this revision on its own; the rest of its batch is being stored.
     /// (Reported before the batch's [`ReplicationEvent::Committed`].)
     Refused(&'a RejectedRevision),
-    /// A batch is committed on the target and checkpointed (or, in continuous mode, the
-    /// replication caught up): every change of the source up to `last_seq` of these counters
-    /// is on the target, except the revisions refused before.
+    /// A batch is committed on the target (or, in continuous mode, the replication caught
+    /// up): every change of the source up to `last_seq` of these counters is on the target,
+    /// except the revisions refused before. (It is checkpointed with the next checkpoint: see
+    /// [`ReplicationOptions::checkpoint_every`].)
     Committed(&'a Stats),
 }
 
@@ -153,6 +158,7 @@ async fn replicate_once<S: Peer, T: Peer>(
         batch_size: options.batch_size.max(1),
         max_write_bytes,
         continuous: options.continuous,
+        checkpoint_every: options.checkpoint_every,
     });
     // The page after the current one, read while the current one is written.
     let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
@@ -251,9 +257,9 @@ async fn replicate_once<S: Peer, T: Peer>(
             }
             Action::Finished(stats) => return Ok(stats),
         };
-        let committed_batch = matches!(response, Response::CheckpointWritten);
+        let batches = replication.stats().batches;
         replication.handle(response)?;
-        if committed_batch {
+        if replication.stats().batches > batches {
             on_event(ReplicationEvent::Committed(replication.stats()));
         }
     }
