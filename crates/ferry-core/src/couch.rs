@@ -161,6 +161,18 @@ impl BulkGetDoc {
     }
 }
 
+/// The body of `POST /{db}/_changes`: the arguments of the filter that the query string's
+/// `filter` names (`_doc_ids` or `_selector`). Other members are ignored, as CouchDB does.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangesFilterBody {
+    /// The documents `filter=_doc_ids` passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_ids: Option<Vec<String>>,
+    /// The Mango selector `filter=_selector` matches winners against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Value>,
+}
+
 /// A `_bulk_docs` request: documents as their text, `new_edits` as CouchDB reads it (`false`:
 /// replicated revisions stored as they are).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

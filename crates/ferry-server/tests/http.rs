@@ -253,6 +253,30 @@ async fn filtered_changes_by_doc_ids_and_selector() {
         .collect();
     assert_eq!(ids, ["d5", "d6"]);
     assert_eq!(by_selector["last_seq"], json!(7));
+
+    // The body is read as its type: members of the wrong type are refused, others ignored.
+    for wrong in [
+        json!({"doc_ids": [3]}),
+        json!({"doc_ids": "d3"}),
+        json!({"doc_ids": [["d3"]]}),
+    ] {
+        let (status, refused) = server
+            .json("POST", "/db/_changes?filter=_doc_ids", wrong)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused["error"], json!("bad_request"));
+        let reason = refused["reason"].as_str().unwrap();
+        assert!(reason.starts_with("Invalid _changes body"), "{reason}");
+    }
+    let (status, extra) = server
+        .json(
+            "POST",
+            "/db/_changes?filter=_doc_ids",
+            json!({"doc_ids": ["d3"], "style": "unknown member"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(extra["results"][0]["id"], json!("d3"));
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_core::couch::{
     BulkDocsRequest, BulkDocsRow, BulkGetAnswer, BulkGetItem, BulkGetRequest, ChangesAnswer,
-    ChangesRow, RevsDiffAnswer, revision_from_text, revision_text,
+    ChangesFilterBody, ChangesRow, RevsDiffAnswer, revision_from_text, revision_text,
 };
 use ferry_core::json::PARSER_HARD_DEPTH_LIMIT;
 use ferry_core::model::Revision;
@@ -17,7 +17,7 @@ use ferry_core::rev::Rev;
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::tls::{TlsOptions, default_client_config, tls_problem};
 use crate::{
@@ -377,19 +377,18 @@ impl Peer for HttpPeer {
             "_changes?style=all_docs&since={}&limit={limit}",
             encode_segment(&since.to_string())
         );
-        let mut body = Map::new();
+        let mut body = ChangesFilterBody::default();
         if let Some(doc_ids) = filter.ids() {
             path.push_str("&filter=_doc_ids");
-            body.insert("doc_ids".into(), json!(doc_ids));
+            body.doc_ids = Some(doc_ids.iter().cloned().collect());
         } else if let Some(selector) = filter.selector_json() {
             path.push_str("&filter=_selector");
-            body.insert("selector".into(), selector.clone());
+            body.selector = Some(selector.clone());
         }
-        let answer: ChangesAnswer = if body.is_empty() {
+        let answer: ChangesAnswer = if body == ChangesFilterBody::default() {
             self.call(Method::GET, &path, None::<&()>).await?
         } else {
-            self.call(Method::POST, &path, Some(&Value::Object(body)))
-                .await?
+            self.call(Method::POST, &path, Some(&body)).await?
         };
         let last_seq = match answer.last_seq {
             Some(last_seq) => last_seq,

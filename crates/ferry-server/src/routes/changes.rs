@@ -18,7 +18,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use ferry_core::couch::{ChangesRow, DocExtras, RevEntry, document_json};
+use ferry_core::couch::{ChangesFilterBody, ChangesRow, DocExtras, RevEntry, document_json};
 use ferry_core::filter::ChangesFilter;
 use ferry_core::replicate::Seq;
 use ferry_store::Change;
@@ -79,14 +79,15 @@ pub(crate) async fn post_changes(
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        Some(
-            ferry_core::json::parse_within(
-                &body,
-                state.limits.max_json_depth + ENVELOPE_DEPTH,
-                state.limits.max_json_values,
-            )
-            .map_err(ApiError::from)?,
+        let value = ferry_core::json::parse_within(
+            &body,
+            state.limits.max_json_depth + ENVELOPE_DEPTH,
+            state.limits.max_json_values,
         )
+        .map_err(ApiError::from)?;
+        let body: ChangesFilterBody = serde_json::from_value(value)
+            .map_err(|error| ApiError::bad_request(format!("Invalid _changes body: {error}")))?;
+        Some(body)
     };
     let request = parse_request(&state, &db, &params, body.as_ref()).await?;
     respond(state, db, request).await
@@ -96,7 +97,7 @@ async fn parse_request(
     state: &AppState,
     db: &str,
     params: &Params,
-    body: Option<&Value>,
+    body: Option<&ChangesFilterBody>,
 ) -> ApiResult<ChangesRequest> {
     if params.flag("descending", false)? {
         return Err(ApiError::bad_request(
@@ -154,22 +155,16 @@ async fn parse_request(
     let filter = match params.text("filter") {
         None => ChangesFilter::all(),
         Some("_doc_ids") => {
-            let ids = match body.and_then(|body| body.get("doc_ids")) {
-                Some(ids) => ids.clone(),
-                None => params
-                    .json(&["doc_ids"])?
-                    .ok_or_else(|| ApiError::bad_request("filter=_doc_ids needs doc_ids"))?,
+            let ids = match body.and_then(|body| body.doc_ids.clone()) {
+                Some(ids) => ids,
+                None => {
+                    let ids = params
+                        .json(&["doc_ids"])?
+                        .ok_or_else(|| ApiError::bad_request("filter=_doc_ids needs doc_ids"))?;
+                    serde_json::from_value(ids)
+                        .map_err(|_| ApiError::bad_request("doc_ids must be an array of strings"))?
+                }
             };
-            let ids = ids
-                .as_array()
-                .ok_or_else(|| ApiError::bad_request("doc_ids must be an array"))?
-                .iter()
-                .map(|id| {
-                    id.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| ApiError::bad_request("doc_ids must be strings"))
-                })
-                .collect::<ApiResult<Vec<String>>>()?;
             if ids.len() > state.limits.max_batch_docs {
                 return Err(ApiError::too_large(format!(
                     "{} doc_ids, at most {} allowed",
@@ -180,9 +175,11 @@ async fn parse_request(
             ChangesFilter::doc_ids(ids)
         }
         Some("_selector") => {
-            let selector = body.and_then(|body| body.get("selector")).ok_or_else(|| {
-                ApiError::bad_request("filter=_selector needs a selector in the body")
-            })?;
+            let selector = body
+                .and_then(|body| body.selector.as_ref())
+                .ok_or_else(|| {
+                    ApiError::bad_request("filter=_selector needs a selector in the body")
+                })?;
             ChangesFilter::selector(selector.clone())
                 .map_err(|error| ApiError::bad_request(error.to_string()))?
         }
