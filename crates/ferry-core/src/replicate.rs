@@ -719,21 +719,27 @@ mod tests {
         }
     }
 
-    /// 40 documents of 900 KB each fit the document limit but not one request: before, the
-    /// batch went out as one 36 MB write, refused every time, and nothing ever synced.
-    #[test]
-    fn a_batch_of_large_documents_is_written_in_requests_bounded_by_bytes() {
-        let mut replication = Replication::new(ReplicationConfig {
-            max_write_bytes: 4_000_000,
-            ..config(100, false)
-        });
-        replication.next_action();
+    /// A replication past reading the checkpoints, of which neither side had one.
+    fn started(config: ReplicationConfig) -> Replication {
+        let mut replication = Replication::new(config);
+        assert_eq!(replication.next_action(), Action::ReadCheckpoints);
         replication
             .handle(Response::Checkpoints {
                 source: None,
                 target: None,
             })
             .unwrap();
+        replication
+    }
+
+    /// 40 documents of 900 KB each fit the document limit but not one request: before, the
+    /// batch went out as one 36 MB write, refused every time, and nothing ever synced.
+    #[test]
+    fn a_batch_of_large_documents_is_written_in_requests_bounded_by_bytes() {
+        let mut replication = started(ReplicationConfig {
+            max_write_bytes: 4_000_000,
+            ..config(100, false)
+        });
         replication.next_action();
         let ids: Vec<String> = (0..40).map(|n| format!("doc{n:02}")).collect();
         let rows = ids
@@ -794,17 +800,10 @@ mod tests {
 
     #[test]
     fn a_batch_goes_through_diff_fetch_write_and_checkpoint() {
-        let mut replication = Replication::new(ReplicationConfig {
+        let mut replication = started(ReplicationConfig {
             checkpoint_every: 1,
             ..config(2, false)
         });
-        assert_eq!(replication.next_action(), Action::ReadCheckpoints);
-        replication
-            .handle(Response::Checkpoints {
-                source: None,
-                target: None,
-            })
-            .unwrap();
         assert_eq!(
             replication.next_action(),
             Action::ReadChanges {
@@ -881,17 +880,10 @@ mod tests {
     /// catching up checkpoints what is left, and the counters say what is on the target.
     #[test]
     fn full_batches_are_checkpointed_every_few_and_on_catching_up() {
-        let mut replication = Replication::new(ReplicationConfig {
+        let mut replication = started(ReplicationConfig {
             checkpoint_every: 3,
             ..config(1, false)
         });
-        replication.next_action();
-        replication
-            .handle(Response::Checkpoints {
-                source: None,
-                target: None,
-            })
-            .unwrap();
         let mut checkpoints = Vec::new();
         let mut read_from = Vec::new();
         for seq in 1..=5u64 {
@@ -1002,14 +994,7 @@ mod tests {
 
     #[test]
     fn filtered_batches_still_advance_the_checkpoint_and_continuous_mode_waits() {
-        let mut replication = Replication::new(config(10, true));
-        replication.next_action();
-        replication
-            .handle(Response::Checkpoints {
-                source: None,
-                target: None,
-            })
-            .unwrap();
+        let mut replication = started(config(10, true));
         replication.next_action();
         replication
             .handle(Response::Changes {
