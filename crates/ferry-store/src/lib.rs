@@ -30,7 +30,7 @@ use ferry_core::model::{Body, Document, Limits, Revision};
 use ferry_core::resolve::{Conflict, Policy, Resolution, ResolutionRecord, Version, resolve};
 use ferry_core::rev::Rev;
 use ferry_core::selector::Selector;
-use ferry_core::tree::{EditError, Leaf, RevTree, RevsDiff};
+use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
 
 pub mod accounts;
 pub mod clock;
@@ -627,6 +627,35 @@ pub(crate) fn bodies_to_drop(
         unkept.insert(new_rev.clone());
     }
     unkept
+}
+
+/// What every store does first with a replicated revision: merges its path into the
+/// document's tree (`before`, none for a new document) and counts it in `report`. Returns the
+/// tree to store, or `None` when the revision changed nothing (the tree had all of it).
+pub(crate) fn merge_replicated(
+    before: Option<&RevTree>,
+    revision: &Revision,
+    report: &mut WriteReport,
+) -> Result<Option<RevTree>, StoreError> {
+    let mut tree = before.cloned().unwrap_or_default();
+    let applied = tree
+        .merge_path(&revision.path, revision.deleted)
+        .map_err(|error| StoreError::InvalidRevision {
+            doc_id: revision.doc_id.clone(),
+            reason: error.to_string(),
+        })?;
+    if before == Some(&tree) {
+        report.already_present += 1;
+        return Ok(None);
+    }
+    match applied {
+        Applied::Added => report.added += 1,
+        Applied::AlreadyPresent => report.already_present += 1,
+    }
+    if tree.live_leaves().len() > 1 && !report.conflicted.contains(&revision.doc_id) {
+        report.conflicted.push(revision.doc_id.clone());
+    }
+    Ok(Some(tree))
 }
 
 /// How the counts of live and deleted documents change when a document's winner goes from

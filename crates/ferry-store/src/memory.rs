@@ -21,7 +21,7 @@ use ferry_core::tree::{Applied, EditError, Leaf, RevTree, RevsDiff};
 use crate::{
     AllDocsQuery, Backend, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc,
     OutboxSummary, PendingState, Query, Replica, StoreConfig, StoreError, StoredRevision,
-    WriteReport, valid_database_name,
+    WriteReport, merge_replicated, valid_database_name,
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -460,24 +460,9 @@ impl Database for MemoryDatabase {
             let mut report = WriteReport::default();
             for revision in revisions {
                 let before = state.docs.get(&revision.doc_id).map(|row| row.tree.clone());
-                let mut tree = before.clone().unwrap_or_default();
-                let applied =
-                    tree.merge_path(&revision.path, revision.deleted)
-                        .map_err(|error| StoreError::InvalidRevision {
-                            doc_id: revision.doc_id.clone(),
-                            reason: error.to_string(),
-                        })?;
-                if before.as_ref() == Some(&tree) {
-                    report.already_present += 1;
+                let Some(tree) = merge_replicated(before.as_ref(), &revision, &mut report)? else {
                     continue;
-                }
-                match applied {
-                    Applied::Added => report.added += 1,
-                    Applied::AlreadyPresent => report.already_present += 1,
-                }
-                if tree.live_leaves().len() > 1 && !report.conflicted.contains(&revision.doc_id) {
-                    report.conflicted.push(revision.doc_id.clone());
-                }
+                };
                 let new = NewRevision {
                     rev: &revision.path[0],
                     deleted: revision.deleted,

@@ -32,12 +32,12 @@ use ferry_core::hlc::Timestamp;
 use ferry_core::model::{Body, COLLECTION_SEPARATOR, Document, LOCAL_PREFIX, Revision};
 use ferry_core::resolve::{Resolution, ResolutionRecord};
 use ferry_core::rev::Rev;
-use ferry_core::tree::{Applied, EditError, RevTree, RevsDiff};
+use ferry_core::tree::{EditError, RevTree, RevsDiff};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::{
     AllDocsQuery, Change, Database, DatabaseInfo, Durability, Edit, LocalDoc, Query, StoreConfig,
-    StoreError, StoredRevision, WriteReport,
+    StoreError, StoredRevision, WriteReport, merge_replicated,
 };
 
 mod backend;
@@ -285,27 +285,10 @@ impl Database for SqliteDatabase {
             let mut docs = BatchDocs::load(transaction, &doc_ids)?;
             for revision in &revisions {
                 let before = docs.take(transaction, &revision.doc_id)?;
-                let mut tree = before
-                    .as_ref()
-                    .map(|current| current.tree.clone())
-                    .unwrap_or_default();
-                let applied = tree
-                    .merge_path(&revision.path, revision.deleted)
-                    .map_err(|err| StoreError::InvalidRevision {
-                        doc_id: revision.doc_id.clone(),
-                        reason: err.to_string(),
-                    })?;
-                if before.as_ref().is_some_and(|current| current.tree == tree) {
-                    report.already_present += 1;
+                let before_tree = before.as_ref().map(|current| &current.tree);
+                let Some(tree) = merge_replicated(before_tree, revision, &mut report)? else {
                     continue;
-                }
-                match applied {
-                    Applied::Added => report.added += 1,
-                    Applied::AlreadyPresent => report.already_present += 1,
-                }
-                if tree.live_leaves().len() > 1 && !report.conflicted.contains(&revision.doc_id) {
-                    report.conflicted.push(revision.doc_id.clone());
-                }
+                };
                 self.store_update(
                     transaction,
                     counters,
