@@ -510,6 +510,13 @@ impl World {
             .at(self.client_wall(client), &self.policies)
     }
 
+    /// What `db` holds of `doc_id` (an empty tree for a document it lacks).
+    fn tree_in(&self, db: &MemoryDatabase, doc_id: &str) -> Result<RevTree, Failure> {
+        db.get_tree(doc_id)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| self.fail(e.to_string()))
+    }
+
     /// The server's replica endpoint, at the world's time.
     fn server_endpoint(&self) -> Endpoint<'_> {
         self.server.at(self.now, &self.policies)
@@ -1403,12 +1410,7 @@ impl World {
                 else {
                     continue;
                 };
-                let server = self
-                    .server
-                    .db
-                    .get_tree(doc_id)
-                    .map_err(|e| self.fail(e.to_string()))?
-                    .unwrap_or_default();
+                let server = self.tree_in(&self.server.db, doc_id)?;
                 for leaf in tree.leaves() {
                     if !server.contains(&leaf.rev) {
                         return Err(self.fail(format!(
@@ -1424,11 +1426,7 @@ impl World {
 
     /// Every revision `client` holds of `doc_id` is on the server.
     fn check_subset_of_server(&self, client: usize, doc_id: &str) -> Result<(), Failure> {
-        let tree = |db: &MemoryDatabase| {
-            db.get_tree(doc_id)
-                .map(Option::unwrap_or_default)
-                .map_err(|e| self.fail(e.to_string()))
-        };
+        let tree = |db: &MemoryDatabase| self.tree_in(db, doc_id);
         let (here, server) = (
             tree(&self.clients[client].replica.db)?,
             tree(&self.server.db)?,
@@ -1508,12 +1506,7 @@ impl World {
             }
         }
         for (doc_id, oracle) in &self.oracle {
-            let tree = self
-                .server
-                .db
-                .get_tree(doc_id)
-                .map_err(|e| self.fail(e.to_string()))?
-                .unwrap_or_default();
+            let tree = self.tree_in(&self.server.db, doc_id)?;
             if shape(&tree) != shape(oracle) {
                 return Err(self.fail(format!(
                     "{doc_id}: the server's tree differs from every revision ever made"
@@ -1521,12 +1514,7 @@ impl World {
             }
         }
         for (doc_id, rev) in &self.acknowledged {
-            let tree = self
-                .server
-                .db
-                .get_tree(doc_id)
-                .map_err(|e| self.fail(e.to_string()))?
-                .unwrap_or_default();
+            let tree = self.tree_in(&self.server.db, doc_id)?;
             if !tree.contains(rev) {
                 return Err(self.fail(format!(
                     "the server acknowledged {doc_id} {rev} and lost it"
