@@ -5,13 +5,25 @@
 use std::time::Duration;
 
 use ferry_client::{ConnectionState, Ferry, ReconnectPolicy, SyncOptions};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 
 /// A loopback port nothing listens on: every attempt to open a session there fails at once.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// The next state `events` reports, before `deadline` on the paused clock.
+async fn next_state(
+    events: &mut (impl Stream<Item = ConnectionState> + Unpin),
+    deadline: Instant,
+    what: &str,
+) -> ConnectionState {
+    tokio::time::timeout_at(deadline, events.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} by the deadline"))
+        .expect("connection events go on while the replica is open")
 }
 
 #[tokio::test(start_paused = true)]
@@ -29,10 +41,13 @@ async fn reconnect_attempts_wait_the_machine_s_backoff_and_stop_while_offline() 
         .start_sync(SyncOptions::new(url).reconnect(policy))
         .unwrap();
     let start = Instant::now();
+    // Seven attempts pause at most 1 + 2 + 4 + 8 + 8 + 8 s in all.
+    let deadline = start + Duration::from_secs(60);
     // Each `Reconnecting` is entered when a failed attempt starts its pause.
     let mut announced: Vec<(Duration, u32, Duration)> = Vec::new();
     while announced.len() < 7 {
-        if let ConnectionState::Reconnecting { attempt, delay, .. } = events.next().await.unwrap() {
+        let state = next_state(&mut events, deadline, "seventh attempt").await;
+        if let ConnectionState::Reconnecting { attempt, delay, .. } = state {
             announced.push((start.elapsed(), attempt, delay));
         }
     }
@@ -58,11 +73,10 @@ async fn reconnect_attempts_wait_the_machine_s_backoff_and_stop_while_offline() 
 
     // Offline: no attempt at all, however long.
     ferry.set_online(false);
-    loop {
-        if events.next().await.unwrap() == ConnectionState::Offline {
-            break;
-        }
-    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while next_state(&mut events, deadline, "offline state").await != ConnectionState::Offline {}
+    // A window in which nothing may happen, not a wait for something: ten minutes of the
+    // paused clock, far past the longest pause (8 s), gone by in a moment.
     tokio::time::sleep(Duration::from_secs(600)).await;
     let mut while_offline = Vec::new();
     while let Some(Some(state)) = events.next().now_or_never() {
@@ -73,15 +87,14 @@ async fn reconnect_attempts_wait_the_machine_s_backoff_and_stop_while_offline() 
     // Online again: the next attempt is made at once, not after a pause.
     let back = Instant::now();
     ferry.set_online(true);
-    loop {
-        let state = events.next().await.unwrap();
-        if matches!(state, ConnectionState::Reconnecting { .. }) {
-            assert!(
-                back.elapsed() < Duration::from_millis(100),
-                "the first attempt after going online failed {:?} later",
-                back.elapsed()
-            );
-            break;
-        }
-    }
+    let deadline = back + Duration::from_secs(1);
+    while !matches!(
+        next_state(&mut events, deadline, "attempt after going online").await,
+        ConnectionState::Reconnecting { .. }
+    ) {}
+    assert!(
+        back.elapsed() < Duration::from_millis(100),
+        "the first attempt after going online failed {:?} later",
+        back.elapsed()
+    );
 }
