@@ -89,7 +89,7 @@ pub(crate) async fn post_changes(
             .map_err(|error| ApiError::bad_request(format!("Invalid _changes body: {error}")))?;
         Some(body)
     };
-    let request = parse_request(&state, &db, &params, body.as_ref()).await?;
+    let request = parse_request(&state, &db, &params, body).await?;
     respond(state, db, request).await
 }
 
@@ -97,8 +97,9 @@ async fn parse_request(
     state: &AppState,
     db: &str,
     params: &Params,
-    body: Option<&ChangesFilterBody>,
+    body: Option<ChangesFilterBody>,
 ) -> ApiResult<ChangesRequest> {
+    let ChangesFilterBody { doc_ids, selector } = body.unwrap_or_default();
     if params.flag("descending", false)? {
         return Err(ApiError::bad_request(
             "descending changes feeds are not supported",
@@ -155,7 +156,7 @@ async fn parse_request(
     let filter = match params.text("filter") {
         None => ChangesFilter::all(),
         Some("_doc_ids") => {
-            let ids = match body.and_then(|body| body.doc_ids.clone()) {
+            let ids = match doc_ids {
                 Some(ids) => ids,
                 None => {
                     let ids = params
@@ -175,12 +176,10 @@ async fn parse_request(
             ChangesFilter::doc_ids(ids)
         }
         Some("_selector") => {
-            let selector = body
-                .and_then(|body| body.selector.as_ref())
-                .ok_or_else(|| {
-                    ApiError::bad_request("filter=_selector needs a selector in the body")
-                })?;
-            ChangesFilter::selector(selector.clone())
+            let selector = selector.ok_or_else(|| {
+                ApiError::bad_request("filter=_selector needs a selector in the body")
+            })?;
+            ChangesFilter::selector(selector)
                 .map_err(|error| ApiError::bad_request(error.to_string()))?
         }
         Some(other) => {
