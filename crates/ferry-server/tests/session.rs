@@ -353,14 +353,16 @@ async fn a_frame_past_the_json_limits_ends_the_session_and_stores_nothing() {
         ..Limits::default()
     };
     let server = start(limits).await;
-    let bulk_docs = |id: u64, docs: Value| json!({"type": "request", "id": id, "op": "bulk_docs", "docs": docs});
+    let bulk_docs =
+        |docs: Value| json!({"type": "request", "id": 1, "op": "bulk_docs", "docs": docs});
     // A frame of exactly `values` values, its document's `v` an array of zeros.
     let with_values = |doc_id: &str, values: usize| {
-        let skeleton = values_in(&bulk_docs(1, json!([revision(doc_id, "1-aa", json!([]))])));
-        bulk_docs(
-            1,
-            json!([revision(doc_id, "1-aa", json!(vec![0; values - skeleton]))]),
-        )
+        let skeleton = values_in(&bulk_docs(json!([revision(doc_id, "1-aa", json!([]))])));
+        bulk_docs(json!([revision(
+            doc_id,
+            "1-aa",
+            json!(vec![0; values - skeleton])
+        )]))
     };
     // A document whose `v` nests `depth` containers below the document (the frame adds 2).
     let nested = |doc_id: &str, depth: usize| {
@@ -368,7 +370,7 @@ async fn a_frame_past_the_json_limits_ends_the_session_and_stores_nothing() {
         for _ in 0..depth {
             v = json!([v]);
         }
-        bulk_docs(1, json!([revision(doc_id, "1-aa", v)]))
+        bulk_docs(json!([revision(doc_id, "1-aa", v)]))
     };
 
     let mut socket = open(&server, "json-limits").await;

@@ -273,17 +273,24 @@ async fn a_replication_cut_at_every_write_resumes_and_converges_without_duplicat
     let source_peer = local(&source).await;
     // Cut the first run at its 1st write, the next at its 2nd, and so on: every cut point
     // between a batch and its checkpoint (one per two batches) is hit once.
+    let checkpointing_every_two = ReplicationOptions {
+        checkpoint_every: 2,
+        ..options(40)
+    };
     let mut attempts = 0;
     let mut resumed_from_checkpoint = false;
     for fail_at in 1.. {
         attempts += 1;
         let target_peer = Flaky::new(local(&target).await, fail_at);
         let watched_source = Flaky::new(source_peer.clone(), usize::MAX);
-        let options = ReplicationOptions {
-            checkpoint_every: 2,
-            ..options(40)
-        };
-        match replicate(&watched_source, &target_peer, &options, |_| {}).await {
+        match replicate(
+            &watched_source,
+            &target_peer,
+            &checkpointing_every_two,
+            |_| {},
+        )
+        .await
+        {
             Ok(_) => break,
             Err(SyncError::Task(_)) => {
                 let starts = watched_source.first_since.lock().unwrap().clone();
