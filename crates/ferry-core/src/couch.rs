@@ -15,11 +15,14 @@
 //! (`_changes`), [`RevsDiffAnswer`] (`_revs_diff`), [`BulkGetRequest`] and [`BulkGetAnswer`]
 //! (`_bulk_get`), [`BulkDocsRow`] (`_bulk_docs`).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::hlc::Timestamp;
-use crate::json::{JsonError, RawJson, parse_strict};
+use crate::json::{JsonError, KeySeed, RawJson, check_within};
 use crate::model::{Body, Revision};
 use crate::replicate::{ChangeRow, Seq};
 use crate::rev::Rev;
@@ -304,65 +307,99 @@ const READ_ONLY_MEMBERS: &[&str] = &[
     "_local_seq",
 ];
 
-impl CouchDoc {
-    /// Takes a CouchDB document apart, checking its special members.
-    pub fn parse(value: Value) -> Result<CouchDoc, CouchDocError> {
-        let Value::Object(mut map) = value else {
-            return Err(CouchDocError::NotAnObject);
-        };
-        let id = match map.remove("_id") {
-            None => None,
-            Some(Value::String(id)) => Some(id),
-            Some(_) => return Err(CouchDocError::BadId),
-        };
-        let rev = match map.remove("_rev") {
-            None => None,
-            Some(Value::String(text)) => Some(text.parse().map_err(|_| CouchDocError::BadRev)?),
-            Some(_) => return Err(CouchDocError::BadRev),
-        };
-        let deleted = match map.remove("_deleted") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(deleted)) => deleted,
-            Some(_) => return Err(CouchDocError::BadDeleted),
-        };
-        let revisions = map
-            .remove("_revisions")
-            .map(|value| parse_revisions(&value))
-            .transpose()?;
-        if let (Some(path), Some(rev)) = (&revisions, &rev)
+/// The special members of a document, read one at a time: the same rules whether the
+/// document arrives as a tree ([`CouchDoc::parse`]) or as text ([`revision_from_text`]).
+#[derive(Default)]
+struct SpecialMembers {
+    id: Option<String>,
+    rev: Option<Rev>,
+    deleted: bool,
+    revisions: Option<Vec<Rev>>,
+    hlc: Option<Timestamp>,
+}
+
+impl SpecialMembers {
+    /// Reads the member `key` (one that starts with `_`).
+    fn read(&mut self, key: &str, value: Value) -> Result<(), CouchDocError> {
+        match key {
+            "_id" => match value {
+                Value::String(id) => self.id = Some(id),
+                _ => return Err(CouchDocError::BadId),
+            },
+            "_rev" => match value {
+                Value::String(text) => {
+                    self.rev = Some(text.parse().map_err(|_| CouchDocError::BadRev)?);
+                }
+                _ => return Err(CouchDocError::BadRev),
+            },
+            "_deleted" => {
+                self.deleted = match value {
+                    Value::Null => false,
+                    Value::Bool(deleted) => deleted,
+                    _ => return Err(CouchDocError::BadDeleted),
+                }
+            }
+            "_revisions" => self.revisions = Some(parse_revisions(&value)?),
+            "_ferry" => {
+                self.hlc = value
+                    .get("hlc")
+                    .and_then(Value::as_u64)
+                    .map(Timestamp::from_u64);
+            }
+            "_attachments" => {
+                if value.as_object().is_none_or(|stubs| !stubs.is_empty()) {
+                    return Err(CouchDocError::Attachments);
+                }
+            }
+            read_only if READ_ONLY_MEMBERS.contains(&read_only) => {}
+            _ => return Err(CouchDocError::BadSpecialMember(key.to_owned())),
+        }
+        Ok(())
+    }
+
+    /// The members once all are read, checked against each other.
+    fn finish(self) -> Result<SpecialMembers, CouchDocError> {
+        if let (Some(path), Some(rev)) = (&self.revisions, &self.rev)
             && path.first() != Some(rev)
         {
             return Err(CouchDocError::BadRevisions(
                 "_revisions does not start with _rev",
             ));
         }
-        let hlc = match map.remove("_ferry") {
-            None => None,
-            Some(ferry) => ferry
-                .get("hlc")
-                .and_then(Value::as_u64)
-                .map(Timestamp::from_u64),
+        Ok(self)
+    }
+
+    /// The revision path to merge for `new_edits=false`: `_revisions` if given, else `[_rev]`.
+    fn path(&self) -> Option<Vec<Rev>> {
+        self.revisions
+            .clone()
+            .or_else(|| self.rev.clone().map(|rev| vec![rev]))
+    }
+}
+
+impl CouchDoc {
+    /// Takes a CouchDB document apart, checking its special members.
+    pub fn parse(value: Value) -> Result<CouchDoc, CouchDocError> {
+        let Value::Object(map) = value else {
+            return Err(CouchDocError::NotAnObject);
         };
-        if let Some(attachments) = map.remove("_attachments")
-            && attachments
-                .as_object()
-                .is_none_or(|stubs| !stubs.is_empty())
-        {
-            return Err(CouchDocError::Attachments);
+        let mut special = SpecialMembers::default();
+        let mut body = Body::new();
+        for (key, value) in map {
+            if key.starts_with('_') {
+                special.read(&key, value)?;
+            } else {
+                body.insert(key, value);
+            }
         }
-        for member in READ_ONLY_MEMBERS {
-            map.remove(*member);
-        }
-        if let Some(key) = map.keys().find(|key| key.starts_with('_')) {
-            return Err(CouchDocError::BadSpecialMember(key.clone()));
-        }
+        let special = special.finish()?;
         Ok(CouchDoc {
-            id,
-            rev,
-            deleted,
-            revisions,
-            hlc,
-            body: map,
+            id: special.id,
+            rev: special.rev,
+            deleted: special.deleted,
+            revisions: special.revisions,
+            hlc: special.hlc,
+            body,
         })
     }
 
@@ -464,20 +501,6 @@ fn with_special_members(
     Value::Object(map)
 }
 
-/// A replicated revision from its CouchDB form (as `_bulk_docs` with `new_edits=false` or
-/// `_bulk_get` carries it).
-pub fn revision_from_json(value: Value) -> Result<Revision, CouchDocError> {
-    let doc = CouchDoc::parse(value)?;
-    let path = doc.path().ok_or(CouchDocError::BadRev)?;
-    Ok(Revision {
-        doc_id: doc.id.ok_or(CouchDocError::BadId)?,
-        path,
-        deleted: doc.deleted,
-        body: doc.body,
-        hlc: doc.hlc,
-    })
-}
-
 /// A replicated revision as the text of a CouchDB document: `_id`, `_rev`, `_deleted` when
 /// deleted, `_revisions` when `with_revisions`, `_ferry` when `hlc` is given, then the
 /// members of `body`, an
@@ -543,8 +566,7 @@ pub fn replicated_document(
     Ok(RawJson::from_text(text)?)
 }
 
-/// [`replicated_document`] of a revision (its body written in canonical form), with `_ferry`
-/// when `with_hlc`.
+/// [`replicated_document`] of a revision, with `_ferry` when `with_hlc`.
 pub fn revision_text(revision: &Revision, with_hlc: bool) -> RawJson {
     replicated_document(
         &revision.doc_id,
@@ -552,15 +574,105 @@ pub fn revision_text(revision: &Revision, with_hlc: bool) -> RawJson {
         revision.deleted,
         true,
         revision.hlc.filter(|_| with_hlc),
-        &RawJson::canonical_object(&revision.body),
+        &revision.body,
     )
     .expect("a revision has a path and an object body")
 }
 
-/// A replicated revision from its CouchDB document's text, parsed with the checks of
-/// [`parse_strict`] (nesting at most `max_depth`).
+/// A replicated revision from its CouchDB document's text (as `_bulk_docs` with
+/// `new_edits=false`, `_bulk_get` or a session frame carries it), checked as
+/// [`parse_strict`](crate::json::parse_strict) checks (nesting at most `max_depth`).
+///
+/// ```
+/// use ferry_core::couch::revision_from_text;
+/// use ferry_core::json::RawJson;
+/// let text = RawJson::from_text(
+///     r#"{"_id":"todos:1","_rev":"2-b","_revisions":{"start":2,"ids":["b","a"]},"n":[1, 2]}"#
+///         .to_owned(),
+/// )
+/// .unwrap();
+/// let revision = revision_from_text(&text, 8).unwrap();
+/// assert_eq!(revision.path.len(), 2);
+/// assert_eq!(revision.body.get(), r#"{"n":[1, 2]}"#, "the body's text as it was sent");
+/// ```
 pub fn revision_from_text(text: &RawJson, max_depth: usize) -> Result<Revision, CouchDocError> {
-    revision_from_json(parse_strict(text.get().as_bytes(), max_depth)?)
+    check_within(text.get().as_bytes(), max_depth, usize::MAX)?;
+    revision_from_checked_text(text)
+}
+
+/// [`revision_from_text`] of a text already checked with [`check_within`] (a document inside
+/// a frame that was checked whole): the body's members are copied out as their text, and only
+/// the special members are parsed.
+pub fn revision_from_checked_text(text: &RawJson) -> Result<Revision, CouchDocError> {
+    if text.get().trim_start().as_bytes().first() != Some(&b'{') {
+        return Err(CouchDocError::NotAnObject);
+    }
+    let members: DocumentMembers<'_> = serde_json::from_str(text.get())
+        .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
+    let mut special = SpecialMembers::default();
+    let mut body = String::with_capacity(text.len());
+    body.push('{');
+    for (key, value) in members.0 {
+        if key.starts_with('_') {
+            let value = serde_json::from_str(value.get())
+                .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
+            special.read(&key, value)?;
+            continue;
+        }
+        if body.len() > 1 {
+            body.push(',');
+        }
+        match key {
+            // A key read without unescaping has nothing to escape.
+            Cow::Borrowed(key) => {
+                body.push('"');
+                body.push_str(key);
+                body.push('"');
+            }
+            Cow::Owned(key) => {
+                body.push_str(&serde_json::to_string(&key).expect("a string serializes"));
+            }
+        }
+        body.push(':');
+        body.push_str(value.get());
+    }
+    body.push('}');
+    let special = special.finish()?;
+    Ok(Revision {
+        path: special.path().ok_or(CouchDocError::BadRev)?,
+        doc_id: special.id.ok_or(CouchDocError::BadId)?,
+        deleted: special.deleted,
+        body: RawJson::from_text(body)?,
+        hlc: special.hlc,
+    })
+}
+
+/// A JSON object's members in order, keys borrowed unless escaped, values as their text.
+struct DocumentMembers<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for DocumentMembers<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+            type Value = DocumentMembers<'de>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(access.size_hint().unwrap_or(8));
+                while let Some(key) = access.next_key_seed(KeySeed)? {
+                    members.push((key, access.next_value::<&'de RawValue>()?));
+                }
+                Ok(DocumentMembers(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
 }
 
 #[cfg(test)]
@@ -620,7 +732,7 @@ mod tests {
             doc_id: "todos:1".into(),
             path: vec!["3-c".parse().unwrap(), "2-b".parse().unwrap()],
             deleted: true,
-            body: json!({"x": 1}).as_object().unwrap().clone(),
+            body: RawJson::of(&json!({"x": 1})),
             hlc: Some(Timestamp::new(5, 1)),
         };
         let text = revision_text(&revision, true);
@@ -639,7 +751,7 @@ mod tests {
                 &revision.doc_id,
                 revision.rev(),
                 revision.deleted,
-                &revision.body,
+                &revision.parse_body().unwrap(),
                 &DocExtras {
                     revisions: Some(&revision.path),
                     conflicts: None,
@@ -674,6 +786,78 @@ mod tests {
         );
         let echoed = CouchDoc::parse(json!({"_id": "a", "_conflicts": ["1-x"], "v": 1})).unwrap();
         assert_eq!(echoed.body, json!({"v": 1}).as_object().unwrap().clone());
+    }
+
+    /// A document read as text (the session, `_bulk_get`) and as a tree (HTTP) meets the
+    /// same rules with the same errors, and gives the same revision.
+    #[test]
+    fn reading_text_and_reading_a_tree_agree() {
+        let documents = [
+            r#"{"_id":"a","_rev":"2-b","_revisions":{"start":2,"ids":["b","a"]},"v":{"w":[1,2]}}"#,
+            r#"{"v":1,"_rev":"1-a","_id":"a","_conflicts":["1-x"],"_ferry":{"hlc":77}}"#,
+            r#"{"_id":"a","_rev":"1-a","_deleted":true}"#,
+            r#"{"_id":"a","_rev":"1-a","\u005fsecret":1}"#,
+            r#"{"_id":"a","_rev":"1-a","k\u00e9y":"\u00e9"}"#,
+            r#"{"_id":"a","_rev":"x"}"#,
+            r#"{"_id":7,"_rev":"1-a"}"#,
+            r#"{"_rev":"1-a"}"#,
+            r#"{"_id":"a"}"#,
+            r#"{"_id":"a","_rev":"1-a","_deleted":"yes"}"#,
+            r#"{"_id":"a","_rev":"2-b","_revisions":{"start":2,"ids":["c"]}}"#,
+            r#"{"_id":"a","_rev":"1-a","_attachments":{"f":{"data":"eA=="}}}"#,
+            r#"{"_id":"a","_rev":"1-a","_attachments":{}}"#,
+            r#"[1]"#,
+        ];
+        for document in documents {
+            let text = RawJson::from_text(document.to_owned()).unwrap();
+            let from_text = revision_from_text(&text, 8);
+            let from_tree =
+                CouchDoc::parse(serde_json::from_str(document).unwrap()).and_then(|doc| {
+                    Ok(Revision {
+                        path: doc.path().ok_or(CouchDocError::BadRev)?,
+                        doc_id: doc.id.ok_or(CouchDocError::BadId)?,
+                        deleted: doc.deleted,
+                        body: RawJson::canonical_object(&doc.body),
+                        hlc: doc.hlc,
+                    })
+                });
+            match (from_text, from_tree) {
+                (Ok(text), Ok(tree)) => {
+                    assert_eq!(text.parse_body(), tree.parse_body(), "{document}");
+                    assert_eq!(
+                        (text.doc_id, text.path, text.deleted, text.hlc),
+                        (tree.doc_id, tree.path, tree.deleted, tree.hlc),
+                        "{document}"
+                    );
+                }
+                (text, tree) => assert_eq!(text.map(drop), tree.map(drop), "{document}"),
+            }
+        }
+    }
+
+    /// The body of a document read as text is its members' text, escapes and spacing kept,
+    /// and what the text path refuses to check is refused before anything is read.
+    #[test]
+    fn a_body_read_as_text_keeps_its_members_as_sent() {
+        let text = RawJson::from_text(
+            r#"{"b": [1, 2], "_id":"a", "_rev":"1-a", "k\"ey": {"x" : "\u00e9"}}"#.to_owned(),
+        )
+        .unwrap();
+        let revision = revision_from_text(&text, 8).unwrap();
+        assert_eq!(
+            revision.body.get(),
+            r#"{"b":[1, 2],"k\"ey":{"x" : "\u00e9"}}"#
+        );
+        let duplicate = RawJson::from_text(r#"{"_id":"a","_rev":"1-a","v":1,"v":2}"#.to_owned());
+        assert!(matches!(
+            revision_from_text(&duplicate.unwrap(), 8),
+            Err(CouchDocError::Json(JsonError::DuplicateKey(_)))
+        ));
+        let deep = RawJson::from_text(r#"{"_id":"a","_rev":"1-a","v":[[1]]}"#.to_owned());
+        assert!(matches!(
+            revision_from_text(&deep.unwrap(), 2),
+            Err(CouchDocError::Json(JsonError::TooDeep(2)))
+        ));
     }
 
     #[test]

@@ -168,6 +168,11 @@ impl RawJson {
         RawJson::from_text(text).expect("serialized JSON is JSON")
     }
 
+    /// `{}`, the body of most tombstones.
+    pub fn empty_object() -> RawJson {
+        RawJson::from_text("{}".to_owned()).expect("{} is JSON")
+    }
+
     /// The text of a value that serializes.
     pub fn of(value: &impl Serialize) -> RawJson {
         RawJson(serde_json::value::to_raw_value(value).expect("the value serializes"))
@@ -191,6 +196,90 @@ impl RawJson {
     /// Parsed as an object, with the checks of [`parse_strict`].
     pub fn parse_object(&self, max_depth: usize) -> Result<Map<String, Value>, JsonError> {
         parse_object(self.get().as_bytes(), max_depth)
+    }
+}
+
+/// What the document rule ([`crate::model::validate_document`]) needs to know of an
+/// object: how deeply it nests and its first top-level key starting with `_`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectShape {
+    /// How deeply containers nest (`{}` is 1).
+    pub depth: usize,
+    /// The first top-level key that starts with `_` (after unescaping), if any.
+    pub reserved_key: Option<String>,
+}
+
+impl ObjectShape {
+    /// The shape of `map`.
+    pub fn of_map(map: &Map<String, Value>) -> ObjectShape {
+        ObjectShape {
+            depth: 1 + map.values().map(depth_of).max().unwrap_or(0),
+            reserved_key: map.keys().find(|key| key.starts_with('_')).cloned(),
+        }
+    }
+
+    /// The shape of the object `text`, found by one pass over its bytes: the text is already
+    /// known to be JSON, so nothing is built (a key is decoded only when it has escapes).
+    ///
+    /// ```
+    /// use ferry_core::json::{ObjectShape, RawJson};
+    /// let text = RawJson::from_text(r#"{"a":[{"_b":"]"}],"\u005fc":1}"#.to_owned()).unwrap();
+    /// let shape = ObjectShape::of_text(&text).unwrap();
+    /// assert_eq!(shape.depth, 3);
+    /// assert_eq!(shape.reserved_key.as_deref(), Some("_c"));
+    /// ```
+    pub fn of_text(text: &RawJson) -> Result<ObjectShape, JsonError> {
+        let text = text.get();
+        let bytes = text.as_bytes();
+        if bytes.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(JsonError::NotAnObject);
+        }
+        let (mut depth, mut deepest) = (0usize, 0usize);
+        let mut reserved_key = None;
+        // Whether the next string is a key of the top-level object.
+        let mut top_level_key = false;
+        let mut index = 0;
+        while index < bytes.len() {
+            match bytes[index] {
+                b'"' => {
+                    let start = index;
+                    let mut escaped = false;
+                    index += 1;
+                    while index < bytes.len() && bytes[index] != b'"' {
+                        if bytes[index] == b'\\' {
+                            escaped = true;
+                            index += 1;
+                        }
+                        index += 1;
+                    }
+                    if top_level_key && reserved_key.is_none() {
+                        let literal = text.get(start..=index).unwrap_or_default();
+                        let key: Cow<'_, str> = if escaped {
+                            Cow::Owned(serde_json::from_str(literal).unwrap_or_default())
+                        } else {
+                            Cow::Borrowed(literal.get(1..literal.len() - 1).unwrap_or_default())
+                        };
+                        if key.starts_with('_') {
+                            reserved_key = Some(key.chars().take(80).collect());
+                        }
+                    }
+                    top_level_key = false;
+                }
+                open @ (b'{' | b'[') => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                    top_level_key = depth == 1 && open == b'{';
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                b',' => top_level_key = depth == 1,
+                _ => {}
+            }
+            index += 1;
+        }
+        Ok(ObjectShape {
+            depth: deepest,
+            reserved_key,
+        })
     }
 }
 
@@ -584,7 +673,7 @@ impl<'de> Visitor<'de> for StrictCheck<'_> {
 }
 
 /// An object key, borrowed from the text unless it has escapes.
-struct KeySeed;
+pub(crate) struct KeySeed;
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Cow<'de, str>;
@@ -617,6 +706,35 @@ impl<'de> Visitor<'de> for KeySeed {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The byte scan finds the shape the parsed tree has: strings holding brackets, quotes
+    /// and escapes do not fool it, nested `_` keys are not reserved, escaped top-level keys
+    /// are read unescaped.
+    #[test]
+    fn an_object_shape_read_from_text_is_the_shape_of_its_tree() {
+        let objects = [
+            r#"{}"#,
+            r#" { "a" : [ ] } "#,
+            r#"{"a":"[{\"","b":{"c":[[1]]}}"#,
+            r#"{"a":{"_b":1},"c":[{"_d":2}]}"#,
+            r#"{"a":1,"_b":2,"_c":3}"#,
+            r#"{"\u005fb":1}"#,
+            r#"{"a\\":"_x","\"_y":1}"#,
+            r#"{"a":[1,{"b":"}"}],"_z":[]}"#,
+            r#"{"k\u00e9y":"\u00e9","x":{"y":{"z":{}}}}"#,
+        ];
+        for object in objects {
+            let text = RawJson::from_text(object.to_owned()).unwrap();
+            let map = text.parse_object(64).unwrap();
+            assert_eq!(
+                ObjectShape::of_text(&text).unwrap(),
+                ObjectShape::of_map(&map),
+                "{object}"
+            );
+        }
+        let array = RawJson::from_text("[{}]".to_owned()).unwrap();
+        assert_eq!(ObjectShape::of_text(&array), Err(JsonError::NotAnObject));
+    }
 
     #[test]
     fn depth_limit_is_exact() {

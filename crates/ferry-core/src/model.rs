@@ -10,6 +10,7 @@
 use serde_json::{Map, Value};
 
 use crate::hlc::Timestamp;
+use crate::json::{JsonError, ObjectShape, PARSER_HARD_DEPTH_LIMIT, RawJson};
 use crate::rev::Rev;
 
 /// A JSON object: the body of a document.
@@ -57,7 +58,8 @@ pub fn doc_id_in(collection: &str, id: &str) -> String {
 /// enforced where input enters (the server's HTTP layer, the SDK's API).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// The largest document body, in bytes of its canonical JSON encoding.
+    /// The largest document body, in bytes of its stored JSON text (an edit's canonical
+    /// encoding; a replicated revision's text as it arrived).
     pub max_document_bytes: usize,
     /// The largest HTTP request body, in bytes.
     pub max_request_bytes: usize,
@@ -163,7 +165,13 @@ pub enum DocumentError {
         /// The field (at most 80 characters of it).
         field: String,
     },
-    /// The canonical encoding of the body is larger than [`Limits::max_document_bytes`].
+    /// The body is not a JSON object.
+    #[error("{doc_id}: a document body must be a JSON object")]
+    NotAnObject {
+        /// The document.
+        doc_id: String,
+    },
+    /// The stored text of the body is larger than [`Limits::max_document_bytes`].
     #[error("{doc_id} is {size} bytes, more than the {max} allowed")]
     TooLarge {
         /// The document.
@@ -177,8 +185,8 @@ pub enum DocumentError {
 
 /// The one rule every replica applies to a document before storing it, however it arrives
 /// (an SDK write, a CLI command, HTTP, a sync session, replication): a valid id, a body no
-/// deeper than the limit, no reserved top-level field, and no larger than the limit in its
-/// canonical encoding (the form revision ids hash and stores keep).
+/// deeper than the limit, no reserved top-level field, and no larger than the limit in the
+/// text it is stored as: for an edit, its canonical encoding (the form revision ids hash).
 ///
 /// ```
 /// use ferry_core::model::{Limits, validate_document, DocumentError};
@@ -192,23 +200,57 @@ pub enum DocumentError {
 /// ));
 /// ```
 pub fn validate_document(doc_id: &str, body: &Body, limits: &Limits) -> Result<(), DocumentError> {
+    // The stored (canonical) text's length, counted without writing it.
+    let size = crate::json::encoded_len_object(body);
+    check_document(doc_id, ObjectShape::of_map(body), size, limits)
+}
+
+/// [`validate_document`] for a body carried as its text (a replicated revision): the same
+/// rule, the size being the text's length, as it is stored.
+///
+/// ```
+/// use ferry_core::json::RawJson;
+/// use ferry_core::model::{Limits, validate_document_text, DocumentError};
+/// let limits = Limits::default();
+/// let fine = RawJson::from_text(r#"{"a":{"_b":1}}"#.to_owned()).unwrap();
+/// assert_eq!(validate_document_text("todos:1", &fine, &limits), Ok(()));
+/// let reserved = RawJson::from_text(r#"{"a":1,"_b":1}"#.to_owned()).unwrap();
+/// assert!(matches!(
+///     validate_document_text("todos:1", &reserved, &limits),
+///     Err(DocumentError::ReservedField { .. })
+/// ));
+/// ```
+pub fn validate_document_text(
+    doc_id: &str,
+    body: &RawJson,
+    limits: &Limits,
+) -> Result<(), DocumentError> {
+    let shape = ObjectShape::of_text(body).map_err(|_| DocumentError::NotAnObject {
+        doc_id: doc_id.to_owned(),
+    })?;
+    check_document(doc_id, shape, body.len(), limits)
+}
+
+fn check_document(
+    doc_id: &str,
+    shape: ObjectShape,
+    size: usize,
+    limits: &Limits,
+) -> Result<(), DocumentError> {
     validate_doc_id(doc_id, limits)?;
-    let depth = 1 + body.values().map(crate::json::depth_of).max().unwrap_or(0);
-    if depth > limits.max_json_depth {
+    if shape.depth > limits.max_json_depth {
         return Err(DocumentError::TooDeep {
             doc_id: doc_id.to_owned(),
-            depth,
+            depth: shape.depth,
             max: limits.max_json_depth,
         });
     }
-    if let Some(field) = body.keys().find(|key| key.starts_with('_')) {
+    if let Some(field) = shape.reserved_key {
         return Err(DocumentError::ReservedField {
             doc_id: doc_id.to_owned(),
             field: field.chars().take(80).collect(),
         });
     }
-    // The stored (canonical) text's length, counted without writing it.
-    let size = crate::json::encoded_len_object(body);
     if size > limits.max_document_bytes {
         return Err(DocumentError::TooLarge {
             doc_id: doc_id.to_owned(),
@@ -235,8 +277,10 @@ pub struct Revision {
     pub path: Vec<Rev>,
     /// Whether this revision is a deletion.
     pub deleted: bool,
-    /// The body (an empty object for most tombstones).
-    pub body: Body,
+    /// The body: a JSON object's text without `_` members (`{}` for most tombstones), as the
+    /// sender wrote it, so that it goes from the wire to the store and back without being
+    /// parsed ([`validate_document_text`] checks it; [`Revision::parse_body`] reads it).
+    pub body: RawJson,
     /// The hybrid logical clock timestamp the revision was made with, when the sender knows it
     /// (CouchDB peers do not send one; the receiving replica then assigns its own).
     pub hlc: Option<Timestamp>,
@@ -246,6 +290,11 @@ impl Revision {
     /// The revision id (the first element of the path).
     pub fn rev(&self) -> &Rev {
         &self.path[0]
+    }
+
+    /// The body parsed (its text is JSON; the depth was bounded where it arrived).
+    pub fn parse_body(&self) -> Result<Body, JsonError> {
+        self.body.parse_object(PARSER_HARD_DEPTH_LIMIT)
     }
 }
 

@@ -678,7 +678,7 @@ fn write_len(revisions: &[Revision], max_bytes: usize) -> usize {
 
 /// About what a revision takes on the wire: its body's JSON, its id, and its ancestry.
 fn revision_bytes(revision: &Revision) -> usize {
-    let body = crate::json::encoded_len_object(&revision.body);
+    let body = revision.body.len();
     let path: usize = revision.path.iter().map(|rev| rev.hash().len() + 3).sum();
     body + revision.doc_id.len() + path + 64
 }
@@ -686,6 +686,7 @@ fn revision_bytes(revision: &Revision) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::RawJson;
     use serde_json::json;
 
     fn rev(text: &str) -> Rev {
@@ -706,7 +707,7 @@ mod tests {
             doc_id: doc_id.into(),
             path: vec![rev(rev_text)],
             deleted: false,
-            body: serde_json::Map::new(),
+            body: RawJson::empty_object(),
             hlc: None,
         }
     }
@@ -761,18 +762,12 @@ mod tests {
         replication.handle(Response::Missing(wanted)).unwrap();
         replication.next_action();
         let large = |id: &String| Revision {
-            body: json!({"blob": "x".repeat(900_000)})
-                .as_object()
-                .unwrap()
-                .clone(),
+            body: RawJson::of(&json!({"blob": "x".repeat(900_000)})),
             ..revision(id, "1-a")
         };
         let mut fetched: Vec<Revision> = ids.iter().map(large).collect();
         // One larger than a whole write goes alone.
-        fetched[10].body = json!({"blob": "y".repeat(5_000_000)})
-            .as_object()
-            .unwrap()
-            .clone();
+        fetched[10].body = RawJson::of(&json!({"blob": "y".repeat(5_000_000)}));
         replication.handle(Response::Revisions(fetched)).unwrap();
         let mut written = Vec::new();
         let mut sizes = Vec::new();

@@ -434,10 +434,7 @@ fn fuzz_router() -> axum::Router {
             "1-aa".parse().expect("a revision"),
         ],
         deleted: false,
-        body: serde_json::json!({"title": value})
-            .as_object()
-            .cloned()
-            .expect("an object"),
+        body: ferry_core::json::RawJson::of(&serde_json::json!({"title": value})),
         hlc: Some(Timestamp::new(1_000, 0)),
     };
     db.write_revisions(

@@ -102,7 +102,7 @@ fn replicated(doc_id: &str, path: &[&str], deleted: bool, value: serde_json::Val
         doc_id: doc_id.to_owned(),
         path: path.iter().map(|text| rev(text)).collect(),
         deleted,
-        body: body(value),
+        body: RawJson::of(&value),
         hlc: Some(Timestamp::new(1_000, 0)),
     }
 }

@@ -40,7 +40,9 @@
 use ferry_core::filter::ChangesFilter;
 use ferry_core::hlc::ClockDrift;
 use ferry_core::json::RawJson;
-use ferry_core::model::{DocumentError, Limits, Revision, validate_document};
+use ferry_core::model::{
+    DocumentError, Limits, Revision, validate_document, validate_document_text,
+};
 use ferry_core::replicate::Checkpoint;
 use ferry_core::resolve::{Policies, Resolution, ResolutionRecord};
 use ferry_core::rev::{GenerationExhausted, Rev};
@@ -507,7 +509,7 @@ impl<'a> Endpoint<'a> {
 
     /// Whether a received revision may be stored here.
     fn admit(&self, revision: &Revision) -> Result<(), Refusal> {
-        validate_document(&revision.doc_id, &revision.body, &self.config.limits)?;
+        validate_document_text(&revision.doc_id, &revision.body, &self.config.limits)?;
         if self.config.refuse_clocks_ahead
             && let Some(hlc) = revision.hlc
         {

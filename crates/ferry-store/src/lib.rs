@@ -268,7 +268,8 @@ pub struct StoredRevision {
     pub path: Vec<Rev>,
     /// Whether it is a deletion.
     pub deleted: bool,
-    /// The body as the store keeps it (canonical JSON text, carried to the wire as it is), or
+    /// The body as the store keeps it (JSON text: canonical for an edit, as received for a
+    /// replicated revision; carried to the wire as it is), or
     /// `None` if this revision's body is no longer kept (an old ancestor).
     pub body: Option<RawJson>,
     /// The revision's clock.
@@ -289,19 +290,17 @@ impl StoredRevision {
             .transpose()
     }
 
-    /// As a [`Revision`] for replication (its body parsed); `Ok(None)` if the body is not
-    /// kept.
-    pub fn into_revision(self) -> Result<Option<Revision>, StoreError> {
-        let Some(body) = self.parsed_body()? else {
-            return Ok(None);
-        };
-        Ok(Some(Revision {
+    /// As a [`Revision`] for replication (its body's text moved, not parsed); `None` if the
+    /// body is not kept.
+    pub fn into_revision(self) -> Option<Revision> {
+        let body = self.body?;
+        Some(Revision {
             doc_id: self.doc_id,
             path: self.path,
             deleted: self.deleted,
             body,
             hlc: Some(self.hlc),
-        }))
+        })
     }
 }
 

@@ -463,10 +463,17 @@ impl Database for MemoryDatabase {
                 let Some(tree) = merge_replicated(before.as_ref(), &revision, &mut report)? else {
                     continue;
                 };
+                // Kept parsed here (queries read it); SQLite keeps the text as it came.
+                let body = revision
+                    .parse_body()
+                    .map_err(|error| StoreError::InvalidRevision {
+                        doc_id: revision.doc_id.clone(),
+                        reason: error.to_string(),
+                    })?;
                 let new = NewRevision {
                     rev: &revision.path[0],
                     deleted: revision.deleted,
-                    body: &revision.body,
+                    body: &body,
                     hlc: revision.hlc.unwrap_or(default_hlc),
                 };
                 let seq = self.store_update(state, &revision.doc_id, before.as_ref(), tree, new)?;

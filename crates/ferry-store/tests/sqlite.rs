@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ferry_core::json::RawJson;
 use ferry_store::sqlite::{SqliteBackend, SqliteDatabase};
 use ferry_store::{Backend, Database, Durability, Edit, StoreConfig, StoreError};
 use ferry_store::{PendingState, Replica};
@@ -253,7 +254,7 @@ fn local_edits_stay_pending_until_acknowledged() {
             doc_id: "remote".into(),
             path: vec!["1-abc".parse().unwrap()],
             deleted: false,
-            body: body(serde_json::json!({})),
+            body: RawJson::empty_object(),
             hlc: None,
         }],
         ferry_core::hlc::Timestamp::ZERO,
@@ -487,7 +488,7 @@ fn replicated(
         doc_id: doc_id.to_owned(),
         path: path.iter().map(|rev| rev.parse().unwrap()).collect(),
         deleted: false,
-        body: body(value),
+        body: RawJson::of(&value),
         hlc: Some(ferry_core::hlc::Timestamp::new(hlc, 0)),
     }
 }
@@ -569,5 +570,41 @@ fn compaction_drops_superseded_and_old_bodies_and_merges_fall_back_to_last_write
     assert_eq!(document.body, body(serde_json::json!({"v": "c", "w": 2})));
     // Leaves can still be read whole for replication.
     let leaf = db.get_revision("d", &document.rev, 100).unwrap().unwrap();
-    assert!(leaf.into_revision().unwrap().is_some());
+    assert!(leaf.into_revision().is_some());
+}
+
+#[test]
+fn a_replicated_body_is_stored_and_served_as_its_sender_wrote_it() {
+    use ferry_store::Database;
+    let dir = tempfile::tempdir().unwrap();
+    let db = tracking(&dir);
+    // Not canonical: spaces, keys out of order, an escape canonical JSON would not write.
+    let winner_text = r#"{ "b" : 1, "a": [1, 2], "c": "\u0041" }"#;
+    let loser_text = r#"{"z":  null}"#;
+    let revision = |rev: &str, text: &str| ferry_core::model::Revision {
+        doc_id: "d".to_owned(),
+        path: vec![rev.parse().unwrap(), "1-aa".parse().unwrap()],
+        deleted: false,
+        body: RawJson::from_text(text.to_owned()).unwrap(),
+        hlc: Some(ferry_core::hlc::Timestamp::new(1_000, 0)),
+    };
+    db.write_revisions(
+        vec![revision("2-ff", winner_text), revision("2-bb", loser_text)],
+        ferry_core::hlc::Timestamp::ZERO,
+    )
+    .unwrap();
+    // Both the winner (kept in `docs`) and the losing leaf (kept in `revs`) come back byte
+    // for byte, so that replicating them onward sends what was received.
+    for (rev, text) in [("2-ff", winner_text), ("2-bb", loser_text)] {
+        let stored = db.get_revision("d", &rev.parse().unwrap(), 10).unwrap();
+        let body = stored.and_then(|stored| stored.body).expect("a kept body");
+        assert_eq!(body.get(), text, "{rev}");
+    }
+    // Read as a document, the text is parsed as any other.
+    let document = db.get_document("d").unwrap().unwrap();
+    assert_eq!(document.rev.to_string(), "2-ff");
+    assert_eq!(
+        document.body,
+        body(serde_json::json!({"a": [1, 2], "b": 1, "c": "A"}))
+    );
 }

@@ -4,6 +4,7 @@
 //! acknowledgements, applied to both, must leave them answering every read identically.
 
 use ferry_core::hlc::Timestamp;
+use ferry_core::json::RawJson;
 use ferry_core::model::{Body, Limits, Revision};
 use ferry_core::resolve::Policy;
 use ferry_core::rev::Rev;
@@ -182,9 +183,9 @@ impl Pair {
                     path,
                     deleted: delete,
                     body: if delete {
-                        Body::new()
+                        RawJson::empty_object()
                     } else {
-                        body(value, step)
+                        RawJson::canonical_object(&body(value, step))
                     },
                     hlc: Some(hlc),
                 };
@@ -194,7 +195,7 @@ impl Pair {
                     let next = Rev::compute(longer.path.first(), false, b"extended").unwrap();
                     longer.path.insert(0, next);
                     longer.deleted = false;
-                    longer.body = body(value.wrapping_add(1), step);
+                    longer.body = RawJson::canonical_object(&body(value.wrapping_add(1), step));
                     batch.push(longer);
                 }
                 let reports = self

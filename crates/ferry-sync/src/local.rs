@@ -261,11 +261,7 @@ pub fn fetch(
     let stored = endpoint.fetch(&wanted)?;
     let mut revisions = Vec::with_capacity(wanted.len());
     for ((doc_id, rev), stored) in wanted.iter().zip(stored) {
-        match stored
-            .map(StoredRevision::into_revision)
-            .transpose()?
-            .flatten()
-        {
+        match stored.and_then(StoredRevision::into_revision) {
             Some(revision) => revisions.push(revision),
             None => tracing::warn!(%doc_id, %rev, "revision no longer available; skipped"),
         }

@@ -10,6 +10,7 @@ use axum::response::Response;
 use ferry_core::couch::{
     BulkDocsRow, BulkGetDoc, BulkGetItem, BulkGetResult, CouchDoc, RevsDiffAnswer,
 };
+use ferry_core::json::RawJson;
 use ferry_core::model::Revision;
 use ferry_core::rev::Rev;
 use ferry_store::Edit;
@@ -241,7 +242,7 @@ pub(crate) fn replicated_revision(doc: CouchDoc, url_id: Option<&str>) -> ApiRes
         doc_id,
         path,
         deleted: doc.deleted,
-        body: doc.body,
+        body: RawJson::canonical_object(&doc.body),
         hlc: doc.hlc,
     })
 }

@@ -14,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use std::collections::BTreeMap;
 
-use ferry_core::couch::revision_from_text;
+use ferry_core::couch::revision_from_checked_text;
 use ferry_core::filter::ChangesFilter;
 use ferry_core::json::RawJson;
 use ferry_core::protocol::{
@@ -727,7 +727,7 @@ pub fn handle_request(endpoint: &Endpoint<'_>, op: Op) -> ApiResult<Answered> {
             let revisions = docs
                 .into_iter()
                 .map(|doc| {
-                    revision_from_text(&doc, endpoint.limits().max_json_depth)
+                    revision_from_checked_text(&doc)
                         .map_err(|error| ApiError::bad_request(error.to_string()))
                 })
                 .collect::<ApiResult<Vec<_>>>()?;

@@ -1,4 +1,4 @@
-//! How values are stored in rows and read back: bodies as canonical text, revisions, leaves and
+//! How values are stored in rows and read back: bodies as JSON text, revisions, leaves and
 //! trees, the rows a writer reads before changing a document, and documents from query rows.
 
 use std::collections::HashMap;
@@ -29,8 +29,8 @@ pub(super) fn stored_body(text: String) -> Result<RawJson, StoreError> {
     })
 }
 
+/// An edit's body as it is stored: canonical, the text its revision id hashes.
 pub(super) fn body_text(body: &Body) -> String {
-    // Canonical form: stored bodies are byte-identical across replicas for the same revision.
     String::from_utf8(canonical_object(body)).expect("JSON is UTF-8")
 }
 
@@ -268,7 +268,8 @@ pub(super) fn stored_revision(
 pub(super) struct NewRevision<'a> {
     pub(super) rev: &'a Rev,
     pub(super) deleted: bool,
-    /// The body's canonical text (computed once: it is also what the revision id hashes).
+    /// The body's text: for an edit its canonical encoding (computed once: it is also what
+    /// the revision id hashes), for a replicated revision the text as the sender wrote it.
     pub(super) body: String,
     pub(super) hlc: Timestamp,
     /// Written on this replica (an edit or a resolution), not received from another: on

@@ -8,6 +8,10 @@
 //!   conflicts) and the encoded revision tree (`NULL` when it is the winner alone). The
 //!   winner's body lives only here, so reads, `_all_docs` and queries never parse trees, and
 //!   writing a new document writes its body once.
+//!
+//!   Bodies (here and in `revs`) are JSON text: an edit's canonical encoding (what its
+//!   revision id hashes), a replicated revision's text as its sender wrote it, so that
+//!   replicating it onward sends the same bytes and neither direction parses it.
 //! - `revs`: bodies of the other kept revisions: leaves and recent ancestors
 //!   (`Limits::ancestor_bodies` levels above each leaf), with their deleted flag and clock. It
 //!   may also hold the winner's body (a revision that won later); readers look in `docs` first.
@@ -298,7 +302,7 @@ impl Database for SqliteDatabase {
                     NewRevision {
                         rev: &revision.path[0],
                         deleted: revision.deleted,
-                        body: body_text(&revision.body),
+                        body: revision.body.get().to_owned(),
                         hlc: revision.hlc.unwrap_or(default_hlc),
                         local: false,
                     },
