@@ -1,14 +1,16 @@
 //! Micro-benchmarks of the core hot paths: revision-tree insertion, winner selection,
-//! canonical JSON and revision hashing, and the three-way merge.
+//! canonical JSON and revision hashing, reading a replicated document, and the three-way
+//! merge.
 //!
 //! `cargo bench -p ferry-core` (BENCHMARKS.md lists the figures).
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use ferry_core::couch::{revision_from_checked_text, revision_text};
 use ferry_core::hlc::Timestamp;
-use ferry_core::json::canonical_object;
-use ferry_core::model::Body;
+use ferry_core::json::{RawJson, canonical_object};
+use ferry_core::model::{Body, Limits, Revision, validate_document_text};
 use ferry_core::resolve::{Conflict, Policy, Version, resolve};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
@@ -76,6 +78,29 @@ fn benches(c: &mut Criterion) {
             b.iter(|| {
                 let canonical = canonical_object(black_box(&document));
                 black_box(Rev::compute(None, false, &canonical).unwrap())
+            })
+        },
+    );
+    // A pushed revision as a session frame carries it, taken apart and checked as the
+    // server does before storing it.
+    let pushed = revision_text(
+        &Revision {
+            doc_id: "todos:7".into(),
+            path: vec![Rev::compute(None, false, &canonical_object(&document)).unwrap()],
+            deleted: false,
+            body: RawJson::canonical_object(&document),
+            hlc: Some(Timestamp::new(1_000, 0)),
+        },
+        true,
+    );
+    let limits = Limits::default();
+    c.bench_function(
+        "couch: read and check a replicated document (200-byte body)",
+        |b| {
+            b.iter(|| {
+                let revision = revision_from_checked_text(black_box(&pushed)).unwrap();
+                validate_document_text(&revision.doc_id, &revision.body, &limits).unwrap();
+                black_box(revision)
             })
         },
     );

@@ -610,45 +610,45 @@ pub fn revision_from_checked_text(text: &RawJson) -> Result<Revision, CouchDocEr
     let members: DocumentMembers<'_> = serde_json::from_str(text.get())
         .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
     let mut special = SpecialMembers::default();
-    let mut body = String::with_capacity(text.len());
-    body.push('{');
-    for (key, value) in members.0 {
-        if key.starts_with('_') {
-            let value = serde_json::from_str(value.get())
-                .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
-            special.read(&key, value)?;
-            continue;
-        }
-        if body.len() > 1 {
-            body.push(',');
-        }
-        match key {
-            // A key read without unescaping has nothing to escape.
-            Cow::Borrowed(key) => {
-                body.push('"');
-                body.push_str(key);
-                body.push('"');
-            }
-            Cow::Owned(key) => {
-                body.push_str(&serde_json::to_string(&key).expect("a string serializes"));
-            }
-        }
-        body.push(':');
-        body.push_str(value.get());
+    for (key, value) in members.special() {
+        let value = serde_json::from_str(value.get())
+            .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
+        special.read(key, value)?;
     }
-    body.push('}');
     let special = special.finish()?;
     Ok(Revision {
         path: special.path().ok_or(CouchDocError::BadRev)?,
         doc_id: special.id.ok_or(CouchDocError::BadId)?,
         deleted: special.deleted,
-        body: RawJson::from_text(body)?,
+        // Written by the serializer from checked text: not checked again.
+        body: RawJson::of(&members),
         hlc: special.hlc,
     })
 }
 
 /// A JSON object's members in order, keys borrowed unless escaped, values as their text.
+/// Serialized, it is the body: the object of the members that do not start with `_`.
 struct DocumentMembers<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl DocumentMembers<'_> {
+    fn special(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.0
+            .iter()
+            .filter(|(key, _)| key.starts_with('_'))
+            .map(|(key, value)| (key.as_ref(), *value))
+    }
+}
+
+impl Serialize for DocumentMembers<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.0
+                .iter()
+                .filter(|(key, _)| !key.starts_with('_'))
+                .map(|(key, value)| (key.as_ref(), *value)),
+        )
+    }
+}
 
 impl<'de> Deserialize<'de> for DocumentMembers<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
