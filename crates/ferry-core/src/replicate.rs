@@ -578,26 +578,7 @@ impl Replication {
     }
 
     fn check_requested(&self, revisions: &[Revision]) -> Result<(), ReplicationError> {
-        let requested: BTreeMap<&str, BTreeSet<&Rev>> = self
-            .missing
-            .iter()
-            .map(|(doc_id, revs)| (doc_id.as_str(), revs.iter().collect()))
-            .collect();
-        for revision in revisions {
-            let Some(rev) = revision.path.first() else {
-                return Err(ReplicationError::EmptyPath(revision.doc_id.clone()));
-            };
-            let asked = requested
-                .get(revision.doc_id.as_str())
-                .is_some_and(|revs| revs.contains(rev));
-            if !asked {
-                return Err(ReplicationError::UnrequestedRevision {
-                    doc_id: revision.doc_id.clone(),
-                    rev: rev.to_string(),
-                });
-            }
-        }
-        Ok(())
+        check_requested(&self.missing, revisions)
     }
 
     fn checkpoint_for(&self, last_seq: Seq) -> Checkpoint {
@@ -663,9 +644,36 @@ fn agree_on_start(
     (Seq::default(), Vec::new())
 }
 
+/// That every revision fetched is one of `wanted` (a source may not slip in documents it was
+/// not asked for, such as ones a filter leaves out).
+pub fn check_requested(
+    wanted: &[(String, Vec<Rev>)],
+    revisions: &[Revision],
+) -> Result<(), ReplicationError> {
+    let requested: BTreeMap<&str, BTreeSet<&Rev>> = wanted
+        .iter()
+        .map(|(doc_id, revs)| (doc_id.as_str(), revs.iter().collect()))
+        .collect();
+    for revision in revisions {
+        let Some(rev) = revision.path.first() else {
+            return Err(ReplicationError::EmptyPath(revision.doc_id.clone()));
+        };
+        let asked = requested
+            .get(revision.doc_id.as_str())
+            .is_some_and(|revs| revs.contains(rev));
+        if !asked {
+            return Err(ReplicationError::UnrequestedRevision {
+                doc_id: revision.doc_id.clone(),
+                rev: rev.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// How many of `revisions` (at least one) the next write carries: as many as fit in
-/// `max_bytes`.
-fn write_len(revisions: &[Revision], max_bytes: usize) -> usize {
+/// `max_bytes` (a driver writing a batch ahead of the state machine writes as many).
+pub fn write_len(revisions: &[Revision], max_bytes: usize) -> usize {
     let mut bytes = 0usize;
     for (index, revision) in revisions.iter().enumerate() {
         bytes = bytes.saturating_add(revision_bytes(revision));

@@ -163,6 +163,8 @@ async fn replicate_once<S: Peer, T: Peer>(
     // The page after the current one, read while the current one is written.
     let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
     let mut prepared: Option<read_ahead::Prepared> = None;
+    // The current page's first write, when it was sent ahead.
+    let mut written_ahead: Option<read_ahead::WrittenAhead<_>> = None;
     loop {
         let response = match replication.next_action() {
             Action::ReadCheckpoints => {
@@ -180,17 +182,27 @@ async fn replicate_once<S: Peer, T: Peer>(
                     Some(ahead) => ahead.finish(&since, limit).await,
                     None => None,
                 };
-                let mut next = match read_ahead {
-                    Some(next) => next?,
-                    None => {
-                        read_ahead::prepare(source, target, &options.filter, since, limit).await?
-                    }
+                let (next, written) = match read_ahead {
+                    Some((next, written)) => (next?, written),
+                    None => (
+                        read_ahead::prepare(source, target, &options.filter, since, limit).await?,
+                        None,
+                    ),
                 };
+                let mut next = next;
+                written_ahead = written;
                 if next.page.rows.len() >= limit {
                     let since = next.page.last_seq.clone();
-                    let work =
-                        read_ahead::prepare(source, target, &options.filter, since.clone(), limit);
-                    ahead = Some(read_ahead::ReadAhead::start(since, limit, work));
+                    let slot = read_ahead::slot();
+                    let work = read_ahead::prepare_and_write(
+                        source,
+                        target,
+                        &options.filter,
+                        (since.clone(), limit),
+                        max_write_bytes,
+                        slot.clone(),
+                    );
+                    ahead = Some(read_ahead::ReadAhead::start(since, limit, slot, work));
                 }
                 let page = std::mem::take(&mut next.page);
                 prepared = Some(next);
@@ -221,8 +233,15 @@ async fn replicate_once<S: Peer, T: Peer>(
                 }
             }
             Action::WriteRevisions { revisions } => {
-                let rejected =
-                    read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?;
+                let rejected = match written_ahead.take() {
+                    Some(written) if written.wrote(&revisions) => {
+                        drop(revisions);
+                        read_ahead::alongside(written.answer(), &mut ahead).await?
+                    }
+                    _ => {
+                        read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?
+                    }
+                };
                 for refused in &rejected {
                     on_event(ReplicationEvent::Refused(refused));
                 }

@@ -172,6 +172,12 @@ struct Flaky<P> {
     before_write: Option<BeforeWrite>,
     /// Never says changes arrived: a lost notification, every time.
     deaf: bool,
+    /// Writes of revisions being answered now, and the most there were at once.
+    writing: AtomicUsize,
+    most_writing: AtomicUsize,
+    /// A revision nobody asked for, added to the answer of the fetch with this number
+    /// (counted from 0): a hostile source.
+    slipped_in: Option<(usize, Revision)>,
 }
 
 impl<P: Peer> Flaky<P> {
@@ -186,6 +192,9 @@ impl<P: Peer> Flaky<P> {
             fetches: Arc::new(AtomicUsize::new(0)),
             before_write: None,
             deaf: false,
+            writing: AtomicUsize::new(0),
+            most_writing: AtomicUsize::new(0),
+            slipped_in: None,
         }
     }
 
@@ -233,8 +242,13 @@ impl<P: Peer> Peer for Flaky<P> {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
-        let revisions = self.inner.fetch_revisions(wanted).await?;
-        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let mut revisions = self.inner.fetch_revisions(wanted).await?;
+        let fetch = self.fetches.fetch_add(1, Ordering::SeqCst);
+        if let Some((at, intruder)) = &self.slipped_in
+            && *at == fetch
+        {
+            revisions.push(intruder.clone());
+        }
         Ok(revisions)
     }
     async fn write_revisions(
@@ -242,13 +256,20 @@ impl<P: Peer> Peer for Flaky<P> {
         revisions: Vec<Revision>,
     ) -> Result<Vec<ferry_sync::RejectedRevision>, SyncError> {
         let write = self.revision_writes.fetch_add(1, Ordering::SeqCst);
-        if let Some(before_write) = &self.before_write {
-            before_write(write).await;
+        let writing = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_writing.fetch_max(writing, Ordering::SeqCst);
+        let answer = async {
+            if let Some(before_write) = &self.before_write {
+                before_write(write).await;
+            }
+            self.largest_batch
+                .fetch_max(revisions.len(), Ordering::SeqCst);
+            self.count_write()?;
+            self.inner.write_revisions(revisions).await
         }
-        self.largest_batch
-            .fetch_max(revisions.len(), Ordering::SeqCst);
-        self.count_write()?;
-        self.inner.write_revisions(revisions).await
+        .await;
+        self.writing.fetch_sub(1, Ordering::SeqCst);
+        answer
     }
     async fn wait_for_changes(
         &self,
@@ -443,6 +464,70 @@ async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
     assert_eq!(next.docs_written, 3, "{next:?}");
     assert_eq!(digest(&*target), digest(&*source));
     assert_eq!(target.info().unwrap().deleted_count, 7);
+}
+
+/// A page read ahead is written while the page before it is still being answered (two
+/// writes in flight, never more), and the replica converges with every page written once.
+#[tokio::test]
+async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    let edits: Vec<Edit> = (0..400)
+        .map(|n| Edit::put(format!("d{n:03}"), None, body(json!({ "n": n }))))
+        .collect();
+    source.write_edits(edits).unwrap();
+    let source_peer = Flaky::new(local(&source).await, usize::MAX);
+    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
+    // Each write takes a while to be answered, as a server's commit does: long enough for the
+    // next page to be read and sent meanwhile.
+    target_peer.before_write = Some(Box::new(|_| {
+        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+    }));
+    let stats = replicate(&source_peer, &target_peer, &options(40), |_| {})
+        .await
+        .unwrap();
+    assert_eq!((stats.docs_written, stats.batches), (400, 10), "{stats:?}");
+    assert_eq!(target_peer.most_writing.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        target_peer.revision_writes.load(Ordering::SeqCst),
+        10,
+        "no page written twice"
+    );
+    assert_eq!(digest(&*target), digest(&*source));
+}
+
+/// A source that slips a revision nobody asked for into a page read ahead gets nothing of
+/// that page written ahead: the replication fails as the state machine finds it, and the
+/// intruder is not on the target.
+#[tokio::test]
+async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
+    let replicas = Replicas::new();
+    let (source, target) = (replicas.create("source"), replicas.create("target"));
+    let edits: Vec<Edit> = (0..120)
+        .map(|n| Edit::put(format!("d{n:03}"), None, body(json!({ "n": n }))))
+        .collect();
+    source.write_edits(edits).unwrap();
+    let mut source_peer = Flaky::new(local(&source).await, usize::MAX);
+    let intruder = Revision {
+        doc_id: "intruder".into(),
+        path: vec!["1-abc".parse().unwrap()],
+        deleted: false,
+        body: ferry_core::json::RawJson::of(&json!({"planted": true})),
+        hlc: None,
+    };
+    // The second fetch is the first page read ahead.
+    source_peer.slipped_in = Some((1, intruder));
+    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
+    target_peer.before_write = Some(Box::new(|_| {
+        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+    }));
+    let error = replicate(&source_peer, &target_peer, &options(40), |_| {})
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("intruder"), "{error}");
+    assert!(target.get_document("intruder").unwrap().is_none());
+    assert_eq!(target_peer.most_writing.load(Ordering::SeqCst), 1);
+    assert_eq!(target.info().unwrap().doc_count, 40, "only the first page");
 }
 
 #[tokio::test]
