@@ -11,6 +11,7 @@ use ferry_core::couch::{revision_from_checked_text, revision_text};
 use ferry_core::hlc::Timestamp;
 use ferry_core::json::{RawJson, canonical_object};
 use ferry_core::model::{Body, Limits, Revision, validate_document_text};
+use ferry_core::protocol::{ClientFrame, Op};
 use ferry_core::resolve::{Conflict, Policy, Version, resolve};
 use ferry_core::rev::Rev;
 use ferry_core::tree::RevTree;
@@ -94,6 +95,24 @@ fn benches(c: &mut Criterion) {
         true,
     );
     let limits = Limits::default();
+    // A session's bulk_docs frame of 500 such documents, decoded as the server does.
+    let frame = ClientFrame::Request {
+        id: 7,
+        op: Op::BulkDocs {
+            docs: vec![pushed.clone(); 500],
+        },
+    }
+    .encode();
+    c.bench_function("protocol: decode a bulk_docs frame of 500 documents", |b| {
+        b.iter(|| {
+            black_box(ClientFrame::decode_within(
+                black_box(frame.as_bytes()),
+                66,
+                1_000_000,
+            ))
+            .unwrap()
+        })
+    });
     c.bench_function(
         "couch: read and check a replicated document (200-byte body)",
         |b| {

@@ -660,7 +660,7 @@ impl<'de> Visitor<'de> for StrictCheck<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
         let child = self.0.nested()?;
-        let mut keys: Vec<Cow<'de, str>> = Vec::new();
+        let mut keys = SeenKeys::default();
         while let Some(key) = access.next_key_seed(KeySeed)? {
             if keys.contains(&key) {
                 return Err(de::Error::custom(format_args!("{DUPLICATE_MARKER}{key}")));
@@ -669,6 +669,33 @@ impl<'de> Visitor<'de> for StrictCheck<'_> {
             keys.push(key);
         }
         Ok(())
+    }
+}
+
+/// The keys of one object seen so far: most objects have a few, kept without allocating.
+#[derive(Default)]
+struct SeenKeys<'de> {
+    first: [Option<Cow<'de, str>>; SeenKeys::INLINE],
+    count: usize,
+    rest: Vec<Cow<'de, str>>,
+}
+
+impl<'de> SeenKeys<'de> {
+    const INLINE: usize = 16;
+
+    fn contains(&self, key: &str) -> bool {
+        self.first[..self.count.min(SeenKeys::INLINE)]
+            .iter()
+            .any(|seen| seen.as_deref() == Some(key))
+            || self.rest.iter().any(|seen| seen == key)
+    }
+
+    fn push(&mut self, key: Cow<'de, str>) {
+        match self.first.get_mut(self.count) {
+            Some(place) => *place = Some(key),
+            None => self.rest.push(key),
+        }
+        self.count += 1;
     }
 }
 
@@ -734,6 +761,28 @@ mod tests {
         }
         let array = RawJson::from_text("[{}]".to_owned()).unwrap();
         assert_eq!(ObjectShape::of_text(&array), Err(JsonError::NotAnObject));
+    }
+
+    /// A duplicate key is found wherever it is: among the first keys an object keeps
+    /// without allocating, past them, or across the two.
+    #[test]
+    fn duplicate_keys_are_found_in_objects_of_any_size() {
+        let object = |keys: &[usize]| {
+            let members: Vec<String> = keys.iter().map(|key| format!(r#""k{key}":1"#)).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        let distinct: Vec<usize> = (0..40).collect();
+        assert_eq!(check_within(object(&distinct).as_bytes(), 4, 1_000), Ok(()));
+        for (first, again) in [(3, 10), (3, 30), (20, 30), (15, 16)] {
+            let mut keys: Vec<usize> = (0..again).collect();
+            keys.push(first);
+            let text = object(&keys);
+            assert_eq!(
+                check_within(text.as_bytes(), 4, 1_000),
+                Err(JsonError::DuplicateKey(format!("k{first}"))),
+                "{text}"
+            );
+        }
     }
 
     #[test]
