@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the core hot paths: revision-tree insertion, winner selection,
-//! canonical JSON and revision hashing, reading a replicated document, and the three-way
-//! merge.
+//! canonical JSON and revision hashing, decoding a session frame and reading a replicated
+//! document from it, and the three-way merge.
 //!
 //! `cargo bench -p ferry-core` (BENCHMARKS.md lists the figures).
 
