@@ -160,7 +160,8 @@ async fn replicate_once<S: Peer, T: Peer>(
         continuous: options.continuous,
         checkpoint_every: options.checkpoint_every,
     });
-    // The page after the current one, read while the current one is written.
+    // The page after the current one, read (and its first write sent) while the current one
+    // is written.
     let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
     let mut prepared: Option<read_ahead::Prepared> = None;
     // The current page's first write, when it was sent ahead.
@@ -182,14 +183,13 @@ async fn replicate_once<S: Peer, T: Peer>(
                     Some(ahead) => ahead.finish(&since, limit).await,
                     None => None,
                 };
-                let (next, written) = match read_ahead {
+                let (mut next, written) = match read_ahead {
                     Some((next, written)) => (next?, written),
                     None => (
                         read_ahead::prepare(source, target, &options.filter, since, limit).await?,
                         None,
                     ),
                 };
-                let mut next = next;
                 written_ahead = written;
                 if next.page.rows.len() >= limit {
                     let since = next.page.last_seq.clone();

@@ -103,7 +103,8 @@ pub(crate) async fn prepare<S: Peer, T: Peer>(
     Ok(prepared)
 }
 
-/// The output of [`prepare`], then the answer to the write started ahead.
+/// Where [`prepare_and_write`] leaves the prepared page for [`ReadAhead::finish`], before its
+/// write is answered.
 type Slot = Arc<Mutex<Option<Result<Prepared, SyncError>>>>;
 
 /// An empty slot for [`prepare_and_write`].
