@@ -48,6 +48,14 @@ fn body(value: Value) -> Body {
     value.as_object().unwrap().clone()
 }
 
+/// Writes documents `d000`, `d001`, ... with bodies `{"n": n}` in one batch.
+fn write_numbered(db: &dyn Database, count: usize) {
+    let edits: Vec<Edit> = (0..count)
+        .map(|n| Edit::put(format!("d{n:03}"), None, body(json!({ "n": n }))))
+        .collect();
+    db.write_edits(edits).unwrap();
+}
+
 fn put(db: &dyn Database, doc_id: &str, value: Value) -> Rev {
     let base = db
         .get_document(doc_id)
@@ -384,10 +392,7 @@ async fn replicating_again_writes_nothing() {
 async fn batches_bound_what_is_held_in_memory() {
     let replicas = Replicas::new();
     let (source, target) = (replicas.create("source"), replicas.create("target"));
-    let edits: Vec<Edit> = (0..5_000)
-        .map(|n| Edit::put(format!("d{n}"), None, body(json!({ "n": n }))))
-        .collect();
-    source.write_edits(edits).unwrap();
+    write_numbered(&*source, 5_000);
     let watched_source = Flaky::new(local(&source).await, usize::MAX);
     let watched_target = Flaky::new(local(&target).await, usize::MAX);
     let mut progress_calls = 0;
@@ -472,10 +477,7 @@ async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
 async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
     let replicas = Replicas::new();
     let (source, target) = (replicas.create("source"), replicas.create("target"));
-    let edits: Vec<Edit> = (0..400)
-        .map(|n| Edit::put(format!("d{n:03}"), None, body(json!({ "n": n }))))
-        .collect();
-    source.write_edits(edits).unwrap();
+    write_numbered(&*source, 400);
     let source_peer = Flaky::new(local(&source).await, usize::MAX);
     let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
     // Each write takes a while to be answered, as a server's commit does: long enough for the
@@ -503,10 +505,7 @@ async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
 async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
     let replicas = Replicas::new();
     let (source, target) = (replicas.create("source"), replicas.create("target"));
-    let edits: Vec<Edit> = (0..120)
-        .map(|n| Edit::put(format!("d{n:03}"), None, body(json!({ "n": n }))))
-        .collect();
-    source.write_edits(edits).unwrap();
+    write_numbered(&*source, 120);
     let mut source_peer = Flaky::new(local(&source).await, usize::MAX);
     let intruder = Revision {
         doc_id: "intruder".into(),
