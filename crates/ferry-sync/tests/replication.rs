@@ -206,6 +206,14 @@ impl<P: Peer> Flaky<P> {
         }
     }
 
+    /// Answers each write of revisions 50 ms late.
+    fn answering_slowly(mut self) -> Flaky<P> {
+        self.before_write = Some(Box::new(|_| {
+            Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+        }));
+        self
+    }
+
     fn count_write(&self) -> Result<(), SyncError> {
         if self.writes.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
             return Err(SyncError::Task("injected failure".into()));
@@ -479,12 +487,9 @@ async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
     let (source, target) = (replicas.create("source"), replicas.create("target"));
     write_numbered(&*source, 400);
     let source_peer = Flaky::new(local(&source).await, usize::MAX);
-    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
     // Each write takes a while to be answered, as a server's commit does: long enough for the
     // next page to be read and sent meanwhile.
-    target_peer.before_write = Some(Box::new(|_| {
-        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
-    }));
+    let target_peer = Flaky::new(local(&target).await, usize::MAX).answering_slowly();
     let stats = replicate(&source_peer, &target_peer, &options(40), |_| {})
         .await
         .unwrap();
@@ -516,10 +521,7 @@ async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
     };
     // The second fetch is the first page read ahead.
     source_peer.slipped_in = Some((1, intruder));
-    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
-    target_peer.before_write = Some(Box::new(|_| {
-        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
-    }));
+    let target_peer = Flaky::new(local(&target).await, usize::MAX).answering_slowly();
     let error = replicate(&source_peer, &target_peer, &options(40), |_| {})
         .await
         .unwrap_err();
