@@ -165,18 +165,19 @@ pub async fn push_and_pull(n: usize) -> Result<(Transfer, Transfer)> {
     let pusher = Ferry::initialize_offline(dir.path().join("push.ferry"), USER)?;
     fill(&pusher, 0..n)?;
 
-    let (push, stats) =
-        measure_transfer(&server, n, pusher.sync_once(&options(&server, &db))).await?;
-    if usize::try_from(stats.push.docs_written)? != n {
-        bail!("pushed {} documents, not {n}", stats.push.docs_written);
+    // One way each, as the peer's `replicate.to` and `replicate.from`.
+    let (push, pushed) =
+        measure_transfer(&server, n, pusher.push_once(&options(&server, &db))).await?;
+    if usize::try_from(pushed.docs_written)? != n {
+        bail!("pushed {} documents, not {n}", pushed.docs_written);
     }
     drop(pusher);
 
     let puller = Ferry::initialize_offline(dir.path().join("pull.ferry"), USER)?;
-    let (pull, stats) =
-        measure_transfer(&server, n, puller.sync_once(&options(&server, &db))).await?;
-    if usize::try_from(stats.pull.docs_written)? != n {
-        bail!("pulled {} documents, not {n}", stats.pull.docs_written);
+    let (pull, pulled) =
+        measure_transfer(&server, n, puller.pull_once(&options(&server, &db))).await?;
+    if usize::try_from(pulled.docs_written)? != n {
+        bail!("pulled {} documents, not {n}", pulled.docs_written);
     }
     Ok((push, pull))
 }

@@ -17,6 +17,58 @@ impl Ferry {
         &self,
         options: &SyncOptions,
     ) -> Result<ferry_sync::SyncStats, ClientError> {
+        let once = self.open_once(options).await?;
+        let push = self
+            .push(&once.local, &once.remote, &once.replication, |_| {})
+            .await?;
+        let pull = self
+            .pull(
+                &once.local,
+                &once.remote,
+                &once.replication,
+                &once.pull_filter,
+            )
+            .await?;
+        Ok(ferry_sync::SyncStats { push, pull })
+    }
+
+    /// The push half of [`Ferry::sync_once`]: local changes go to the server once, over a
+    /// WebSocket session, and nothing is pulled (as before logging out, or to measure an
+    /// upload). Each batch acknowledges the local changes it carried once the server committed
+    /// it.
+    ///
+    /// ```no_run
+    /// # async fn run(ferry: ferry_client::Ferry) -> Result<(), ferry_client::ClientError> {
+    /// use ferry_client::SyncOptions;
+    /// let pushed = ferry.push_once(&SyncOptions::new("http://127.0.0.1:5984/notes")).await?;
+    /// println!("{} documents up", pushed.docs_written);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn push_once(&self, options: &SyncOptions) -> Result<crate::Stats, ClientError> {
+        let once = self.open_once(options).await?;
+        Ok(self
+            .push(&once.local, &once.remote, &once.replication, |_| {})
+            .await?)
+    }
+
+    /// The pull half of [`Ferry::sync_once`]: the server's changes (those the subscriptions
+    /// select) come into this replica once, and nothing is pushed; pulled conflicts are
+    /// resolved by the collections' policies and watchers are woken.
+    pub async fn pull_once(&self, options: &SyncOptions) -> Result<crate::Stats, ClientError> {
+        let once = self.open_once(options).await?;
+        Ok(self
+            .pull(
+                &once.local,
+                &once.remote,
+                &once.replication,
+                &once.pull_filter,
+            )
+            .await?)
+    }
+
+    /// A session for one sync: the server's database made sure of, the clock re-based on it.
+    async fn open_once(&self, options: &SyncOptions) -> Result<OnceSession, ClientError> {
         let (local, remote, pull_filter) = self
             .blocking({
                 let options = options.clone();
@@ -35,11 +87,12 @@ impl Ferry {
             max_write_bytes: options.max_write_bytes,
             ..ReplicationOptions::default()
         };
-        let push = self.push(&local, &remote, &replication, |_| {}).await?;
-        let pull = self
-            .pull(&local, &remote, &replication, &pull_filter)
-            .await?;
-        Ok(ferry_sync::SyncStats { push, pull })
+        Ok(OnceSession {
+            local,
+            remote,
+            pull_filter,
+            replication,
+        })
     }
 
     /// Re-bases the replica's clock on the server's time (from the session's welcome, or an
@@ -222,4 +275,12 @@ enum OutboxRecord {
     AcknowledgeThrough(Seq),
     /// The server refused this revision.
     Reject(RejectedRevision),
+}
+
+/// What [`Ferry::sync_once`] and its halves replicate with.
+struct OnceSession {
+    local: LocalPeer,
+    remote: WsPeer,
+    pull_filter: PullFilter,
+    replication: ReplicationOptions,
 }

@@ -274,6 +274,35 @@ async fn concurrent_edits_are_reported_as_conflicts_on_both_clients() {
     server.stop();
 }
 
+/// `push_once` sends the outbox and pulls nothing; `pull_once` brings the server's changes
+/// and pushes nothing; `sync_once` does both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_once_only_pushes_and_pull_once_only_pulls() {
+    let mut server = support::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (client(dir.path(), "a"), client(dir.path(), "b"));
+    let url = options(&server.url("halves"));
+    write_batch(&a, "a", 3);
+    write_batch(&b, "b", 2);
+    let pushed = a.push_once(&url).await.unwrap();
+    assert_eq!(pushed.docs_written, 3);
+    assert_eq!(a.status().unwrap().pending, 0, "acknowledged");
+    b.push_once(&url).await.unwrap();
+    // a pushed only: b's documents, on the server now, are not on a.
+    assert_eq!(contents(&a).len(), 3, "{:?}", contents(&a));
+    // b pulls a's documents, and a later edit of b's stays pending: a pull pushes nothing.
+    b.collection::<Value>("todos")
+        .insert_with_id("late", &json!({"n": 9}))
+        .unwrap();
+    let pulled = b.pull_once(&url).await.unwrap();
+    assert_eq!(pulled.docs_written, 3);
+    assert_eq!(contents(&b).len(), 6);
+    assert_eq!(b.status().unwrap().pending, 1);
+    a.pull_once(&url).await.unwrap();
+    assert_eq!(contents(&a).len(), 5, "b's late edit never left b");
+    server.stop();
+}
+
 /// Writes `count` documents `{prefix}-{i}` to `todos`.
 fn write_batch(ferry: &Ferry, prefix: &str, count: usize) {
     let todos = ferry.collection::<Value>("todos");
