@@ -20,11 +20,11 @@
 //! crash or power loss. That takes microseconds to a few milliseconds; in async code, call
 //! batches of them through `tokio::task::spawn_blocking` when latency matters. So are opening a
 //! replica and [`Ferry::start_sync`] (they read it). The SDK's async methods and the background
-//! sync ([`Ferry::sync_once`], [`Ferry::push_to`], [`Ferry::pull_from`],
-//! [`Ferry::wait_for_acknowledgement`], the sync loop: reading the replica, storing pulled
-//! revisions, resolving their conflicts, recording acknowledgements and refusals, keeping
-//! reconnect tokens) call the store only on tokio's blocking threads, never on an executor
-//! thread.
+//! sync ([`Ferry::sync_once`], [`Ferry::push_once`], [`Ferry::pull_once`], [`Ferry::push_to`],
+//! [`Ferry::pull_from`], [`Ferry::wait_for_acknowledgement`], the sync loop: reading the
+//! replica, storing pulled revisions, resolving their conflicts, recording acknowledgements and
+//! refusals, keeping reconnect tokens) call the store only on tokio's blocking threads, never
+//! on an executor thread.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), ferry_client::ClientError> {
