@@ -60,12 +60,19 @@ async fn send(socket: &mut Socket, frame: Value) {
 
 /// The next JSON frame, or None if the server closed the session.
 async fn receive(socket: &mut Socket) -> Option<Value> {
+    receive_text(socket)
+        .await
+        .map(|text| serde_json::from_str(&text).unwrap())
+}
+
+/// The next frame's text as the server wrote it, or None if it closed the session.
+async fn receive_text(socket: &mut Socket) -> Option<String> {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
             .await
             .expect("the server answered in time")?;
         match message {
-            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Message::Text(text)) => return Some(text.to_string()),
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(_) => continue,
         }
@@ -528,4 +535,63 @@ async fn a_revision_over_a_limit_is_refused_alone_and_the_rest_is_stored() {
     // A clock a day ahead would win every last-write-wins conflict: refused.
     assert_eq!(acks[2]["error"], json!("clock_ahead"), "{response}");
     assert_eq!(changed_ids(&mut socket, 2).await, ["fine"]);
+}
+
+/// The session stores a replicated body as its sender wrote it (a careless client's spacing
+/// included) and serves it back byte for byte; the size limit counts that text, at the limit
+/// and one past; a reserved member written with an escape is still a reserved member.
+#[tokio::test]
+async fn a_body_is_stored_as_sent_and_its_size_is_the_text_sent() {
+    let limits = Limits {
+        max_document_bytes: 64,
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let mut socket = open(&server, "as-sent").await;
+    // `{"v":[1]}` is 9 bytes; spaces inside the array make the body's text `9 + pad` bytes,
+    // while its canonical form stays 9.
+    let spaced = |doc_id: &str, rev_hash: &str, pad: usize| {
+        format!(
+            r#"{{"_id":"{doc_id}","_rev":"1-{rev_hash}","_revisions":{{"start":1,"ids":["{rev_hash}"]}},"v":[{}1]}}"#,
+            " ".repeat(pad)
+        )
+    };
+    let frame = format!(
+        r#"{{"type":"request","id":1,"op":"bulk_docs","docs":[{},{}]}}"#,
+        spaced("at", "aa", 64 - 9),
+        spaced("past", "bb", 64 - 9 + 1)
+    );
+    socket.send(Message::Text(frame.into())).await.unwrap();
+    let response = receive(&mut socket).await.unwrap();
+    let acks = &response["result"]["acks"];
+    assert_eq!(
+        acks[0],
+        json!({"id": "at", "rev": "1-aa", "ok": true}),
+        "{response}"
+    );
+    assert_eq!(acks[1]["error"], json!("document_too_large"), "{response}");
+    assert_eq!(changed_ids(&mut socket, 2).await, ["at"]);
+
+    send(
+        &mut socket,
+        json!({"type": "request", "id": 3, "op": "bulk_get", "docs": [{"id": "at", "rev": "1-aa"}]}),
+    )
+    .await;
+    let answer = receive_text(&mut socket).await.expect("an answer");
+    let body = format!(r#""v":[{}1]}}"#, " ".repeat(64 - 9));
+    assert!(answer.contains(&body), "the body as sent: {answer}");
+
+    let escaped = r#"{"type":"request","id":4,"op":"bulk_docs","docs":[{"_id":"sly","_rev":"1-cc","_revisions":{"start":1,"ids":["cc"]},"\u005fsecret":1}]}"#;
+    socket.send(Message::Text(escaped.into())).await.unwrap();
+    let refused = receive(&mut socket).await.unwrap();
+    assert_eq!(refused["id"], json!(4), "{refused}");
+    assert_eq!(refused["error"]["error"], json!("bad_request"), "{refused}");
+    assert!(
+        refused["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("_secret"),
+        "{refused}"
+    );
+    assert_eq!(changed_ids(&mut socket, 5).await, ["at"]);
 }
