@@ -164,6 +164,19 @@ async fn concurrent_edits_on_two_replicas_converge_through_a_hub() {
     assert_eq!(expected.len(), 22);
 }
 
+/// Waits until the source answered the fetch of the page after page `write` (page `write` was
+/// the `write + 1`-th fetch; the next one is the read-ahead), 5 s at most; whether it did.
+async fn next_page_fetched(fetches: &AtomicUsize, write: usize) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while fetches.load(Ordering::SeqCst) < write + 2 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
 /// Runs before the n-th write of revisions (counted from 0).
 type BeforeWrite = Box<dyn Fn(usize) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -206,10 +219,21 @@ impl<P: Peer> Flaky<P> {
         }
     }
 
-    /// Answers each write of revisions 50 ms late.
-    fn answering_slowly(mut self) -> Flaky<P> {
-        self.before_write = Some(Box::new(|_| {
-            Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+    /// Holds the write of page `n` (counted from 0, of `pages`) until the source answered the
+    /// fetch of the page after it (`fetches`, the source's count), as a server's commit takes
+    /// a while: the page read ahead is then ready to be written while this one is answered.
+    fn holding_writes_until_the_next_page_is_fetched(
+        mut self,
+        fetches: Arc<AtomicUsize>,
+        pages: usize,
+    ) -> Flaky<P> {
+        self.before_write = Some(Box::new(move |write| {
+            let fetches = fetches.clone();
+            Box::pin(async move {
+                if write + 1 < pages {
+                    next_page_fetched(&fetches, write).await;
+                }
+            })
         }));
         self
     }
@@ -439,14 +463,7 @@ async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
             if next_page + 2 >= 300 {
                 return;
             }
-            // Page `write` was the `write + 1`-th fetch; the next one is the read-ahead.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while fetches.load(Ordering::SeqCst) < write + 2
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            if fetches.load(Ordering::SeqCst) >= write + 2 {
+            if next_page_fetched(&fetches, write).await {
                 seen.fetch_add(1, Ordering::SeqCst);
             }
             put(
@@ -487,9 +504,8 @@ async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
     let (source, target) = (replicas.create("source"), replicas.create("target"));
     write_numbered(&*source, 400);
     let source_peer = Flaky::new(local(&source).await, usize::MAX);
-    // Each write takes a while to be answered, as a server's commit does: long enough for the
-    // next page to be read and sent meanwhile.
-    let target_peer = Flaky::new(local(&target).await, usize::MAX).answering_slowly();
+    let target_peer = Flaky::new(local(&target).await, usize::MAX)
+        .holding_writes_until_the_next_page_is_fetched(source_peer.fetches.clone(), 10);
     let stats = replicate(&source_peer, &target_peer, &options(40), |_| {})
         .await
         .unwrap();
@@ -521,7 +537,8 @@ async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
     };
     // The second fetch is the first page read ahead.
     source_peer.slipped_in = Some((1, intruder));
-    let target_peer = Flaky::new(local(&target).await, usize::MAX).answering_slowly();
+    let target_peer = Flaky::new(local(&target).await, usize::MAX)
+        .holding_writes_until_the_next_page_is_fetched(source_peer.fetches.clone(), 3);
     let error = replicate(&source_peer, &target_peer, &options(40), |_| {})
         .await
         .unwrap_err();
