@@ -368,13 +368,11 @@ impl SpecialMembers {
         }
         Ok(self)
     }
+}
 
-    /// The revision path to merge for `new_edits=false`: `_revisions` if given, else `[_rev]`.
-    fn path(&self) -> Option<Vec<Rev>> {
-        self.revisions
-            .clone()
-            .or_else(|| self.rev.clone().map(|rev| vec![rev]))
-    }
+/// The revision path to merge for `new_edits=false`: `_revisions` if given, else `[_rev]`.
+fn replicated_path(revisions: Option<Vec<Rev>>, rev: Option<Rev>) -> Option<Vec<Rev>> {
+    revisions.or_else(|| rev.map(|rev| vec![rev]))
 }
 
 impl CouchDoc {
@@ -405,9 +403,7 @@ impl CouchDoc {
 
     /// The revision path to merge for `new_edits=false`: `_revisions` if given, else `[_rev]`.
     pub fn path(&self) -> Option<Vec<Rev>> {
-        self.revisions
-            .clone()
-            .or_else(|| self.rev.clone().map(|rev| vec![rev]))
+        replicated_path(self.revisions.clone(), self.rev.clone())
     }
 }
 
@@ -615,14 +611,20 @@ pub fn revision_from_checked_text(text: &RawJson) -> Result<Revision, CouchDocEr
             .map_err(|error| CouchDocError::Json(JsonError::Syntax(error.to_string())))?;
         special.read(key, value)?;
     }
-    let special = special.finish()?;
+    let SpecialMembers {
+        id,
+        rev,
+        deleted,
+        revisions,
+        hlc,
+    } = special.finish()?;
     Ok(Revision {
-        path: special.path().ok_or(CouchDocError::BadRev)?,
-        doc_id: special.id.ok_or(CouchDocError::BadId)?,
-        deleted: special.deleted,
+        path: replicated_path(revisions, rev).ok_or(CouchDocError::BadRev)?,
+        doc_id: id.ok_or(CouchDocError::BadId)?,
+        deleted,
         // Written by the serializer from checked text: not checked again.
         body: RawJson::of(&members),
-        hlc: special.hlc,
+        hlc,
     })
 }
 
