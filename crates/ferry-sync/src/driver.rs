@@ -1,10 +1,12 @@
 //! The async drivers of the replication state machine: [`replicate`] (one way, once or
-//! continuously, with a read-ahead of one page) and [`sync`] (push, then pull).
+//! continuously, reading pages ahead) and [`sync`] (push, then pull).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::replicate::{Action, Replication, ReplicationConfig, Response};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::{ChangesFilter, Peer, RejectedRevision, Stats, SyncError, read_ahead};
 
@@ -21,6 +23,10 @@ pub struct ReplicationOptions {
     /// How many full batches may go by between two checkpoints (see
     /// [`ReplicationConfig::checkpoint_every`]).
     pub checkpoint_every: usize,
+    /// How many pages of changes (of `batch_size`) may be read and fetched ahead of the one
+    /// being written, in the background; memory use is proportional to it too. 0 reads one
+    /// page at a time.
+    pub read_ahead_pages: usize,
     /// Which changes to carry.
     pub filter: ChangesFilter,
     /// Create the target database if it does not exist.
@@ -41,6 +47,7 @@ impl Default for ReplicationOptions {
             max_write_bytes: ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES,
             continuous: false,
             checkpoint_every: ferry_core::replicate::DEFAULT_CHECKPOINT_EVERY,
+            read_ahead_pages: DEFAULT_READ_AHEAD_PAGES,
             filter: ChangesFilter::default(),
             create_target: false,
             wait_timeout: Duration::from_secs(25),
@@ -136,6 +143,12 @@ pub async fn replicate_reporting<S: Peer, T: Peer>(
 /// below the frame and request limits, and a client holds one at a time.
 pub(crate) const FETCH_ANSWER_BYTES: usize = ferry_core::replicate::DEFAULT_MAX_WRITE_BYTES;
 
+/// Pages read ahead by default: one page's round trips (changes, revs_diff, fetch) take
+/// longer than writing one. Paired runs of 100,000 documents (BENCHMARKS.md, session 27):
+/// pull 52,000 docs/s with one page ahead, 73,000 with two, 77,000 with three, 79,000 with
+/// four.
+const DEFAULT_READ_AHEAD_PAGES: usize = 3;
+
 /// The first pause after a transient failure.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -160,9 +173,21 @@ async fn replicate_once<S: Peer, T: Peer>(
         continuous: options.continuous,
         checkpoint_every: options.checkpoint_every,
     });
-    // The page after the current one, read (and its first write sent) while the current one
-    // is written.
-    let mut ahead: Option<read_ahead::ReadAhead<_>> = None;
+    // The pages after the current one, read (and their first writes sent) while the current
+    // one is written.
+    let writes = Arc::new(Semaphore::new(read_ahead::WRITES_IN_FLIGHT));
+    let ahead_writes = writes.clone();
+    let limit = options.batch_size.max(1);
+    let mut ahead = read_ahead::ReadAhead::new(options.read_ahead_pages, limit, |since, slot| {
+        read_ahead::prepare_and_write(
+            (source, target),
+            &options.filter,
+            (since, limit),
+            max_write_bytes,
+            ahead_writes.clone(),
+            slot,
+        )
+    });
     let mut prepared: Option<read_ahead::Prepared> = None;
     // The current page's first write, when it was sent ahead.
     let mut written_ahead: Option<read_ahead::WrittenAhead<_>> = None;
@@ -179,31 +204,19 @@ async fn replicate_once<S: Peer, T: Peer>(
                 }
             }
             Action::ReadChanges { since, limit } => {
-                let read_ahead = match ahead.take() {
-                    Some(ahead) => ahead.finish(&since, limit).await,
-                    None => None,
-                };
-                let (mut next, written) = match read_ahead {
+                let (mut next, written) = match ahead.finish(&since, limit).await {
                     Some((next, written)) => (next?, written),
-                    None => (
-                        read_ahead::prepare(source, target, &options.filter, since, limit).await?,
-                        None,
-                    ),
+                    None => {
+                        let next =
+                            read_ahead::prepare(source, target, &options.filter, since, limit)
+                                .await?;
+                        if next.page.rows.len() >= limit {
+                            ahead.start_after(next.page.last_seq.clone(), limit);
+                        }
+                        (next, None)
+                    }
                 };
                 written_ahead = written;
-                if next.page.rows.len() >= limit {
-                    let since = next.page.last_seq.clone();
-                    let slot = read_ahead::slot();
-                    let work = read_ahead::prepare_and_write(
-                        source,
-                        target,
-                        &options.filter,
-                        (since.clone(), limit),
-                        max_write_bytes,
-                        slot.clone(),
-                    );
-                    ahead = Some(read_ahead::ReadAhead::start(since, limit, slot, work));
-                }
                 let page = std::mem::take(&mut next.page);
                 prepared = Some(next);
                 Response::Changes {
@@ -239,7 +252,14 @@ async fn replicate_once<S: Peer, T: Peer>(
                         read_ahead::alongside(written.answer(), &mut ahead).await?
                     }
                     _ => {
-                        read_ahead::alongside(target.write_revisions(revisions), &mut ahead).await?
+                        let write = async {
+                            let _in_flight = writes
+                                .acquire()
+                                .await
+                                .expect("the semaphore is never closed");
+                            target.write_revisions(revisions).await
+                        };
+                        read_ahead::alongside(write, &mut ahead).await?
                     }
                 };
                 for refused in &rejected {

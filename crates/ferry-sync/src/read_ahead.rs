@@ -1,4 +1,4 @@
-//! Reading the next batch while the current one is written, and writing it early.
+//! Reading the next pages while the current one is written, and writing them early.
 //!
 //! The replication state machine is sequential: read changes, ask the target what it lacks,
 //! fetch those revisions, write them, checkpoint. Done one step at a time, only one side
@@ -10,24 +10,37 @@
 //! safe: a change made meanwhile comes in a later page, a revision the target gains meanwhile
 //! is written again (writes are idempotent), and nothing is checkpointed that was not written.
 //!
-//! The page read ahead is also written ahead: once fetched, its first write (what the state
+//! Up to [`ReplicationOptions::read_ahead_pages`](crate::ReplicationOptions) pages are read
+//! ahead, each one's changes requested as soon as the page before it arrived full: one page's
+//! round trips (changes, then revs_diff, then fetch) take longer than writing a page, so with
+//! a single page ahead the writer waited for them; with two, the source answers one page's
+//! changes while it serves the fetch of the page before.
+//!
+//! A page read ahead is also written ahead: once fetched, its first write (what the state
 //! machine will ask for: [`write_len`] of it, and only revisions it asked for) is sent while
-//! the current write is still being answered, so the target decodes one batch while it
-//! commits the other. At most two writes are in flight. Writing early is safe for the same
-//! reasons: the target merges revisions in any order, and the checkpoint still follows the
-//! state machine, which sees each write's answer in order.
+//! the writes before it are still being answered, so the target decodes one batch while it
+//! commits another. At most [`WRITES_IN_FLIGHT`] writes are in flight, counting the state
+//! machine's own. Writing early is safe for the same reasons: the target merges revisions in
+//! any order, and the checkpoint still follows the state machine, which sees each write's
+//! answer in order.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use ferry_core::model::Revision;
 use ferry_core::replicate::{check_requested, write_len};
 use ferry_core::rev::Rev;
 use futures_util::future::{MaybeDone, maybe_done};
+use tokio::sync::Semaphore;
 
 use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, Seq, SyncError};
+
+/// The most writes of revisions in flight to the target at once, the state machine's own
+/// included: one being committed while the next is decoded.
+pub(crate) const WRITES_IN_FLIGHT: usize = 2;
 
 /// Document ids with revisions, as the revs_diff and fetch steps take and give them.
 type DocRevs = Vec<(String, Vec<Rev>)>;
@@ -74,6 +87,15 @@ pub(crate) async fn prepare<S: Peer, T: Peer>(
     limit: usize,
 ) -> Result<Prepared, SyncError> {
     let page = source.changes(&since, limit, filter).await?;
+    prepare_page(source, target, page).await
+}
+
+/// Asks the target which revisions of `page` it lacks, and fetches them from the source.
+async fn prepare_page<S: Peer, T: Peer>(
+    source: &S,
+    target: &T,
+    page: ChangesPage,
+) -> Result<Prepared, SyncError> {
     let asked: DocRevs = page
         .rows
         .iter()
@@ -103,29 +125,44 @@ pub(crate) async fn prepare<S: Peer, T: Peer>(
     Ok(prepared)
 }
 
-/// Where [`prepare_and_write`] leaves the prepared page for [`ReadAhead::finish`], before its
-/// write is answered.
-type Slot = Arc<Mutex<Option<Result<Prepared, SyncError>>>>;
-
-/// An empty slot for [`prepare_and_write`].
-pub(crate) fn slot() -> Slot {
-    Arc::new(Mutex::new(None))
+/// What a page read ahead tells as it goes: where the page after it starts, as soon as its
+/// changes arrived (a full page only), and then the page prepared, before its write is
+/// answered.
+#[derive(Default)]
+pub(crate) struct Progress {
+    next: Option<Seq>,
+    prepared: Option<Result<Prepared, SyncError>>,
 }
 
-/// [`prepare`], then the page's first write: `slot` gets the prepared page as soon as it is
-/// fetched; the future's own output is the write's answer (none if nothing was written).
+/// Where [`prepare_and_write`] reports its [`Progress`].
+pub(crate) type Slot = Arc<Mutex<Progress>>;
+
+fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Progress> {
+    slot.lock().expect("the slot is never poisoned")
+}
+
+/// The page after `since` read and prepared, then its first write sent (holding one of the
+/// `writes` permits while it is answered), reporting to `slot` as it goes; the future's own
+/// output is the write's answer (none if nothing was written).
 pub(crate) async fn prepare_and_write<S: Peer, T: Peer>(
-    source: &S,
-    target: &T,
+    (source, target): (&S, &T),
     filter: &ChangesFilter,
     (since, limit): (Seq, usize),
     max_write_bytes: usize,
+    writes: Arc<Semaphore>,
     slot: Slot,
 ) -> Result<Vec<RejectedRevision>, SyncError> {
-    let mut prepared = match prepare(source, target, filter, since, limit).await {
+    let prepared = async {
+        let page = source.changes(&since, limit, filter).await?;
+        if page.rows.len() >= limit {
+            lock(&slot).next = Some(page.last_seq.clone());
+        }
+        prepare_page(source, target, page).await
+    };
+    let mut prepared = match prepared.await {
         Ok(prepared) => prepared,
         Err(error) => {
-            *slot.lock().expect("the slot is never poisoned") = Some(Err(error));
+            lock(&slot).prepared = Some(Err(error));
             return Ok(Vec::new());
         }
     };
@@ -142,58 +179,123 @@ pub(crate) async fn prepare_and_write<S: Peer, T: Peer>(
         .iter()
         .map(|revision| (revision.doc_id.clone(), revision.rev().clone()))
         .collect();
-    *slot.lock().expect("the slot is never poisoned") = Some(Ok(prepared));
+    lock(&slot).prepared = Some(Ok(prepared));
     if ahead.is_empty() {
         return Ok(Vec::new());
     }
+    let _in_flight = writes
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     target.write_revisions(ahead).await
 }
 
-/// The next page being prepared, and where it starts.
-pub(crate) struct ReadAhead<F: Future> {
+/// One page being read ahead, and where it starts.
+struct Page<F: Future> {
     since: Seq,
-    limit: usize,
     slot: Slot,
     work: Pin<Box<MaybeDone<F>>>,
 }
 
-impl<F: Future<Output = Result<Vec<RejectedRevision>, SyncError>>> ReadAhead<F> {
-    /// Starts `work` ([`prepare_and_write`] filling `slot`), for the page after `since`.
-    pub(crate) fn start(since: Seq, limit: usize, slot: Slot, work: F) -> ReadAhead<F> {
+/// The pages read ahead of the state machine, oldest first, at most `depth` of them; `start`
+/// makes the work of one ([`prepare_and_write`] reporting to the slot it is given).
+pub(crate) struct ReadAhead<F: Future, G> {
+    depth: usize,
+    limit: usize,
+    start: G,
+    pages: VecDeque<Page<F>>,
+}
+
+impl<F, G> ReadAhead<F, G>
+where
+    F: Future<Output = Result<Vec<RejectedRevision>, SyncError>>,
+    G: FnMut(Seq, Slot) -> F,
+{
+    /// Nothing read ahead yet; pages of `limit` changes, at most `depth` ahead (0: none).
+    pub(crate) fn new(depth: usize, limit: usize, start: G) -> ReadAhead<F, G> {
         ReadAhead {
-            since,
+            depth,
             limit,
-            slot,
-            work: Box::pin(maybe_done(work)),
+            start,
+            pages: VecDeque::new(),
         }
     }
 
-    /// The prepared page, when it is the one asked for (`None` otherwise: the caller reads it
-    /// itself), and its write if one was started ahead.
+    /// Starts reading ahead after the page that ends at `since` (a full page of `limit`
+    /// changes), unless it already does.
+    pub(crate) fn start_after(&mut self, since: Seq, limit: usize) {
+        if self.pages.is_empty() && self.depth > 0 && limit == self.limit {
+            self.push(since);
+        }
+    }
+
+    fn push(&mut self, since: Seq) {
+        let slot = Slot::default();
+        let work = (self.start)(since.clone(), slot.clone());
+        self.pages.push_back(Page {
+            since,
+            slot,
+            work: Box::pin(maybe_done(work)),
+        });
+    }
+
+    /// Lets every page's work progress, and starts the next page as soon as the last one
+    /// says where it starts, while fewer than `depth` are read ahead.
+    fn poll_pages(&mut self, cx: &mut Context<'_>) {
+        loop {
+            for page in &mut self.pages {
+                // Once done, it keeps its output until `WrittenAhead::answer` takes it.
+                let _ = page.work.as_mut().poll(cx);
+            }
+            if self.pages.len() >= self.depth {
+                return;
+            }
+            match self
+                .pages
+                .back()
+                .and_then(|last| lock(&last.slot).next.take())
+            {
+                Some(since) => self.push(since),
+                None => return,
+            }
+        }
+    }
+
+    /// The prepared page after `since`, when it is the next one read ahead (`None`
+    /// otherwise: the caller reads it itself, and what was read ahead is dropped), and its
+    /// write if one was started ahead.
     pub(crate) async fn finish(
-        mut self,
+        &mut self,
         since: &Seq,
         limit: usize,
     ) -> Option<(Result<Prepared, SyncError>, Option<WrittenAhead<F>>)> {
-        if self.since != *since || self.limit != limit {
+        if limit != self.limit || self.pages.front().is_none_or(|page| page.since != *since) {
+            self.pages.clear();
             return None;
         }
-        let slot = self.slot.clone();
-        let filled = || slot.lock().expect("the slot is never poisoned").is_some();
         std::future::poll_fn(|cx| {
-            let finished = self.work.as_mut().poll(cx).is_ready();
-            if finished || filled() {
+            self.poll_pages(cx);
+            let page = self.pages.front_mut().expect("the page asked for is read");
+            let finished = page.work.as_mut().output_mut().is_some();
+            if finished || lock(&page.slot).prepared.is_some() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
             }
         })
         .await;
-        let prepared = slot.lock().expect("the slot is never poisoned").take()?;
+        let page = self.pages.pop_front()?;
+        if self.pages.is_empty()
+            && let Some(next) = lock(&page.slot).next.take()
+        {
+            // It was the only page ahead: the next one starts now.
+            self.push(next);
+        }
+        let prepared = lock(&page.slot).prepared.take()?;
         let written = match &prepared {
             Ok(prepared) if !prepared.written_ahead.is_empty() => Some(WrittenAhead {
                 revisions: prepared.written_ahead.clone(),
-                work: self.work,
+                work: page.work,
             }),
             _ => None,
         };
@@ -230,16 +332,17 @@ impl<F: Future<Output = Result<Vec<RejectedRevision>, SyncError>>> WrittenAhead<
     }
 }
 
-/// Runs `work`, letting the read-ahead (if any) progress meanwhile.
-pub(crate) async fn alongside<T, F: Future>(
+/// Runs `work`, letting the pages read ahead progress meanwhile.
+pub(crate) async fn alongside<T, F, G>(
     work: impl Future<Output = T>,
-    ahead: &mut Option<ReadAhead<F>>,
-) -> T {
+    ahead: &mut ReadAhead<F, G>,
+) -> T
+where
+    F: Future<Output = Result<Vec<RejectedRevision>, SyncError>>,
+    G: FnMut(Seq, Slot) -> F,
+{
     let background = std::future::poll_fn(|cx| {
-        if let Some(ahead) = ahead.as_mut() {
-            // Once done, it keeps its output until `finish` takes it.
-            let _ = ahead.work.as_mut().poll(cx);
-        }
+        ahead.poll_pages(cx);
         Poll::<()>::Pending
     });
     tokio::select! {

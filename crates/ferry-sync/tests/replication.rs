@@ -167,8 +167,13 @@ async fn concurrent_edits_on_two_replicas_converge_through_a_hub() {
 /// Waits until the source answered the fetch of the page after page `write` (page `write` was
 /// the `write + 1`-th fetch; the next one is the read-ahead), 5 s at most; whether it did.
 async fn next_page_fetched(fetches: &AtomicUsize, write: usize) -> bool {
+    reached(fetches, write + 2).await
+}
+
+/// Waits until `counter` reaches `count`, 5 s at most; whether it did.
+async fn reached(counter: &AtomicUsize, count: usize) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while fetches.load(Ordering::SeqCst) < write + 2 {
+    while counter.load(Ordering::SeqCst) < count {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
@@ -189,6 +194,7 @@ struct Flaky<P> {
     fail_at: usize,
     largest_batch: AtomicUsize,
     first_since: std::sync::Mutex<Vec<ferry_sync::Seq>>,
+    changes_reads: Arc<AtomicUsize>,
     fetches: Arc<AtomicUsize>,
     before_write: Option<BeforeWrite>,
     /// Never says changes arrived: a lost notification, every time.
@@ -196,9 +202,11 @@ struct Flaky<P> {
     /// Writes of revisions being answered now, and the most there were at once.
     writing: AtomicUsize,
     most_writing: AtomicUsize,
-    /// A revision nobody asked for, added to the answer of the fetch with this number
-    /// (counted from 0): a hostile source.
-    slipped_in: Option<(usize, Revision)>,
+    /// Writes of revisions answered.
+    answered: Arc<AtomicUsize>,
+    /// A revision nobody asked for, added to the answer of the fetch that asks for this
+    /// document: a hostile source.
+    slipped_in: Option<(String, Revision)>,
 }
 
 impl<P: Peer> Flaky<P> {
@@ -210,11 +218,13 @@ impl<P: Peer> Flaky<P> {
             revision_writes: AtomicUsize::new(0),
             largest_batch: AtomicUsize::new(0),
             first_since: std::sync::Mutex::new(Vec::new()),
+            changes_reads: Arc::new(AtomicUsize::new(0)),
             fetches: Arc::new(AtomicUsize::new(0)),
             before_write: None,
             deaf: false,
             writing: AtomicUsize::new(0),
             most_writing: AtomicUsize::new(0),
+            answered: Arc::new(AtomicUsize::new(0)),
             slipped_in: None,
         }
     }
@@ -267,6 +277,7 @@ impl<P: Peer> Peer for Flaky<P> {
         filter: &ChangesFilter,
     ) -> Result<ChangesPage, SyncError> {
         self.first_since.lock().unwrap().push(since.clone());
+        self.changes_reads.fetch_add(1, Ordering::SeqCst);
         let page = self.inner.changes(since, limit, filter).await?;
         self.largest_batch
             .fetch_max(page.rows.len(), Ordering::SeqCst);
@@ -282,11 +293,13 @@ impl<P: Peer> Peer for Flaky<P> {
         &self,
         wanted: Vec<(String, Vec<Rev>)>,
     ) -> Result<Vec<Revision>, SyncError> {
+        let slip = self
+            .slipped_in
+            .as_ref()
+            .filter(|(doc_id, _)| wanted.iter().any(|(id, _)| id == doc_id));
         let mut revisions = self.inner.fetch_revisions(wanted).await?;
-        let fetch = self.fetches.fetch_add(1, Ordering::SeqCst);
-        if let Some((at, intruder)) = &self.slipped_in
-            && *at == fetch
-        {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        if let Some((_, intruder)) = slip {
             revisions.push(intruder.clone());
         }
         Ok(revisions)
@@ -309,6 +322,7 @@ impl<P: Peer> Peer for Flaky<P> {
         }
         .await;
         self.writing.fetch_sub(1, Ordering::SeqCst);
+        self.answered.fetch_add(1, Ordering::SeqCst);
         answer
     }
     async fn wait_for_changes(
@@ -326,65 +340,72 @@ impl<P: Peer> Peer for Flaky<P> {
 
 #[tokio::test]
 async fn a_replication_cut_at_every_write_resumes_and_converges_without_duplicates() {
-    let replicas = Replicas::new();
-    let (source, target) = (replicas.create("source"), replicas.create("target"));
-    for n in 0..300 {
-        put(&*source, &format!("d{n:03}"), json!({ "n": n }));
-    }
-    let source_peer = local(&source).await;
-    // Cut the first run at its 1st write, the next at its 2nd, and so on: every cut point
-    // between a batch and its checkpoint (one per two batches) is hit once.
-    let checkpointing_every_two = ReplicationOptions {
-        checkpoint_every: 2,
-        ..options(40)
-    };
-    let mut attempts = 0;
-    let mut resumed_from_checkpoint = false;
-    for fail_at in 1.. {
-        attempts += 1;
-        let target_peer = Flaky::new(local(&target).await, fail_at);
-        let watched_source = Flaky::new(source_peer.clone(), usize::MAX);
-        match replicate(
-            &watched_source,
-            &target_peer,
-            &checkpointing_every_two,
-            |_| {},
-        )
-        .await
-        {
-            Ok(_) => break,
-            Err(SyncError::Task(_)) => {
-                let starts = watched_source.first_since.lock().unwrap().clone();
-                resumed_from_checkpoint |= starts
-                    .first()
-                    .is_some_and(|since| since.number() != Some(0));
-            }
-            Err(other) => panic!("unexpected error {other}"),
+    // One page ahead, the cuts fall at the same points of the state machine on every run;
+    // three (the default), wherever the writes ahead are when they are cut.
+    for read_ahead_pages in [1, 3] {
+        let replicas = Replicas::new();
+        let (source, target) = (replicas.create("source"), replicas.create("target"));
+        for n in 0..300 {
+            put(&*source, &format!("d{n:03}"), json!({ "n": n }));
         }
-        assert!(attempts < 100, "never finished");
+        let source_peer = local(&source).await;
+        // Cut the first run at its 1st write, the next at its 2nd, and so on: every cut point
+        // between a batch and its checkpoint (one per two batches) is hit once.
+        let checkpointing_every_two = ReplicationOptions {
+            checkpoint_every: 2,
+            read_ahead_pages,
+            ..options(40)
+        };
+        let mut attempts = 0;
+        let mut resumed_from_checkpoint = false;
+        for fail_at in 1.. {
+            attempts += 1;
+            let target_peer = Flaky::new(local(&target).await, fail_at);
+            let watched_source = Flaky::new(source_peer.clone(), usize::MAX);
+            match replicate(
+                &watched_source,
+                &target_peer,
+                &checkpointing_every_two,
+                |_| {},
+            )
+            .await
+            {
+                Ok(_) => break,
+                Err(SyncError::Task(_)) => {
+                    let starts = watched_source.first_since.lock().unwrap().clone();
+                    resumed_from_checkpoint |= starts
+                        .first()
+                        .is_some_and(|since| since.number() != Some(0));
+                }
+                Err(other) => panic!("unexpected error {other}"),
+            }
+            assert!(attempts < 100, "never finished");
+        }
+        // Each run resumes where the last one was cut, so later runs have fewer writes left; the
+        // schedule still cuts after a batch, before its checkpoint, and after the checkpoint.
+        assert!(
+            attempts >= 5,
+            "the cuts were exercised ({attempts} attempts)"
+        );
+        // (Deeper, the writes ahead may each be cut before any checkpoint is: when they cut is
+        // a matter of timing.)
+        assert!(
+            resumed_from_checkpoint || read_ahead_pages > 1,
+            "a restarted run resumed from its checkpoint"
+        );
+        assert_eq!(digest(&*target), digest(&*source));
+        // Re-applied batches changed nothing: one change per document, no sequence spent twice.
+        let info = target.info().unwrap();
+        assert_eq!(info.doc_count, 300);
+        let seqs: Vec<u64> = target
+            .changes(0, 1000, false)
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(seqs.len(), 300);
+        assert_eq!(info.update_seq, 300, "every write landed exactly once");
     }
-    // Each run resumes where the last one was cut, so later runs have fewer writes left; the
-    // schedule still cuts after a batch, before its checkpoint, and after the checkpoint.
-    assert!(
-        attempts >= 5,
-        "the cuts were exercised ({attempts} attempts)"
-    );
-    assert!(
-        resumed_from_checkpoint,
-        "a restarted run resumed from its checkpoint"
-    );
-    assert_eq!(digest(&*target), digest(&*source));
-    // Re-applied batches changed nothing: one change per document, no sequence spent twice.
-    let info = target.info().unwrap();
-    assert_eq!(info.doc_count, 300);
-    let seqs: Vec<u64> = target
-        .changes(0, 1000, false)
-        .unwrap()
-        .iter()
-        .map(|c| c.seq)
-        .collect();
-    assert_eq!(seqs.len(), 300);
-    assert_eq!(info.update_seq, 300, "every write landed exactly once");
 }
 
 #[tokio::test]
@@ -479,7 +500,13 @@ async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
             delete(&*source, &format!("d{:03}", next_page + 2));
         })
     }));
-    let stats = replicate(&source_peer, &target_peer, &options(40), |_| {})
+    // One page ahead, so that what each edit misses is known exactly (deeper, the last
+    // pages are read before more of the edits are made).
+    let one_ahead = ReplicationOptions {
+        read_ahead_pages: 1,
+        ..options(40)
+    };
+    let stats = replicate(&source_peer, &target_peer, &one_ahead, |_| {})
         .await
         .unwrap();
     // Pages 1 to 7 were fetched while the page before them was being written.
@@ -488,7 +515,7 @@ async fn pages_read_ahead_and_edited_before_they_are_written_still_converge() {
     // except those made while the last page (read ahead before them) was written: like any
     // change made after a one-shot replication read its last page, they wait for the next.
     assert!(stats.docs_written > 300, "{stats:?}");
-    let next = replicate(&source_peer, &target_peer, &options(40), |_| {})
+    let next = replicate(&source_peer, &target_peer, &one_ahead, |_| {})
         .await
         .unwrap();
     assert_eq!(next.docs_written, 3, "{next:?}");
@@ -519,9 +546,54 @@ async fn the_page_read_ahead_is_written_while_the_one_before_is_answered() {
     assert_eq!(digest(&*target), digest(&*source));
 }
 
+/// While the first page is written, the `read_ahead_pages` pages after it are read and
+/// fetched (each page's changes asked for as soon as the page before it arrived full), and
+/// not one more.
+#[tokio::test]
+async fn pages_are_read_ahead_as_deep_as_configured_and_no_deeper() {
+    for depth in [0, 1, 2, 3] {
+        let replicas = Replicas::new();
+        let (source, target) = (replicas.create("source"), replicas.create("target"));
+        write_numbered(&*source, 400);
+        let source_peer = Flaky::new(local(&source).await, usize::MAX);
+        let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
+        let reads_during_first_write = Arc::new(AtomicUsize::new(usize::MAX));
+        let (fetches, reads, seen) = (
+            source_peer.fetches.clone(),
+            source_peer.changes_reads.clone(),
+            reads_during_first_write.clone(),
+        );
+        target_peer.before_write = Some(Box::new(move |write| {
+            let (fetches, reads, seen) = (fetches.clone(), reads.clone(), seen.clone());
+            Box::pin(async move {
+                // The first page and those read ahead of it, fetched: a read beyond them
+                // would have been asked for when the last of them arrived.
+                if write == 0 && reached(&fetches, 1 + depth).await {
+                    seen.store(reads.load(Ordering::SeqCst), Ordering::SeqCst);
+                }
+            })
+        }));
+        let options = ReplicationOptions {
+            read_ahead_pages: depth,
+            ..options(40)
+        };
+        let stats = replicate(&source_peer, &target_peer, &options, |_| {})
+            .await
+            .unwrap();
+        assert_eq!((stats.docs_written, stats.batches), (400, 10), "{stats:?}");
+        assert_eq!(
+            reads_during_first_write.load(Ordering::SeqCst),
+            1 + depth,
+            "pages read while the first was written, {depth} ahead"
+        );
+        assert!(target_peer.most_writing.load(Ordering::SeqCst) <= 2);
+        assert_eq!(digest(&*target), digest(&*source));
+    }
+}
+
 /// A source that slips a revision nobody asked for into a page read ahead gets nothing of
-/// that page written ahead: the replication fails as the state machine finds it, and the
-/// intruder is not on the target.
+/// that page written ahead: the replication fails as the state machine finds it, and neither
+/// the intruder nor that page is on the target.
 #[tokio::test]
 async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
     let replicas = Replicas::new();
@@ -535,17 +607,35 @@ async fn a_revision_slipped_into_a_page_read_ahead_is_not_written_ahead() {
         body: ferry_core::json::RawJson::of(&json!({"planted": true})),
         hlc: None,
     };
-    // The second fetch is the first page read ahead.
-    source_peer.slipped_in = Some((1, intruder));
-    let target_peer = Flaky::new(local(&target).await, usize::MAX)
-        .holding_writes_until_the_next_page_is_fetched(source_peer.fetches.clone(), 3);
+    // Into the first page read ahead.
+    source_peer.slipped_in = Some(("d040".to_owned(), intruder));
+    // The first page's write is answered once another write was: the pages read ahead are
+    // fetched meanwhile, and the first of them that is written ahead is.
+    let mut target_peer = Flaky::new(local(&target).await, usize::MAX);
+    let answered = target_peer.answered.clone();
+    target_peer.before_write = Some(Box::new(move |write| {
+        let answered = answered.clone();
+        Box::pin(async move {
+            if write == 0 {
+                reached(&answered, 1).await;
+            }
+        })
+    }));
     let error = replicate(&source_peer, &target_peer, &options(40), |_| {})
         .await
         .unwrap_err();
     assert!(error.to_string().contains("intruder"), "{error}");
     assert!(target.get_document("intruder").unwrap().is_none());
-    assert_eq!(target_peer.most_writing.load(Ordering::SeqCst), 1);
-    assert_eq!(target.info().unwrap().doc_count, 40, "only the first page");
+    let written = |n: usize| target.get_document(&format!("d{n:03}")).unwrap().is_some();
+    assert!((0..40).all(written), "the first page");
+    assert!(
+        !(40..80).any(written),
+        "nothing of the page with the intruder"
+    );
+    assert!(
+        (80..120).all(written),
+        "the clean page after it, written ahead"
+    );
 }
 
 #[tokio::test]
