@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -29,6 +29,8 @@ use ferry_store::StoreError;
 use ferry_store::accounts::{Accounts, SqliteAccounts, TokenKind, TokenRecord, User};
 use ferry_store::clock::{SystemClock, WallClock};
 use sha2::{Digest, Sha256};
+
+use crate::password_checks::{CheckError, PasswordChecks};
 
 /// How long a verified basic-auth password is remembered.
 const VERIFIED_PASSWORD_TTL: Duration = Duration::from_secs(300);
@@ -145,23 +147,8 @@ pub struct Auth {
     accounts: Arc<dyn Accounts>,
     config: AuthConfig,
     verified_passwords: Mutex<HashMap<[u8; 32], Instant>>,
-    /// Password checks running now (at most `config.max_password_checks`).
-    password_checks: Mutex<usize>,
-    password_check_done: Condvar,
-}
-
-/// One of the password checks allowed at once, given back when dropped.
-struct PasswordCheck<'a>(&'a Auth);
-
-impl Drop for PasswordCheck<'_> {
-    fn drop(&mut self) {
-        *self
-            .0
-            .password_checks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) -= 1;
-        self.0.password_check_done.notify_one();
-    }
+    /// Where argon2 checks run (at most `config.max_password_checks` at once).
+    password_checks: PasswordChecks,
 }
 
 /// The accounts file inside a data directory.
@@ -240,33 +227,28 @@ impl Auth {
     pub fn new(accounts: Arc<dyn Accounts>, config: AuthConfig) -> Auth {
         Auth {
             accounts,
-            config,
             verified_passwords: Mutex::new(HashMap::new()),
-            password_checks: Mutex::new(0),
-            password_check_done: Condvar::new(),
+            password_checks: PasswordChecks::new(
+                config.max_password_checks,
+                config.password_check_wait,
+            ),
+            config,
         }
     }
 
-    /// Waits (blocking, up to `password_check_wait`) for a password check to be allowed.
+    /// Whether `password` is the one `phc` was hashed from, checked on a password check thread.
     /// Each argon2 check holds its memory while it runs, so a login flood is bounded by
-    /// this, not by the number of requests.
-    fn password_check(&self) -> Result<PasswordCheck<'_>, AuthError> {
-        let running = self
+    /// `max_password_checks`, not by the number of requests.
+    fn check_password(&self, password: &str, phc: &str) -> Result<bool, AuthError> {
+        let (password, phc) = (password.to_owned(), phc.to_owned());
+        match self
             .password_checks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let max = self.config.max_password_checks.max(1);
-        let (mut running, _) = self
-            .password_check_done
-            .wait_timeout_while(running, self.config.password_check_wait, |running| {
-                *running >= max
-            })
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *running >= max {
-            return Err(AuthError::Busy);
+            .run(move || password_matches(&password, &phc))
+        {
+            Ok(matches) => Ok(matches),
+            Err(CheckError::Busy) => Err(AuthError::Busy),
+            Err(CheckError::Panicked) => Ok(false),
         }
-        *running += 1;
-        Ok(PasswordCheck(self))
     }
 
     /// Opens the accounts file in `data_dir`.
@@ -306,8 +288,7 @@ impl Auth {
     pub fn verify_password(&self, name: &str, password: &str) -> Result<Identity, AuthError> {
         let Some(user) = self.accounts.get_user(name)? else {
             // Spend the time a real check takes, so timing does not reveal which names exist.
-            let _check = self.password_check()?;
-            let _ = password_matches(password, DUMMY_HASH);
+            let _ = self.check_password(password, DUMMY_HASH)?;
             return Err(AuthError::Rejected(BAD_PASSWORD));
         };
         let key = sha256(&[
@@ -327,11 +308,9 @@ impl Auth {
                 return Ok(Identity::of(&user));
             }
         }
-        let check = self.password_check()?;
-        if !password_matches(password, &user.password_hash) {
+        if !self.check_password(password, &user.password_hash)? {
             return Err(AuthError::Rejected(BAD_PASSWORD));
         }
-        drop(check);
         let mut remembered = self
             .verified_passwords
             .lock()

@@ -40,6 +40,7 @@ pub mod auth;
 mod connections;
 pub mod error;
 pub mod params;
+mod password_checks;
 mod routes;
 mod tls;
 
