@@ -22,7 +22,8 @@ mod users;
 
 // glibc's allocator spends a quarter of a replication's CPU in malloc and free (many small
 // JSON values, and batch-sized buffers whose release consolidates its free lists); mimalloc's
-// thread-local pages cost a fraction of that (BENCHMARKS.md).
+// thread-local pages cost a fraction of that (BENCHMARKS.md). It is built without transparent
+// huge pages (the workspace's `no_thp`), which doubled the resident memory.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
