@@ -90,9 +90,10 @@ fn flood_rows(floods: &flood::Floods) -> Vec<Row> {
 }
 
 /// Runs a client workload in a fresh process of this binary.
-fn in_child(kind: &str, n: usize) -> Result<Value> {
+fn in_child(kind: &str, n: usize, env: &[(&str, &str)]) -> Result<Value> {
     let output = std::process::Command::new(std::env::current_exe()?)
         .args(["--child", kind, "--n", &n.to_string()])
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::inherit())
         .output()?;
     anyhow::ensure!(output.status.success(), "the {kind} workload failed");
@@ -328,7 +329,7 @@ async fn main() -> Result<()> {
     };
 
     eprintln!("Ferry: push and pull {n}…");
-    let transfers = in_child("push-pull", n)?;
+    let transfers = in_child("push-pull", n, &[])?;
     let (push, pull) = (
         transfer_from(&transfers["push"]),
         transfer_from(&transfers["pull"]),
@@ -349,14 +350,18 @@ async fn main() -> Result<()> {
     };
     eprintln!("Ferry: {sessions} idle sessions…");
     let idle = workloads::idle_sessions(sessions).await?;
-    // Peak RSS varies by a fifth from one process to the next (allocator arenas, how many
-    // blocking threads ran), so each size runs several times and every figure is the median.
+    // Peak RSS varies by a fifth from one process to the next (allocator arenas), so each
+    // size runs several times and every figure is the median. mimalloc (in the client and in
+    // the server it starts) returns freed pages at once there instead of after a second: RSS
+    // then shows what each side holds, where by default it grows with how long the sync ran
+    // (the smallest backlog syncs in a fifth of a second, before the allocator's retention
+    // settles). BENCHMARKS.md, session 31, has both.
     let backlog_runs = if cli.quick { 1 } else { 3 };
     let mut backlog_results = Vec::new();
     for &pending in backlogs {
         eprintln!("Ferry: reconnect with {pending} pending (median of {backlog_runs})…");
         let runs = (0..backlog_runs)
-            .map(|_| in_child("backlog", pending))
+            .map(|_| in_child("backlog", pending, &[("MIMALLOC_PURGE_DELAY", "0")]))
             .collect::<Result<Vec<_>>>()?;
         let median = |field: &str| {
             let mut values: Vec<f64> = runs
@@ -538,7 +543,10 @@ async fn main() -> Result<()> {
             ("server", result.server_peak_mib, smallest.server_peak_mib),
         ] {
             rows.push(Row {
-                workload: format!("   {side} peak RSS (MiB) vs {} pending", smallest.pending),
+                workload: format!(
+                    "   {side} peak RSS (MiB, freed pages returned at once) vs {} pending",
+                    smallest.pending
+                ),
                 ferry,
                 peer: Some(baseline),
                 higher_is_better: false,

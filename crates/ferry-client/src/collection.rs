@@ -431,11 +431,9 @@ pub(crate) fn watch_values<K: PartialEq + Send + 'static, V: Send + 'static>(
                     }
                     first = false;
                     let read = read.clone();
-                    let outcome = match tokio::task::spawn_blocking(move || read()).await {
+                    let outcome = match ferry.blocking(move |_| read()).await {
                         Ok(outcome) => outcome,
-                        Err(error) => Err(ClientError::Sync(ferry_sync::SyncError::Task(
-                            error.to_string(),
-                        ))),
+                        Err(error) => Err(ClientError::Sync(error)),
                     };
                     match outcome {
                         Ok((key, value)) => {

@@ -23,8 +23,8 @@
 //! sync ([`Ferry::sync_once`], [`Ferry::push_once`], [`Ferry::pull_once`], [`Ferry::push_to`],
 //! [`Ferry::pull_from`], [`Ferry::wait_for_acknowledgement`], the sync loop: reading the
 //! replica, storing pulled revisions, resolving their conflicts, recording acknowledgements and
-//! refusals, keeping reconnect tokens) call the store only on tokio's blocking threads, never
-//! on an executor thread.
+//! refusals, keeping reconnect tokens) call the store only on tokio's blocking threads, at most
+//! [`FerryBuilder::max_blocking_calls`] at once, never on an executor thread.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), ferry_client::ClientError> {
@@ -92,8 +92,8 @@ pub use ferry_core::hlc::Timestamp;
 pub use ferry_core::model::Limits;
 pub use ferry_core::resolve::{Method as ResolutionMethod, Overridden, ResolutionRecord};
 pub use ferry_core::rev::Rev;
-pub use ferry_store::Durability;
 pub use ferry_store::clock::{ManualClock, SystemClock, WallClock};
+pub use ferry_store::{Durability, PageCache};
 /// What [`Ferry::push_to`] and [`Ferry::pull_from`] work with: a peer, how to replicate, and
 /// what a replication did.
 pub use ferry_sync::{HttpPeer, Peer, ReplicationOptions, Stats, SyncStats, TlsOptions};
@@ -284,6 +284,15 @@ pub struct Ferry {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Ferry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ferry")
+            .field("path", &self.inner.path)
+            .field("user", &self.inner.user)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     /// The local store and its outbox (SQLite; any [`Replica`] works).
     db: Arc<dyn Replica>,
@@ -303,6 +312,8 @@ struct Inner {
     conflicts: conflicts::ConflictState,
     /// Bumped whenever this process changes the offline subscriptions.
     subscriptions_changed: watch::Sender<u64>,
+    /// How many store calls async code (sync, watchers, the poller) makes at once.
+    blocking: ferry_sync::BlockingCalls,
     /// The directory of a temporary replica, removed with the last handle (declared last so
     /// that it outlives the database).
     _temporary: Option<tempfile::TempDir>,
@@ -467,16 +478,15 @@ impl Ferry {
         }
     }
 
-    /// Runs `work` on one of tokio's blocking threads: the SDK's async paths call the store
-    /// (SQLite, with an fsync per write) only through it, never on an executor thread.
+    /// Runs `work` on one of tokio's blocking threads, at most `max_blocking_calls` at once:
+    /// the SDK's async paths call the store (SQLite, with an fsync per write) only through it,
+    /// never on an executor thread.
     pub(crate) async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(Ferry) -> T + Send + 'static,
     ) -> Result<T, SyncError> {
         let ferry = self.clone();
-        tokio::task::spawn_blocking(move || work(ferry))
-            .await
-            .map_err(|error| SyncError::Task(error.to_string()))
+        self.inner.blocking.run(move || work(ferry)).await
     }
 
     pub(crate) fn acknowledge(&self, last_seq: &ferry_sync::Seq) {
@@ -519,6 +529,7 @@ impl Ferry {
     /// A replication peer over this replica, sharing its clock, limits and watchers.
     pub(crate) fn local_peer(&self) -> Result<LocalPeer, SyncError> {
         Ok(LocalPeer::new(self.inner.db.clone())?
+            .with_blocking_calls(self.inner.blocking.clone())
             .with_clock(self.inner.clock.clone())
             .with_config(self.inner.endpoint.clone())
             .with_fanout(Arc::new(Watchers(Arc::downgrade(&self.inner))))
@@ -560,9 +571,12 @@ impl Ferry {
                     tokio::time::sleep(CROSS_PROCESS_POLL).await;
                     let Some(inner) = weak.upgrade() else { break };
                     // Reading the sequence is a store call: not on the executor.
-                    let read =
-                        tokio::task::spawn_blocking(move || Ferry { inner }.notify_changed());
-                    if read.await.is_err() {
+                    let ferry = Ferry { inner };
+                    if ferry
+                        .blocking(|ferry| ferry.notify_changed())
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

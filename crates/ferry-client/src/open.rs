@@ -9,7 +9,8 @@ use ferry_core::model::Limits;
 use ferry_store::clock::{ReplicaClock, SystemClock, WallClock};
 use ferry_store::endpoint::EndpointConfig;
 use ferry_store::sqlite::SqliteDatabase;
-use ferry_store::{Database, Durability, StoreConfig, StoreError};
+use ferry_store::{Database, Durability, PageCache, StoreConfig, StoreError};
+use ferry_sync::{BlockingCalls, SyncError};
 use tokio::sync::watch;
 
 use crate::{ClientError, ConflictPolicy, Ferry, Inner, MAX_CLOCK_DRIFT_MS};
@@ -35,6 +36,8 @@ pub struct FerryBuilder {
     user: String,
     limits: Limits,
     durability: Durability,
+    page_cache: PageCache,
+    max_blocking_calls: usize,
     wall_clock: Arc<dyn WallClock>,
     max_clock_drift: Duration,
     policies: Vec<(String, ConflictPolicy)>,
@@ -46,6 +49,8 @@ impl std::fmt::Debug for FerryBuilder {
             .field("user", &self.user)
             .field("limits", &self.limits)
             .field("durability", &self.durability)
+            .field("page_cache", &self.page_cache)
+            .field("max_blocking_calls", &self.max_blocking_calls)
             .field("max_clock_drift", &self.max_clock_drift)
             .field("policies", &self.policies)
             .finish_non_exhaustive()
@@ -60,6 +65,8 @@ impl Ferry {
             user: user.to_owned(),
             limits: Limits::default(),
             durability: Durability::Full,
+            page_cache: PageCache::CLIENT,
+            max_blocking_calls: BlockingCalls::DEFAULT_MAX,
             wall_clock: Arc::new(SystemClock),
             max_clock_drift: Duration::from_millis(MAX_CLOCK_DRIFT_MS),
             policies: Vec::new(),
@@ -80,6 +87,43 @@ impl FerryBuilder {
     /// the process, for caches and tests.
     pub fn durability(mut self, durability: Durability) -> FerryBuilder {
         self.durability = durability;
+        self
+    }
+
+    /// How much memory the replica's SQLite connections may keep for cached pages
+    /// ([`PageCache::CLIENT`] by default); sizes outside [`PageCache::MIN_KIB`] to
+    /// [`PageCache::MAX_KIB`] are refused when the replica opens.
+    ///
+    /// ```
+    /// use ferry_client::{Ferry, PageCache};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let small = PageCache { writer_kib: 512, reader_kib: 128 };
+    /// let ferry = Ferry::builder("ann").page_cache(small).open(dir.path().join("a.ferry"));
+    /// assert!(ferry.is_ok());
+    /// let none = PageCache { writer_kib: 0, reader_kib: 128 };
+    /// assert!(Ferry::builder("ann").page_cache(none).open(dir.path().join("b.ferry")).is_err());
+    /// ```
+    pub fn page_cache(mut self, page_cache: PageCache) -> FerryBuilder {
+        self.page_cache = page_cache;
+        self
+    }
+
+    /// How many store calls the replica's async work (sync,
+    /// [`Collection::watch`](crate::Collection::watch) and the other streams) makes at once,
+    /// each on one of tokio's blocking threads: 2 by default, at most [`BlockingCalls::MAX`].
+    /// Unbounded, tokio's blocking pool would grow a thread per waiting call, each with
+    /// buffers of its own. The synchronous API runs on the caller's thread, unbounded.
+    ///
+    /// ```
+    /// use ferry_client::Ferry;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let ferry = Ferry::builder("ann").max_blocking_calls(4).open(dir.path().join("a.ferry"));
+    /// assert!(ferry.is_ok());
+    /// let none = Ferry::builder("ann").max_blocking_calls(0).open(dir.path().join("b.ferry"));
+    /// assert!(none.is_err());
+    /// ```
+    pub fn max_blocking_calls(mut self, max: usize) -> FerryBuilder {
+        self.max_blocking_calls = max;
         self
     }
 
@@ -122,11 +166,20 @@ impl FerryBuilder {
         temporary: Option<tempfile::TempDir>,
     ) -> Result<Ferry, ClientError> {
         check_limits(&self.limits)?;
+        self.page_cache
+            .check()
+            .map_err(|error| ClientError::InvalidOptions(error.to_string()))?;
+        let blocking =
+            BlockingCalls::new(self.max_blocking_calls).map_err(|error| match error {
+                SyncError::InvalidOptions(problem) => ClientError::InvalidOptions(problem),
+                other => ClientError::Sync(other),
+            })?;
         let max_drift_ms = u64::try_from(self.max_clock_drift.as_millis()).unwrap_or(u64::MAX);
         let config = StoreConfig {
             limits: self.limits.clone(),
             durability: self.durability,
             track_pending: true,
+            page_cache: self.page_cache,
         };
         let db = SqliteDatabase::open(&path, "local", config)?;
         let update_seq = db.info()?.update_seq;
@@ -150,6 +203,7 @@ impl FerryBuilder {
                 connection: Arc::new(crate::connection::ConnectionShared::new()),
                 conflicts: crate::conflicts::ConflictState::new(),
                 subscriptions_changed: watch::channel(0).0,
+                blocking,
                 _temporary: temporary,
             }),
         };

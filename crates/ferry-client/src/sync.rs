@@ -206,9 +206,10 @@ impl Ferry {
         result
     }
 
-    /// A worker on a blocking thread that records in the outbox, in order, what a push
-    /// reports: a refusal must be recorded before the acknowledgement of its batch, which
-    /// would otherwise drop the refused document's entry. Closing the sender ends it.
+    /// A task that records in the outbox, in order, what a push reports, on the replica's
+    /// store threads: a refusal must be recorded before the acknowledgement of its batch,
+    /// which would otherwise drop the refused document's entry. What arrived while the last
+    /// records were written goes in one store call. Closing the sender ends it.
     fn outbox_recorder(
         &self,
     ) -> (
@@ -217,11 +218,22 @@ impl Ferry {
     ) {
         let (record, mut records) = tokio::sync::mpsc::unbounded_channel();
         let ferry = self.clone();
-        let recorder = tokio::task::spawn_blocking(move || {
-            while let Some(next) = records.blocking_recv() {
-                match next {
-                    OutboxRecord::AcknowledgeThrough(seq) => ferry.acknowledge(&seq),
-                    OutboxRecord::Reject(rejected) => ferry.reject(&rejected),
+        let recorder = tokio::spawn(async move {
+            while let Some(first) = records.recv().await {
+                let mut batch = vec![first];
+                while let Ok(next) = records.try_recv() {
+                    batch.push(next);
+                }
+                let written = ferry.blocking(move |ferry| {
+                    for record in batch {
+                        match record {
+                            OutboxRecord::AcknowledgeThrough(seq) => ferry.acknowledge(&seq),
+                            OutboxRecord::Reject(rejected) => ferry.reject(&rejected),
+                        }
+                    }
+                });
+                if let Err(error) = written.await {
+                    tracing::warn!(%error, "could not record what a push reported");
                 }
             }
         });

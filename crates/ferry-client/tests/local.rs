@@ -304,8 +304,7 @@ fn a_limit_of_zero_is_refused_when_opening() {
             ..ferry_client::Limits::default()
         })
         .open(dir.path().join("never.ferry"))
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(error.kind(), ErrorKind::Usage);
     assert!(error.to_string().contains("max_doc_id_bytes"), "{error}");
     assert!(!dir.path().join("never.ferry").exists());

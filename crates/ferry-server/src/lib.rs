@@ -31,7 +31,7 @@ use ferry_core::model::{Body, Limits, validate_document};
 use ferry_store::clock::{ReplicaClock, SystemClock, WallClock};
 use ferry_store::endpoint::{Endpoint, EndpointConfig, Fanout};
 use ferry_store::sqlite::SqliteBackend;
-use ferry_store::{Backend, Database, Durability, StoreConfig, StoreError};
+use ferry_store::{Backend, Database, Durability, PageCache, StoreConfig, StoreError};
 use tokio::sync::watch;
 use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// When a write is durable (always `Full` in production).
     pub durability: Durability,
+    /// Memory each open database's SQLite connections may keep for cached pages.
+    pub page_cache: PageCache,
     /// How long a `feed=longpoll` or `continuous` request waits at most, by default.
     pub default_feed_timeout: Duration,
     /// A clock from another replica further ahead than this is not adopted.
@@ -123,6 +125,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             limits: Limits::default(),
             durability: Durability::Full,
+            page_cache: PageCache::default(),
             default_feed_timeout: Duration::from_secs(60),
             max_clock_drift: Duration::from_secs(60),
             auth: AuthConfig::default(),
@@ -463,6 +466,7 @@ pub fn open_state(config: &ServerConfig) -> std::io::Result<AppState> {
         durability: config.durability,
         // The server is where edits are acknowledged; it has no outbox of its own.
         track_pending: false,
+        page_cache: config.page_cache,
     };
     let backend = SqliteBackend::open(&config.data_dir, store_config)
         .map_err(std::io::Error::other)?

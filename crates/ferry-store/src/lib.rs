@@ -50,6 +50,63 @@ pub struct StoreConfig {
     /// Record local edits in an outbox until a push acknowledges them (client replicas; see
     /// `sqlite::SqliteDatabase::pending_summary`).
     pub track_pending: bool,
+    /// Memory each SQLite connection may keep for cached pages (the in-memory stores ignore
+    /// it).
+    pub page_cache: PageCache,
+}
+
+/// How much memory a SQLite database's connections may keep for cached pages (`PRAGMA
+/// cache_size`), in KiB per connection: one writer and up to four readers per open database.
+///
+/// Pages not in a connection's cache are read from the file (through the operating system's
+/// own cache), so a smaller cache costs reads, not correctness. The writer's cache is worth
+/// more: a transaction's changed pages stay in it until the commit, and a large write spills
+/// to the file when they do not fit. [`PageCache::default`] is SQLite's own default for both
+/// (2,000 KiB); [`PageCache::CLIENT`] keeps the readers small, as a device's replica reads
+/// mostly what it has just written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageCache {
+    /// The writing connection's cache, in KiB.
+    pub writer_kib: u32,
+    /// Each reading connection's cache, in KiB.
+    pub reader_kib: u32,
+}
+
+impl PageCache {
+    /// The smallest cache a connection may have: SQLite needs a few pages to work at all.
+    pub const MIN_KIB: u32 = 64;
+    /// The largest: beyond this a database should be given more readers' memory by the
+    /// operating system's page cache instead.
+    pub const MAX_KIB: u32 = 1024 * 1024;
+    /// Client replicas' default: the writer as SQLite's default, readers at 256 KiB.
+    pub const CLIENT: PageCache = PageCache {
+        writer_kib: 1024,
+        reader_kib: 256,
+    };
+
+    /// Checks both sizes are within [`PageCache::MIN_KIB`] and [`PageCache::MAX_KIB`].
+    pub fn check(&self) -> Result<(), StoreError> {
+        for (what, kib) in [("writer", self.writer_kib), ("reader", self.reader_kib)] {
+            if !(Self::MIN_KIB..=Self::MAX_KIB).contains(&kib) {
+                return Err(StoreError::InvalidPageCache {
+                    what,
+                    kib,
+                    min: Self::MIN_KIB,
+                    max: Self::MAX_KIB,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for PageCache {
+    fn default() -> PageCache {
+        PageCache {
+            writer_kib: 2000,
+            reader_kib: 2000,
+        }
+    }
 }
 
 /// When a committed transaction is durable.
@@ -74,6 +131,18 @@ pub enum StoreError {
     /// A database with that name exists already.
     #[error("database {0:?} already exists")]
     DatabaseExists(String),
+    /// A page cache size is outside the range a connection may have.
+    #[error("the {what}'s page cache of {kib} KiB is outside {min}..={max} KiB")]
+    InvalidPageCache {
+        /// Which connection: `writer` or `reader`.
+        what: &'static str,
+        /// The size asked for.
+        kib: u32,
+        /// The smallest allowed.
+        min: u32,
+        /// The largest allowed.
+        max: u32,
+    },
     /// The database name is not allowed.
     #[error(
         "invalid database name {0:?}: use lowercase letters, digits and _$()+- , starting with a letter, at most 128 characters"

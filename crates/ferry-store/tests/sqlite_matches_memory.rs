@@ -95,6 +95,7 @@ impl Pair {
             },
             durability: ferry_store::Durability::Normal,
             track_pending: true,
+            ..StoreConfig::default()
         };
         Pair {
             sqlite: SqliteDatabase::open(&dir.path().join("db.sqlite"), "db", config.clone())

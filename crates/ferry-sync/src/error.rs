@@ -54,6 +54,9 @@ pub enum SyncError {
         /// What was wrong.
         detail: String,
     },
+    /// An option cannot work (a count of zero, or past its bound).
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
     /// The URL is not an http(s) database URL.
     #[error("invalid database URL {0:?}: expected http(s)://host:port/database")]
     InvalidUrl(String),

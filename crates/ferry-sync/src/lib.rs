@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+mod blocking;
 mod driver;
 mod error;
 mod http;
@@ -54,6 +55,7 @@ pub use error::SyncError;
 pub(crate) use peer::ServerTime;
 pub use peer::{ChangesPage, Peer, RejectedRevision};
 
+pub use blocking::BlockingCalls;
 pub use ferry_core::filter::ChangesFilter;
 pub use ferry_core::replicate::{Seq, Stats};
 pub use http::HttpPeer;

@@ -13,7 +13,9 @@ use ferry_store::endpoint::{
 };
 use ferry_store::{Change, Database, StoreError, StoredRevision};
 
-use crate::{ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number};
+use crate::{
+    BlockingCalls, ChangesFilter, ChangesPage, Peer, RejectedRevision, SyncError, seq_number,
+};
 
 /// How often a local wait for changes looks at the store.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -26,7 +28,8 @@ const DEFAULT_MAX_DRIFT_MS: u64 = 60_000;
 /// replicating inside one process): every step is a call of `ferry_store::endpoint`, the
 /// same code the server answers with.
 ///
-/// Store calls are blocking SQLite calls, so each runs on tokio's blocking threads.
+/// Store calls are blocking SQLite calls, so each runs on tokio's blocking threads, a few at
+/// a time ([`BlockingCalls`]).
 #[derive(Clone)]
 pub struct LocalPeer {
     db: Arc<dyn Database>,
@@ -37,11 +40,12 @@ pub struct LocalPeer {
     resolver: Arc<dyn Resolver>,
     /// Woken when the owner of the store knows it wrote, so waits need not poll to notice.
     wakeup: Option<tokio::sync::watch::Receiver<u64>>,
+    blocking: BlockingCalls,
 }
 
 impl LocalPeer {
     /// A peer over `db`, with default limits, every conflict kept, a clock of its own on the
-    /// system's time, and nobody told of its writes.
+    /// system's time, nobody told of its writes, and a bound on its store calls of its own.
     pub fn new(db: Arc<dyn Database>) -> Result<LocalPeer, SyncError> {
         let replica_id = db.info()?.replica_id;
         Ok(LocalPeer {
@@ -55,7 +59,15 @@ impl LocalPeer {
             fanout: Arc::new(NoFanout),
             resolver: Arc::new(KeepConflicts),
             wakeup: None,
+            blocking: BlockingCalls::new(BlockingCalls::DEFAULT_MAX)?,
         })
+    }
+
+    /// Shares `blocking`'s bound on store calls at once (the replica's other async work's).
+    #[must_use]
+    pub fn with_blocking_calls(mut self, blocking: BlockingCalls) -> LocalPeer {
+        self.blocking = blocking;
+        self
     }
 
     /// Uses the replica's own clock: revisions written here are observed by the clock that
@@ -107,14 +119,14 @@ impl LocalPeer {
         work: impl FnOnce(&Endpoint<'_>) -> Result<T, EndpointError> + Send + 'static,
     ) -> Result<T, SyncError> {
         let peer = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let endpoint = Endpoint::new(&*peer.db, &peer.config, &peer.clock, &*peer.fanout)
-                .resolving_by(&*peer.resolver);
-            work(&endpoint)
-        })
-        .await
-        .map_err(|error| SyncError::Task(error.to_string()))?
-        .map_err(SyncError::from)
+        self.blocking
+            .run(move || {
+                let endpoint = Endpoint::new(&*peer.db, &peer.config, &peer.clock, &*peer.fanout)
+                    .resolving_by(&*peer.resolver);
+                work(&endpoint)
+            })
+            .await?
+            .map_err(SyncError::from)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -122,9 +134,9 @@ impl LocalPeer {
         work: impl FnOnce(&dyn Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, SyncError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&*db))
-            .await
-            .map_err(|error| SyncError::Task(error.to_string()))?
+        self.blocking
+            .run(move || work(&*db))
+            .await?
             .map_err(SyncError::from)
     }
 }

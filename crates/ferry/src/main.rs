@@ -112,6 +112,14 @@ struct ServeArgs {
     /// least recently used idle one is closed, and reopened when asked for.
     #[arg(long, env = "FERRY_MAX_OPEN_DATABASES", default_value_t = ferry_store::sqlite::BackendLimits::default().max_open)]
     max_open_databases: usize,
+    /// The memory each open database's writing connection may keep for cached pages, in KiB
+    /// (64 to 1,048,576).
+    #[arg(long, env = "FERRY_PAGE_CACHE_WRITER_KIB", default_value_t = ferry_store::PageCache::default().writer_kib)]
+    page_cache_writer_kib: u32,
+    /// The memory each of an open database's (up to four) reading connections may keep for
+    /// cached pages, in KiB (64 to 1,048,576).
+    #[arg(long, env = "FERRY_PAGE_CACHE_READER_KIB", default_value_t = ferry_store::PageCache::default().reader_kib)]
+    page_cache_reader_kib: u32,
     /// The most sync sessions open at once that have not authenticated yet.
     #[arg(long, env = "FERRY_MAX_UNAUTHENTICATED_SESSIONS", default_value_t = ferry_server::ServerConfig::default().max_unauthenticated_sessions)]
     max_unauthenticated_sessions: usize,
@@ -218,6 +226,10 @@ impl ServeArgs {
             databases: ferry_store::sqlite::BackendLimits {
                 max_databases: self.max_databases,
                 max_open: self.max_open_databases,
+            },
+            page_cache: ferry_store::PageCache {
+                writer_kib: self.page_cache_writer_kib,
+                reader_kib: self.page_cache_reader_kib,
             },
             max_unauthenticated_sessions: self.max_unauthenticated_sessions,
             // A zero timeout would close every connection at once: one second at least.

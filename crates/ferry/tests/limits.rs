@@ -1043,3 +1043,37 @@ async fn shutdown_lets_requests_in_progress_finish_and_closes_idle_connections()
         "the session outlived the server"
     );
 }
+
+#[tokio::test]
+async fn page_caches_are_bounded_and_applied_at_their_bounds() {
+    let (min, max) = (
+        ferry_store::PageCache::MIN_KIB.to_string(),
+        ferry_store::PageCache::MAX_KIB.to_string(),
+    );
+    let (below, past) = (
+        (ferry_store::PageCache::MIN_KIB - 1).to_string(),
+        (ferry_store::PageCache::MAX_KIB + 1).to_string(),
+    );
+    for (flag, value) in [
+        ("--page-cache-writer-kib", &below),
+        ("--page-cache-reader-kib", &below),
+        ("--page-cache-writer-kib", &past),
+        ("--page-cache-reader-kib", &past),
+    ] {
+        let message = support::serve_refused(&[flag, value], &[]);
+        assert!(
+            message.contains("page cache") && message.contains(value.as_str()),
+            "{flag} {value}: {message}"
+        );
+    }
+    for value in [&min, &max] {
+        let args = [
+            "--page-cache-writer-kib",
+            value,
+            "--page-cache-reader-kib",
+            value,
+        ];
+        let (_dir, server, rev) = server(&args).await;
+        still_served(&server, &rev).await;
+    }
+}

@@ -4,6 +4,7 @@
 //! handshake, and the server refusing certificates it cannot serve.
 
 mod support;
+use support::serve_refused;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -374,50 +375,6 @@ fn a_client_that_never_sends_its_client_hello_holds_up_nobody_and_is_dropped() {
         dropped_after >= Duration::from_secs(TIMEOUT_SECS - 1),
         "dropped after {dropped_after:?}, before the handshake timeout"
     );
-}
-
-/// Runs `ferry serve` with `args` (and a fresh data directory) expecting it to refuse to start;
-/// returns its standard error.
-fn serve_refused(args: &[&str], env: &[(&str, &Path)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", support::free_port());
-    let mut command = Command::new(ferry_bin());
-    command
-        .args([
-            "serve",
-            "--insecure-no-auth",
-            "--listen",
-            &listen,
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let mut child = command.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(!status.success());
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ferry serve {args:?} started");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut message = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut message)
-        .unwrap();
-    message
 }
 
 #[test]

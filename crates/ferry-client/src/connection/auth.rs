@@ -85,6 +85,7 @@ pub(crate) struct ClientAuth {
     state: Arc<Mutex<AuthState>>,
     /// Where the latest token is kept, written on blocking threads one at a time.
     keeper: Arc<TokenKeeper>,
+    blocking: ferry_sync::BlockingCalls,
 }
 
 /// Keeps the latest reconnect token in the replica (a local document).
@@ -107,6 +108,7 @@ impl ClientAuth {
     pub(crate) fn new(
         db: Arc<dyn Replica>,
         clock: Arc<ReplicaClock>,
+        blocking: ferry_sync::BlockingCalls,
         server: String,
         credentials: Option<Credentials>,
     ) -> ClientAuth {
@@ -132,6 +134,7 @@ impl ClientAuth {
                 server,
                 writing: Mutex::new(()),
             }),
+            blocking,
         }
     }
 
@@ -144,15 +147,11 @@ impl ClientAuth {
     /// leave the latest token.
     pub(crate) fn persist(&self) {
         let (keeper, state) = (self.keeper.clone(), self.state.clone());
-        let write = move || {
+        self.blocking.spawn(move || {
             let _one_at_a_time = lock(&keeper.writing);
             let latest = lock(&state).reconnect.clone();
             keeper.keep(latest.as_ref());
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(write)),
-            Err(_) => write(),
-        }
+        });
     }
 
     /// The server refused what the last `hello` presented. Returns whether something else is

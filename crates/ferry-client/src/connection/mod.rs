@@ -239,6 +239,7 @@ impl Ferry {
         let auth = Arc::new(ClientAuth::new(
             self.inner.db.clone(),
             self.inner.clock.clone(),
+            self.inner.blocking.clone(),
             peer.describe(),
             options.credentials.clone(),
         ));

@@ -82,6 +82,7 @@ impl OpenDatabases {
 impl SqliteBackend {
     /// Uses (and creates if needed) `dir` for database files.
     pub fn open(dir: &Path, config: StoreConfig) -> Result<SqliteBackend, StoreError> {
+        config.page_cache.check()?;
         std::fs::create_dir_all(dir)?;
         Ok(SqliteBackend {
             dir: dir.to_owned(),

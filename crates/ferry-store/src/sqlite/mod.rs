@@ -76,6 +76,7 @@ impl SqliteDatabase {
         name: &str,
         config: StoreConfig,
     ) -> Result<SqliteDatabase, StoreError> {
+        config.page_cache.check()?;
         let mut writer = connect(path, &config, false)?;
         migrate(&mut writer)?;
         let replica_id = writer.query_row(

@@ -104,6 +104,13 @@ pub(super) fn connect(
     };
     connection.pragma_update(None, "synchronous", synchronous)?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
+    let cache_kib = if read_only {
+        config.page_cache.reader_kib
+    } else {
+        config.page_cache.writer_kib
+    };
+    // A negative size is in KiB rather than pages.
+    connection.pragma_update(None, "cache_size", -i64::from(cache_kib))?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
@@ -178,4 +185,33 @@ pub(super) fn write_meta(connection: &Connection, key: &str, value: u64) -> Resu
         .prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?
         .execute(params![key, value.to_string()])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PageCache;
+
+    #[test]
+    fn the_writer_and_the_readers_get_their_own_page_cache_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let config = StoreConfig {
+            page_cache: PageCache {
+                writer_kib: 1500,
+                reader_kib: 96,
+            },
+            ..StoreConfig::default()
+        };
+        let cache_size = |connection: &Connection| -> i64 {
+            connection
+                .query_row("PRAGMA cache_size", [], |row| row.get(0))
+                .unwrap()
+        };
+        let writer = connect(&path, &config, false).unwrap();
+        let reader = connect(&path, &config, true).unwrap();
+        // Negative: KiB, not pages.
+        assert_eq!(cache_size(&writer), -1500);
+        assert_eq!(cache_size(&reader), -96);
+    }
 }

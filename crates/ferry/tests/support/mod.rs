@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -254,4 +254,48 @@ pub fn run_interop(scenario: &str, url: &str, db: &str, extra: &[&str]) -> serde
         .find_map(|line| line.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("scenario {scenario} printed no RESULT line:\n{stdout}"));
     serde_json::from_str(line).expect("RESULT is JSON")
+}
+
+/// Runs `ferry serve` with `args` (and a fresh data directory) expecting it to refuse to start;
+/// returns its standard error.
+pub fn serve_refused(args: &[&str], env: &[(&str, &Path)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(ferry_bin());
+    command
+        .args([
+            "serve",
+            "--insecure-no-auth",
+            "--listen",
+            &listen,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!status.success());
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ferry serve {args:?} started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut message = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut message)
+        .unwrap();
+    message
 }
