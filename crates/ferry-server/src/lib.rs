@@ -33,12 +33,12 @@ use ferry_store::endpoint::{Endpoint, EndpointConfig, Fanout};
 use ferry_store::sqlite::SqliteBackend;
 use ferry_store::{Backend, Database, Durability, PageCache, StoreConfig, StoreError};
 use tokio::sync::watch;
-use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
 mod connections;
 pub mod error;
+mod origins;
 pub mod params;
 mod password_checks;
 mod routes;
@@ -52,6 +52,7 @@ pub mod session {
 
 use auth::{Auth, AuthConfig};
 use error::{ApiError, ApiResult};
+pub use origins::Origin;
 pub use tls::{TlsConfig, TlsConfigError};
 
 /// The default listen address: loopback only, so a fresh server is not exposed by accident.
@@ -116,6 +117,9 @@ pub struct ServerConfig {
     /// Serve HTTPS and WSS with this certificate instead of plain HTTP (`None`: plain, for
     /// loopback or behind a TLS-terminating proxy).
     pub tls: Option<TlsConfig>,
+    /// Web origins whose pages may call the server besides its own (CORS, with credentials);
+    /// a request from any other page is refused with 403. None by default.
+    pub allowed_origins: Vec<Origin>,
 }
 
 impl Default for ServerConfig {
@@ -143,6 +147,7 @@ impl Default for ServerConfig {
             conflict_policies: ferry_core::resolve::Policies::default(),
             wall_clock: Arc::new(SystemClock),
             tls: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -176,6 +181,9 @@ struct Inner {
     session_idle_timeout: Duration,
     request_body_timeout: Duration,
     max_unauthenticated_bytes: usize,
+    allowed_origins: origins::AllowedOrigins,
+    /// Whether clients reach the server over TLS it terminates (cookies are then `Secure`).
+    serves_tls: bool,
 }
 
 /// Announces a database's committed writes to its waiting feeds and sessions.
@@ -222,9 +230,21 @@ impl AppState {
                 session_idle_timeout: config.session_idle_timeout,
                 request_body_timeout: config.request_body_timeout,
                 max_unauthenticated_bytes: config.max_unauthenticated_bytes,
+                allowed_origins: origins::AllowedOrigins::new(&config.allowed_origins),
+                serves_tls: config.tls.is_some(),
             }),
             limits: Arc::new(config.limits.clone()),
         }
+    }
+
+    /// Web origins allowed besides the server's own.
+    pub(crate) fn allowed_origins(&self) -> &origins::AllowedOrigins {
+        &self.inner.allowed_origins
+    }
+
+    /// Whether the server terminates TLS itself.
+    pub(crate) fn serves_tls(&self) -> bool {
+        self.inner.serves_tls
     }
 
     /// The server's stable identity (CouchDB's `uuid`).
@@ -424,13 +444,17 @@ pub fn router(state: AppState) -> Router {
             routes::body::refuse_declared_length,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Before credentials are checked: a page from another origin gets nothing, not even a
+        // password check (`origins`).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origins::check_origin,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             stamp_answers,
         ))
-        // Browser PouchDB fetches with credentials, so CORS must mirror the origin and allow
-        // them; authentication (not the origin) is what protects the data.
-        .layer(CorsLayer::very_permissive())
+        .layer(state.allowed_origins().cors_layer())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -14,7 +14,7 @@ use ferry_test_support::TestServer;
 struct Server {
     url: String,
     client: reqwest::Client,
-    _server: TestServer,
+    server: TestServer,
 }
 
 async fn start(auth: AuthConfig) -> Server {
@@ -30,7 +30,7 @@ async fn start(auth: AuthConfig) -> Server {
     Server {
         url: server.base_url(),
         client: reqwest::Client::new(),
-        _server: server,
+        server,
     }
 }
 
@@ -116,6 +116,9 @@ async fn basic_auth_bearer_tokens_and_session_cookies_identify_the_caller() {
         .unwrap()
         .to_owned();
     assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Lax"), "{cookie}");
+    // Plain HTTP: a Secure cookie would never be sent back.
+    assert!(!cookie.contains("Secure"), "{cookie}");
     let cookie = cookie.split(';').next().unwrap().to_owned();
     let (_, session) = answer(server.get("/_session").header("cookie", &cookie)).await;
     assert_eq!(session["userCtx"], json!({"name": "ann", "roles": []}));
@@ -209,4 +212,81 @@ async fn without_authentication_everyone_is_an_administrator() {
     assert_eq!(status, StatusCode::OK);
     let (_, session) = answer(server.get("/_session")).await;
     assert_eq!(session["userCtx"]["roles"], json!(["_admin"]));
+}
+
+#[tokio::test]
+async fn a_new_password_ends_every_token_and_cookie_issued_before_it() {
+    let server = start(AuthConfig::default()).await;
+    let (_, login) = answer(
+        server
+            .request(reqwest::Method::POST, "/_ferry/login")
+            .json(&json!({"name": "ann", "password": "ann's password"})),
+    )
+    .await;
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let response = server
+        .request(reqwest::Method::POST, "/_session")
+        .json(&json!({"name": "ann", "password": "ann's password"}))
+        .send()
+        .await
+        .unwrap();
+    let cookie = response.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let (status, _) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
+    assert_eq!(status, StatusCode::OK, "before the change");
+
+    server
+        .server
+        .accounts()
+        .set_user("ann", "ann's new password", false)
+        .unwrap();
+    let (status, body) = answer(server.get("/_all_dbs").bearer_auth(&token)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (_, session) = answer(server.get("/_session").header("cookie", &cookie)).await;
+    assert_eq!(session["userCtx"]["name"], Value::Null, "{session}");
+    let (status, _) = answer(
+        server
+            .get("/_all_dbs")
+            .basic_auth("ann", Some("ann's password")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the old password");
+    let (status, _) = answer(
+        server
+            .get("/_all_dbs")
+            .basic_auth("ann", Some("ann's new password")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the new password");
+}
+
+#[tokio::test]
+async fn only_administrators_learn_how_many_databases_the_server_holds() {
+    let server = start(AuthConfig::default()).await;
+    let (status, _) = answer(
+        server
+            .request(reqwest::Method::PUT, "/private")
+            .basic_auth("root", Some("root's password")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, anonymous) = answer(server.get("/health")).await;
+    assert_eq!(
+        (status, anonymous),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let (_, user) = answer(
+        server
+            .get("/health")
+            .basic_auth("ann", Some("ann's password")),
+    )
+    .await;
+    assert_eq!(user, json!({"status": "ok"}));
+    let (_, admin) = answer(
+        server
+            .get("/health")
+            .basic_auth("root", Some("root's password")),
+    )
+    .await;
+    assert_eq!(admin, json!({"status": "ok", "databases": 1}));
 }

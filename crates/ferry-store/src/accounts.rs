@@ -52,11 +52,13 @@ impl TokenKind {
         }
     }
 
-    fn parse(text: &str) -> TokenKind {
-        if text == "reconnect" {
-            TokenKind::Reconnect
-        } else {
-            TokenKind::Access
+    /// A stored kind. An unknown one is damage, not an access token: reading it as one would
+    /// let whatever wrote it grant access.
+    fn parse(text: &str) -> Option<TokenKind> {
+        match text {
+            "access" => Some(TokenKind::Access),
+            "reconnect" => Some(TokenKind::Reconnect),
+            _ => None,
         }
     }
 }
@@ -78,7 +80,9 @@ pub struct TokenRecord {
 
 /// Storage for users and tokens. Implementations must make every method atomic.
 pub trait Accounts: Send + Sync {
-    /// Creates the user, or replaces its password and role.
+    /// Creates the user, or replaces its password and role. A new password revokes every
+    /// token issued to the user, in the same transaction: a token is worth no more than the
+    /// password it was issued for.
     fn put_user(&self, user: &User) -> Result<(), StoreError>;
     /// The user called `name`.
     fn get_user(&self, name: &str) -> Result<Option<User>, StoreError>;
@@ -108,7 +112,10 @@ pub struct SqliteAccounts {
     connection: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// The schema, one step per version (`PRAGMA user_version` records how many ran). Files
+/// made before versions were recorded are at 0 and hold version 1's tables already, hence its
+/// `IF NOT EXISTS`.
+const MIGRATIONS: &[&str] = &["
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
@@ -122,7 +129,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_ms INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens(user, kind, replica);
-";
+"];
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -136,12 +143,12 @@ impl SqliteAccounts {
     /// Opens (creating if needed) the accounts file at `path`. Writes are durable
     /// (`synchronous=FULL`): a revoked token must stay revoked after a crash.
     pub fn open(path: &Path) -> Result<SqliteAccounts, StoreError> {
-        let connection = Connection::open(path)?;
+        let mut connection = Connection::open(path)?;
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
-        connection.execute_batch(SCHEMA)?;
+        migrate(&mut connection)?;
         Ok(SqliteAccounts {
             connection: Mutex::new(connection),
         })
@@ -154,6 +161,31 @@ impl SqliteAccounts {
     }
 }
 
+/// Brings the file to the latest schema version, in one transaction; refuses a file from a
+/// newer Ferry.
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let latest = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > latest {
+        return Err(StoreError::FutureSchema {
+            found: version,
+            supported: latest,
+        });
+    }
+    let done = usize::try_from(version).map_err(|_| StoreError::Corrupt {
+        what: "accounts schema version",
+        detail: version.to_string(),
+    })?;
+    for migration in &MIGRATIONS[done..] {
+        transaction.execute_batch(migration)?;
+    }
+    transaction.pragma_update(None, "user_version", latest)?;
+    transaction.commit()?;
+    Ok(())
+}
+
 fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
         name: row.get(0)?,
@@ -164,11 +196,24 @@ fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 
 impl Accounts for SqliteAccounts {
     fn put_user(&self, user: &User) -> Result<(), StoreError> {
-        self.connection().execute(
+        let mut connection = self.connection();
+        let transaction = connection.transaction()?;
+        let previous: Option<String> = transaction
+            .query_row(
+                "SELECT password_hash FROM users WHERE name = ?1",
+                [&user.name],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if previous.is_some_and(|previous| previous != user.password_hash) {
+            transaction.execute("DELETE FROM tokens WHERE user = ?1", [&user.name])?;
+        }
+        transaction.execute(
             "INSERT INTO users (name, password_hash, admin) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET password_hash = ?2, admin = ?3",
             params![user.name, user.password_hash, i64::from(user.admin)],
         )?;
+        transaction.commit()?;
         Ok(())
     }
 
@@ -213,22 +258,32 @@ impl Accounts for SqliteAccounts {
     }
 
     fn find_token(&self, hash: &str, now_ms: u64) -> Result<Option<TokenRecord>, StoreError> {
-        Ok(self
-            .connection()
+        self.connection()
             .prepare_cached(
                 "SELECT hash, kind, user, replica, expires_ms FROM tokens
                  WHERE hash = ?1 AND expires_ms > ?2",
             )?
             .query_row(params![hash, to_i64(now_ms)], |row| {
-                Ok(TokenRecord {
-                    hash: row.get(0)?,
-                    kind: TokenKind::parse(&row.get::<_, String>(1)?),
-                    user: row.get(2)?,
-                    replica: row.get(3)?,
-                    expires_ms: to_u64(row.get(4)?),
-                })
+                Ok((
+                    TokenRecord {
+                        hash: row.get(0)?,
+                        kind: TokenKind::Access,
+                        user: row.get(2)?,
+                        replica: row.get(3)?,
+                        expires_ms: to_u64(row.get(4)?),
+                    },
+                    row.get::<_, String>(1)?,
+                ))
             })
-            .optional()?)
+            .optional()?
+            .map(|(record, kind)| match TokenKind::parse(&kind) {
+                Some(kind) => Ok(TokenRecord { kind, ..record }),
+                None => Err(StoreError::Corrupt {
+                    what: "token kind",
+                    detail: kind,
+                }),
+            })
+            .transpose()
     }
 
     fn delete_token(&self, hash: &str) -> Result<bool, StoreError> {
@@ -335,6 +390,82 @@ mod tests {
             .rotate_reconnect_token("t2", &token("t4", "r1", 100))
             .unwrap();
         assert!(accounts.find_token("t3", 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_new_password_revokes_the_user_s_tokens_and_a_new_role_does_not() {
+        let (_dir, accounts) = accounts();
+        let ann = |password_hash: &str, admin| User {
+            name: "ann".into(),
+            password_hash: password_hash.into(),
+            admin,
+        };
+        accounts.insert_token(&token("t1", "r1", 100)).unwrap();
+        accounts.put_user(&ann("h", true)).unwrap();
+        assert!(
+            accounts.find_token("t1", 0).unwrap().is_some(),
+            "same password"
+        );
+        accounts.put_user(&ann("other", true)).unwrap();
+        assert!(
+            accounts.find_token("t1", 0).unwrap().is_none(),
+            "new password"
+        );
+    }
+
+    #[test]
+    fn a_token_of_an_unknown_kind_is_damage_not_access() {
+        let (_dir, accounts) = accounts();
+        accounts.insert_token(&token("t1", "r1", 100)).unwrap();
+        accounts
+            .connection()
+            .execute("UPDATE tokens SET kind = 'admin' WHERE hash = 't1'", [])
+            .unwrap();
+        let found = accounts.find_token("t1", 0);
+        assert!(
+            matches!(
+                found,
+                Err(StoreError::Corrupt {
+                    what: "token kind",
+                    ..
+                })
+            ),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_schema_version_is_recorded_and_a_newer_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("_accounts.sqlite");
+        // A file from before versions were recorded: version 1's tables, user_version 0.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(MIGRATIONS[0]).unwrap();
+        old.execute(
+            "INSERT INTO users (name, password_hash, admin) VALUES ('ann', 'h', 0)",
+            [],
+        )
+        .unwrap();
+        drop(old);
+        let accounts = SqliteAccounts::open(&path).unwrap();
+        assert_eq!(
+            accounts.get_user("ann").unwrap().unwrap().password_hash,
+            "h"
+        );
+        let version: i64 = accounts
+            .connection()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
+        accounts
+            .connection()
+            .pragma_update(None, "user_version", version + 1)
+            .unwrap();
+        drop(accounts);
+        assert!(matches!(
+            SqliteAccounts::open(&path),
+            Err(StoreError::FutureSchema { .. })
+        ));
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub struct StoreConfig {
 /// own cache), so a smaller cache costs reads, not correctness. The writer's cache is worth
 /// more: a transaction's changed pages stay in it until the commit, and a large write spills
 /// to the file when they do not fit. [`PageCache::default`] is SQLite's own default for both
-/// (2,000 KiB); [`PageCache::CLIENT`] keeps the readers small, as a device's replica reads
-/// mostly what it has just written.
+/// (2,000 KiB); [`PageCache::CLIENT`] is smaller, as a device's memory is the application's
+/// (with SQLite's default a client syncing a million changes held about 10 MiB more,
+/// `BENCHMARKS.md` session 31, and local writes were no faster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageCache {
     /// The writing connection's cache, in KiB.
@@ -78,7 +79,7 @@ impl PageCache {
     /// The largest: beyond this a database should be given more readers' memory by the
     /// operating system's page cache instead.
     pub const MAX_KIB: u32 = 1024 * 1024;
-    /// Client replicas' default: the writer as SQLite's default, readers at 256 KiB.
+    /// Client replicas' default: the writer at 1 MiB, readers at 256 KiB.
     pub const CLIENT: PageCache = PageCache {
         writer_kib: 1024,
         reader_kib: 256,

@@ -91,6 +91,15 @@ struct ServeArgs {
     /// merges (`POST /{db}/_compact` drops the rest, including superseded versions).
     #[arg(long, env = "FERRY_ANCESTOR_BODIES", default_value_t = Limits::default().ancestor_bodies)]
     ancestor_bodies: usize,
+    /// A web origin (https://host[:port]) whose pages may call the server, with the user's
+    /// cookie; repeat for several, or separate them with commas. Pages from any other origin
+    /// are refused (403), and by default only the server's own origin is served.
+    #[arg(
+        long = "allow-origin",
+        env = "FERRY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<ferry_server::Origin>,
     /// How a collection's conflicts are resolved, as COLLECTION=POLICY (keep, last-write-wins
     /// or merge); repeat for several collections, or separate them with commas.
     #[arg(long = "conflict-policy", env = "FERRY_CONFLICT_POLICIES", value_delimiter = ',', value_parser = parse_collection_policy)]
@@ -246,6 +255,7 @@ impl ServeArgs {
                 default: self.default_conflict_policy,
                 collections: self.conflict_policies.iter().cloned().collect(),
             },
+            allowed_origins: self.allowed_origins.clone(),
             ..ferry_server::ServerConfig::default()
         })
     }

@@ -1077,3 +1077,29 @@ async fn page_caches_are_bounded_and_applied_at_their_bounds() {
         still_served(&server, &rev).await;
     }
 }
+
+#[tokio::test]
+async fn the_server_starts_only_with_origins_that_are_origins() {
+    for bad in ["*", "null", "https://app.example.com/path"] {
+        let message = support::serve_refused(&["--allow-origin", bad], &[]);
+        assert!(message.contains("invalid origin"), "{bad}: {message}");
+    }
+    let (_dir, server, rev) = server(&["--allow-origin", "https://app.example.com"]).await;
+    still_served(&server, &rev).await;
+    let from = |origin: &'static str| {
+        client()
+            .get(format!("{}/_session", server.bare_url))
+            .header("origin", origin)
+            .send()
+    };
+    let allowed = from("https://app.example.com").await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(
+        from("https://evil.example.com").await.unwrap().status(),
+        403
+    );
+}

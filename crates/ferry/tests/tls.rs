@@ -276,6 +276,37 @@ async fn the_sdk_says_when_the_certificate_is_not_trusted_and_keeps_the_outbox()
 }
 
 #[test]
+fn the_session_cookie_is_secure_over_tls() {
+    let certificate = Certificate::new();
+    let (_server_dir, server) = tls_server(&certificate, &[]);
+    let pem = std::fs::read(certificate.cert()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cookie = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        let response = client
+            .post(format!("https://{}/_session", server.address))
+            .json(&json!({"name": TEST_USER, "password": TEST_PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    });
+    for attribute in ["; Secure", "; HttpOnly", "; SameSite=Lax"] {
+        assert!(cookie.contains(attribute), "{attribute}: {cookie}");
+    }
+}
+
+#[test]
 fn plain_http_at_the_tls_port_is_refused_clearly_and_the_server_goes_on() {
     let certificate = Certificate::new();
     let (_server_dir, server) = tls_server(&certificate, &[]);

@@ -155,9 +155,12 @@ fn user_context(identity: Option<&Identity>) -> Value {
     })
 }
 
-fn cookie_header(token: &str, max_age_secs: u64) -> HeaderValue {
+/// The session cookie: never readable by scripts (`HttpOnly`), not sent with another site's
+/// requests (`SameSite=Lax`), and over TLS only when the server serves TLS (`Secure`).
+fn cookie_header(state: &AppState, token: &str, max_age_secs: u64) -> HeaderValue {
+    let secure = if state.serves_tls() { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={token}; Version=1; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}"
+        "{SESSION_COOKIE}={token}; Version=1; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{secure}"
     ))
     .expect("tokens are hex")
 }
@@ -179,9 +182,10 @@ pub(crate) async fn post_session(
         "roles": identity.roles(),
     }))
     .into_response();
-    response
-        .headers_mut()
-        .insert(header::SET_COOKIE, cookie_header(&issued.token, max_age));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        cookie_header(&state, &issued.token, max_age),
+    );
     Ok(response)
 }
 
@@ -219,7 +223,7 @@ pub(crate) async fn delete_session(
     let mut response = Json(json!({"ok": true})).into_response();
     response
         .headers_mut()
-        .insert(header::SET_COOKIE, cookie_header("", 0));
+        .insert(header::SET_COOKIE, cookie_header(&state, "", 0));
     Ok(response)
 }
 

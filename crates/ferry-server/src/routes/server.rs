@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::extract::{Query, State};
+use axum::{Extension, Json};
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
 
 /// `GET /`: CouchDB's welcome document. PouchDB reads `uuid` to name replications.
@@ -20,10 +21,17 @@ pub(crate) async fn welcome(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-/// `GET /health` and `GET /_up`: the server answers and its storage is readable.
-pub(crate) async fn health(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+/// `GET /health` and `GET /_up`: the server answers and its storage is readable. How many
+/// databases it holds is for administrators only.
+pub(crate) async fn health(
+    State(state): State<AppState>,
+    identity: Option<Extension<Identity>>,
+) -> ApiResult<Json<Value>> {
     let databases = state.run(|backend| backend.database_names()).await?;
-    Ok(Json(json!({"status": "ok", "databases": databases.len()})))
+    if identity.is_some_and(|Extension(identity)| identity.admin) {
+        return Ok(Json(json!({"status": "ok", "databases": databases.len()})));
+    }
+    Ok(Json(json!({"status": "ok"})))
 }
 
 /// `GET /_all_dbs`.
