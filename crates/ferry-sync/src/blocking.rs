@@ -134,8 +134,26 @@ impl BlockingCalls {
         } else if queue.workers < self.shared.max {
             queue.workers += 1;
             drop(queue);
-            let shared = Arc::clone(&self.shared);
-            drop(runtime.spawn_blocking(move || shared.work()));
+            let mut slot = WorkerSlot(Some(Arc::clone(&self.shared)));
+            drop(runtime.spawn_blocking(move || {
+                if let Some(shared) = slot.0.take() {
+                    shared.work();
+                }
+            }));
+        }
+    }
+}
+
+/// A worker's place, given back if tokio drops the worker before it ran (its runtime shut
+/// down): otherwise the place would stay taken, and once every place was, no call would run
+/// again, whatever runtime asked.
+struct WorkerSlot(Option<Arc<Shared>>);
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            let mut queue = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.workers -= 1;
         }
     }
 }
@@ -219,6 +237,30 @@ mod tests {
         let calls = BlockingCalls::new(1).unwrap();
         assert!(calls.run(|| panic!("boom")).await.is_err());
         assert_eq!(calls.run(|| 1).await.unwrap(), 1);
+    }
+
+    #[test]
+    fn a_worker_its_runtime_dropped_before_it_ran_gives_its_place_back() {
+        let calls = BlockingCalls::new(1).unwrap();
+        // A call asked for through a runtime that has shut down: tokio drops its worker
+        // without running it.
+        let gone = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handle = gone.handle().clone();
+        drop(gone);
+        {
+            let _inside = handle.enter();
+            calls.spawn(|| {});
+        }
+        let next = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let answer = next.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), calls.run(|| 7)).await
+        });
+        assert_eq!(answer.expect("a call runs on the next runtime").unwrap(), 7);
     }
 
     #[tokio::test(start_paused = true)]
