@@ -12,6 +12,7 @@ use ferry_client::{
     ConnectionState, Credentials, DocumentStatus, ErrorKind, Ferry, OfflineSubscription,
     SyncOptions,
 };
+use ferry_store::accounts::TokenKind;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -323,17 +324,21 @@ async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
     let dir = tempfile::tempdir().unwrap();
     let a = client(dir.path(), "a");
     let states = record_states(&a);
+    let (_, access) = server.accounts().login(USER, support::PASSWORD).unwrap();
     let sync = options(&proxy.url("resilient"))
+        .credentials(Credentials::AccessToken(access.token))
         .heartbeat(Duration::from_millis(100), Duration::from_millis(600));
     let _sync = a.start_sync(sync).unwrap();
     wait_for_state(&a, "connected", |s| *s == ConnectionState::Connected).await;
     write_batch(&a, "before", 20);
     assert_acknowledged(&a).await;
 
-    // From now on the password no longer works: only the reconnect token can get back in.
+    // From now on the access token no longer works: only the reconnect token can get back
+    // in. (A new password would end the reconnect token too.)
     server
         .accounts()
-        .set_user(USER, "a brand new password", false)
+        .accounts()
+        .revoke_tokens(USER, Some(TokenKind::Access))
         .unwrap();
 
     // Cut: every connection closed, new ones refused for a while. Writes go on offline.
@@ -365,10 +370,7 @@ async fn a_cut_and_a_stalled_network_are_survived_with_the_reconnect_token() {
     assert_eq!(server.update_seq("resilient"), 60);
     let b = client(dir.path(), "b");
     let pulled = b
-        .sync_once(
-            &SyncOptions::new(server.url("resilient"))
-                .credentials(Credentials::password(USER, "a brand new password")),
-        )
+        .sync_once(&options(&server.url("resilient")))
         .await
         .unwrap();
     assert_eq!(pulled.pull.docs_written, 60);
