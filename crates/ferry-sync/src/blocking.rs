@@ -94,11 +94,6 @@ impl BlockingCalls {
         })
     }
 
-    /// How many calls may run at once.
-    pub fn max(&self) -> usize {
-        self.shared.max
-    }
-
     /// Runs `work` on a blocking thread once fewer than the bound run, and answers what it
     /// returns; a panic in `work` is an error here. Dropping the future does not cancel
     /// `work` once it was asked for.
@@ -213,12 +208,22 @@ mod tests {
     async fn no_more_calls_run_at_once_than_the_bound() {
         let calls = BlockingCalls::new(2).unwrap();
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        // Every call holds on until a third one has started: with a bound of two, the first
+        // two wait for that in vain until the deadline (a window in which a third call must
+        // not start), and every later call goes through at once.
+        let started = Arc::new((Mutex::new(0_usize), Condvar::new()));
         let all = (0..12).map(|_| {
-            let (running, most) = (running.clone(), most.clone());
+            let (running, most, started) = (running.clone(), most.clone(), started.clone());
             calls.run(move || {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
+                let (count, changed) = &*started;
+                let mut count = count.lock().unwrap();
+                *count += 1;
+                changed.notify_all();
+                let _ = changed
+                    .wait_timeout_while(count, Duration::from_millis(200), |count| *count < 3)
+                    .unwrap();
                 running.fetch_sub(1, Ordering::SeqCst);
             })
         });
@@ -267,6 +272,7 @@ mod tests {
     async fn a_paused_clock_stands_still_while_a_call_runs() {
         let calls = BlockingCalls::new(1).unwrap();
         let start = tokio::time::Instant::now();
+        // The call's own work is what blocks here (50 ms of it), not a wait for something.
         let slow = calls.run(|| std::thread::sleep(Duration::from_millis(50)));
         tokio::time::timeout(Duration::from_secs(60), slow)
             .await
