@@ -234,6 +234,7 @@ fn store_error_kind(error: &StoreError) -> ErrorKind {
         StoreError::Corrupt { .. } | StoreError::FutureSchema { .. } => ErrorKind::Corrupt,
         StoreError::InvalidQuery(_) => ErrorKind::InvalidQuery,
         StoreError::InvalidRevision { .. } => ErrorKind::InvalidDocument,
+        StoreError::InvalidPageCache { .. } => ErrorKind::Usage,
         _ => ErrorKind::Storage,
     }
 }

@@ -166,9 +166,6 @@ impl FerryBuilder {
         temporary: Option<tempfile::TempDir>,
     ) -> Result<Ferry, ClientError> {
         check_limits(&self.limits)?;
-        self.page_cache
-            .check()
-            .map_err(|error| ClientError::InvalidOptions(error.to_string()))?;
         let blocking =
             BlockingCalls::new(self.max_blocking_calls).map_err(|error| match error {
                 SyncError::InvalidOptions(problem) => ClientError::InvalidOptions(problem),
