@@ -166,18 +166,8 @@ impl SqliteAccounts {
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let version: i64 = transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     let latest = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    if version > latest {
-        return Err(StoreError::FutureSchema {
-            found: version,
-            supported: latest,
-        });
-    }
-    let done = usize::try_from(version).map_err(|_| StoreError::Corrupt {
-        what: "accounts schema version",
-        detail: version.to_string(),
-    })?;
+    let done = crate::schema_version(&transaction, latest, "accounts schema version")?;
     for migration in &MIGRATIONS[done..] {
         transaction.execute_batch(migration)?;
     }

@@ -40,6 +40,26 @@ pub mod failpoint;
 pub mod memory;
 pub mod sqlite;
 
+/// How many of a SQLite file's migrations ran (`PRAGMA user_version`); a file from a newer
+/// Ferry (past `supported`) is refused. Both the databases and the accounts file use it.
+pub(crate) fn schema_version(
+    connection: &rusqlite::Connection,
+    supported: i64,
+    what: &'static str,
+) -> Result<usize, StoreError> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version > supported {
+        return Err(StoreError::FutureSchema {
+            found: version,
+            supported,
+        });
+    }
+    usize::try_from(version).map_err(|_| StoreError::Corrupt {
+        what,
+        detail: version.to_string(),
+    })
+}
+
 /// Settings shared by every store implementation.
 #[derive(Clone, Debug, Default)]
 pub struct StoreConfig {

@@ -117,17 +117,7 @@ pub(super) fn connect(
 
 pub(super) fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::FutureSchema {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    let start = usize::try_from(version).map_err(|_| StoreError::Corrupt {
-        what: "schema version",
-        detail: version.to_string(),
-    })?;
+    let start = crate::schema_version(&transaction, SCHEMA_VERSION, "schema version")?;
     // Version 4 rebuilds `docs`, which drops the query indexes made by `ensure_index`: they
     // are made again on the new table.
     let rebuilds_docs = (1..4).contains(&start);
@@ -148,7 +138,7 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     for index in &query_indexes {
         transaction.execute_batch(index)?;
     }
-    if version == 0 {
+    if start == 0 {
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
         transaction.execute(
             "INSERT INTO meta (key, value) VALUES ('replica_id', ?1), ('update_seq', '0'), \
